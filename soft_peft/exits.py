@@ -1,0 +1,289 @@
+"""What an exit is, and where a model keeps the pieces that make one.
+
+"Exit k" is the hidden state after k decoder layers (``hidden_states[k]`` in transformers), passed through the model's
+own final norm and its one shared LM head, with the model's logit post-processing (Gemma-2/3 softcapping, Cohere
+``logit_scale``, Granite ``logits_scaling``). Exit ``num_layers`` is the model's ordinary output: transformers already
+returns the last hidden state normed, so the norm is never applied twice.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ExitHead",
+    "default_exit_layers",
+    "find_exit_head",
+    "get_decoder_layers",
+    "num_decoder_layers",
+    "parse_exit_layers",
+    "record_exit_layers",
+    "recorded_exit_layers",
+    "unwrap_model",
+]
+
+# The paper's 8 sub-models of a 40-layer LLaMA-2 13B are layers 12, 16, ..., 40: exit i sits at (3 + i) / 10 of depth.
+_DEFAULT_NUM_EXITS = 8
+_DEFAULT_FIRST_FRACTION = 0.3
+_DEFAULT_STEP_FRACTION = 0.1
+
+# Attribute names (on the backbone, or on its `decoder`) under which transformers keeps the final norm
+_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "final_norm", "ln_final", "norm_f")
+_LAYER_NAMES = ("layers", "h", "blocks", "block")
+
+CONFIG_KEY = "soft_exit_layers"
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Return the transformers model under PEFT, DDP or DeepSpeed wrappers (the one that owns ``config``)."""
+    while True:
+        if hasattr(model, "get_base_model") and callable(model.get_base_model):  # PEFT
+            inner = model.get_base_model()
+        elif hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP, DeepSpeed engine
+            inner = model.module
+        else:
+            return model
+        if inner is model:
+            return model
+        model = inner
+
+
+def num_decoder_layers(model: nn.Module) -> int:
+    """Number of decoder layers of a causal LM, read from its (text) config."""
+    config = unwrap_model(model).config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    num_layers = getattr(text_config, "num_hidden_layers", None)
+    if not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"{type(model).__name__}'s config has no usable `num_hidden_layers` ({num_layers!r}).")
+    return num_layers
+
+
+def default_exit_layers(num_layers: int) -> list[int]:
+    """The paper's 8 evenly spaced sub-models, scaled to ``num_layers``.
+
+    Exit ``i`` (``i = 0..7``) is layer ``round(num_layers * (3 + i) / 10)``, rounding halves up, clamped to at least 1,
+    with duplicates removed. For 40 layers this is exactly ``[12, 16, ..., 40]``; for SmolLM2's 30 it is
+    ``[9, 12, ..., 30]``. Shallow models get fewer than 8 exits.
+
+    Args:
+        num_layers: Decoder depth of the model.
+
+    Returns:
+        Sorted list of exit layers, always ending at ``num_layers``.
+    """
+    layers = []
+    for i in range(_DEFAULT_NUM_EXITS):
+        fraction = _DEFAULT_FIRST_FRACTION + i * _DEFAULT_STEP_FRACTION
+        layer = max(1, math.floor(num_layers * fraction + 0.5))
+        if layer not in layers:
+            layers.append(layer)
+    return layers
+
+
+def _invalid(message: str, num_layers: int) -> ValueError:
+    example = ",".join(str(k) for k in default_exit_layers(num_layers))
+    return ValueError(
+        f"{message} The model has {num_layers} decoder layers, so exits must be distinct integers in 1..{num_layers}, "
+        f"e.g. exit_layers=[{example}] or the slice string '{default_exit_layers(num_layers)[0]}:{num_layers + 1}:1'."
+    )
+
+
+def parse_exit_layers(spec: str | Sequence[int] | None, num_layers: int) -> list[int]:
+    """Resolve an ``exit_layers`` setting against a model's depth.
+
+    Args:
+        spec: ``None`` (the paper's default, see [`default_exit_layers`]), a list of ints, a comma-separated string
+            ``"12,16,20"``, or a ``"start:stop:step"`` slice string over layer numbers (``"12:41:4"`` gives
+            12, 16, ..., 40; as in Python, ``stop`` is excluded and may be omitted to mean ``num_layers + 1``).
+        num_layers: Decoder depth of the model.
+
+    Returns:
+        The exits, sorted ascending.
+
+    Raises:
+        ValueError: for non-integers, duplicates, or layers outside ``1..num_layers``, naming the depth and a valid
+            example.
+    """
+    if spec is None:
+        return default_exit_layers(num_layers)
+    if isinstance(spec, str):
+        text = spec.strip()
+        if ":" in text:
+            parts = text.split(":")
+            if len(parts) not in (2, 3):
+                raise _invalid(f"Cannot parse exit_layers={spec!r} as 'start:stop:step'.", num_layers)
+            try:
+                start, stop, step = (int(p) if p.strip() else None for p in (parts + [""])[:3])
+            except ValueError:
+                raise _invalid(f"exit_layers={spec!r} has a non-integer slice bound.", num_layers) from None
+            start = 1 if start is None else start
+            stop = num_layers + 1 if stop is None else stop
+            step = 1 if step is None else step
+            if step < 1:
+                raise _invalid(f"exit_layers={spec!r} needs a positive step.", num_layers)
+            layers = list(range(start, stop, step))
+        else:
+            try:
+                layers = [int(p) for p in text.replace(" ", ",").split(",") if p]
+            except ValueError:
+                raise _invalid(f"exit_layers={spec!r} is not a list of integers.", num_layers) from None
+    else:
+        layers = list(spec)
+    for layer in layers:
+        # bool is an int subclass; a float such as 12.0 is rejected rather than truncated
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise _invalid(f"exit_layers contains {layer!r}, which is not an integer.", num_layers)
+    if not layers:
+        raise _invalid(f"exit_layers={spec!r} selects no layer.", num_layers)
+    if len(set(layers)) != len(layers):
+        raise _invalid(f"exit_layers={layers} has duplicates.", num_layers)
+    bad = [k for k in layers if not 1 <= k <= num_layers]
+    if bad:
+        raise _invalid(f"exit_layers has {bad} outside 1..{num_layers}.", num_layers)
+    return sorted(layers)
+
+
+def record_exit_layers(model: nn.Module, exit_layers: Sequence[int]) -> None:
+    """Record the trained exits as ``soft_exit_layers`` in the model's ``config.json`` (written by ``save_pretrained``)."""
+    setattr(unwrap_model(model).config, CONFIG_KEY, [int(k) for k in exit_layers])
+
+
+def recorded_exit_layers(model: nn.Module) -> list[int] | None:
+    """The ``soft_exit_layers`` recorded in a model's config, or ``None`` for a model not trained with SoFT."""
+    layers = getattr(unwrap_model(model).config, CONFIG_KEY, None)
+    return None if layers is None else [int(k) for k in layers]
+
+
+def _backbone(model: nn.Module) -> nn.Module:
+    prefix = getattr(model, "base_model_prefix", "")
+    backbone = getattr(model, prefix, None) if prefix else None
+    return backbone if isinstance(backbone, nn.Module) else model
+
+
+def _find_child(module: nn.Module, names: Sequence[str]) -> nn.Module | None:
+    for owner in (module, getattr(module, "decoder", None)):
+        if not isinstance(owner, nn.Module):
+            continue
+        for name in names:
+            child = getattr(owner, name, None)
+            if isinstance(child, nn.Module):
+                return child
+    return None
+
+
+def get_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ``nn.ModuleList`` of decoder layers of a causal LM (``model.layers``, ``transformer.h``, ``decoder.layers``)."""
+    base = unwrap_model(model)
+    layers = _find_child(_backbone(base), _LAYER_NAMES)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(
+            f"Cannot find the decoder layers of {type(base).__name__}: looked for {_LAYER_NAMES} on its backbone "
+            f"`{type(_backbone(base)).__name__}` and its `decoder`."
+        )
+    return layers
+
+
+@dataclass
+class ExitHead:
+    """The modules and constants that turn exit hidden states into logits.
+
+    Attributes:
+        num_layers: Decoder depth; exit ``num_layers`` is the model's ordinary (already normed) last hidden state.
+        final_norm: The model's final norm, or ``None`` for models without one (OPT with post-layer norm).
+        output_projection: A projection applied after the norm (OPT's ``project_out``), or ``None``.
+        lm_head: The shared output embedding (``model.get_output_embeddings()``).
+        final_logit_softcapping: Gemma-2/3 softcap ``c`` (logits become ``c * tanh(logits / c)``), or ``None``.
+        logit_scale: Multiplier applied to the logits before softcapping (Cohere ``logit_scale``, Granite
+            ``1 / logits_scaling``); ``1.0`` for most models.
+    """
+
+    num_layers: int
+    final_norm: nn.Module | None
+    output_projection: nn.Module | None
+    lm_head: nn.Module
+    final_logit_softcapping: float | None = None
+    logit_scale: float = 1.0
+
+    def normalize(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
+        """Apply the final norm (and projection) to exit ``layer``'s hidden states ``(..., H)``.
+
+        Exit ``num_layers`` must be given ``last_hidden_state``, which is already normed, and is returned as is.
+        """
+        if layer == self.num_layers:
+            return hidden
+        if self.final_norm is not None:
+            hidden = self.final_norm(hidden)
+        if self.output_projection is not None:
+            hidden = self.output_projection(hidden)
+        return hidden
+
+    def logits(self, normed_hidden: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits ``(..., V)`` of normed hidden states ``(..., H)``, with the model's post-processing."""
+        logits = self.lm_head(normed_hidden)
+        if self.logit_scale != 1.0:
+            logits = logits * self.logit_scale
+        if self.final_logit_softcapping is not None:
+            cap = self.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+
+def _logit_post_processing(text_config) -> tuple[float | None, float]:
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    scale = getattr(text_config, "logit_scale", None)  # Cohere multiplies
+    if scale is None and getattr(text_config, "logits_scaling", None) is not None:  # Granite divides
+        scale = 1.0 / text_config.logits_scaling
+    return softcap, 1.0 if scale is None else float(scale)
+
+
+def find_exit_head(model: nn.Module, final_norm: nn.Module | None = None) -> ExitHead:
+    """Locate the final norm, output projection and shared LM head of a causal LM, generically.
+
+    The head is ``get_output_embeddings()``; the norm is looked up on the backbone (``base_model_prefix``) under the
+    names transformers uses (``norm``, ``ln_f``, ``final_layernorm``, ``decoder.final_layer_norm``, ...). PEFT, DDP and
+    DeepSpeed wrappers are unwrapped. Look-ups are cheap, so callers redo them on each forward: FSDP and PEFT may replace
+    modules after a first look.
+
+    Args:
+        model: A transformers causal LM, possibly wrapped.
+        final_norm: Pass the norm module explicitly for architectures whose final norm has another name.
+
+    Raises:
+        ValueError: when the head or norm cannot be found, naming the model class and the ``final_norm`` argument.
+    """
+    base = unwrap_model(model)
+    config = base.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    backbone = _backbone(base)
+    lm_head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if lm_head is None or getattr(lm_head, "weight", None) is None:
+        raise ValueError(
+            f"{type(base).__name__} has no output embedding (`get_output_embeddings()` returned {lm_head!r}), so SoFT "
+            "has no shared LM head to apply at each exit. Use a causal LM class (`AutoModelForCausalLM`)."
+        )
+    projection = None
+    if final_norm is None:
+        final_norm = _find_child(backbone, _NORM_NAMES)
+        projection = _find_child(backbone, ("project_out",))
+        # OPT with `do_layer_norm_before=False` has no final norm by design: its layers end normed
+        post_norm = getattr(text_config, "do_layer_norm_before", True) is False
+        if final_norm is None and not post_norm:
+            raise ValueError(
+                f"Cannot find the final norm of {type(base).__name__}: looked for {_NORM_NAMES} on "
+                f"`{type(backbone).__name__}` and its `decoder`. Pass it explicitly, e.g. "
+                "`SortedLossWrapper(model, final_norm=model.model.my_norm)` or `SoFTTrainer(..., final_norm=...)`."
+            )
+    softcap, scale = _logit_post_processing(text_config)
+    return ExitHead(
+        num_layers=num_decoder_layers(base),
+        final_norm=final_norm,
+        output_projection=projection,
+        lm_head=lm_head,
+        final_logit_softcapping=softcap,
+        logit_scale=scale,
+    )

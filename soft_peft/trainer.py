@@ -1,0 +1,132 @@
+"""[`SoFTTrainer`]: TRL's `SFTTrainer` with the SoFT nested-exit loss. Change the class name, keep the script."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import TrainingArguments
+from trl import SFTConfig, SFTTrainer
+
+from .config import SoFTConfig
+from .exits import unwrap_model
+from .modeling import add_sorted_exit_loss
+
+__all__ = ["SoFTTrainer"]
+
+
+def _as_soft_config(args: TrainingArguments | None, model) -> SoFTConfig:
+    if isinstance(args, SoFTConfig):
+        return args
+    if args is None:
+        name = model if isinstance(model, str) else getattr(unwrap_model(model).config, "_name_or_path", "model")
+        return SoFTConfig(f"{str(name).rstrip('/').split('/')[-1] or 'model'}-SoFT")
+    # A plain `SFTConfig` / `TrainingArguments` keeps all its values and gets the SoFT defaults
+    values = args.to_dict()
+    values["hub_token"] = args.hub_token  # `to_dict` hides it
+    return SoFTConfig(**values)
+
+
+class SoFTTrainer(SFTTrainer):
+    """Sorted Fine-Tuning (SoFT, arXiv 2309.08968) as a drop-in replacement for TRL's [`~trl.SFTTrainer`].
+
+    Same constructor, datasets and features as `SFTTrainer` (prompt-completion and conversational data, completion-
+    and assistant-only losses, packing and padding-free batches, gradient checkpointing, `peft_config`, evaluation),
+    but the loss is the weighted mean over `args.exit_layers` of each exit's token cross-entropy: exit k applies the
+    model's own final norm and shared LM head to the hidden state after k decoder layers. No parameter is added.
+
+    Logged through `SFTTrainer`'s metrics (so every `report_to` backend gets them): `exit_{k}/loss` and
+    `exit_{k}/mean_token_accuracy` for every exit, prefixed `eval_` in evaluation. `loss` stays the combined loss and
+    `mean_token_accuracy` / `entropy` the last layer's. Checkpoints are vanilla transformers models (or PEFT adapters)
+    with `soft_exit_layers` in `config.json`.
+
+    Args:
+        model, args, ...: As for `SFTTrainer`. `args` may be a [`SoFTConfig`]; a plain `SFTConfig` is converted to one
+            with the SoFT defaults.
+        final_norm (`nn.Module`, *optional*): The model's final norm, only for architectures where it is not found
+            automatically.
+
+    Raises:
+        ValueError: for settings that would remove what SoFT needs: `compute_loss_func`, label smoothing, MoE
+            auxiliary losses, context/sequence parallelism, or `preprocess_logits_for_metrics` / `compute_metrics`
+            (which need full logits).
+    """
+
+    _tag_names = ["trl", "sft", "soft-peft"]
+    _name = "SoFT"
+
+    def __init__(self, model, args: SFTConfig | TrainingArguments | None = None, *positional, final_norm=None, **kwargs):
+        args = _as_soft_config(args, model)
+        if kwargs.get("compute_loss_func") is not None or (len(positional) >= 4 and positional[3] is not None):
+            raise ValueError(
+                "`compute_loss_func` is not supported by SoFTTrainer: the loss is the SoFT nested-exit loss. "
+                "Tune it with `exit_layers` / `exit_loss_weights` in SoFTConfig, or subclass and override `compute_loss`."
+            )
+        super().__init__(model, args, *positional, **kwargs)
+        if self.aux_loss_enabled:
+            raise ValueError(
+                "MoE router auxiliary losses are not combined with the SoFT exit losses yet. Set "
+                "`router_aux_loss_coef=0.0` in SoFTConfig."
+            )
+        parallelism = self.accelerator.parallelism_config
+        if parallelism is not None and (parallelism.cp_enabled or getattr(parallelism, "sp_enabled", False)):
+            raise ValueError(
+                "Context/sequence parallelism is not supported by SoFTTrainer: its sharded loss reduction assumes "
+                "the single-exit loss. Disable `cp_size` / `sp_size` in the parallelism config."
+            )
+        target = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        self.exit_layers = add_sorted_exit_loss(
+            target,
+            self.args.exit_layers,
+            self.args.exit_loss_weights,
+            final_norm=final_norm,
+            vocab_chunk_size=self.args.exit_vocab_chunk_size,
+            token_weighting=self.args.loss_type,
+            with_last_layer_metrics=True,
+        )
+
+    def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False, num_items_in_batch=None):
+        """The SoFT loss, normalised exactly like `SFTTrainer`'s; logs per-exit metrics."""
+        mode = "train" if self.model.training else "eval"
+        inputs["use_cache"] = False
+        outputs = model(**inputs, soft_exit_loss=True, num_items_in_batch=num_items_in_batch)
+        loss = outputs.loss
+        # As in `SFTTrainer`: `num_items_in_batch` counts the tokens of every rank, and DDP averages the gradients
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        self._log_exit_metrics(mode, inputs, outputs)
+        if return_outputs:
+            # `Trainer.prediction_step` wants logits: recompute them with the model's ordinary forward
+            logits_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+            with torch.no_grad():
+                return loss, model(**logits_inputs)
+        return loss
+
+    def _log_exit_metrics(self, mode: str, inputs: dict, outputs) -> None:
+        details = outputs.details
+        # One collective for every statistic: [nll sums (E), correct counts (E), tokens, last entropy, last correct]
+        local = torch.stack(
+            [
+                *details.exit_nll_sums,
+                *(c.float() for c in details.exit_num_correct),
+                details.num_tokens.float(),
+                outputs.last_entropy_sum.float(),
+                outputs.last_num_correct.float(),
+            ]
+        )
+        stats = self.accelerator.gather(local.detach()).view(-1, local.numel()).sum(0).tolist()
+        num_exits = len(self.exit_layers)
+        num_tokens = stats[2 * num_exits]
+        metrics = self._metrics[mode]
+        for index, layer in enumerate(self.exit_layers):
+            metrics[f"exit_{layer}/loss"].append(stats[index] / num_tokens if num_tokens else 0.0)
+            accuracy = stats[num_exits + index] / num_tokens if num_tokens else 0.0
+            metrics[f"exit_{layer}/mean_token_accuracy"].append(accuracy)
+        metrics["entropy"].append(stats[2 * num_exits + 1] / num_tokens if num_tokens else 0.0)
+        metrics["mean_token_accuracy"].append(stats[2 * num_exits + 2] / num_tokens if num_tokens else 0.0)
+        if mode == "train":
+            if "attention_mask" in inputs:
+                local_tokens = inputs["attention_mask"].sum()
+            else:  # padding-free batches carry `position_ids` instead
+                local_tokens = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+            self._total_train_tokens += int(self.accelerator.gather(local_tokens).sum().item()) // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]

@@ -1,0 +1,77 @@
+"""Tiny random causal LMs built from configs, with no hub access, shared by the test modules."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    CohereConfig,
+    Gemma2Config,
+    GPT2Config,
+    GraniteConfig,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    PhiConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+VOCAB = 97  # odd on purpose: exercises ragged vocabulary chunks
+NUM_LAYERS = 4
+
+_COMMON = dict(
+    vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=NUM_LAYERS
+)
+
+
+def _config(arch: str):
+    if arch == "llama":
+        return LlamaConfig(**_COMMON, num_key_value_heads=2, tie_word_embeddings=False)
+    if arch == "mistral":
+        return MistralConfig(**_COMMON, num_key_value_heads=2, sliding_window=None)
+    if arch == "qwen2":
+        return Qwen2Config(**_COMMON, num_key_value_heads=2, tie_word_embeddings=True)
+    if arch == "qwen3":
+        return Qwen3Config(**_COMMON, num_key_value_heads=2, head_dim=8)
+    if arch == "gemma2":
+        # Strong softcapping so that it changes the numbers measurably
+        return Gemma2Config(**_COMMON, num_key_value_heads=2, head_dim=8, final_logit_softcapping=2.0)
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=NUM_LAYERS, n_head=4, n_positions=128)
+    if arch == "phi":
+        return PhiConfig(**_COMMON)
+    if arch == "opt":
+        return OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            ffn_dim=64,
+            num_attention_heads=4,
+            num_hidden_layers=NUM_LAYERS,
+            word_embed_proj_dim=32,
+            max_position_embeddings=128,
+        )
+    if arch == "cohere":
+        return CohereConfig(**_COMMON, num_key_value_heads=2, logit_scale=0.5)
+    if arch == "granite":
+        return GraniteConfig(**_COMMON, num_key_value_heads=2, logits_scaling=4.0)
+    raise ValueError(arch)
+
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gpt2", "phi", "opt", "cohere", "granite"]
+# Generation tests use a representative subset to keep the suite fast
+GEN_ARCHS = ["llama", "qwen2", "gpt2"]
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
+    """A tiny randomly initialised causal LM of architecture `arch` in fp32 eval mode."""
+    config = _config(arch)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    config.pad_token_id = config.pad_token_id if getattr(config, "pad_token_id", None) is not None else 0
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    # Random init gives near-uniform logits; scale the head up so losses and argmaxes are informative
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(4.0)
+    return model.float().eval()
