@@ -72,7 +72,11 @@ class SoFTConfig(SFTConfig):
         weights = self.exit_loss_weights
         if isinstance(weights, list) or weights.lower() not in ("uniform", "linear"):
             # Check the numbers now; their count is checked against the exits here when they are explicit
-            count = len(weights) if isinstance(weights, list) else len([w for w in weights.replace(" ", ",").split(",") if w])
+            count = (
+                len(weights)
+                if isinstance(weights, list)
+                else len([w for w in weights.replace(" ", ",").split(",") if w])
+            )
             exit_loss_weights(weights, layers or [0] * count)
         if self.exit_vocab_chunk_size < 1:
             raise ValueError(f"`exit_vocab_chunk_size` must be >= 1, got {self.exit_vocab_chunk_size}.")

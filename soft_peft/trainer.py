@@ -54,7 +54,9 @@ class SoFTTrainer(SFTTrainer):
     _tag_names = ["trl", "sft", "soft-peft"]
     _name = "SoFT"
 
-    def __init__(self, model, args: SFTConfig | TrainingArguments | None = None, *positional, final_norm=None, **kwargs):
+    def __init__(
+        self, model, args: SFTConfig | TrainingArguments | None = None, *positional, final_norm=None, **kwargs
+    ):
         args = _as_soft_config(args, model)
         if kwargs.get("compute_loss_func") is not None or (len(positional) >= 4 and positional[3] is not None):
             raise ValueError(

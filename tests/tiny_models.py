@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import string
+
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     CohereConfig,
@@ -13,11 +16,12 @@ from transformers import (
     MistralConfig,
     OPTConfig,
     PhiConfig,
+    PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
 )
 
-VOCAB = 97  # odd on purpose: exercises ragged vocabulary chunks
+VOCAB = 101  # odd on purpose (ragged vocabulary chunks); matches tiny_tokenizer()
 NUM_LAYERS = 4
 
 _COMMON = dict(
@@ -68,10 +72,34 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides) -> torch.nn.Modu
     config = _config(arch)
     for key, value in overrides.items():
         setattr(config, key, value)
-    config.pad_token_id = config.pad_token_id if getattr(config, "pad_token_id", None) is not None else 0
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = 0, 1, 2
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     # Random init gives near-uniform logits; scale the head up so losses and argmaxes are informative
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(4.0)
     return model.float().eval()
+
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}<s>A:{% generation %}{{ message['content'] }}</s>{% endgeneration %}"
+    "{% else %}<s>U:{{ message['content'] }}</s>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<s>A:{% endif %}"
+)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer over printable ASCII whose vocabulary is exactly VOCAB, with a chat template."""
+    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
+    vocab = {token: i for i, token in enumerate(SPECIALS + chars)}
+    assert len(vocab) == VOCAB, len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer

@@ -19,7 +19,9 @@ import zipfile
 from pathlib import Path
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_DIR = Path(os.environ.get("SOFT_PEFT_SMOLLM2_DIR", Path.home() / ".cache" / "soft_peft" / "smollm2-135m-instruct"))
+DEFAULT_DIR = Path(
+    os.environ.get("SOFT_PEFT_SMOLLM2_DIR", Path.home() / ".cache" / "soft_peft" / "smollm2-135m-instruct")
+)
 
 
 def _gguf_file(workdir: Path) -> Path:

@@ -29,7 +29,12 @@ def _usage(commands: dict[str, str]) -> str:
     from .. import __version__
 
     width = max((len(name) for name in commands), default=0)
-    lines = [f"soft-peft {__version__}: Sorted Fine-Tuning for causal LMs", "", "usage: soft-peft <command> [options]", ""]
+    lines = [
+        f"soft-peft {__version__}: Sorted Fine-Tuning for causal LMs",
+        "",
+        "usage: soft-peft <command> [options]",
+        "",
+    ]
     lines += ["commands:"] + [f"  {name:<{width}}  {text}" for name, text in commands.items()]
     lines += ["", "Run `soft-peft <command> --help` for a command's options."]
     return "\n".join(lines)
