@@ -111,7 +111,7 @@ def gsm8k_to_prompt_completion(dataset: Dataset, source: str = "dataset") -> Dat
 
 
 def triviaqa_to_prompt_completion(dataset: Dataset, source: str = "dataset") -> Dataset:
-    """TriviaQA rows (``question`` and ``answer`` as a string or a dict with ``value``) to ``prompt``/``completion``."""
+    """TriviaQA rows (``question``, ``answer`` as a string or a dict with ``value``) to ``prompt``/``completion``."""
     _require_columns(dataset, ("question", "answer"), "TriviaQA", source)
 
     def convert(row):

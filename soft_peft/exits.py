@@ -149,7 +149,7 @@ def parse_exit_layers(spec: str | Sequence[int] | None, num_layers: int) -> list
 
 
 def record_exit_layers(model: nn.Module, exit_layers: Sequence[int]) -> None:
-    """Record the trained exits as ``soft_exit_layers`` in the model's ``config.json`` (written by ``save_pretrained``)."""
+    """Record the trained exits as ``soft_exit_layers`` in the model config (``save_pretrained`` writes it)."""
     setattr(unwrap_model(model).config, CONFIG_KEY, [int(k) for k in exit_layers])
 
 
@@ -177,7 +177,7 @@ def _find_child(module: nn.Module, names: Sequence[str]) -> nn.Module | None:
 
 
 def get_decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The ``nn.ModuleList`` of decoder layers of a causal LM (``model.layers``, ``transformer.h``, ``decoder.layers``)."""
+    """The ``nn.ModuleList`` of decoder layers (``model.layers``, ``transformer.h``, ``decoder.layers``, ...)."""
     base = unwrap_model(model)
     layers = _find_child(_backbone(base), _LAYER_NAMES)
     if not isinstance(layers, nn.ModuleList):
@@ -223,7 +223,7 @@ class ExitHead:
         return hidden
 
     def logits(self, normed_hidden: torch.Tensor) -> torch.Tensor:
-        """Full-vocabulary logits ``(..., V)`` of normed hidden states ``(..., H)``, with the model's post-processing."""
+        """Full-vocabulary logits ``(..., V)`` of normed hidden states ``(..., H)``, post-processing included."""
         logits = self.lm_head(normed_hidden)
         if self.logit_scale != 1.0:
             logits = logits * self.logit_scale
@@ -245,9 +245,9 @@ def find_exit_head(model: nn.Module, final_norm: nn.Module | None = None) -> Exi
     """Locate the final norm, output projection and shared LM head of a causal LM, generically.
 
     The head is ``get_output_embeddings()``; the norm is looked up on the backbone (``base_model_prefix``) under the
-    names transformers uses (``norm``, ``ln_f``, ``final_layernorm``, ``decoder.final_layer_norm``, ...). PEFT, DDP and
-    DeepSpeed wrappers are unwrapped. Look-ups are cheap, so callers redo them on each forward: FSDP and PEFT may replace
-    modules after a first look.
+    names transformers uses (``norm``, ``ln_f``, ``final_layernorm``, ``decoder.final_layer_norm``, ...). PEFT, DDP
+    and DeepSpeed wrappers are unwrapped. Look-ups are cheap, so callers redo them on each forward: FSDP and PEFT may
+    replace modules after a first look.
 
     Args:
         model: A transformers causal LM, possibly wrapped.

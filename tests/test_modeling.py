@@ -1,0 +1,126 @@
+"""`SortedLossWrapper` on tiny models of every supported architecture, against a plain per-exit reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import ARCHS, NUM_LAYERS, VOCAB, tiny_model
+from transformers import AutoModelForCausalLM
+
+from soft_peft import SortedLossWrapper
+from soft_peft.exits import find_exit_head
+
+
+def batch(seed=0, size=3, length=11):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, VOCAB, (size, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding in row 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[0, 4] = -100  # the first real token would be predicted from a pad position
+    labels[1, :5] = -100  # a prompt that is not trained
+    return ids, mask, labels
+
+
+def reference_exit_losses(model, ids, mask, labels, exits):
+    """Plain reference: full logits at every exit (norm + head + post-processing) and F.cross_entropy."""
+    head = find_exit_head(model)
+    backbone = getattr(model, model.base_model_prefix)
+    out = backbone(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    losses = {}
+    for k in exits:
+        hidden = out.last_hidden_state if k == NUM_LAYERS else out.hidden_states[k]
+        logits = head.logits(head.normalize(hidden, k))  # (B, T, V)
+        losses[k] = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1))
+    return losses
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_loss_and_gradients_match_reference(arch):
+    exits = [1, 3, NUM_LAYERS]
+    model = tiny_model(arch)  # eval mode: no dropout, so two forwards are comparable
+    ids, mask, labels = batch()
+    wrapper = SortedLossWrapper(model, exit_layers=exits)
+    out = wrapper(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    ref = reference_exit_losses(model, ids, mask, labels, exits)
+    ref_loss = sum(ref.values()) / len(exits)
+    ref_loss.backward()
+    torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for k in exits:
+        torch.testing.assert_close(out.exit_losses[k], ref[k], rtol=1e-5, atol=1e-5)
+    assert grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])
+def test_last_exit_alone_equals_the_models_own_loss(arch):
+    model = tiny_model(arch)
+    ids, mask, labels = batch(seed=1)
+    out = SortedLossWrapper(model, exit_layers=[NUM_LAYERS])(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(out.loss, model(input_ids=ids, attention_mask=mask, labels=labels).loss)
+
+
+def test_gradient_accumulation_is_exact():
+    model = tiny_model("llama")
+    wrapper = SortedLossWrapper(model, exit_layers=[2, 4], exit_loss_weights="linear")
+    ids, mask, labels = batch(seed=2, size=4)
+    wrapper(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    full = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    total = int((labels[:, 1:] != -100).sum())  # what Trainer passes as num_items_in_batch
+    for rows in (slice(0, 2), slice(2, 4)):
+        out = wrapper(input_ids=ids[rows], attention_mask=mask[rows], labels=labels[rows], num_items_in_batch=total)
+        out.loss.backward()
+    for expected, p in zip(full, model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_all_masked_batch_is_finite_zero():
+    model = tiny_model("llama")
+    ids, mask, _ = batch()
+    out = SortedLossWrapper(model)(input_ids=ids, attention_mask=mask, labels=torch.full_like(ids, -100))
+    assert out.loss.item() == 0.0
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_without_labels_the_model_is_unchanged():
+    model = tiny_model("qwen2")
+    ids, mask, _ = batch()
+    expected = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(SortedLossWrapper(model)(input_ids=ids, attention_mask=mask).logits, expected)
+
+
+def test_save_is_vanilla_and_reloads_with_identical_exit_losses(tmp_path):
+    model = tiny_model("llama")
+    wrapper = SortedLossWrapper(model, exit_layers="2:5:2")
+    ids, mask, labels = batch()
+    before = wrapper(input_ids=ids, attention_mask=mask, labels=labels).exit_losses
+    wrapper.save_pretrained(tmp_path)
+    assert all(not key.startswith("model.model.model") for key in wrapper.state_dict())
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.config.soft_exit_layers == [2, 4]
+    assert set(reloaded.state_dict()) == set(model.state_dict())
+    after = SortedLossWrapper(reloaded, exit_layers=reloaded.config.soft_exit_layers)(
+        input_ids=ids, attention_mask=mask, labels=labels
+    ).exit_losses
+    for k in (2, 4):
+        torch.testing.assert_close(after[k], before[k])
+
+
+def test_rewrapping_updates_settings_instead_of_stacking():
+    model = tiny_model("llama")
+    SortedLossWrapper(model, exit_layers=[1, 4])
+    wrapper = SortedLossWrapper(model, exit_layers=[2, 4])
+    ids, mask, labels = batch()
+    assert set(wrapper(input_ids=ids, attention_mask=mask, labels=labels).exit_losses) == {2, 4}
+
+
+def test_bad_exit_layers_raise_with_depth():
+    with pytest.raises(ValueError, match="4 decoder layers"):
+        SortedLossWrapper(tiny_model("llama"), exit_layers=[2, 5])

@@ -1,0 +1,211 @@
+"""`SoFTTrainer` end to end on tiny models: parity with `SFTTrainer`, per-exit metrics, checkpoints, LoRA, errors."""
+
+import copy
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig, PeftModel
+from tiny_models import NUM_LAYERS, tiny_model, tiny_tokenizer
+from transformers import AutoModelForCausalLM
+from trl import SFTConfig, SFTTrainer
+
+from soft_peft import SoFTConfig, SoFTTrainer, SortedLossWrapper
+
+
+def arithmetic(n=64):
+    return Dataset.from_list(
+        [{"prompt": f"{a}+{b}=", "completion": f"{a + b}."} for a in range(8) for b in range(8)][:n]
+    )
+
+
+def conversations(n=48):
+    rows = []
+    for a in range(n):
+        rows.append(
+            {"messages": [{"role": "user", "content": f"x{a % 7}"}, {"role": "assistant", "content": f"y{a % 7}"}]}
+        )
+    return Dataset.from_list(rows)
+
+
+def config(tmp_path, **overrides):
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=40,
+        per_device_train_batch_size=8,
+        learning_rate=3e-3,
+        logging_steps=10,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        dataloader_drop_last=True,
+    )
+    values.update(overrides)
+    return SoFTConfig(**values)
+
+
+def first_and_last(history, key):
+    values = [entry[key] for entry in history if key in entry]
+    return values[0], values[-1]
+
+
+def test_single_exit_loss_equals_sft_trainer_loss(tmp_path):
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama")
+    sft_args = SFTConfig(
+        output_dir=str(tmp_path / "sft"), report_to="none", use_cpu=True, per_device_train_batch_size=8
+    )
+    sft = SFTTrainer(model=copy.deepcopy(model), args=sft_args, train_dataset=arithmetic(), processing_class=tokenizer)
+    soft = SoFTTrainer(
+        model=copy.deepcopy(model),
+        args=config(tmp_path, exit_layers=[NUM_LAYERS], per_device_train_batch_size=8),
+        train_dataset=arithmetic(),
+        processing_class=tokenizer,
+    )
+    inputs = next(iter(sft.get_train_dataloader()))
+    for num_items in (None, 37):
+        expected = sft.compute_loss(sft.model, dict(inputs), num_items_in_batch=num_items)
+        got = soft.compute_loss(soft.model, dict(inputs), num_items_in_batch=num_items)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    # SFTTrainer's own metrics keep their meaning (last layer)
+    assert soft._metrics["train"]["mean_token_accuracy"] == pytest.approx(sft._metrics["train"]["mean_token_accuracy"])
+    assert soft._metrics["train"]["entropy"] == pytest.approx(sft._metrics["train"]["entropy"], rel=1e-4)
+
+
+def test_prompt_completion_training_lowers_every_exit_and_reloads(tmp_path):
+    tokenizer = tiny_tokenizer()
+    args = config(tmp_path, eval_strategy="steps", eval_steps=20, save_strategy="steps", save_steps=40)
+    trainer = SoFTTrainer(
+        model=tiny_model("qwen2"),
+        args=args,
+        train_dataset=arithmetic(),
+        eval_dataset=arithmetic(16),
+        processing_class=tokenizer,
+    )
+    assert trainer.exit_layers == [1, 2, 3, 4]
+    trainer.train()
+    history = trainer.state.log_history
+    for k in trainer.exit_layers:
+        first, last = first_and_last(history, f"exit_{k}/loss")
+        assert last < first - 0.3, (k, first, last)
+        assert f"exit_{k}/mean_token_accuracy" in history[0]
+        assert any(f"eval_exit_{k}/loss" in entry for entry in history)
+    assert "loss" in history[0] and "mean_token_accuracy" in history[0]
+
+    checkpoint = tmp_path / "out" / "checkpoint-40"
+    assert json.loads((checkpoint / "config.json").read_text())["soft_exit_layers"] == [1, 2, 3, 4]
+    reloaded = AutoModelForCausalLM.from_pretrained(checkpoint)
+    assert reloaded.config.soft_exit_layers == [1, 2, 3, 4]
+
+
+def test_conversational_assistant_only_loss(tmp_path):
+    args = config(tmp_path, assistant_only_loss=True, exit_layers="2,4", exit_loss_weights="linear")
+    trainer = SoFTTrainer(
+        model=tiny_model("llama"), args=args, train_dataset=conversations(), processing_class=tiny_tokenizer()
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    # only the assistant reply (and its end token) is trained
+    assert 0 < (batch["labels"] != -100).sum() < batch["attention_mask"].sum() / 2
+    trainer.train()
+    for k in (2, 4):
+        first, last = first_and_last(trainer.state.log_history, f"exit_{k}/loss")
+        assert last < first - 0.3
+
+
+@pytest.mark.parametrize("mode", ["packing", "padding_free"])
+def test_packing_and_padding_free(tmp_path, mode):
+    extra = {"packing": True, "max_length": 64} if mode == "packing" else {"padding_free": True, "max_length": None}
+    trainer = SoFTTrainer(
+        model=tiny_model("llama"),
+        args=config(tmp_path, max_steps=6, **extra),
+        train_dataset=arithmetic(),
+        processing_class=tiny_tokenizer(),
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert "position_ids" in batch
+    trainer.train()
+    assert "exit_4/loss" in trainer.state.log_history[0]
+
+
+def test_plain_sft_config_is_accepted(tmp_path):
+    args = SFTConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=2, learning_rate=1e-3)
+    trainer = SoFTTrainer(
+        model=tiny_model("llama"), args=args, train_dataset=arithmetic(), processing_class=tiny_tokenizer()
+    )
+    assert isinstance(trainer.args, SoFTConfig) and trainer.args.learning_rate == 1e-3
+    assert trainer.exit_layers == [1, 2, 3, 4]
+
+
+def test_lora_trains_exits_and_adapter_reproduces_losses(tmp_path):
+    tokenizer = tiny_tokenizer()
+    base = tiny_model("llama")
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"], task_type="CAUSAL_LM")
+    args = config(tmp_path, exit_layers=[2, 4], learning_rate=1e-2)
+    trainer = SoFTTrainer(
+        model=copy.deepcopy(base), args=args, train_dataset=arithmetic(), processing_class=tokenizer, peft_config=lora
+    )
+    head = trainer.model.get_base_model().get_output_embeddings()
+    assert not head.weight.requires_grad  # the shared head stays frozen by default
+    trainer.train()
+    for k in (2, 4):
+        first, last = first_and_last(trainer.state.log_history, f"exit_{k}/loss")
+        assert last < first - 0.2
+    trainer.save_model(str(tmp_path / "adapter"))
+
+    inputs = next(iter(trainer.get_train_dataloader()))
+    trained = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False).eval()  # no bf16 autocast
+    with torch.no_grad():
+        expected = trained(**inputs, soft_exit_loss=True).exit_losses
+        restored = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter").eval()
+        got = SortedLossWrapper(restored, exit_layers=[2, 4])(**inputs).exit_losses
+    for k in (2, 4):
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-5)
+
+
+def test_lora_can_train_the_head_with_modules_to_save(tmp_path):
+    lora = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head", "norm"], task_type="CAUSAL_LM")
+    trainer = SoFTTrainer(
+        model=tiny_model("llama"),
+        args=config(tmp_path, max_steps=3),
+        train_dataset=arithmetic(),
+        processing_class=tiny_tokenizer(),
+        peft_config=lora,
+    )
+    head = trainer.model.get_base_model().get_output_embeddings()
+    before = head.weight.detach().clone()
+    trainer.train()
+    assert head.weight.requires_grad and not torch.equal(head.weight, before)
+
+
+@pytest.mark.parametrize(
+    "overrides, kwargs, message",
+    [
+        ({"exit_layers": [2, 9]}, {}, "4 decoder layers"),
+        ({}, {"compute_loss_func": lambda *a, **k: 0}, "compute_loss_func"),
+    ],
+)
+def test_bad_settings_raise(tmp_path, overrides, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SoFTTrainer(
+            model=tiny_model("llama"),
+            args=config(tmp_path, **overrides),
+            train_dataset=arithmetic(),
+            processing_class=tiny_tokenizer(),
+            **kwargs,
+        )
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"label_smoothing_factor": 0.1}, "label_smoothing_factor"),
+        ({"exit_layers": "1,1"}, "duplicates"),
+        ({"exit_loss_weights": "1,-2"}, "negative"),
+        ({"exit_layers": "2,4", "exit_loss_weights": "1,2,3"}, "one weight per exit"),
+    ],
+)
+def test_bad_config_raises(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        config(tmp_path, **overrides)
