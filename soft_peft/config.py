@@ -39,15 +39,18 @@ class SoFTConfig(SFTConfig):
             How the exits' losses are combined: `"uniform"` (the paper's mean), `"linear"` (weight proportional to
             depth) or one non-negative weight per exit (`"1,1,2"` on the command line). Normalised to sum to 1.
         exit_vocab_chunk_size (`int`, *optional*, defaults to `32768`):
-            Vocabulary columns per tile of the chunked head kernel. Lower it to cut peak memory on very large
+            Vocabulary columns per tile of TRL's chunked head kernel. Lower it to cut peak memory on very large
             vocabularies; raise it to cut kernel launches.
+        exit_loss_kernel (`str`, *optional*, defaults to `"auto"`):
+            Head kernel of the exit loss: `"trl"` (TRL's `ChunkedLogProbFunction`, Triton on CUDA/XPU), `"torch"`
+            (`soft_peft.chunked_ce`, faster without Triton) or `"auto"` (TRL's where it runs Triton, else torch).
     """
 
     exit_layers: str | None = field(
         default=None,
         metadata={
             "help": "Exits to train: '12,16,20', a slice 'start:stop:step' such as '12:41:4', or a YAML list. "
-            "Default: the paper's 8 evenly spaced exits from 30% depth to the last layer."
+            "Default: the paper's 8 evenly spaced exits from 30 percent depth to the last layer."
         },
     )
     exit_loss_weights: str = field(
@@ -59,7 +62,15 @@ class SoFTConfig(SFTConfig):
     )
     exit_vocab_chunk_size: int = field(
         default=DEFAULT_VOCAB_CHUNK_SIZE,
-        metadata={"help": "Vocabulary columns per tile of the chunked head kernel (memory/speed trade-off)."},
+        metadata={"help": "Vocabulary columns per tile of TRL's chunked head kernel (memory/speed trade-off)."},
+    )
+    exit_loss_kernel: str = field(
+        default="auto",
+        metadata={
+            "help": "Head kernel of the exit loss: 'trl' (TRL's chunked log-prob kernel, Triton on GPU), 'torch' "
+            "(soft_peft.chunked_ce, faster without Triton) or 'auto' (TRL's where Triton runs, else torch).",
+            "choices": ["auto", "trl", "torch"],
+        },
     )
 
     def __post_init__(self):

@@ -1,12 +1,14 @@
 """The nested-exit SoFT loss as a pure function: normed exit hidden states and the shared head in, losses out.
 
-The per-token log-probabilities come from TRL's ``ChunkedLogProbFunction`` (``trl.kernels``), the kernel behind
-``SFTTrainer``'s fused LM head: it projects ``[tokens, vocab-chunk]`` tiles, folds them into an online logsumexp and
-recomputes the tiles in backward, so no exit ever holds a ``[batch, seq, vocab]`` logits tensor. It was measured
-against a token-chunked, checkpointed ``F.cross_entropy`` on this project's CPU benchmark machine (SmolLM2-135M head,
-8 exits of 700 labelled tokens, forward + backward): see ``benchmarks/README.md`` ("Head kernel"). The TRL kernel was
-kept: same speed within noise, a smaller peak, and it already handles softcapping, logit scales, ZeRO-3 gathering in
-backward and Triton on GPUs.
+No exit ever holds a ``[batch, seq, vocab]`` logits tensor: only labelled positions reach the head, in chunks that
+are recomputed in backward. Two kernels do that, chosen per device (``kernel="auto"``):
+
+* CUDA/XPU with Triton: TRL's ``ChunkedLogProbFunction`` (``trl.kernels``), the kernel behind ``SFTTrainer``'s fused
+  LM head, reused as is.
+* elsewhere (CPU): ``soft_peft.chunked_ce``. Without Triton, TRL's kernel folds its tiles with a dozen torch
+  element-wise passes; measured side by side (``benchmarks/head_kernel.py``, SmolLM2-135M head, 8 exits x 700
+  labelled tokens, forward + backward on this project's 2-core CPU) it took 50.5 s in bf16 and 49.4 s in fp32, against
+  11.1 s and 32.8 s for ``chunked_ce``, which also peaked ~400 MB lower.
 """
 
 from __future__ import annotations
@@ -16,8 +18,13 @@ from dataclasses import dataclass
 
 import torch
 from trl.kernels import ChunkedLogProbFunction
+from trl.kernels.chunked_logprob import _use_triton
 
-__all__ = ["SortedExitLoss", "exit_loss_weights", "sorted_exit_loss"]
+from .chunked_ce import DEFAULT_TOKEN_CHUNK_SIZE, chunked_cross_entropy
+
+__all__ = ["KERNELS", "SortedExitLoss", "exit_loss_weights", "sorted_exit_loss"]
+
+KERNELS = ("auto", "trl", "torch")
 
 # Vocabulary columns per projection tile, as in TRL's fused head
 DEFAULT_VOCAB_CHUNK_SIZE = 32768
@@ -99,6 +106,8 @@ def sorted_exit_loss(
     vocab_chunk_size: int = DEFAULT_VOCAB_CHUNK_SIZE,
     token_weighting: str = "nll",
     with_last_entropy: bool = False,
+    kernel: str = "auto",
+    token_chunk_size: int = DEFAULT_TOKEN_CHUNK_SIZE,
 ) -> SortedExitLoss:
     """Weighted mean over exits of each exit's token cross-entropy, without materialising logits.
 
@@ -113,10 +122,13 @@ def sorted_exit_loss(
             is divided by it, exactly as ``SFTTrainer`` does, instead of by ``N``.
         final_logit_softcapping: Gemma-2/3 softcap, or ``None``.
         logit_scale: Multiplier applied to the logits before softcapping.
-        vocab_chunk_size: Vocabulary columns per projection tile.
+        vocab_chunk_size: Vocabulary columns per projection tile (TRL kernel).
         token_weighting: ``"nll"`` or ``"dft"`` (TRL's ``loss_type="dft"``: each token's NLL times its detached
             probability).
         with_last_entropy: Also return the last exit's summed entropy (``SFTTrainer``'s ``entropy`` metric).
+        kernel: ``"trl"`` (TRL's ``ChunkedLogProbFunction``), ``"torch"`` (``soft_peft.chunked_ce``) or ``"auto"``:
+            TRL's on devices where it runs Triton, ``"torch"`` elsewhere (see the module docstring for why).
+        token_chunk_size: Tokens per ``[chunk, vocab]`` block (``"torch"`` kernel).
 
     Returns:
         A [`SortedExitLoss`]. With ``N == 0`` the loss is a finite, differentiable zero.
@@ -129,6 +141,10 @@ def sorted_exit_loss(
         raise ValueError(f"Got {len(weights)} weights for {num_exits} exits.")
     if token_weighting not in ("nll", "dft"):
         raise ValueError(f"token_weighting must be 'nll' or 'dft', got {token_weighting!r}.")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}.")
+    if kernel == "auto":
+        kernel = "trl" if _use_triton(targets.device) else "torch"
     num_tokens = targets.new_tensor(targets.numel())
     # Clamped so that an all-masked batch reduces to a finite zero rather than 0 / 0
     denominator = (num_tokens if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)).clamp(min=1)
@@ -139,19 +155,33 @@ def sorted_exit_loss(
     last_entropy = None
     for index, hidden in enumerate(exit_hidden):  # hidden: (N, H)
         is_last = index == num_exits - 1
-        outputs = ("is_top1", "entropy") if (is_last and with_last_entropy) else ("is_top1",)
-        log_probs, entropy, _, _, is_top1 = ChunkedLogProbFunction.apply(
-            hidden,
-            lm_head_weight,
-            lm_head_bias,
-            targets,
-            1.0,
-            vocab_chunk_size,
-            final_logit_softcapping,
-            logit_scale,
-            outputs,
-        )  # each (N,)
-        nll = -log_probs
+        want_entropy = is_last and with_last_entropy
+        if kernel == "trl":
+            outputs = ("is_top1", "entropy") if want_entropy else ("is_top1",)
+            log_probs, entropy, _, _, is_top1 = ChunkedLogProbFunction.apply(
+                hidden,
+                lm_head_weight,
+                lm_head_bias,
+                targets,
+                1.0,
+                vocab_chunk_size,
+                final_logit_softcapping,
+                logit_scale,
+                outputs,
+            )  # each (N,)
+            nll = -log_probs
+        else:
+            nll, is_top1, entropy = chunked_cross_entropy(
+                hidden,
+                lm_head_weight,
+                lm_head_bias,
+                targets,
+                logit_scale,
+                final_logit_softcapping,
+                token_chunk_size,
+                with_entropy=want_entropy,
+            )  # each (N,)
+            log_probs = -nll
         if token_weighting == "dft":
             nll = nll * log_probs.detach().exp()
         nll_sum = nll.sum()

@@ -18,7 +18,7 @@ from transformers.utils import ModelOutput
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from .exits import find_exit_head, parse_exit_layers, record_exit_layers, unwrap_model
-from .loss import DEFAULT_VOCAB_CHUNK_SIZE, SortedExitLoss, exit_loss_weights, sorted_exit_loss
+from .loss import DEFAULT_VOCAB_CHUNK_SIZE, KERNELS, SortedExitLoss, exit_loss_weights, sorted_exit_loss
 
 __all__ = ["SortedExitOutput", "SortedLossWrapper", "add_sorted_exit_loss"]
 
@@ -119,6 +119,7 @@ def _sorted_exit_forward(
             vocab_chunk_size=settings["vocab_chunk_size"],
             token_weighting=settings["token_weighting"],
             with_last_entropy=with_last and exit_layers[-1] == head.num_layers,
+            kernel=settings["kernel"],
         )
         last_num_correct, last_entropy_sum = result.exit_num_correct[-1], result.last_entropy
         if with_last and exit_layers[-1] != head.num_layers:
@@ -133,6 +134,7 @@ def _sorted_exit_forward(
                     logit_scale=head.logit_scale,
                     vocab_chunk_size=settings["vocab_chunk_size"],
                     with_last_entropy=True,
+                    kernel=settings["kernel"],
                 )
             last_num_correct, last_entropy_sum = last.exit_num_correct[0], last.last_entropy
     accuracy_denominator = result.num_tokens.clamp(min=1)
@@ -157,6 +159,7 @@ def add_sorted_exit_loss(
     vocab_chunk_size: int = DEFAULT_VOCAB_CHUNK_SIZE,
     token_weighting: str = "nll",
     with_last_layer_metrics: bool = False,
+    kernel: str = "auto",
 ) -> list[int]:
     """Give a causal LM instance the SoFT loss: ``model(..., labels=y, soft_exit_loss=True)`` returns a
     [`SortedExitOutput`].
@@ -174,6 +177,7 @@ def add_sorted_exit_loss(
         token_weighting: ``"nll"``, or ``"dft"`` for TRL's DFT loss.
         with_last_layer_metrics: Also report the last layer's token accuracy and entropy (``SFTTrainer``'s metrics),
             with a no-grad head pass when the last layer is not an exit.
+        kernel: Head kernel, ``"auto"``, ``"trl"`` or ``"torch"`` (see [`~soft_peft.loss.sorted_exit_loss`]).
 
     Returns:
         The resolved exit layers, ascending.
@@ -188,7 +192,10 @@ def add_sorted_exit_loss(
         "vocab_chunk_size": int(vocab_chunk_size),
         "token_weighting": token_weighting,
         "with_last_layer_metrics": with_last_layer_metrics,
+        "kernel": kernel,
     }
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}.")
     if vocab_chunk_size < 1:
         raise ValueError(f"vocab_chunk_size must be a positive integer, got {vocab_chunk_size}.")
     record_exit_layers(base, layers)

@@ -61,8 +61,8 @@ class SoFTTrainer(SFTTrainer):
         args = _as_soft_config(args, model)
         if kwargs.get("compute_loss_func") is not None or (len(positional) >= 4 and positional[3] is not None):
             raise ValueError(
-                "`compute_loss_func` is not supported by SoFTTrainer: the loss is the SoFT nested-exit loss. "
-                "Tune it with `exit_layers` / `exit_loss_weights` in SoFTConfig, or subclass and override `compute_loss`."
+                "`compute_loss_func` is not supported by SoFTTrainer: the loss is the SoFT nested-exit loss. Tune "
+                "it with `exit_layers` / `exit_loss_weights` in SoFTConfig, or subclass and override `compute_loss`."
             )
         super().__init__(model, args, *positional, **kwargs)
         if self.aux_loss_enabled:
@@ -85,6 +85,7 @@ class SoFTTrainer(SFTTrainer):
             vocab_chunk_size=self.args.exit_vocab_chunk_size,
             token_weighting=self.args.loss_type,
             with_last_layer_metrics=True,
+            kernel=self.args.exit_loss_kernel,
         )
 
     def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False, num_items_in_batch=None):

@@ -26,6 +26,7 @@ def make_inputs(num_exits, n, hidden_size, vocab, bias, seed=0):
     return hidden, weight, b, targets
 
 
+@pytest.mark.parametrize("kernel", ["trl", "torch"])
 @pytest.mark.parametrize(
     "num_exits, n, hidden_size, vocab, chunk, bias, softcap, scale, weights",
     [
@@ -35,7 +36,9 @@ def make_inputs(num_exits, n, hidden_size, vocab, bias, seed=0):
         (2, 9, 8, 50, 7, True, None, 0.25, [1.0, 3.0]),  # Granite/Cohere-style scale
     ],
 )
-def test_loss_and_gradients_match_reference(num_exits, n, hidden_size, vocab, chunk, bias, softcap, scale, weights):
+def test_loss_and_gradients_match_reference(
+    num_exits, n, hidden_size, vocab, chunk, bias, softcap, scale, weights, kernel
+):
     hidden, weight, b, targets = make_inputs(num_exits, n, hidden_size, vocab, bias)
     w = exit_loss_weights(weights, list(range(1, num_exits + 1)))
     out = sorted_exit_loss(
@@ -47,6 +50,9 @@ def test_loss_and_gradients_match_reference(num_exits, n, hidden_size, vocab, ch
         final_logit_softcapping=softcap,
         logit_scale=scale,
         vocab_chunk_size=chunk,
+        token_chunk_size=max(1, n // 3),  # several token blocks
+        kernel=kernel,
+        with_last_entropy=True,
     )
     params = [*hidden, weight] + ([b] if bias else [])
     grads = torch.autograd.grad(out.loss, params)
@@ -62,30 +68,35 @@ def test_loss_and_gradients_match_reference(num_exits, n, hidden_size, vocab, ch
             logits = softcap * torch.tanh(logits / softcap)
         torch.testing.assert_close(exit_loss, F.cross_entropy(logits, targets), rtol=1e-5, atol=1e-5)
         assert int(correct) == int((logits.argmax(-1) == targets).sum())
+    entropy = torch.distributions.Categorical(logits=logits).entropy().sum()
+    torch.testing.assert_close(out.last_entropy, entropy, rtol=1e-4, atol=1e-4)
 
 
-def test_num_items_in_batch_replaces_the_local_token_count():
+@pytest.mark.parametrize("kernel", ["trl", "torch"])
+def test_num_items_in_batch_replaces_the_local_token_count(kernel):
     hidden, weight, _, targets = make_inputs(2, 6, 8, 20, False)
-    out = sorted_exit_loss(hidden, targets, weight, num_items_in_batch=24)
+    out = sorted_exit_loss(hidden, targets, weight, num_items_in_batch=24, kernel=kernel)
     ref = reference(hidden, targets, weight, None, [0.5, 0.5], 24)
     torch.testing.assert_close(out.loss, ref)
     # exit_losses stay per-batch means whatever the normaliser
     torch.testing.assert_close(out.exit_losses[0] * 6 / 24 * 0.5 + out.exit_losses[1] * 6 / 24 * 0.5, ref)
 
 
-def test_all_masked_batch_gives_finite_differentiable_zero():
+@pytest.mark.parametrize("kernel", ["trl", "torch"])
+def test_all_masked_batch_gives_finite_differentiable_zero(kernel):
     hidden = [torch.randn(0, 8, requires_grad=True) for _ in range(3)]
     weight = torch.randn(20, 8, requires_grad=True)
-    out = sorted_exit_loss(hidden, torch.zeros(0, dtype=torch.long), weight)
+    out = sorted_exit_loss(hidden, torch.zeros(0, dtype=torch.long), weight, kernel=kernel)
     assert out.loss.item() == 0.0 and torch.isfinite(out.loss)
     out.loss.backward()
     assert torch.count_nonzero(weight.grad) == 0
     assert all(loss.item() == 0.0 for loss in out.exit_losses)
 
 
-def test_dft_weights_tokens_by_their_probability():
+@pytest.mark.parametrize("kernel", ["trl", "torch"])
+def test_dft_weights_tokens_by_their_probability(kernel):
     hidden, weight, _, targets = make_inputs(1, 7, 8, 20, False)
-    out = sorted_exit_loss(hidden, targets, weight, token_weighting="dft")
+    out = sorted_exit_loss(hidden, targets, weight, token_weighting="dft", kernel=kernel)
     logp = F.log_softmax(F.linear(hidden[0], weight), -1).gather(-1, targets[:, None]).squeeze(-1)
     torch.testing.assert_close(out.loss, (-logp * logp.detach().exp()).sum() / 7)
 
@@ -105,3 +116,15 @@ def test_exit_loss_weights(spec, expected):
 def test_invalid_weights(spec, message):
     with pytest.raises(ValueError, match=message):
         exit_loss_weights(spec, [1, 2])
+
+
+def test_bf16_autocast_stays_close_to_fp32():
+    """Under bf16 autocast (TRL's default), the torch kernel's error is bounded like TRL's own."""
+    hidden, weight, _, targets = make_inputs(2, 64, 32, 300, False)
+    exact = sorted_exit_loss(hidden, targets, weight, kernel="torch").loss
+    results = {}
+    for kernel in ("trl", "torch"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results[kernel] = sorted_exit_loss(hidden, targets, weight, kernel=kernel).loss
+    trl_error = (results["trl"] - exact).abs().item()
+    assert (results["torch"] - exact).abs().item() <= 2 * trl_error + 1e-3

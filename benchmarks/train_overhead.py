@@ -1,0 +1,196 @@
+"""Training cost of SoFT against TRL's SFTTrainer and a naive stacked-logits multi-exit loss, measured side by side.
+
+    python benchmarks/train_overhead.py --model_name_or_path "$(python tools/get_smollm2.py)" --steps 4
+
+Each mode runs in its own subprocess (so peak RSS is its own), on the same GSM8K prompt-completion batches (batch 4,
+max_length 256, gradient checkpointing as TRL defaults). Prints a markdown table: median step time, peak RSS, ratios
+to SFT, and the FLOP-model bound of the extra exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+MODES = ("sft", "soft", "naive")
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # ru_maxrss is in KiB on Linux
+
+
+def _naive_trainer_class():
+    """A SoFTTrainer whose loss builds every exit's full logits and stacks them: the obvious implementation."""
+    import torch
+    import torch.nn.functional as F
+
+    from soft_peft import SoFTTrainer
+    from soft_peft.exits import find_exit_head, unwrap_model
+
+    class NaiveStackedTrainer(SoFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            base = unwrap_model(model)
+            head = find_exit_head(base)
+            labels = inputs["labels"]
+            outputs = getattr(base, base.base_model_prefix)(
+                input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), output_hidden_states=True
+            )
+            hidden = [
+                outputs.last_hidden_state if k == head.num_layers else outputs.hidden_states[k]
+                for k in self.exit_layers
+            ]
+            logits = torch.stack(
+                [head.logits(head.normalize(h, k)) for h, k in zip(hidden, self.exit_layers, strict=True)]
+            )  # (E, B, T, V)
+            targets = labels[:, 1:].expand(len(self.exit_layers), -1, -1)  # (E, B, T-1)
+            loss = F.cross_entropy(logits[:, :, :-1].flatten(0, 2).float(), targets.flatten(), ignore_index=-100)
+            return loss
+
+    return NaiveStackedTrainer
+
+
+def run_mode(args) -> dict:
+    """Train `args.steps` + 1 warm-up steps in this process; return timings and memory."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from soft_peft import SoFTConfig, SoFTTrainer
+    from soft_peft.data import load_prompt_completion
+
+    torch.manual_seed(0)
+    dataset = load_prompt_completion(str(args.dataset), "gsm8k").select(range(4 * (args.steps + 1)))
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32)
+    rss_after_load = _peak_rss_gb()
+    common = dict(
+        output_dir="/tmp/soft_peft_bench",
+        max_steps=args.steps + 1,
+        per_device_train_batch_size=4,
+        max_length=256,
+        learning_rate=1e-5,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        bf16=not args.fp32,
+    )
+    if args.mode == "sft":
+        trainer_cls, config = SFTTrainer, SFTConfig(**common)
+    else:
+        trainer_cls = SoFTTrainer if args.mode == "soft" else _naive_trainer_class()
+        config = SoFTConfig(**common)
+
+    step_times = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            step_times.append(time.perf_counter() - self.start)
+
+    trainer = trainer_cls(
+        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[StepTimer()]
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.train()
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    return {
+        "mode": args.mode,
+        "median_step_s": statistics.median(step_times[1:]),
+        "step_times": step_times,
+        "peak_rss_gb": _peak_rss_gb(),
+        "rss_after_load_gb": rss_after_load,
+        "tokens": int(batch["attention_mask"].sum()),
+        "positions": int(batch["labels"][:, 1:].numel()),
+        "labelled": labelled,
+        "exit_layers": getattr(trainer, "exit_layers", None),
+        "hidden": model.config.hidden_size,
+        "vocab": model.config.vocab_size,
+        "params": sum(p.numel() for p in model.parameters()),
+        "embedding_params": model.get_input_embeddings().weight.numel(),
+    }
+
+
+def flop_bound(sft: dict, soft: dict) -> float:
+    """Predicted SoFT / SFT step-time ratio from a FLOP model.
+
+    Backbone (with gradient checkpointing): 8 FLOPs per non-embedding parameter per token (forward, recomputed forward,
+    backward). Chunked head with recompute: 8 * H * V per scored position. On CPU, TRL's SFT head scores every shifted
+    position; SoFT scores only labelled positions, once per exit.
+    """
+    hidden, vocab = sft["hidden"], sft["vocab"]
+    backbone = 8 * (sft["params"] - sft["embedding_params"]) * sft["tokens"]
+    sft_flops = backbone + 8 * hidden * vocab * sft["positions"]
+    soft_flops = backbone + 8 * hidden * vocab * soft["labelled"] * len(soft["exit_layers"])
+    return soft_flops / sft_flops
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_name_or_path", required=True, help="Local folder of SmolLM2-135M (or any causal LM).")
+    parser.add_argument("--dataset", type=Path, default=GSM8K)
+    parser.add_argument("--steps", type=int, default=4, help="Measured steps per mode (after one warm-up step).")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--fp32", action="store_true", help="Disable TRL's default bf16 autocast.")
+    parser.add_argument("--output", type=Path, help="Also write the markdown table here.")
+    parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # internal: run one mode in this process
+    args = parser.parse_args(argv)
+    if args.mode:
+        print("RESULT " + json.dumps(run_mode(args)), flush=True)
+        return 0
+
+    results = {}
+    for mode in args.modes:
+        command = [sys.executable, __file__, "--mode", mode, "--model_name_or_path", args.model_name_or_path]
+        command += ["--dataset", str(args.dataset), "--steps", str(args.steps)] + (["--fp32"] if args.fp32 else [])
+        print(f"running {mode} ...", file=sys.stderr, flush=True)
+        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            sys.stderr.write(done.stdout[-3000:] + done.stderr[-3000:])
+            raise SystemExit(f"mode {mode} failed")
+        results[mode] = json.loads(line[len("RESULT ") :])
+
+    sft = results.get("sft")
+    rows = [
+        "| mode | median step (s) | peak RSS (GB) | time / SFT | peak RSS / SFT |",
+        "|---|---|---|---|---|",
+    ]
+    for mode, r in results.items():
+        time_ratio = r["median_step_s"] / sft["median_step_s"] if sft else float("nan")
+        mem_ratio = r["peak_rss_gb"] / sft["peak_rss_gb"] if sft else float("nan")
+        rows.append(
+            f"| {mode} | {r['median_step_s']:.2f} | {r['peak_rss_gb']:.2f} | {time_ratio:.2f}x | {mem_ratio:.2f}x |"
+        )
+    lines = rows
+    if sft and "soft" in results:
+        bound = flop_bound(sft, results["soft"])
+        measured = results["soft"]["median_step_s"] / sft["median_step_s"]
+        soft = results["soft"]
+        lines += [
+            "",
+            f"Batch: {sft['tokens']} tokens, {soft['labelled']} labelled positions, exits {soft['exit_layers']}.",
+            f"FLOP-model bound for SoFT / SFT step time: {bound:.3f}x; measured {measured:.3f}x "
+            f"(extra time {100 * (measured - 1):+.1f}% vs bound {100 * (bound - 1):+.1f}%).",
+        ]
+    table = "\n".join(lines)
+    print(table)
+    if args.output:
+        args.output.write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,17 @@
+"""SoFT on TriviaQA (closed-book): prompt `Question: ...\nAnswer: `, the answer's `value` as the completion. Same
+code path and flags as `examples/alpaca.py`; a local JSON/JSONL file needs `question` and `answer` (a string or a
+`{"value": ...}` dict).
+
+```bash
+accelerate launch examples/triviaqa.py --output_dir runs/triviaqa-soft --max_steps 100
+accelerate launch --config_file recipes/accelerate/zero3.yaml examples/triviaqa.py \
+    --config recipes/llama2_13b_triviaqa_zero3.yaml
+```
+"""
+
+import sys
+
+from soft_peft.scripts.train import main
+
+if __name__ == "__main__":
+    sys.exit(main(dataset_name="mandarjoshi/trivia_qa", dataset_config="rc.nocontext", dataset_format="triviaqa"))

@@ -1,0 +1,231 @@
+"""SoFT training from a `TrlParser` YAML recipe plus command-line overrides: the code path of `examples/*.py` and
+`soft-peft train`.
+
+Arguments are TRL's own: [`SoFTScriptArguments`] (TRL's `ScriptArguments` plus the dataset format), [`SoFTConfig`]
+(TRL's `SFTConfig` plus the exits) and TRL's `ModelConfig` (model, dtype, LoRA). So every `trl sft` flag works:
+
+```bash
+accelerate launch --config_file recipes/accelerate/ddp.yaml examples/alpaca.py \
+    --config recipes/smollm2_135m_alpaca_cpu.yaml --max_steps 10 --output_dir runs/smollm2-soft
+soft-peft train --config recipes/smollm2_135m_alpaca_cpu.yaml --dataset_name data/alpaca.json
+```
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from transformers import TrainerCallback
+from transformers.utils import is_torch_bf16_gpu_available
+from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
+
+from ..config import SoFTConfig
+from ..data import DatasetFormatError, held_out_split, load_prompt_completion
+from ..trainer import SoFTTrainer
+
+__all__ = ["ShardingReport", "SoFTScriptArguments", "UsageError", "main", "make_parser", "parse_args", "train"]
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M"
+DATASET_FORMATS = ("alpaca", "gsm8k", "triviaqa")
+
+
+class UsageError(Exception):
+    """A user error in the arguments or the data: reported as one line, exit code 2."""
+
+
+@dataclass
+class SoFTScriptArguments(ScriptArguments):
+    """TRL's `ScriptArguments` (`dataset_name`, `dataset_config`, `dataset_train_split`, ...) plus:
+
+    Args:
+        dataset_format (`str`, defaults to `"alpaca"`): How rows become prompt-completion pairs: `alpaca`
+            (`instruction`, `input`, `output`; Alpaca template), `gsm8k` (`question`, `answer`) or `triviaqa`.
+        eval_holdout_size (`float`, defaults to `0`): Rows of the training data held out for evaluation when
+            `eval_strategy` is not `"no"`: a fraction below 1 or a count. 0 uses `dataset_test_split` instead.
+    """
+
+    dataset_format: str = field(
+        default="alpaca",
+        metadata={"help": "Row format of the dataset.", "choices": list(DATASET_FORMATS)},
+    )
+    eval_holdout_size: float = field(
+        default=0.0,
+        metadata={
+            "help": "Hold out this many training rows (a fraction below 1, or a count) for evaluation. "
+            "0: evaluate on `dataset_test_split`."
+        },
+    )
+
+
+class _OneLineErrorParser(TrlParser):
+    # argparse prints the whole usage (hundreds of TrainingArguments flags) before an error: raise one line instead
+    def error(self, message):
+        raise UsageError(message)
+
+
+def make_parser(prog: str | None = None, **defaults) -> TrlParser:
+    """The `TrlParser` over (`SoFTScriptArguments`, `SoFTConfig`, `ModelConfig`).
+
+    Args:
+        prog: Program name shown by `--help`.
+        **defaults: Default values that a recipe (`--config`) or the command line override, e.g. an example's
+            `dataset_name` and `dataset_format`.
+    """
+    parser = _OneLineErrorParser((SoFTScriptArguments, SoFTConfig, ModelConfig), prog=prog)
+    for action in parser._actions:
+        # argparse %-formats help strings: a bare "30% depth" would crash `--help`
+        if action.help:
+            action.help = re.sub(r"(?<!%)%(?![(%])", "%%", action.help)
+    # SFTConfig turns bf16 on by default, which stops a CPU-only machine before it starts
+    base_defaults = {"model_name_or_path": DEFAULT_MODEL}
+    if not is_torch_bf16_gpu_available():
+        base_defaults["bf16"] = False
+    parser.set_defaults(**{**base_defaults, **defaults})
+    return parser
+
+
+def parse_args(
+    argv: Sequence[str] | None = None, prog: str | None = None, **defaults
+) -> tuple[SoFTScriptArguments, SoFTConfig, ModelConfig]:
+    """Parse `--config recipe.yaml` and command-line overrides (which win).
+
+    Raises:
+        UsageError: for unknown flags or recipe keys, a missing recipe file, or an invalid value.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" in argv:
+        index = argv.index("--config")
+        if index + 1 >= len(argv) or not os.path.isfile(argv[index + 1]):
+            given = argv[index + 1] if index + 1 < len(argv) else "nothing"
+            raise UsageError(f"--config expects a YAML recipe file, got {given!r} (no such file).")
+    parser = make_parser(prog, **defaults)
+    try:
+        *parsed, from_recipe, from_command_line = parser.parse_args_and_config(
+            argv, return_remaining_strings=True, separate_remaining_strings=True
+        )
+    except (ValueError, TypeError) as error:  # raised by the configs' validation (`__post_init__`)
+        raise UsageError(str(error).strip().splitlines()[0]) from error
+    if from_command_line:
+        raise UsageError(f"unknown option(s) {' '.join(from_command_line)}; see --help for the accepted flags.")
+    if from_recipe:
+        keys = [arg[2:] for arg in from_recipe[::2]]
+        raise UsageError(f"unknown key(s) {keys} in the --config recipe; remove them or check their spelling.")
+    script_args, training_args, model_args = parsed
+    if not script_args.dataset_name:
+        raise UsageError("no dataset: pass --dataset_name (a Hub dataset or a local JSON/JSONL file).")
+    model = model_args.model_name_or_path
+    # Hub names look like "org/name"; a path that starts like one on disk must exist
+    if model.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(model)):
+        raise UsageError(f"--model_name_or_path {model}: no such model folder.")
+    return script_args, training_args, model_args
+
+
+def _load_datasets(script_args: SoFTScriptArguments, training_args: SoFTConfig):
+    name, fmt = script_args.dataset_name, script_args.dataset_format
+    train_dataset = load_prompt_completion(name, fmt, script_args.dataset_train_split, script_args.dataset_config)
+    if training_args.eval_strategy == "no":
+        return train_dataset, None
+    if script_args.eval_holdout_size > 0:
+        size = script_args.eval_holdout_size
+        return held_out_split(train_dataset, int(size) if size >= 1 else size, seed=training_args.seed)
+    if os.path.exists(name):
+        raise UsageError(
+            f"evaluation is on but {name} is local data with one split: set --eval_holdout_size (e.g. 0.05) to "
+            "hold out rows for it."
+        )
+    return train_dataset, load_prompt_completion(name, fmt, script_args.dataset_test_split, script_args.dataset_config)
+
+
+class ShardingReport(TrainerCallback):
+    """Prints, once per rank when training starts, how much of the model this rank stores.
+
+    `shard` counts the elements of this rank's partition: `param.ds_tensor` under ZeRO-3 (of `param.ds_numel`), the
+    local tensor of a `DTensor` under FSDP2, the whole parameter otherwise. `materialized` counts elements present as
+    full tensors outside forward (ZeRO-3 keeps parameters below `stage3_param_persistence_threshold` whole).
+    """
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        shard = full = materialized = 0
+        for param in model.parameters():
+            if hasattr(param, "ds_tensor"):  # DeepSpeed ZeRO-3
+                shard, full = shard + param.ds_tensor.numel(), full + param.ds_numel
+                materialized += param.data.numel()
+            elif hasattr(param, "to_local"):  # FSDP2 DTensor
+                shard, full = shard + param.to_local().numel(), full + param.numel()
+                materialized += param.to_local().numel()
+            else:
+                shard, full, materialized = shard + param.numel(), full + param.numel(), materialized + param.numel()
+        rank, share = int(os.environ.get("RANK", "0")), 100.0 * shard / max(full, 1)
+        print(
+            f"[soft-peft] rank {rank}: shard {shard} of {full} parameter elements ({share:.1f}%), "
+            f"materialized {materialized}",
+            flush=True,
+        )
+
+
+def train(
+    script_args: SoFTScriptArguments,
+    training_args: SoFTConfig,
+    model_args: ModelConfig,
+    callbacks: list[TrainerCallback] | None = None,
+) -> SoFTTrainer:
+    """Fine-tune `model_args.model_name_or_path` with SoFT and save the final model to `training_args.output_dir`.
+
+    The saved model is a vanilla transformers checkpoint (or a PEFT adapter with `--use_peft`) with
+    `soft_exit_layers` in its config, gathered from all ranks under ZeRO-3 / FSDP; `trainer_state.json` beside it
+    holds the log history with `exit_{k}/loss` and `exit_{k}/mean_token_accuracy`.
+
+    Returns:
+        The trainer, after training and saving.
+    """
+    model_init_kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    model_init_kwargs.update(training_args.model_init_kwargs or {})
+    training_args.model_init_kwargs = model_init_kwargs
+
+    train_dataset, eval_dataset = _load_datasets(script_args, training_args)
+    trainer = SoFTTrainer(
+        model=model_args.model_name_or_path,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        callbacks=[ShardingReport(), *(callbacks or [])],
+        quantization_config=get_quantization_config(model_args),
+        peft_config=get_peft_config(model_args),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.save_state()
+    trainer.accelerator.print(f"[soft-peft] exits {trainer.exit_layers}; model saved to {training_args.output_dir}")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    trainer.end()
+    return trainer
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None, **defaults) -> int:
+    """Parse, train and save; user errors (flags, recipe, data) print one line and return 2.
+
+    Args:
+        argv: Arguments (default `sys.argv[1:]`).
+        prog: Program name for messages.
+        **defaults: Defaults for the parser (see [`make_parser`]).
+    """
+    prog = prog or os.path.basename(sys.argv[0])
+    try:
+        if any(arg in ("-h", "--help") for arg in (argv if argv is not None else sys.argv[1:])):
+            make_parser(prog, **defaults).print_help()
+            return 0
+        train(*parse_args(argv, prog, **defaults))
+    except (UsageError, DatasetFormatError) as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    return 0

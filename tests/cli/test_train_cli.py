@@ -1,0 +1,127 @@
+"""`soft-peft train`: the recipe + overrides parser, and user errors as one line with exit code 2."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import yaml
+from example_runs import TINY_TRAIN_ARGS, alpaca_rows, run, save_tiny_model, step_logs, write_jsonl
+
+from soft_peft.cli import main as soft_peft_main
+from soft_peft.cli.train import main as train_main
+from soft_peft.scripts.train import parse_args
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture
+def alpaca_file(tmp_path):
+    return write_jsonl(tmp_path / "alpaca.jsonl", alpaca_rows())
+
+
+def error_line(capsys, argv: list[str]) -> str:
+    """Run `soft-peft train argv`, expect exit code 2 and one error line (progress bars aside), return it."""
+    assert train_main(argv) == 2
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("soft-peft train: error: ")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr
+    return errors[0]
+
+
+def test_help_lists_train(capsys):
+    assert soft_peft_main(["--help"]) == 0
+    assert "train" in capsys.readouterr().out
+
+
+def test_recipe_values_and_command_line_overrides(tmp_path, alpaca_file):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "dataset_name": str(alpaca_file),
+                "learning_rate": 2.0e-5,
+                "exit_layers": "2,4",
+                "lora_r": 8,
+                "max_steps": 5,
+            }
+        )
+    )
+    script_args, training_args, model_args = parse_args(["--config", str(recipe), "--max_steps", "2"])
+    assert script_args.dataset_name == str(alpaca_file) and script_args.dataset_format == "alpaca"
+    assert training_args.learning_rate == 2.0e-5 and training_args.max_steps == 2  # the command line wins
+    assert training_args.exit_layers == "2,4" and model_args.lora_r == 8
+
+
+def test_train_from_recipe(tmp_path, tiny_model_dir, alpaca_file):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"model_name_or_path": str(tiny_model_dir), "dataset_name": str(alpaca_file)}))
+    output_dir = tmp_path / "out"
+    assert train_main(["--config", str(recipe), "--output_dir", str(output_dir), *TINY_TRAIN_ARGS]) == 0
+    assert math.isfinite(step_logs(output_dir)[2]["exit_2/loss"])
+
+
+def test_unknown_flag(capsys, alpaca_file):
+    line = error_line(capsys, ["--dataset_name", str(alpaca_file), "--lora_rank", "8"])
+    assert "unknown option(s) --lora_rank 8" in line
+
+
+def test_unknown_recipe_key(capsys, tmp_path, alpaca_file):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"dataset_name": str(alpaca_file), "exit_layer": "2,4"}))
+    assert "unknown key(s) ['exit_layer']" in error_line(capsys, ["--config", str(recipe)])
+
+
+def test_missing_recipe_file(capsys, tmp_path):
+    assert "no such file" in error_line(capsys, ["--config", str(tmp_path / "nope.yaml")])
+
+
+def test_bad_value(capsys, alpaca_file):
+    line = error_line(capsys, ["--dataset_name", str(alpaca_file), "--max_steps", "two"])
+    assert "--max_steps" in line and "two" in line
+
+
+def test_invalid_setting_from_config_validation(capsys, alpaca_file):
+    line = error_line(capsys, ["--dataset_name", str(alpaca_file), "--exit_loss_weights", "1,-1"])
+    assert "weight" in line.lower()
+
+
+def test_missing_dataset_file(capsys, tmp_path, tiny_model_dir):
+    argv = ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(tmp_path / "missing.jsonl")]
+    assert "no such dataset file" in error_line(capsys, argv + ["--output_dir", str(tmp_path / "out")])
+
+
+def test_dataset_without_needed_columns(capsys, tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "qa.jsonl", [{"question": "2+2?", "answer": "4"}])
+    argv = ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(data), "--output_dir", str(tmp_path)]
+    line = error_line(capsys, argv)
+    assert "Alpaca dataset needs columns ['instruction', 'output']" in line
+
+
+def test_missing_local_model(capsys, tmp_path, alpaca_file):
+    argv = ["--model_name_or_path", str(tmp_path / "no-model"), "--dataset_name", str(alpaca_file)]
+    assert "no such model folder" in error_line(capsys, argv)
+
+
+def test_console_script_error_has_no_traceback(tmp_path, alpaca_file):
+    result = run(["soft-peft", "train", "--dataset_name", str(alpaca_file), "--bogus_flag", "1"], check=False)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "soft-peft train: error: unknown option(s) --bogus_flag 1; see --help for the accepted flags."
+    )
+
+
+def test_evaluation_on_a_single_local_file_needs_a_holdout(capsys, tmp_path, tiny_model_dir, alpaca_file):
+    argv = [
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--dataset_name",
+        str(alpaca_file),
+        "--eval_strategy",
+        "steps",
+    ]
+    assert "--eval_holdout_size" in error_line(capsys, argv + ["--output_dir", str(tmp_path / "out")])
