@@ -8,6 +8,7 @@ __version__ = "0.1.0.dev0"
 
 from .config import SoFTConfig
 from .exits import default_exit_layers, find_exit_head, parse_exit_layers, recorded_exit_layers
+from .inference import dynamic_generate, extract_submodel, self_speculative_generate
 from .loss import exit_loss_weights, sorted_exit_loss
 from .modeling import SortedExitOutput, SortedLossWrapper, add_sorted_exit_loss
 from .trainer import SoFTTrainer
@@ -20,9 +21,12 @@ __all__ = [
     "__version__",
     "add_sorted_exit_loss",
     "default_exit_layers",
+    "dynamic_generate",
     "exit_loss_weights",
+    "extract_submodel",
     "find_exit_head",
     "parse_exit_layers",
     "recorded_exit_layers",
+    "self_speculative_generate",
     "sorted_exit_loss",
 ]

@@ -209,3 +209,30 @@ def test_bad_settings_raise(tmp_path, overrides, kwargs, message):
 def test_bad_config_raises(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         config(tmp_path, **overrides)
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+    """2 micro-batches of 2 with accumulation take the same optimizer step as 1 batch of 4 (SGD, so scale matters)."""
+    weights = {}
+    for name, (batch_size, accumulation) in {"full": (4, 1), "accumulated": (2, 2)}.items():
+        args = config(
+            tmp_path / name,
+            max_steps=1,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            optim="sgd",
+            learning_rate=0.5,
+            bf16=False,
+            exit_layers=[2, 4],
+            exit_loss_weights="linear",
+        )
+        trainer = SoFTTrainer(
+            model=tiny_model("llama"), args=args, train_dataset=arithmetic(), processing_class=tiny_tokenizer()
+        )
+        trainer.train()
+        weights[name] = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    moved = 0
+    for key, value in weights["full"].items():
+        torch.testing.assert_close(weights["accumulated"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+        moved += int(not torch.equal(value, tiny_model("llama").state_dict()[key]))
+    assert moved > 0

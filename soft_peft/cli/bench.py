@@ -1,0 +1,54 @@
+"""`soft-peft bench`: side-by-side decoding speed of greedy, self-speculative, dynamic and assistant_early_exit.
+
+    soft-peft bench --model_name_or_path RUN --data gsm8k/train.jsonl [--num_prompts 4 --max_new_tokens 64 ...]
+
+Same measurement as `benchmarks/decode_speed.py` (see it for the defaults); prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["main"]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def main(argv: list[str]) -> int:
+    """Run `soft-peft bench`; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="soft-peft bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--model_name_or_path", required=True)
+    parser.add_argument("--data", required=True, help="GSM8K JSONL; prompts come from the shared held-out split.")
+    parser.add_argument("--num_prompts", type=int, default=4)
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--batch_sizes", type=_ints, default=[1, 4])
+    parser.add_argument("--draft_exits", type=_ints, required=True, help="e.g. 12,18,24")
+    parser.add_argument("--thresholds", default="0.9,0.7", help="Dynamic thresholds, one run each.")
+    parser.add_argument("--assistant_exits", type=_ints, default=[], help="assistant_early_exit settings (slow).")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args(argv)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..data import gsm8k_answer, held_out_split, load_prompt_completion
+    from ..inference.benchmark import build_methods, format_table, run_decode_benchmark
+
+    torch.set_num_threads(args.threads)
+    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    _, held_out = held_out_split(load_prompt_completion(args.data, "gsm8k"), test_size=200, seed=0)
+    rows = held_out.select(range(min(args.num_prompts, len(held_out))))
+    thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
+    methods = build_methods(
+        model, args.max_new_tokens, args.draft_exits, "adaptive", None, thresholds, args.assistant_exits
+    )
+    results = run_decode_benchmark(model, tokenizer, list(rows["prompt"]), methods, args.batch_sizes)
+    table = format_table(results, tokenizer, [gsm8k_answer(text) for text in rows["completion"]])
+    print(table)
+    if args.output:
+        with open(args.output, "w") as handle:
+            handle.write(table + "\n")
+    return 0

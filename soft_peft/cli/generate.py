@@ -1,0 +1,82 @@
+"""`soft-peft generate`: decode one prompt with a sub-model, self-speculative decoding or dynamic early exit.
+
+    soft-peft generate --model_name_or_path RUN --prompt "Question: ...\\nAnswer: " --draft_exit 15
+    soft-peft generate --model_name_or_path RUN --prompt "..." --thresholds 0.9 [--exit_layers 15,21,27]
+    soft-peft generate --model_name_or_path RUN --prompt "..." --num_layers 18      # greedy with a sub-model
+
+Prints the generated text, then the decoder's statistics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="soft-peft generate", description=__doc__.split("\n")[0])
+    parser.add_argument("--model_name_or_path", required=True, help="A local HF folder or Hub name.")
+    parser.add_argument("--prompt", required=True, help="Prompt text (use --chat to wrap it in the chat template).")
+    parser.add_argument("--chat", action="store_true", help="Apply the tokenizer's chat template to the prompt.")
+    parser.add_argument("--max_new_tokens", type=int, default=128)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--draft_exit", type=int, help="Self-speculative decoding drafting with this exit.")
+    mode.add_argument("--thresholds", help="Dynamic early exit: one threshold, or one per exit ('0.9,0.8').")
+    mode.add_argument("--num_layers", type=int, help="Greedy decoding with the sub-model of the first N layers.")
+    parser.add_argument("--num_draft_tokens", default="adaptive", help="Drafts per cycle (int) or 'adaptive'.")
+    parser.add_argument("--exit_layers", default=None, help="Exits checked by dynamic early exit ('15,21,27').")
+    parser.add_argument("--confidence", default="max_prob", choices=["max_prob", "margin"])
+    parser.add_argument("--kv_fill", default="recompute", choices=["recompute", "propagate"])
+    parser.add_argument("--do_sample", action="store_true")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    """Run `soft-peft generate`; returns the exit status."""
+    args = _parser().parse_args(argv)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..inference import dynamic_generate, extract_submodel, self_speculative_generate
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path).eval()
+    text = args.prompt.replace("\\n", "\n")
+    if args.chat:
+        messages = [{"role": "user", "content": text}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    input_ids = tokenizer(text, return_tensors="pt").input_ids
+    generator = torch.Generator().manual_seed(args.seed)
+    sampling = dict(do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p)
+    if args.draft_exit is not None:
+        draft_length = args.num_draft_tokens if args.num_draft_tokens == "adaptive" else int(args.num_draft_tokens)
+        out = self_speculative_generate(
+            model, input_ids, args.draft_exit, args.max_new_tokens, num_draft_tokens=draft_length,
+            generator=generator, **sampling,
+        )  # fmt: skip
+        sequences, stats = out.sequences, dataclasses.asdict(out.stats)
+    elif args.thresholds is not None:
+        values = [float(t) for t in args.thresholds.split(",")]
+        out = dynamic_generate(
+            model, input_ids, args.exit_layers, values[0] if len(values) == 1 else values, args.max_new_tokens,
+            confidence=args.confidence, kv_fill=args.kv_fill, generator=generator, **sampling,
+        )  # fmt: skip
+        sequences = out.sequences
+        stats = {"average_depth": out.average_depth, "exit_layers": out.exit_layers.tolist(), "checks": out.checks}
+        stats["tokens_per_second"] = out.tokens_per_second
+    else:
+        if args.num_layers is not None:
+            model = extract_submodel(model, args.num_layers)
+        if args.do_sample:
+            torch.manual_seed(args.seed)
+        sequences = model.generate(input_ids, max_new_tokens=args.max_new_tokens, **sampling)
+        stats = {"num_layers": model.config.num_hidden_layers}
+    print(tokenizer.decode(sequences[0, input_ids.shape[1] :], skip_special_tokens=True))
+    print(json.dumps(stats))
+    return 0

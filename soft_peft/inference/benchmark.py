@@ -1,0 +1,240 @@
+"""Side-by-side decoding benchmark of the inference modes, for ``benchmarks/decode_speed.py`` and ``soft-peft bench``.
+
+Every method decodes the same prompts in the same run, interleaved prompt by prompt so that a change in machine load
+hits all of them alike. Speed is generated tokens (up to and including EOS) per second of wall time; quality is
+compared with plain greedy ``generate`` at the same batch size.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data import gsm8k_answer
+from .dynamic import dynamic_generate
+from .speculative import self_speculative_generate
+
+__all__ = ["DecodeMethod", "MethodResult", "build_methods", "format_table", "run_decode_benchmark"]
+
+
+@dataclass
+class DecodeMethod:
+    """One decoding setting: ``run(input_ids, attention_mask) -> (sequences, counters)``.
+
+    Attributes:
+        mode: ``"greedy"``, ``"self-speculative"``, ``"dynamic"`` or ``"assistant_early_exit"``.
+        setting: Human-readable settings (draft exit, thresholds, ...).
+        run: Callable decoding one batch; counters may hold ``drafted``, ``accepted`` and ``depth_sum``/``steps``.
+        batch_one_only: The method cannot decode a batch (transformers' assisted generation).
+    """
+
+    mode: str
+    setting: str
+    run: Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, dict]]
+    batch_one_only: bool = False
+
+
+@dataclass
+class MethodResult:
+    """Totals of one method at one batch size over all prompts.
+
+    Attributes:
+        mode: The method's mode.
+        setting: The method's settings.
+        batch_size: Prompts per batch.
+        seconds: Decoding wall time, summed over batches.
+        tokens: Generated tokens up to and including EOS, summed over prompts.
+        counters: Summed counters from the method (``drafted``, ``accepted``, ``depth_sum``, ``steps``).
+        outputs: Per prompt, the new tokens up to EOS.
+    """
+
+    mode: str
+    setting: str
+    batch_size: int
+    seconds: float = 0.0
+    tokens: int = 0
+    counters: dict = field(default_factory=dict)
+    outputs: list[list[int]] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generated tokens (up to and including EOS) per second of decoding wall time."""
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def _add(counters: dict, extra: dict) -> None:
+    for key, value in extra.items():
+        counters[key] = counters.get(key, 0) + value
+
+
+def build_methods(
+    model: nn.Module,
+    max_new_tokens: int,
+    draft_exits: Sequence[int],
+    num_draft_tokens: int | str,
+    dynamic_exits: Sequence[int] | None,
+    thresholds: Sequence[float],
+    assistant_exits: Sequence[int],
+    kv_fills: Sequence[str] = ("recompute",),
+) -> list[DecodeMethod]:
+    """The methods to compare: greedy first (the reference), then every requested setting.
+
+    Args:
+        model: The causal LM.
+        max_new_tokens: Tokens to generate per prompt.
+        draft_exits: Draft exits for self-speculative decoding.
+        num_draft_tokens: Draft length (int or ``"adaptive"``).
+        dynamic_exits: Exits checked by dynamic inference (``None``: its default).
+        thresholds: One dynamic run per threshold.
+        assistant_exits: One ``generate(assistant_early_exit=k)`` run per exit.
+        kv_fills: Dynamic KV fill modes; every threshold runs with the first, the middle threshold with the others.
+    """
+    common = dict(do_sample=False, max_new_tokens=max_new_tokens)
+
+    def greedy(input_ids, attention_mask):
+        return model.generate(input_ids, attention_mask=attention_mask, **common), {}
+
+    def speculative(draft_exit):
+        def run(input_ids, attention_mask):
+            out = self_speculative_generate(
+                model, input_ids, draft_exit, max_new_tokens, attention_mask, num_draft_tokens=num_draft_tokens
+            )
+            return out.sequences, {"drafted": out.stats.drafted, "accepted": out.stats.accepted}
+
+        return run
+
+    def dynamic(threshold, kv_fill):
+        def run(input_ids, attention_mask):
+            out = dynamic_generate(
+                model, input_ids, dynamic_exits, threshold, max_new_tokens, attention_mask, kv_fill=kv_fill
+            )
+            return out.sequences, {"depth_sum": float(out.exit_layers.sum()), "steps": len(out.exit_layers)}
+
+        return run
+
+    def assisted(layer):
+        def run(input_ids, attention_mask):
+            sequences = model.generate(input_ids, attention_mask=attention_mask, assistant_early_exit=layer, **common)
+            return sequences, {}
+
+        return run
+
+    methods = [DecodeMethod("greedy", "generate(do_sample=False)", greedy)]
+    for draft_exit in draft_exits:
+        setting = f"draft exit {draft_exit}, {num_draft_tokens} drafts"
+        methods.append(DecodeMethod("self-speculative", setting, speculative(draft_exit)))
+    middle = thresholds[len(thresholds) // 2] if thresholds else None
+    for threshold in thresholds:
+        for kv_fill in kv_fills:
+            if kv_fill != kv_fills[0] and threshold != middle:
+                continue
+            setting = f"threshold {threshold:g}, kv {kv_fill}"
+            methods.append(DecodeMethod("dynamic", setting, dynamic(threshold, kv_fill)))
+    for layer in assistant_exits:
+        methods.append(DecodeMethod("assistant_early_exit", f"k={layer}", assisted(layer), batch_one_only=True))
+    return methods
+
+
+def _new_tokens(sequences: torch.Tensor, prompt_length: int, eos_ids: set[int]) -> list[list[int]]:
+    rows = []
+    for row in sequences[:, prompt_length:].tolist():
+        end = next((i + 1 for i, token in enumerate(row) if token in eos_ids), len(row))
+        rows.append(row[:end])
+    return rows
+
+
+def run_decode_benchmark(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    methods: Sequence[DecodeMethod],
+    batch_sizes: Sequence[int] = (1, 4),
+    warmup: bool = True,
+) -> list[MethodResult]:
+    """Decode ``prompts`` with every method at every batch size, interleaved batch by batch.
+
+    Args:
+        model: The causal LM (eval mode).
+        tokenizer: Its tokenizer; batches are left-padded.
+        prompts: Prompt strings.
+        methods: From [`build_methods`]; the first is the greedy reference.
+        batch_sizes: Batch sizes to measure.
+        warmup: Decode a few tokens before timing (allocator and kernel warm-up).
+
+    Returns:
+        One [`MethodResult`] per (method, batch size) that can run at that size.
+    """
+    tokenizer.padding_side = "left"
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    results = []
+    for batch_size in batch_sizes:
+        runnable = [m for m in methods if batch_size == 1 or not m.batch_one_only]
+        totals = [MethodResult(m.mode, m.setting, batch_size) for m in runnable]
+        batches = [list(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
+        if warmup:  # a short decode, so the first timed method does not pay the allocator's first-use costs
+            encoded = tokenizer(batches[0][:1], return_tensors="pt")
+            model.generate(encoded.input_ids[:, :8], do_sample=False, max_new_tokens=4)
+        for texts in tqdm(batches, desc=f"batch {batch_size}"):
+            encoded = tokenizer(texts, return_tensors="pt", padding=True)
+            mask = encoded.attention_mask if len(texts) > 1 else None
+            for method, total in zip(runnable, totals, strict=True):
+                started = time.perf_counter()
+                sequences, counters = method.run(encoded.input_ids, mask)
+                total.seconds += time.perf_counter() - started
+                rows = _new_tokens(sequences, encoded.input_ids.shape[1], eos_ids)
+                total.tokens += sum(len(row) for row in rows)
+                total.outputs.extend(rows)
+                _add(total.counters, counters)
+        results.extend(totals)
+    return results
+
+
+def _agreement(rows: list[list[int]], reference: list[list[int]]) -> tuple[float, float]:
+    exact = sum(row == ref for row, ref in zip(rows, reference, strict=True)) / len(reference)
+    same = sum(sum(a == b for a, b in zip(row, ref, strict=False)) for row, ref in zip(rows, reference, strict=True))
+    return exact, same / max(sum(len(ref) for ref in reference), 1)
+
+
+def format_table(results: Sequence[MethodResult], tokenizer, answers: Sequence[str | None]) -> str:
+    """A markdown table: speed, ratios to greedy (and to ``assistant_early_exit``), acceptance, depth, quality.
+
+    Args:
+        results: From [`run_decode_benchmark`].
+        tokenizer: Decodes outputs for the GSM8K answer check.
+        answers: Reference GSM8K answers (``gsm8k_answer`` of the references), one per prompt.
+    """
+    lines = [
+        "| batch | mode | setting | tokens/s | x greedy | x assistant_early_exit | acceptance | avg depth "
+        "| exact match | tokens = greedy | GSM8K acc |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        same_batch = [r for r in results if r.batch_size == result.batch_size]
+        greedy = same_batch[0]
+        assisted = next((r for r in same_batch if r.mode == "assistant_early_exit"), None)
+        exact, agree = _agreement(result.outputs, greedy.outputs)
+        correct = [
+            answer is not None and gsm8k_answer(tokenizer.decode(row, skip_special_tokens=True)) == answer
+            for row, answer in zip(result.outputs, answers, strict=True)
+        ]
+        counters = result.counters
+        acceptance = f"{counters['accepted'] / counters['drafted']:.2f}" if counters.get("drafted") else "-"
+        depth = f"{counters['depth_sum'] / counters['steps']:.1f}" if counters.get("steps") else "-"
+        versus_assisted = (
+            f"{result.tokens_per_second / assisted.tokens_per_second:.2f}"
+            if assisted and result is not assisted
+            else "-"
+        )
+        lines.append(
+            f"| {result.batch_size} | {result.mode} | {result.setting} | {result.tokens_per_second:.1f} "
+            f"| {result.tokens_per_second / greedy.tokens_per_second:.2f} | {versus_assisted} | {acceptance} "
+            f"| {depth} "
+            f"| {exact:.2f} | {agree:.3f} | {sum(correct) / len(correct):.2f} |"
+        )
+    return "\n".join(lines)

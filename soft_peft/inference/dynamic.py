@@ -1,0 +1,239 @@
+"""Instance-aware dynamic inference: each token leaves at the first exit confident enough.
+
+A token exits at layer ``e`` when the confidence of exit ``e``'s distribution passes that exit's threshold; later
+tokens still attend to every layer, so the skipped layers ``e+1..L`` of the exited position need keys and values.
+Two ways to fill them (``kv_fill``):
+
+- ``"recompute"`` (EE-LLM style, default): the exited position keeps its layer-``e`` state, and the next token that
+  goes deeper carries it along through the layers it needs, in the same batched pass. The cache ends up exactly what
+  the full model computes; the extra positions ride along in a multi-token pass, which costs little when decoding is
+  bound by reading weights.
+- ``"propagate"`` (CALM style): right after the exit, the layer-``e`` state is fed to the attention block of every
+  skipped layer to make its keys and values (no MLP, about a third of a layer each). Cheap, but approximate: the
+  skipped layers see a copied state, not their true input.
+
+Confidence checks are not free: a full-vocabulary head costs a few layers on CPU, so only the given exits are checked
+(by default at most three recorded exits in the upper half), and an exit whose threshold is 1.0 is never checked.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..exits import parse_exit_layers, recorded_exit_layers
+from .stack import DecoderStack, check_generation_inputs
+from .tokens import SequenceWriter, check_sampling, choose_tokens, resolve_special_tokens
+
+__all__ = ["DynamicOutput", "default_dynamic_exits", "dynamic_generate", "exit_confidence"]
+
+_CONFIDENCES = ("max_prob", "margin")
+_KV_FILLS = ("recompute", "propagate")
+_MAX_DEFAULT_CHECKS = 3
+
+
+@dataclass
+class DynamicOutput:
+    """Result of ``dynamic_generate``.
+
+    Attributes:
+        sequences: ``(B, T + new_tokens)`` prompts and generated tokens, as ``generate`` returns them.
+        exit_layers: ``(new_tokens,)`` the layer each generated position exited at (the whole batch exits together).
+        average_depth: Mean of ``exit_layers``.
+        checks: Confidence checks (final norm + head calls at non-final exits).
+        seconds: Wall time of the call.
+        tokens_per_second: ``new_tokens * batch / seconds``.
+        layer_forwards: Per decoder layer (index 0 is layer 1), how many times it ran (prefill included).
+    """
+
+    sequences: torch.Tensor
+    exit_layers: torch.Tensor
+    average_depth: float
+    checks: int = 0
+    seconds: float = 0.0
+    tokens_per_second: float = 0.0
+    layer_forwards: list[int] = field(default_factory=list)
+
+
+def exit_confidence(logits: torch.Tensor, kind: str = "max_prob") -> torch.Tensor:
+    """Confidence of each row's next-token distribution.
+
+    Args:
+        logits: ``(B, V)`` exit logits.
+        kind: ``"max_prob"`` (the largest softmax probability) or ``"margin"`` (top-1 minus top-2 probability).
+
+    Returns:
+        ``(B,)`` float32 confidences in [0, 1].
+    """
+    probs = logits.float().softmax(-1)
+    if kind == "max_prob":
+        return probs.max(-1).values
+    top = probs.topk(2, dim=-1).values
+    return top[:, 0] - top[:, 1]
+
+
+def default_dynamic_exits(model: nn.Module, num_layers: int) -> list[int]:
+    """Exits checked by default: up to three of the recorded (else default) exits in the upper half, below ``L``."""
+    recorded = recorded_exit_layers(model) or parse_exit_layers(None, num_layers)
+    upper = [k for k in recorded if num_layers / 2 <= k < num_layers]
+    if len(upper) <= _MAX_DEFAULT_CHECKS:
+        return upper
+    picks = {round(i * (len(upper) - 1) / (_MAX_DEFAULT_CHECKS - 1)) for i in range(_MAX_DEFAULT_CHECKS)}
+    return [upper[i] for i in sorted(picks)]
+
+
+def _resolve_exits(model, num_layers, exit_layers, thresholds) -> list[tuple[int, float]]:
+    exits = (
+        default_dynamic_exits(model, num_layers) if exit_layers is None else parse_exit_layers(exit_layers, num_layers)
+    )
+    exits = [k for k in exits if k < num_layers]  # the last layer is the fallback, never a check
+    if isinstance(thresholds, (int, float)) and not isinstance(thresholds, bool):
+        values = [float(thresholds)] * len(exits)
+    else:
+        values = [float(t) for t in thresholds]
+        if len(values) != len(exits):
+            raise ValueError(
+                f"Got {len(values)} thresholds for the {len(exits)} exits {exits} (the last layer takes none); pass "
+                "one float for all, or one per exit."
+            )
+    bad = [t for t in values if not 0 < t <= 1]
+    if bad:
+        raise ValueError(f"Thresholds must be in (0, 1], got {bad}; 1.0 disables an exit.")
+    return [(k, t) for k, t in zip(exits, values, strict=True) if t < 1.0]
+
+
+@torch.inference_mode()
+def dynamic_generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    exit_layers: Sequence[int] | str | None = None,
+    thresholds: float | Sequence[float] = 0.9,
+    max_new_tokens: int = 128,
+    attention_mask: torch.Tensor | None = None,
+    confidence: str = "max_prob",
+    kv_fill: str = "recompute",
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> DynamicOutput:
+    """Generate with a per-token exit: each token leaves at the first exit whose confidence exceeds its threshold.
+
+    The prompt and the first new token always use the full depth. Batch rule: a batch step exits at an exit only when
+    every unfinished row is confident there, so the batch shares one depth per step (and one cache length per layer).
+    ``thresholds=1.0`` never exits early and reproduces greedy ``generate`` exactly.
+
+    Args:
+        model: A causal LM of a supported family (see [`DecoderStack`]), possibly PEFT-wrapped.
+        input_ids: ``(B, T)`` prompts, left-padded for ``B > 1``.
+        exit_layers: Exits to check (list, ``"12,16"`` or ``"start:stop:step"``); default [`default_dynamic_exits`].
+        thresholds: One float for all exits, or one per exit, each in (0, 1]; a token exits when its confidence is
+            strictly greater. 1.0 disables an exit (and skips its head).
+        max_new_tokens: Number of tokens to generate (>= 1).
+        attention_mask: ``(B, T)`` padding mask; required when a batch contains padding.
+        confidence: ``"max_prob"`` or ``"margin"`` (see [`exit_confidence`]).
+        kv_fill: ``"recompute"`` (EE-LLM, exact cache) or ``"propagate"`` (CALM, approximate); see the module doc.
+        do_sample: Sample from the exit's distribution instead of taking its argmax.
+        temperature: Sampling temperature.
+        top_p: Nucleus sampling mass.
+        eos_token_id: EOS id(s); default the model's ``generation_config``.
+        pad_token_id: Written after a row's EOS; default ``generation_config.pad_token_id``, else the EOS id.
+        generator: Random generator for sampling.
+
+    Returns:
+        [`DynamicOutput`] with ``.sequences``, per-token ``.exit_layers`` and ``.average_depth``.
+
+    Raises:
+        ValueError: for a threshold outside (0, 1], a threshold count that does not match the exits, an unknown
+            ``confidence`` or ``kv_fill``, ``max_new_tokens < 1``, or padding without an attention mask.
+    """
+    started = time.perf_counter()
+    stack = DecoderStack(model)
+    num_layers = stack.num_layers
+    checks = _resolve_exits(stack.model, num_layers, exit_layers, thresholds)
+    if confidence not in _CONFIDENCES:
+        raise ValueError(f"`confidence` must be one of {_CONFIDENCES}, got {confidence!r}.")
+    if kv_fill not in _KV_FILLS:
+        raise ValueError(f"`kv_fill` must be one of {_KV_FILLS}, got {kv_fill!r}.")
+    if do_sample:
+        check_sampling(temperature, top_p)
+    eos_ids, pad_id = resolve_special_tokens(stack.model, eos_token_id, pad_token_id)
+    input_ids = input_ids.to(stack.model.device)
+    padding_mask = check_generation_inputs(input_ids, attention_mask, max_new_tokens, pad_id)
+    batch, prompt_length = input_ids.shape
+    full_mask = None
+    if padding_mask is not None:
+        full_mask = torch.cat([padding_mask, padding_mask.new_ones(batch, max_new_tokens)], dim=1)
+    sample = (do_sample, temperature, top_p, generator)
+    writer = SequenceWriter(input_ids, max_new_tokens, eos_ids, pad_id)
+    cache = stack.new_cache()
+    layer_forwards = [0] * num_layers
+    threshold_at = dict(checks)
+    stops = sorted(threshold_at) + [num_layers]
+    # Positions whose upper layers are not cached yet (recompute mode): their latest states and depths, depths
+    # non-increasing along positions (a deeper token always carried every earlier position along).
+    pending_states: list[torch.Tensor] = []  # each (B, 1, H)
+    pending_depths: list[int] = []
+
+    def run(hidden, first, last, start):
+        for index in range(first - 1, last):
+            layer_forwards[index] += 1
+        inputs = stack.step_inputs(full_mask, start, hidden.shape[1], batch)
+        return stack.run_layers(hidden, first, last, inputs, cache)
+
+    inputs = stack.step_inputs(full_mask, 0, prompt_length, batch)
+    hidden = run(stack.embed(input_ids, inputs), 1, num_layers, 0)
+    done = writer.append(choose_tokens(stack.logits(hidden[:, -1]), *sample)[0])
+    exits_taken, num_checks = [num_layers], 0
+    while not done:
+        position = prompt_length + writer.count - 1
+        inputs = stack.step_inputs(full_mask, position, 1, batch)
+        state = stack.embed(writer.last[:, None], inputs)  # (B, 1, H)
+        layer, exit_logits = 0, None
+        for stop in stops:
+            while layer < stop:
+                # Pending positions at the new token's depth join the chunk; earlier, deeper ones join on the way up
+                first = next((i for i, depth in enumerate(pending_depths) if depth <= layer), len(pending_depths))
+                segment_stop = min(stop, pending_depths[first - 1]) if first > 0 else stop
+                chunk = torch.cat(pending_states[first:] + [state], dim=1)  # (B, joined + 1, H)
+                out = run(chunk, layer + 1, segment_stop, position - (len(pending_depths) - first))
+                for offset, index in enumerate(range(first, len(pending_depths))):
+                    pending_states[index] = out[:, offset : offset + 1]
+                    pending_depths[index] = segment_stop
+                state, layer = out[:, -1:], segment_stop
+            exit_logits = stack.logits(state[:, -1])
+            if stop == num_layers:
+                break
+            num_checks += 1
+            passed = exit_confidence(exit_logits, confidence) > threshold_at[stop]
+            if bool(passed[writer.unfinished].all()):
+                break
+        exits_taken.append(layer)
+        if layer == num_layers:
+            pending_states, pending_depths = [], []  # every earlier position was carried to the top
+        elif kv_fill == "recompute":
+            pending_states.append(state)
+            pending_depths.append(layer)
+        else:
+            stack.fill_kv(state, layer + 1, num_layers, inputs, cache)
+            for index in range(layer, num_layers):
+                layer_forwards[index] += 1
+        done = writer.append(choose_tokens(exit_logits, *sample)[0])
+
+    seconds = time.perf_counter() - started
+    taken = torch.tensor(exits_taken[: writer.count])
+    return DynamicOutput(
+        sequences=writer.sequences(),
+        exit_layers=taken,
+        average_depth=float(taken.float().mean()),
+        checks=num_checks,
+        seconds=seconds,
+        tokens_per_second=writer.count * batch / seconds,
+        layer_forwards=layer_forwards,
+    )

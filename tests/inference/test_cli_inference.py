@@ -1,0 +1,61 @@
+"""`soft-peft generate` and `soft-peft extract` on a saved tiny model (the `bench` subcommand shares the benchmark's
+code, which `test_benchmark_functions` runs with tiny settings)."""
+
+import json
+
+import pytest
+import torch
+from tiny_models import tiny_model, tiny_tokenizer
+from transformers import AutoModelForCausalLM
+
+from soft_peft.cli import main as soft_peft_main
+from soft_peft.inference.benchmark import build_methods, format_table, run_decode_benchmark
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    model = tiny_model("llama")
+    model.config.soft_exit_layers = [2, 4]
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "mode", [["--draft_exit", "2"], ["--thresholds", "0.5", "--exit_layers", "2"], ["--num_layers", "2"], []]
+)
+def test_generate_prints_text_and_stats(saved_model, capsys, mode):
+    status = soft_peft_main(
+        ["generate", "--model_name_or_path", str(saved_model), "--prompt", "hello", "--max_new_tokens", "5", *mode]
+    )
+    assert status == 0
+    text, stats = capsys.readouterr().out.rstrip("\n").rsplit("\n", 1)
+    assert isinstance(json.loads(stats), dict)
+
+
+def test_generate_rejects_a_bad_draft_exit(saved_model):
+    with pytest.raises(ValueError, match="draft_exit"):
+        soft_peft_main(["generate", "--model_name_or_path", str(saved_model), "--prompt", "hi", "--draft_exit", "4"])
+
+
+def test_extract_saves_a_reloadable_submodel(saved_model, tmp_path, capsys):
+    output = tmp_path / "sub"
+    status = soft_peft_main(
+        ["extract", "--model_name_or_path", str(saved_model), "--num_layers", "2", "--output_dir", str(output)]
+    )
+    assert status == 0 and "2-layer" in capsys.readouterr().out
+    reloaded = AutoModelForCausalLM.from_pretrained(output)
+    assert reloaded.config.num_hidden_layers == 2
+
+
+def test_benchmark_functions():
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    methods = build_methods(model, 4, [2], "adaptive", [2], [1.0], [2])
+    results = run_decode_benchmark(model, tokenizer, ["ab", "cde"], methods, batch_sizes=(1, 2), warmup=False)
+    assert [r.mode for r in results if r.batch_size == 2] == ["greedy", "self-speculative", "dynamic"]
+    table = format_table(results, tokenizer, [None, None])
+    # Exact decoders agree with greedy on every prompt (threshold 1.0 never exits early)
+    for line in table.splitlines()[2:]:
+        assert "| 1.00 | 1.000 |" in line, line
+    assert torch.is_tensor(methods[0].run(torch.tensor([[5, 6]]), None)[0])

@@ -1,0 +1,110 @@
+"""`dynamic_generate` against `model.generate` (thresholds 1.0) and a no-cache per-token early-exit reference."""
+
+import pytest
+import torch
+from inference_helpers import prompts, reference_dynamic
+from tiny_models import GEN_ARCHS, NUM_LAYERS, tiny_model
+
+from soft_peft.inference import DecoderStack, default_dynamic_exits, dynamic_generate, exit_confidence
+
+
+@pytest.fixture(scope="module", params=GEN_ARCHS)
+def model(request):
+    return tiny_model(request.param)
+
+
+def mixed_exit_threshold(model, input_ids, attention_mask, exits, max_new_tokens):
+    """A threshold at which the reference exits some tokens early and not others (tiny random models are unsure).
+
+    Returns:
+        ``(threshold, reference sequences, reference depths)``.
+    """
+    stack = DecoderStack(model)
+    with torch.no_grad():
+        hidden_states = model(input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
+        values = torch.cat([exit_confidence(stack.logits(hidden_states[k][:, -4:]).flatten(0, 1)) for k in exits])
+    for quantile in (0.5, 0.25, 0.1, 0.05, 0.02):
+        threshold = float(values.quantile(quantile))
+        expected, depths = reference_dynamic(model, input_ids, attention_mask, exits, threshold, max_new_tokens)
+        if len(set(depths)) > 1:
+            return threshold, expected, depths
+    raise AssertionError("no threshold mixes early and full-depth exits for this model")
+
+
+@pytest.mark.parametrize("kv_fill", ["recompute", "propagate"])
+def test_threshold_one_equals_greedy_generate(model, kv_fill):
+    input_ids, attention_mask = prompts(3, 8, seed=1, pads=(3, 0, 1))
+    expected = model.generate(input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=12)
+    out = dynamic_generate(
+        model, input_ids, [1, 2, 3], 1.0, max_new_tokens=12, attention_mask=attention_mask, kv_fill=kv_fill
+    )
+    assert torch.equal(out.sequences, expected)
+    assert out.average_depth == NUM_LAYERS and out.checks == 0
+
+
+@pytest.mark.parametrize("batch, pads", [(1, ()), (2, (2, 0))])
+def test_recompute_matches_no_cache_reference(model, batch, pads):
+    """EE-LLM-style recomputation leaves the cache exact, so early exits match a from-scratch reference."""
+    input_ids, attention_mask = prompts(batch, 8, seed=7, pads=pads)
+    exits = [1, 2, 3]
+    threshold, expected, depths = mixed_exit_threshold(model, input_ids, attention_mask, exits, 10)
+    out = dynamic_generate(
+        model, input_ids, exits, threshold, max_new_tokens=10, attention_mask=attention_mask, eos_token_id=[]
+    )
+    assert out.exit_layers.tolist() == depths
+    assert torch.equal(out.sequences, expected)
+    assert out.average_depth == pytest.approx(sum(depths) / len(depths))
+
+
+def test_propagate_fills_every_layer_and_saves_depth():
+    model = tiny_model("llama")
+    input_ids, _ = prompts(1, 8, seed=7)
+    threshold = mixed_exit_threshold(model, input_ids, None, [1, 2], 14)[0]
+    out = dynamic_generate(model, input_ids, [1, 2], threshold, max_new_tokens=14, kv_fill="propagate")
+    assert out.sequences.shape == (1, 22)
+    assert out.average_depth < NUM_LAYERS
+    # Each skipped layer still got its keys and values (counted as a layer pass per filled position)
+    assert out.layer_forwards[-1] == out.layer_forwards[0]
+
+
+def test_margin_confidence_and_per_exit_thresholds():
+    model = tiny_model("qwen2")
+    input_ids, _ = prompts(1, 6, seed=3)
+    out = dynamic_generate(model, input_ids, [1, 3], [0.05, 0.02], max_new_tokens=10, confidence="margin")
+    assert set(out.exit_layers.tolist()) <= {1, 3, NUM_LAYERS}
+    logits = torch.tensor([[2.0, 1.0, 0.0]])
+    probs = logits.softmax(-1)[0]
+    assert exit_confidence(logits, "margin").item() == pytest.approx((probs[0] - probs[1]).item())
+    assert exit_confidence(logits).item() == pytest.approx(probs[0].item())
+
+
+def test_default_exits_use_recorded_layers():
+    model = tiny_model("llama", num_hidden_layers=30)
+    model.config.soft_exit_layers = [9, 12, 15, 18, 21, 24, 27, 30]
+    assert default_dynamic_exits(model, 30) == [15, 21, 27]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(thresholds=0.0), "Thresholds"),
+        (dict(thresholds=1.5), "Thresholds"),
+        (dict(thresholds=[0.9]), "thresholds"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(confidence="entropy"), "confidence"),
+        (dict(kv_fill="copy"), "kv_fill"),
+        (dict(exit_layers=[0]), "exit"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, match):
+    model = tiny_model("llama")
+    input_ids, _ = prompts(1, 4)
+    arguments = dict(exit_layers=[1, 2], thresholds=0.9, max_new_tokens=4) | kwargs
+    with pytest.raises(ValueError, match=match):
+        dynamic_generate(model, input_ids, **arguments)
+
+
+def test_padding_without_attention_mask_raises():
+    input_ids, _ = prompts(2, 6, pads=(1, 0))
+    with pytest.raises(ValueError, match="attention_mask"):
+        dynamic_generate(tiny_model("gpt2"), input_ids, [1], 0.5, max_new_tokens=3)
