@@ -7,6 +7,7 @@ head are trained at several exits at once, with no new parameters.
 __version__ = "0.1.0.dev0"
 
 from .config import SoFTConfig
+from .evaluation import EvalSettings, evaluate_exits, judge_pairwise, run_evaluation
 from .exits import default_exit_layers, find_exit_head, parse_exit_layers, recorded_exit_layers
 from .inference import dynamic_generate, extract_submodel, self_speculative_generate
 from .loss import exit_loss_weights, sorted_exit_loss
@@ -14,6 +15,7 @@ from .modeling import SortedExitOutput, SortedLossWrapper, add_sorted_exit_loss
 from .trainer import SoFTTrainer
 
 __all__ = [
+    "EvalSettings",
     "SoFTConfig",
     "SoFTTrainer",
     "SortedExitOutput",
@@ -22,11 +24,14 @@ __all__ = [
     "add_sorted_exit_loss",
     "default_exit_layers",
     "dynamic_generate",
+    "evaluate_exits",
     "exit_loss_weights",
     "extract_submodel",
     "find_exit_head",
+    "judge_pairwise",
     "parse_exit_layers",
     "recorded_exit_layers",
+    "run_evaluation",
     "self_speculative_generate",
     "sorted_exit_loss",
 ]

@@ -66,6 +66,8 @@ def load_raw_dataset(name_or_path: str, split: str = "train", config_name: str |
     if os.path.isfile(name_or_path):
         suffix = os.path.splitext(name_or_path)[1].lower()
         builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(suffix)
+        if not open(name_or_path, "rb").read(4096).strip():
+            raise DatasetFormatError(f"{name_or_path}: the dataset file is empty.")
         if builder is None:
             raise DatasetFormatError(
                 f"{name_or_path}: unsupported file type {suffix!r}; use JSON, JSONL, Parquet or CSV."
