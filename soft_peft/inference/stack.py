@@ -169,14 +169,7 @@ class DecoderStack:
         """
         if first > last:
             return hidden
-        mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=hidden,
-            attention_mask=inputs.attention_mask,
-            cache=cache,
-            position_ids=inputs.position_ids,
-            layer_idx=first - 1,
-        )
+        mask = self._causal_mask(hidden, first, inputs, cache)
         for layer in self.layers[first - 1 : last]:
             if self.family == "llama":
                 hidden = layer(
@@ -191,6 +184,17 @@ class DecoderStack:
                 hidden = layer(hidden, cache, mask, use_cache=True)
         return hidden
 
+    def _causal_mask(self, hidden: torch.Tensor, first: int, inputs: StepInputs, cache: DynamicCache):
+        # Sized against the range's first layer: its cache holds the positions the new queries attend to
+        return create_causal_mask(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=inputs.attention_mask,
+            cache=cache,
+            position_ids=inputs.position_ids,
+            layer_idx=first - 1,
+        )
+
     def fill_kv(self, hidden: torch.Tensor, first: int, last: int, inputs: StepInputs, cache: DynamicCache) -> None:
         """CALM-style: cache keys/values of layers ``first..last`` computed from one state ``hidden`` ``(B, q, H)``.
 
@@ -199,14 +203,7 @@ class DecoderStack:
         """
         if first > last:
             return
-        mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=hidden,
-            attention_mask=inputs.attention_mask,
-            cache=cache,
-            position_ids=inputs.position_ids,
-            layer_idx=first - 1,
-        )
+        mask = self._causal_mask(hidden, first, inputs, cache)
         for layer in self.layers[first - 1 : last]:
             if self.family == "llama":
                 layer.self_attn(
