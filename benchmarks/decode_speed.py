@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from soft_peft.inference.benchmark import MODES
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = Path.home() / ".cache" / "soft_peft" / "runs" / "gsm8k" / "soft"
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
@@ -51,12 +53,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--thresholds", type=_floats, default=[0.9, 0.7, 0.5])
     parser.add_argument("--kv_fills", default="recompute,propagate", help="Dynamic KV fills to compare.")
     parser.add_argument("--assistant_exits", type=_ints, default=None, help="Default: the middle draft exit.")
+    parser.add_argument(
+        "--vocab_size",
+        type=int,
+        default=4096,
+        help="Frequent training-completion tokens for drafting and confidence pre-checks; 0: the full head.",
+    )
+    parser.add_argument("--modes", default=",".join(MODES), help="Modes besides greedy, comma-separated.")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="Model weights' dtype.")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared CPU).")
     parser.add_argument("--output", default=None, help="Also write the markdown table to this file.")
     return parser.parse_args(argv)
 
 
-def load_model(path: str):
+def load_model(path: str, dtype: torch.dtype = torch.float32):
     """The SoFT checkpoint at ``path``, or the untrained SmolLM2-135M-Instruct with a warning when it is missing."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -67,26 +77,18 @@ def load_model(path: str):
         fallback = str(get_smollm2())
         warnings.warn(f"No checkpoint at {path}; benchmarking the untrained model {fallback} instead.", stacklevel=2)
         path = fallback
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     return model, AutoTokenizer.from_pretrained(path), path
-
-
-def held_out_prompts(data: str, count: int) -> tuple[list[str], list[str | None]]:
-    """The first ``count`` prompts of the shared GSM8K held-out split, and their reference answers."""
-    from soft_peft.data import gsm8k_answer, held_out_split, load_prompt_completion
-
-    _, held_out = held_out_split(load_prompt_completion(data, "gsm8k"), test_size=200, seed=0)
-    rows = held_out.select(range(min(count, len(held_out))))
-    return list(rows["prompt"]), [gsm8k_answer(text) for text in rows["completion"]]
 
 
 def main(argv: list[str] | None = None) -> int:
     from soft_peft.exits import num_decoder_layers, parse_exit_layers, recorded_exit_layers
-    from soft_peft.inference.benchmark import build_methods, format_table, run_decode_benchmark
+    from soft_peft.inference import frequent_token_ids
+    from soft_peft.inference.benchmark import build_methods, format_table, gsm8k_benchmark_data, run_decode_benchmark
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    model, tokenizer, path = load_model(args.model_name_or_path)
+    model, tokenizer, path = load_model(args.model_name_or_path, getattr(torch, args.dtype))
     num_layers = num_decoder_layers(model)
     recorded = recorded_exit_layers(model)
     exits = [k for k in (recorded or parse_exit_layers(None, num_layers)) if k < num_layers]
@@ -94,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     draft_exits = sorted(set(draft_exits))
     assistant_exits = args.assistant_exits or [draft_exits[len(draft_exits) // 2]]
     draft_length = args.num_draft_tokens if args.num_draft_tokens == "adaptive" else int(args.num_draft_tokens)
-    prompts, answers = held_out_prompts(args.data, args.num_prompts)
+    prompts, answers, calibration = gsm8k_benchmark_data(args.data, args.num_prompts)
+    vocab = frequent_token_ids(tokenizer, calibration, args.vocab_size) if args.vocab_size else None
     methods = build_methods(
         model,
         args.max_new_tokens,
@@ -104,13 +107,17 @@ def main(argv: list[str] | None = None) -> int:
         args.thresholds,
         assistant_exits,
         kv_fills=tuple(args.kv_fills.split(",")),
+        vocab=vocab,
+        modes=[mode for mode in args.modes.split(",") if mode],
     )
     results = run_decode_benchmark(model, tokenizer, prompts, methods, args.batch_sizes)
     command = "python benchmarks/decode_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
     header = [
         f"Model: `{path}` ({num_layers} layers, SoFT exits {recorded or 'not recorded: untrained'}).",
-        f"Prompts: {len(prompts)} GSM8K held-out, max_new_tokens={args.max_new_tokens}, fp32, "
+        f"Prompts: {len(prompts)} GSM8K held-out, max_new_tokens={args.max_new_tokens}, {args.dtype}, "
         f"torch threads={args.threads}.",
+        f"Vocabulary subset: {'none (full head)' if vocab is None else f'{vocab.numel()} ids'} for drafting and "
+        "confidence pre-checks, counted on the training completions.",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}.",
         f"Command: `{command.strip()}`",
         "",

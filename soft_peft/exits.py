@@ -224,7 +224,10 @@ class ExitHead:
 
     def logits(self, normed_hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits ``(..., V)`` of normed hidden states ``(..., H)``, post-processing included."""
-        logits = self.lm_head(normed_hidden)
+        return self.post_process(self.lm_head(normed_hidden))
+
+    def post_process(self, logits: torch.Tensor) -> torch.Tensor:
+        """Apply the model's logit scale and softcap to raw head outputs ``(..., V)`` (or any slice of them)."""
         if self.logit_scale != 1.0:
             logits = logits * self.logit_scale
         if self.final_logit_softcapping is not None:

@@ -27,26 +27,29 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--draft_exits", type=_ints, required=True, help="e.g. 12,18,24")
     parser.add_argument("--thresholds", default="0.9,0.7", help="Dynamic thresholds, one run each.")
     parser.add_argument("--assistant_exits", type=_ints, default=[], help="assistant_early_exit settings (slow).")
+    parser.add_argument(
+        "--vocab_size", type=int, default=4096, help="Frequent-token subset for drafts and pre-checks; 0: full head."
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..data import gsm8k_answer, held_out_split, load_prompt_completion
-    from ..inference.benchmark import build_methods, format_table, run_decode_benchmark
+    from ..inference import frequent_token_ids
+    from ..inference.benchmark import build_methods, format_table, gsm8k_benchmark_data, run_decode_benchmark
 
     torch.set_num_threads(args.threads)
     model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
-    _, held_out = held_out_split(load_prompt_completion(args.data, "gsm8k"), test_size=200, seed=0)
-    rows = held_out.select(range(min(args.num_prompts, len(held_out))))
+    prompts, answers, calibration = gsm8k_benchmark_data(args.data, args.num_prompts)
+    vocab = frequent_token_ids(tokenizer, calibration, args.vocab_size) if args.vocab_size > 0 else None
     thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
     methods = build_methods(
-        model, args.max_new_tokens, args.draft_exits, "adaptive", None, thresholds, args.assistant_exits
+        model, args.max_new_tokens, args.draft_exits, "adaptive", None, thresholds, args.assistant_exits, vocab=vocab
     )
-    results = run_decode_benchmark(model, tokenizer, list(rows["prompt"]), methods, args.batch_sizes)
-    table = format_table(results, tokenizer, [gsm8k_answer(text) for text in rows["completion"]])
+    results = run_decode_benchmark(model, tokenizer, prompts, methods, args.batch_sizes)
+    table = format_table(results, tokenizer, answers)
     print(table)
     if args.output:
         with open(args.output, "w") as handle:

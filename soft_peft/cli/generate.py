@@ -4,6 +4,9 @@
     soft-peft generate --model_name_or_path RUN --prompt "..." --thresholds 0.9 [--exit_layers 15,21,27]
     soft-peft generate --model_name_or_path RUN --prompt "..." --num_layers 18      # greedy with a sub-model
 
+Add ``--vocab_texts train.jsonl`` to draft and pre-check confidence on the ``--vocab_size`` most frequent tokens of
+those texts (every string field of a JSON/JSONL file, or the lines of a text file): the output does not change.
+
 Prints the generated text, then the decoder's statistics.
 """
 
@@ -34,7 +37,20 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top_p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vocab_texts", default=None, help="Texts whose frequent tokens draft and pre-check.")
+    parser.add_argument("--vocab_size", type=int, default=4096, help="Frequent tokens kept from --vocab_texts.")
     return parser
+
+
+def _read_texts(path: str) -> list[str]:
+    """Every string field of a JSON/JSONL file's records, or the lines of any other text file."""
+    with open(path, encoding="utf-8") as handle:
+        if not path.endswith((".json", ".jsonl")):
+            return [line for line in handle.read().splitlines() if line.strip()]
+        text = handle.read()
+    records = json.loads(text) if path.endswith(".json") else [json.loads(line) for line in text.splitlines() if line]
+    records = records if isinstance(records, list) else [records]
+    return [value for record in records for value in record.values() if isinstance(value, str)]
 
 
 def main(argv: list[str]) -> int:
@@ -43,7 +59,7 @@ def main(argv: list[str]) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..inference import dynamic_generate, extract_submodel, self_speculative_generate
+    from ..inference import dynamic_generate, extract_submodel, frequent_token_ids, self_speculative_generate
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path).eval()
@@ -54,21 +70,27 @@ def main(argv: list[str]) -> int:
     input_ids = tokenizer(text, return_tensors="pt").input_ids
     generator = torch.Generator().manual_seed(args.seed)
     sampling = dict(do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p)
+    vocab = None
+    if args.vocab_texts is not None:
+        if args.draft_exit is None and args.thresholds is None:
+            raise SystemExit("error: --vocab_texts needs --draft_exit or --thresholds (a decoder that drafts/checks).")
+        vocab = frequent_token_ids(tokenizer, _read_texts(args.vocab_texts), args.vocab_size)
     if args.draft_exit is not None:
         draft_length = args.num_draft_tokens if args.num_draft_tokens == "adaptive" else int(args.num_draft_tokens)
         out = self_speculative_generate(
             model, input_ids, args.draft_exit, args.max_new_tokens, num_draft_tokens=draft_length,
-            generator=generator, **sampling,
+            generator=generator, draft_vocab=vocab, **sampling,
         )  # fmt: skip
         sequences, stats = out.sequences, dataclasses.asdict(out.stats)
     elif args.thresholds is not None:
         values = [float(t) for t in args.thresholds.split(",")]
         out = dynamic_generate(
             model, input_ids, args.exit_layers, values[0] if len(values) == 1 else values, args.max_new_tokens,
-            confidence=args.confidence, kv_fill=args.kv_fill, generator=generator, **sampling,
+            confidence=args.confidence, kv_fill=args.kv_fill, generator=generator, check_vocab=vocab, **sampling,
         )  # fmt: skip
         sequences = out.sequences
         stats = {"average_depth": out.average_depth, "exit_layers": out.exit_layers.tolist(), "checks": out.checks}
+        stats["full_checks"] = out.full_checks
         stats["tokens_per_second"] = out.tokens_per_second
     else:
         if args.num_layers is not None:

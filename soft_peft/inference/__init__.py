@@ -8,16 +8,19 @@ from .dynamic import DynamicOutput, default_dynamic_exits, dynamic_generate, exi
 from .speculative import SpeculativeOutput, SpeculativeStats, choose_draft_length, self_speculative_generate
 from .stack import DecoderStack
 from .submodel import extract_submodel
+from .vocab import SubsetHead, frequent_token_ids
 
 __all__ = [
     "DecoderStack",
     "DynamicOutput",
     "SpeculativeOutput",
     "SpeculativeStats",
+    "SubsetHead",
     "choose_draft_length",
     "default_dynamic_exits",
     "dynamic_generate",
     "exit_confidence",
     "extract_submodel",
+    "frequent_token_ids",
     "self_speculative_generate",
 ]

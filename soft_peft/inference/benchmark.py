@@ -15,11 +15,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data import gsm8k_answer
+from ..data import gsm8k_answer, held_out_split, load_prompt_completion
 from .dynamic import dynamic_generate
 from .speculative import self_speculative_generate
 
-__all__ = ["DecodeMethod", "MethodResult", "build_methods", "format_table", "run_decode_benchmark"]
+__all__ = [
+    "MODES",
+    "DecodeMethod",
+    "MethodResult",
+    "build_methods",
+    "format_table",
+    "gsm8k_benchmark_data",
+    "run_decode_benchmark",
+]
+
+MODES = ("self-speculative", "dynamic", "assistant_early_exit")
 
 
 @dataclass
@@ -81,6 +91,8 @@ def build_methods(
     thresholds: Sequence[float],
     assistant_exits: Sequence[int],
     kv_fills: Sequence[str] = ("recompute",),
+    vocab: torch.Tensor | None = None,
+    modes: Sequence[str] | None = None,
 ) -> list[DecodeMethod]:
     """The methods to compare: greedy first (the reference), then every requested setting.
 
@@ -93,6 +105,9 @@ def build_methods(
         thresholds: One dynamic run per threshold.
         assistant_exits: One ``generate(assistant_early_exit=k)`` run per exit.
         kv_fills: Dynamic KV fill modes; every threshold runs with the first, the middle threshold with the others.
+        vocab: Token ids for drafting and confidence pre-checks (``draft_vocab`` / ``check_vocab``); ``None``: the
+            full head.
+        modes: Modes to include besides greedy (default: all four).
     """
     common = dict(do_sample=False, max_new_tokens=max_new_tokens)
 
@@ -102,8 +117,9 @@ def build_methods(
     def speculative(draft_exit):
         def run(input_ids, attention_mask):
             out = self_speculative_generate(
-                model, input_ids, draft_exit, max_new_tokens, attention_mask, num_draft_tokens=num_draft_tokens
-            )
+                model, input_ids, draft_exit, max_new_tokens, attention_mask, num_draft_tokens=num_draft_tokens,
+                draft_vocab=vocab,
+            )  # fmt: skip
             return out.sequences, {"drafted": out.stats.drafted, "accepted": out.stats.accepted}
 
         return run
@@ -111,8 +127,9 @@ def build_methods(
     def dynamic(threshold, kv_fill):
         def run(input_ids, attention_mask):
             out = dynamic_generate(
-                model, input_ids, dynamic_exits, threshold, max_new_tokens, attention_mask, kv_fill=kv_fill
-            )
+                model, input_ids, dynamic_exits, threshold, max_new_tokens, attention_mask, kv_fill=kv_fill,
+                check_vocab=vocab,
+            )  # fmt: skip
             return out.sequences, {"depth_sum": float(out.exit_layers.sum()), "steps": len(out.exit_layers)}
 
         return run
@@ -124,20 +141,38 @@ def build_methods(
 
         return run
 
+    unknown = set(modes or ()) - set(MODES)
+    if unknown:
+        raise ValueError(f"Unknown modes {sorted(unknown)}; choose from {list(MODES)}.")
+    modes = MODES if modes is None else modes
+    subset = "" if vocab is None else f", {vocab.numel()}-token vocab"
     methods = [DecodeMethod("greedy", "generate(do_sample=False)", greedy)]
-    for draft_exit in draft_exits:
-        setting = f"draft exit {draft_exit}, {num_draft_tokens} drafts"
+    for draft_exit in draft_exits if "self-speculative" in modes else ():
+        setting = f"draft exit {draft_exit}, {num_draft_tokens} drafts{subset}"
         methods.append(DecodeMethod("self-speculative", setting, speculative(draft_exit)))
     middle = thresholds[len(thresholds) // 2] if thresholds else None
-    for threshold in thresholds:
+    for threshold in thresholds if "dynamic" in modes else ():
         for kv_fill in kv_fills:
             if kv_fill != kv_fills[0] and threshold != middle:
                 continue
-            setting = f"threshold {threshold:g}, kv {kv_fill}"
+            setting = f"threshold {threshold:g}, kv {kv_fill}{subset}"
             methods.append(DecodeMethod("dynamic", setting, dynamic(threshold, kv_fill)))
-    for layer in assistant_exits:
+    for layer in assistant_exits if "assistant_early_exit" in modes else ():
         methods.append(DecodeMethod("assistant_early_exit", f"k={layer}", assisted(layer), batch_one_only=True))
     return methods
+
+
+def gsm8k_benchmark_data(path: str, num_prompts: int) -> tuple[list[str], list[str | None], list[str]]:
+    """Benchmark inputs from a GSM8K JSONL: the shared held-out split's prompts and answers, and the training side.
+
+    Returns:
+        ``(prompts, answers, train_completions)``: the first ``num_prompts`` prompts of ``held_out_split(test_size=200,
+        seed=0)`` with their reference answers, and every completion outside that split (calibration text for
+        [`frequent_token_ids`]).
+    """
+    train, held_out = held_out_split(load_prompt_completion(path, "gsm8k"), test_size=200, seed=0)
+    rows = held_out.select(range(min(num_prompts, len(held_out))))
+    return list(rows["prompt"]), [gsm8k_answer(text) for text in rows["completion"]], list(train["completion"])
 
 
 def _new_tokens(sequences: torch.Tensor, prompt_length: int, eos_ids: set[int]) -> list[list[int]]:

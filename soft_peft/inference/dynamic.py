@@ -14,6 +14,9 @@ Two ways to fill them (``kv_fill``):
 
 Confidence checks are not free: a full-vocabulary head costs a few layers on CPU, so only the given exits are checked
 (by default at most three recorded exits in the upper half), and an exit whose threshold is 1.0 is never checked.
+With ``check_vocab`` an exit is first checked on a frequent-token slice of the head (see [`SubsetHead`]), and the full
+head runs only to confirm a pass. Removing tokens from a softmax only raises the others' shares, so the pre-check never
+lets a token exit that the full check would keep; it can only skip an exit whose top token lies outside the slice.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from torch import nn
 from ..exits import parse_exit_layers, recorded_exit_layers
 from .stack import DecoderStack, check_generation_inputs
 from .tokens import SequenceWriter, check_sampling, choose_tokens, resolve_special_tokens
+from .vocab import SubsetHead
 
 __all__ = ["DynamicOutput", "default_dynamic_exits", "dynamic_generate", "exit_confidence"]
 
@@ -44,7 +48,8 @@ class DynamicOutput:
         sequences: ``(B, T + new_tokens)`` prompts and generated tokens, as ``generate`` returns them.
         exit_layers: ``(new_tokens,)`` the layer each generated position exited at (the whole batch exits together).
         average_depth: Mean of ``exit_layers``.
-        checks: Confidence checks (final norm + head calls at non-final exits).
+        checks: Confidence checks at non-final exits (on the vocabulary subset when one is given).
+        full_checks: Of those, the ones that ran the full-vocabulary head.
         seconds: Wall time of the call.
         tokens_per_second: ``new_tokens * batch / seconds``.
         layer_forwards: Per decoder layer (index 0 is layer 1), how many times it ran (prefill included).
@@ -54,6 +59,7 @@ class DynamicOutput:
     exit_layers: torch.Tensor
     average_depth: float
     checks: int = 0
+    full_checks: int = 0
     seconds: float = 0.0
     tokens_per_second: float = 0.0
     layer_forwards: list[int] = field(default_factory=list)
@@ -122,6 +128,7 @@ def dynamic_generate(
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
+    check_vocab: torch.Tensor | Sequence[int] | None = None,
 ) -> DynamicOutput:
     """Generate with a per-token exit: each token leaves at the first exit whose confidence exceeds its threshold.
 
@@ -145,6 +152,8 @@ def dynamic_generate(
         eos_token_id: EOS id(s); default the model's ``generation_config``.
         pad_token_id: Written after a row's EOS; default ``generation_config.pad_token_id``, else the EOS id.
         generator: Random generator for sampling.
+        check_vocab: Token ids to pre-check confidence on (from [`frequent_token_ids`]); the full head then runs only
+            to confirm a pass, and the exit rule is never loosened (see the module doc).
 
     Returns:
         [`DynamicOutput`] with ``.sequences``, per-token ``.exit_layers`` and ``.average_depth``.
@@ -163,6 +172,7 @@ def dynamic_generate(
         raise ValueError(f"`kv_fill` must be one of {_KV_FILLS}, got {kv_fill!r}.")
     if do_sample:
         check_sampling(temperature, top_p)
+    subset = None if check_vocab is None else SubsetHead(stack, check_vocab)
     eos_ids, pad_id = resolve_special_tokens(stack.model, eos_token_id, pad_token_id)
     input_ids = input_ids.to(stack.model.device)
     padding_mask = check_generation_inputs(input_ids, attention_mask, max_new_tokens, pad_id)
@@ -190,7 +200,7 @@ def dynamic_generate(
     inputs = stack.step_inputs(full_mask, 0, prompt_length, batch)
     hidden = run(stack.embed(input_ids, inputs), 1, num_layers, 0)
     done = writer.append(choose_tokens(stack.logits(hidden[:, -1]), *sample)[0])
-    exits_taken, num_checks = [num_layers], 0
+    exits_taken, num_checks, full_checks = [num_layers], 0, 0
     while not done:
         position = prompt_length + writer.count - 1
         inputs = stack.step_inputs(full_mask, position, 1, batch)
@@ -207,10 +217,16 @@ def dynamic_generate(
                     pending_states[index] = out[:, offset : offset + 1]
                     pending_depths[index] = segment_stop
                 state, layer = out[:, -1:], segment_stop
+            if stop < num_layers:
+                num_checks += 1
+                if subset is not None:
+                    passed = exit_confidence(subset.logits(state[:, -1]), confidence) > threshold_at[stop]
+                    if not bool(passed[writer.unfinished].all()):
+                        continue
+                full_checks += 1
             exit_logits = stack.logits(state[:, -1])
             if stop == num_layers:
                 break
-            num_checks += 1
             passed = exit_confidence(exit_logits, confidence) > threshold_at[stop]
             if bool(passed[writer.unfinished].all()):
                 break
@@ -233,6 +249,7 @@ def dynamic_generate(
         exit_layers=taken,
         average_depth=float(taken.float().mean()),
         checks=num_checks,
+        full_checks=full_checks,
         seconds=seconds,
         tokens_per_second=writer.count * batch / seconds,
         layer_forwards=layer_forwards,

@@ -3,7 +3,8 @@
 One cycle, with draft exit ``d`` of ``L`` layers and ``g`` drafted tokens:
 
 1. Draft. Layers ``1..d`` run one position at a time on the last verified token ``x0`` and the drafts ``t1..tg``;
-   exit ``d`` proposes ``t1..tg``. Their layer-``d`` hidden states are kept.
+   exit ``d`` proposes ``t1..tg`` (from the whole vocabulary, or from ``draft_vocab`` only: see [`SubsetHead`]).
+   Their layer-``d`` hidden states are kept.
 2. Verify. Layers ``d+1..L`` run once on those ``g + 1`` hidden states (the lower layers' cache is already there), and
    the full model's logits decide how many drafts to keep.
 3. Crop. Every layer's cache is cut back to the kept positions.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +25,7 @@ from torch import nn
 
 from .stack import DecoderStack, check_generation_inputs
 from .tokens import SequenceWriter, check_sampling, choose_tokens, resolve_special_tokens, sampling_probs
+from .vocab import SubsetHead
 
 __all__ = ["SpeculativeOutput", "SpeculativeStats", "choose_draft_length", "self_speculative_generate"]
 
@@ -72,11 +75,19 @@ class SpeculativeOutput:
     stats: SpeculativeStats
 
 
-def choose_draft_length(acceptance: float, draft_exit: int, num_layers: int, head_cost: float, max_draft: int) -> int:
+def choose_draft_length(
+    acceptance: float,
+    draft_exit: int,
+    num_layers: int,
+    head_cost: float,
+    max_draft: int,
+    draft_head_cost: float | None = None,
+) -> int:
     """Draft length maximising expected tokens per unit of compute, for a per-token acceptance rate.
 
-    A cycle drafting ``g`` tokens yields ``(1 - a^(g+1)) / (1 - a)`` tokens and costs about ``(g + 1) * d + g * h``
-    layer passes to draft plus ``L - d + h`` to verify (``h``: the head's cost in layers).
+    A cycle drafting ``g`` tokens yields ``(1 - a^(g+1)) / (1 - a)`` tokens and costs about ``(g + 1) * d + g * h_d``
+    layer passes to draft plus ``L - d + h`` to verify (``h``, ``h_d``: the verifying and drafting heads' costs in
+    layers).
 
     Args:
         acceptance: Per-token acceptance rate ``a`` in [0, 1].
@@ -84,17 +95,19 @@ def choose_draft_length(acceptance: float, draft_exit: int, num_layers: int, hea
         num_layers: Depth ``L``.
         head_cost: Cost of one final norm + head call, in decoder layers.
         max_draft: Largest draft length considered.
+        draft_head_cost: Cost of the drafting head in layers (smaller with a vocabulary subset); default ``head_cost``.
 
     Returns:
         The best ``g`` in ``1..max_draft``.
     """
+    draft_head_cost = head_cost if draft_head_cost is None else draft_head_cost
     best, best_rate = 1, -math.inf
     for length in range(1, max_draft + 1):
         if acceptance >= 1.0:
             tokens = length + 1.0
         else:
             tokens = (1 - acceptance ** (length + 1)) / (1 - acceptance)
-        cost = (length + 1) * draft_exit + length * head_cost + (num_layers - draft_exit) + head_cost
+        cost = (length + 1) * draft_exit + length * draft_head_cost + (num_layers - draft_exit) + head_cost
         if tokens / cost > best_rate:
             best, best_rate = length, tokens / cost
     return best
@@ -154,6 +167,7 @@ def self_speculative_generate(
     pad_token_id: int | None = None,
     max_draft_tokens: int = 12,
     generator: torch.Generator | None = None,
+    draft_vocab: torch.Tensor | Sequence[int] | None = None,
 ) -> SpeculativeOutput:
     """Generate with exit ``draft_exit`` drafting and the full model verifying, sharing one KV cache.
 
@@ -176,6 +190,9 @@ def self_speculative_generate(
         pad_token_id: Written after a row's EOS; default ``generation_config.pad_token_id``, else the EOS id.
         max_draft_tokens: Upper bound of the adaptive draft length.
         generator: Random generator for sampling.
+        draft_vocab: Token ids the draft exit may propose (from [`frequent_token_ids`]); only their rows of the head
+            are computed while drafting. Verification still scores the whole vocabulary, so greedy output stays
+            identical to ``generate`` and sampling stays exact; a token outside the subset just cannot be drafted.
 
     Returns:
         [`SpeculativeOutput`] with ``.sequences`` ``(B, T + new_tokens)`` and ``.stats``.
@@ -201,6 +218,8 @@ def self_speculative_generate(
         full_mask = torch.cat([padding_mask, ones], dim=1)
     stats = SpeculativeStats(draft_exit=draft_exit, layer_forwards=[0] * num_layers)
     head_cost = _head_cost_in_layers(stack)
+    subset = None if draft_vocab is None else SubsetHead(stack, draft_vocab)
+    draft_head_cost = head_cost if subset is None else head_cost * subset.size / stack.head.lm_head.weight.shape[0]
     sample = (do_sample, temperature, top_p, generator)
     writer = SequenceWriter(input_ids, max_new_tokens, eos_ids, pad_id)
     cache = stack.new_cache()
@@ -214,6 +233,13 @@ def self_speculative_generate(
         stats.head_forwards += 1
         return stack.logits(hidden)
 
+    def draft(hidden):  # (B, H) -> tokens (B,) and, when sampling, their (B, V) distribution
+        if subset is None:
+            return choose_tokens(head(hidden), *sample)
+        stats.head_forwards += 1
+        index, probs = choose_tokens(subset.logits(hidden), *sample)
+        return subset.token_ids[index], None if probs is None else subset.to_vocab(probs)
+
     # Prefill: the whole prompt through every layer
     inputs = stack.step_inputs(full_mask, 0, prompt_length, batch)
     hidden = run(stack.embed(input_ids, inputs), 1, num_layers, inputs)
@@ -222,7 +248,9 @@ def self_speculative_generate(
     while not done:
         if num_draft_tokens == "adaptive":
             acceptance = accepted_total / (accepted_total + rejections)
-            length = choose_draft_length(acceptance, draft_exit, num_layers, head_cost, max_draft_tokens)
+            length = choose_draft_length(
+                acceptance, draft_exit, num_layers, head_cost, max_draft_tokens, draft_head_cost
+            )
         else:
             length = num_draft_tokens
         length = min(length, max_new_tokens - writer.count - 1)  # a cycle yields at most length + 1 tokens
@@ -236,7 +264,7 @@ def self_speculative_generate(
             state = run(stack.embed(token[:, None], inputs), 1, draft_exit, inputs)  # (B, 1, H)
             lower_states.append(state)
             if offset < length:
-                token, probs = choose_tokens(head(state[:, -1]), *sample)
+                token, probs = draft(state[:, -1])
                 drafts.append(token)
                 draft_probs.append(probs)
 

@@ -217,13 +217,17 @@ class DecoderStack:
             else:
                 layer.attn(layer.ln_1(hidden), cache=cache, attention_mask=mask, use_cache=True)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Exit logits ``(..., V)`` of raw (un-normed) hidden states ``(..., H)`` after any layer, the last too."""
+    def normalize(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm (and output projection) of raw hidden states ``(..., H)`` after any layer, the last too."""
         if self.head.final_norm is not None:
             hidden = self.head.final_norm(hidden)
         if self.head.output_projection is not None:
             hidden = self.head.output_projection(hidden)
-        return self.head.logits(hidden)
+        return hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Exit logits ``(..., V)`` of raw (un-normed) hidden states ``(..., H)`` after any layer, the last too."""
+        return self.head.logits(self.normalize(hidden))
 
     def cache_length(self, cache: DynamicCache, layer: int) -> int:
         """Number of positions cached at decoder layer ``layer`` (1-based)."""

@@ -20,8 +20,11 @@ def prompts(batch: int, length: int, seed: int = 0, pads: tuple[int, ...] = ()) 
     return input_ids, attention_mask
 
 
-def reference_dynamic(model, input_ids, attention_mask, exits, threshold, max_new_tokens):
-    """Per-token early exit recomputed from scratch every step (no cache): the batch exits where all rows pass."""
+def reference_dynamic(model, input_ids, attention_mask, exits, threshold, max_new_tokens, check_vocab=None):
+    """Per-token early exit recomputed from scratch every step (no cache): the batch exits where all rows pass.
+
+    With ``check_vocab``, a row passes only when the confidence on those logits alone passes too.
+    """
     stack = DecoderStack(model)
     num_layers = stack.num_layers
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
@@ -33,10 +36,36 @@ def reference_dynamic(model, input_ids, attention_mask, exits, threshold, max_ne
             depth, logits = num_layers, outputs.logits[:, -1]
             for layer in exits if step > 0 else []:  # the first new token always uses the full depth
                 exit_logits = stack.logits(outputs.hidden_states[layer][:, -1])
-                if bool((exit_confidence(exit_logits) > threshold).all()):
+                passed = exit_confidence(exit_logits) > threshold
+                if check_vocab is not None:
+                    passed &= exit_confidence(exit_logits[:, check_vocab]) > threshold
+                if bool(passed.all()):
                     depth, logits = layer, exit_logits
                     break
             depths.append(depth)
             sequences = torch.cat([sequences, logits.argmax(-1)[:, None]], dim=1)
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
     return sequences, depths
+
+
+def exact_two_token_law(model, prompt, vocab):
+    """P(t2, t3) of the full model after ``prompt``, summed over the first new token t1: ``(V * V,)``."""
+    with torch.no_grad():
+        first = model(prompt).logits[0, -1].softmax(-1)  # (V,)
+        grid = torch.cartesian_prod(torch.arange(vocab), torch.arange(vocab))  # (V*V, 2): (t1, t2)
+        sequences = torch.cat([prompt.repeat(vocab * vocab, 1), grid], dim=1)
+        probs = model(sequences).logits[:, -2:].softmax(-1)  # (V*V, 2, V): P(t2 | t1), P(t3 | t1, t2)
+    t1, t2 = grid.unbind(-1)
+    joint = first[t1] * probs[:, 0].gather(-1, t2[:, None]).squeeze(-1)  # P(t1, t2)
+    law = joint[:, None] * probs[:, 1]  # (V*V, V): P(t1, t2, t3)
+    return torch.zeros(vocab, vocab).index_put_((t2,), law, accumulate=True).flatten()  # P(t2, t3)
+
+
+def chi_square_p(sequences, exact, vocab):
+    """Chi-square p-value of the last two tokens of ``sequences`` against the law ``exact`` ``(V * V,)``."""
+    from scipy.stats import chisquare
+
+    pairs = sequences[:, -2] * vocab + sequences[:, -1]
+    observed = torch.bincount(pairs, minlength=vocab * vocab).double()
+    expected = exact.double() / exact.double().sum() * len(pairs)
+    return chisquare(observed.numpy(), expected.numpy()).pvalue

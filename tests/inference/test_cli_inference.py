@@ -34,6 +34,31 @@ def test_generate_prints_text_and_stats(saved_model, capsys, mode):
     assert isinstance(json.loads(stats), dict)
 
 
+@pytest.mark.parametrize("mode", [["--draft_exit", "1"], ["--thresholds", "0.05", "--exit_layers", "1,2"]])
+@pytest.mark.parametrize("suffix", [".jsonl", ".txt"])
+def test_generate_with_vocab_texts_prints_the_same_text(saved_model, tmp_path, capsys, mode, suffix):
+    texts = tmp_path / f"texts{suffix}"
+    rows = [{"instruction": "say hello", "output": "hello there"}, {"output": "lo and behold", "id": 3}]
+    lines = [json.dumps(row) for row in rows] if suffix == ".jsonl" else ["hello there", "lo and behold"]
+    texts.write_text("\n".join(lines) + "\n")
+    base = ["generate", "--model_name_or_path", str(saved_model), "--prompt", "hello", "--max_new_tokens", "8", *mode]
+    assert soft_peft_main(base) == 0
+    plain_text = capsys.readouterr().out.rsplit("\n", 2)[0]
+    assert soft_peft_main([*base, "--vocab_texts", str(texts), "--vocab_size", "5"]) == 0
+    text, stats = capsys.readouterr().out.rstrip("\n").rsplit("\n", 1)
+    assert text == plain_text
+    if "--thresholds" in mode:
+        assert json.loads(stats)["full_checks"] <= json.loads(stats)["checks"]
+
+
+def test_generate_vocab_texts_needs_a_decoder(saved_model, tmp_path):
+    texts = tmp_path / "t.txt"
+    texts.write_text("abc\n")
+    argv = ["generate", "--model_name_or_path", str(saved_model), "--prompt", "hi", "--vocab_texts", str(texts)]
+    with pytest.raises(SystemExit, match="--draft_exit or --thresholds"):
+        soft_peft_main(argv)
+
+
 def test_generate_rejects_a_bad_draft_exit(saved_model):
     with pytest.raises(ValueError, match="draft_exit"):
         soft_peft_main(["generate", "--model_name_or_path", str(saved_model), "--prompt", "hi", "--draft_exit", "4"])
@@ -59,3 +84,13 @@ def test_benchmark_functions():
     for line in table.splitlines()[2:]:
         assert "| 1.00 | 1.000 |" in line, line
     assert torch.is_tensor(methods[0].run(torch.tensor([[5, 6]]), None)[0])
+
+
+def test_benchmark_methods_take_a_vocabulary_and_a_mode_filter():
+    model = tiny_model("llama")
+    vocab = torch.arange(0, 101, 2)
+    methods = build_methods(model, 4, [2], 3, [2], [0.9], [2], vocab=vocab, modes=["dynamic"])
+    assert [m.mode for m in methods] == ["greedy", "dynamic"]
+    assert methods[1].setting.endswith("51-token vocab")
+    with pytest.raises(ValueError, match="Unknown modes"):
+        build_methods(model, 4, [2], 3, [2], [0.9], [2], modes=["speculative"])

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from inference_helpers import prompts
+from inference_helpers import chi_square_p, exact_two_token_law, prompts
 from tiny_models import GEN_ARCHS, NUM_LAYERS, tiny_model
 
 from soft_peft.inference import choose_draft_length, extract_submodel, self_speculative_generate
@@ -68,28 +68,6 @@ def test_peft_wrapped_model_matches_generate():
     assert torch.equal(out.sequences, expected)
 
 
-def _exact_two_token_law(model, prompt, vocab):
-    """P(t2, t3) of the full model after ``prompt``, summed over the first new token t1: ``(V * V,)``."""
-    with torch.no_grad():
-        first = model(prompt).logits[0, -1].softmax(-1)  # (V,)
-        grid = torch.cartesian_prod(torch.arange(vocab), torch.arange(vocab))  # (V*V, 2): (t1, t2)
-        sequences = torch.cat([prompt.repeat(vocab * vocab, 1), grid], dim=1)
-        probs = model(sequences).logits[:, -2:].softmax(-1)  # (V*V, 2, V): P(t2 | t1), P(t3 | t1, t2)
-    t1, t2 = grid.unbind(-1)
-    joint = first[t1] * probs[:, 0].gather(-1, t2[:, None]).squeeze(-1)  # P(t1, t2)
-    law = joint[:, None] * probs[:, 1]  # (V*V, V): P(t1, t2, t3)
-    return torch.zeros(vocab, vocab).index_put_((t2,), law, accumulate=True).flatten()  # P(t2, t3)
-
-
-def _chi_square_p(sequences, exact, vocab):
-    from scipy.stats import chisquare
-
-    pairs = sequences[:, -2] * vocab + sequences[:, -1]
-    observed = torch.bincount(pairs, minlength=vocab * vocab).double()
-    expected = exact.double() / exact.double().sum() * len(pairs)
-    return chisquare(observed.numpy(), expected.numpy()).pvalue
-
-
 def test_sampling_follows_the_full_model_distribution():
     """Law of the 2nd and 3rd sampled tokens vs the exact full model (chi-square) on a 5-token vocabulary.
 
@@ -100,24 +78,24 @@ def test_sampling_follows_the_full_model_distribution():
     vocab = 5
     model = tiny_model("llama", vocab_size=vocab)
     prompt = torch.tensor([[3, 4, 1, 3]])
-    exact = _exact_two_token_law(model, prompt, vocab)
+    exact = exact_two_token_law(model, prompt, vocab)
     kwargs = dict(do_sample=True, eos_token_id=[], pad_token_id=0)
     batched = self_speculative_generate(
         model, prompt.repeat(1500, 1), 1, 3, num_draft_tokens=2, generator=torch.Generator().manual_seed(0), **kwargs
     )
     assert batched.stats.drafted > 0
-    assert _chi_square_p(batched.sequences, exact, vocab) > 1e-3
+    assert chi_square_p(batched.sequences, exact, vocab) > 1e-3
     generator = torch.Generator().manual_seed(1)
     singles = [
         self_speculative_generate(model, prompt, 1, 3, num_draft_tokens=2, generator=generator, **kwargs)
         for _ in range(200)
     ]
     assert sum(out.stats.accepted for out in singles) > 30  # the all-accepted path was taken
-    assert _chi_square_p(torch.cat([out.sequences for out in singles]), exact, vocab) > 1e-3
+    assert chi_square_p(torch.cat([out.sequences for out in singles]), exact, vocab) > 1e-3
     # The same test rejects the draft exit's own distribution, so it has the power to fail
     torch.manual_seed(0)
     draft_only = extract_submodel(model, 1).generate(prompt.repeat(1500, 1), do_sample=True, max_new_tokens=3, top_k=0)
-    assert _chi_square_p(draft_only, exact, vocab) < 1e-3
+    assert chi_square_p(draft_only, exact, vocab) < 1e-3
 
 
 def test_sampling_batch_one_is_consistent():
