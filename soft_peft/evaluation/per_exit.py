@@ -9,6 +9,8 @@ Definitions (all averaged over every scored completion token of the dataset):
 - ``loss``: mean token cross-entropy (nats); ``perplexity = exp(loss)``;
 - ``token_accuracy``: share of tokens whose argmax is the reference token;
 - ``kl_to_last``: ``KL(P_last || P_exit)``, the last layer's distribution as the reference;
+- ``agreement_with_last``: share of tokens whose argmax equals the last layer's argmax (teacher-forced): about the
+  per-token acceptance rate greedy self-speculative decoding gets when this exit drafts, so it picks ``draft_exit``;
 - ``cosine_to_last``: cosine similarity of the exit's *normed* hidden state (the head's input) and the last layer's.
 
 Similarity matrices cover every pair of exits: entry ``[i][j]`` of ``kl[(a, b)]`` is ``KL(P_{b, exit j} ||
@@ -39,7 +41,8 @@ class ExitEvaluation:
     Attributes:
         exit_layers: Per model, the evaluated exits (ascending, always ending with the last layer).
         num_tokens: Scored completion tokens.
-        metrics: Per model, ``{layer: {"loss", "perplexity", "token_accuracy", "kl_to_last", "cosine_to_last"}}``;
+        metrics: Per model, ``{layer: {"loss", "perplexity", "token_accuracy", "kl_to_last", "agreement_with_last",
+            "cosine_to_last"}}``;
             with two models also ``"kl_to_other_last"`` and ``"cosine_to_other_last"`` (against the other model's
             last layer).
         kl: ``{(a, b): I x J matrix}``, mean ``KL(P_{b,j} || P_{a,i})`` over tokens (see the module docstring).
@@ -140,6 +143,7 @@ def evaluate_exits(
     pairs = [(a, b) for a in range(num_models) for b in range(num_models)]
     nll = [torch.zeros(len(ls), dtype=torch.float64) for ls in layers]
     correct = [torch.zeros(len(ls), dtype=torch.float64) for ls in layers]
+    agree = [torch.zeros(len(ls), dtype=torch.float64) for ls in layers]
     kl_sums = {p: torch.zeros(len(layers[p[0]]), len(layers[p[1]]), dtype=torch.float64) for p in pairs}
     cos_sums = {p: torch.zeros(len(layers[p[0]]), len(layers[p[1]]), dtype=torch.float64) for p in pairs}
     num_tokens = 0
@@ -155,7 +159,9 @@ def evaluate_exits(
                     targets = targets_all[start:stop].to(lp.device)  # (n,)
                     picked = lp.gather(-1, targets[None, :, None].expand(lp.shape[0], -1, 1)).squeeze(-1)  # (E, n)
                     nll[index] -= picked.double().sum(-1).cpu()
-                    correct[index] += (lp.argmax(-1) == targets[None]).double().sum(-1).cpu()
+                    top = lp.argmax(-1)  # (E, n)
+                    correct[index] += (top == targets[None]).double().sum(-1).cpu()
+                    agree[index] += (top == top[-1:]).double().sum(-1).cpu()
                 for a, b in pairs:
                     kl_sums[(a, b)] += kl_divergence_matrix(log_probs[a], log_probs[b].to(log_probs[a].device)).cpu()
                     cos_sums[(a, b)] += cosine_similarity_matrix(
@@ -176,6 +182,7 @@ def evaluate_exits(
                 "perplexity": perplexity(loss),
                 "token_accuracy": float(correct[index][row] / denominator),
                 "kl_to_last": kl[(index, index)][row][-1],
+                "agreement_with_last": float(agree[index][row] / denominator),
                 "cosine_to_last": cosine[(index, index)][row][-1],
             }
             if other is not None:

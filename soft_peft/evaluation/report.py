@@ -15,6 +15,7 @@ _CURVES = (
     ("loss", "held-out loss (nats)"),
     ("token_accuracy", "completion token accuracy"),
     ("kl_to_last", "KL(last || exit) (nats)"),
+    ("agreement_with_last", "top-1 agreement with last layer"),
     ("cosine_to_last", "cosine to last layer"),
 )
 _GENERATION_CURVES = (("gsm8k_accuracy", "GSM8K answer accuracy"), ("token_f1", "token-F1"))
@@ -197,7 +198,9 @@ def write_outputs(
         f"Dataset `{settings.get('dataset_name')}` ({settings.get('dataset_format')}), "
         f"{settings.get('num_examples')} examples, {settings.get('num_tokens')} scored completion tokens.",
         "",
-        "`kl_to_last` = KL(P_last || P_exit); `cosine_to_last` = cosine of normed hidden states; "
+        "`kl_to_last` = KL(P_last || P_exit); `agreement_with_last` = share of tokens whose argmax is the last "
+        "layer's (about the greedy acceptance rate of drafting from that exit); `cosine_to_last` = cosine of normed "
+        "hidden states; "
         "`*_other_last` compare against the other model's last layer. `ms_per_token` is greedy `generate` wall time "
         "per generated token of the extracted sub-model (batch 1, prefill included).",
         "",

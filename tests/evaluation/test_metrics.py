@@ -107,6 +107,7 @@ def test_per_exit_metrics_match_naive_reference():
     result = evaluate_exits([model], [[1, 3]], examples, 0, batch_size=2, token_chunk_size=3, progress=False)
     assert result.exit_layers == [[1, 3, 4]]  # the last layer is always added
     nll, correct, kl, count = {1: 0.0, 3: 0.0, 4: 0.0}, {1: 0, 3: 0, 4: 0}, {1: 0.0, 3: 0.0}, 0
+    agree = {1: 0, 3: 0, 4: 0}
     with torch.no_grad():
         for example in examples:
             ids = torch.tensor([example.prompt_ids + example.completion_ids])
@@ -117,6 +118,7 @@ def test_per_exit_metrics_match_naive_reference():
                 log_probs = _naive_exit_log_probs(model, ids, layer)[scored]
                 nll[layer] -= log_probs.gather(-1, targets[:, None]).sum().item()
                 correct[layer] += (log_probs.argmax(-1) == targets).sum().item()
+                agree[layer] += (log_probs.argmax(-1) == last.argmax(-1)).sum().item()
                 if layer != 4:
                     kl[layer] += kl_divergence(last, log_probs).sum().item()
             count += targets.numel()
@@ -126,7 +128,9 @@ def test_per_exit_metrics_match_naive_reference():
         assert metrics["loss"] == pytest.approx(nll[layer] / count, rel=1e-5)
         assert metrics["perplexity"] == pytest.approx(math.exp(nll[layer] / count), rel=1e-5)
         assert metrics["token_accuracy"] == pytest.approx(correct[layer] / count)
+        assert metrics["agreement_with_last"] == pytest.approx(agree[layer] / count)
     assert result.metrics[0][1]["kl_to_last"] == pytest.approx(kl[1] / count, rel=1e-4)
     assert result.metrics[0][4]["kl_to_last"] == pytest.approx(0.0, abs=1e-6)
     assert result.metrics[0][4]["cosine_to_last"] == pytest.approx(1.0, abs=1e-5)
     assert result.metrics[0][1]["cosine_to_last"] < 0.999
+    assert result.metrics[0][4]["agreement_with_last"] == 1.0 and result.metrics[0][1]["agreement_with_last"] < 1.0
