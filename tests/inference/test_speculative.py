@@ -115,6 +115,14 @@ def test_choose_draft_length_grows_with_acceptance():
     assert lengths == sorted(lengths) and lengths[0] == 1 and lengths[-1] > 3
 
 
+def test_choose_draft_length_drafts_longer_with_a_cheaper_draft_head():
+    # A drafting head at a tenth of the verifying head's cost makes each extra draft cheaper, so drafts get longer
+    full = [choose_draft_length(a, 24, 30, 8.0, 12) for a in (0.9, 0.95)]
+    cheap = [choose_draft_length(a, 24, 30, 8.0, 12, draft_head_cost=0.8) for a in (0.9, 0.95)]
+    assert all(c >= f for c, f in zip(cheap, full, strict=True)) and cheap != full
+    assert choose_draft_length(0.95, 24, 30, 8.0, 12, draft_head_cost=8.0) == full[1]
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
