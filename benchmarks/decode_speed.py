@@ -1,11 +1,12 @@
 """Decoding speed of SoFT's inference modes against plain greedy `generate` and `assistant_early_exit`.
 
-Model: SmolLM2-135M fine-tuned with the project's SoFT recipe on GSM8K train (`~/.cache/soft_peft/runs/gsm8k/soft`,
-written by the replication benchmark); without it, the untrained SmolLM2-135M-Instruct, with a warning. Prompts: the
-GSM8K held-out split shared by all benchmarks (the last 200 rows of a seed-0 shuffle of train.jsonl).
+Model: SmolLM2-135M-Instruct fine-tuned with the project's GSM8K example for 450 steps
+(`~/.cache/soft_peft/runs/gsm8k-soft-450`, made by `bash benchmarks/decode_checkpoint.sh`); without it, the untrained
+model, with a warning. Prompts: the GSM8K held-out split shared by all benchmarks (`held_out_split(test_size=200,
+seed=0)`); the frequent-token subset is counted on the other rows' completions.
 
-    python benchmarks/decode_speed.py --output benchmarks/decode_speed.md          # default: ~10 min on 2 CPU cores
-    python benchmarks/decode_speed.py --num_prompts 200 --max_new_tokens 256       # the whole held-out split
+    python benchmarks/decode_speed.py --output /tmp/decode_speed.md                # default: ~10 min on 2 CPU cores
+    python benchmarks/decode_speed.py --num_prompts 50 --max_new_tokens 256 --modes dynamic --batch_sizes 1
 
 Timing is interleaved batch by batch across methods, in one process, so the ratios are side by side.
 """
@@ -24,7 +25,7 @@ import torch
 from soft_peft.inference.benchmark import MODES
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = Path.home() / ".cache" / "soft_peft" / "runs" / "gsm8k" / "soft"
+DEFAULT_MODEL = Path.home() / ".cache" / "soft_peft" / "runs" / "gsm8k-soft-450"
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 
 
@@ -75,7 +76,11 @@ def load_model(path: str, dtype: torch.dtype = torch.float32):
         from get_smollm2 import get_smollm2
 
         fallback = str(get_smollm2())
-        warnings.warn(f"No checkpoint at {path}; benchmarking the untrained model {fallback} instead.", stacklevel=2)
+        warnings.warn(
+            f"No checkpoint at {path}; benchmarking the untrained model {fallback} instead. Make the SoFT checkpoint "
+            "with `bash benchmarks/decode_checkpoint.sh`.",
+            stacklevel=2,
+        )
         path = fallback
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     return model, AutoTokenizer.from_pretrained(path), path

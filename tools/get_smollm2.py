@@ -10,6 +10,7 @@ dequantises it on load, and the model is rebuilt from its config without `quanti
 
 from __future__ import annotations
 
+import argparse
 import glob
 import os
 import shutil
@@ -71,4 +72,6 @@ def get_smollm2(target: Path = DEFAULT_DIR) -> Path:
 
 
 if __name__ == "__main__":
-    print(get_smollm2(Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_DIR))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("target", nargs="?", type=Path, default=DEFAULT_DIR, help=f"Folder (default {DEFAULT_DIR}).")
+    print(get_smollm2(parser.parse_args().target))

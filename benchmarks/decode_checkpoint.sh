@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The SoFT checkpoint that benchmarks/decode_speed.py measures: SmolLM2-135M-Instruct trained with the project's own
+# GSM8K example (8 exits, 9..30) on GSM8K train, the 200 held-out rows excluded. Two stages, as it was made: 150 steps,
+# then 300 more from that checkpoint with another data order (the learning-rate schedule restarts). Batch 4,
+# max_length 256, lr 1e-4, bf16 autocast on CPU. About 25 + 55 minutes on 2 CPU cores.
+#   bash benchmarks/decode_checkpoint.sh            # writes ~/.cache/soft_peft/runs/gsm8k-soft-{150,450}
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runs="${SOFT_PEFT_RUNS:-$HOME/.cache/soft_peft/runs}"
+data="${GSM8K_TRAIN:-../shared/data/gsm8k/train.jsonl}"
+base="$(python tools/get_smollm2.py)"
+common=(--dataset_name "$data" --per_device_train_batch_size 4 --max_length 256 --learning_rate 1e-4
+        --logging_steps 10 --save_strategy no --use_cpu true --eval_holdout_size 200 --eval_strategy steps
+        --eval_steps 100000 --report_to none)
+[ -f "$runs/gsm8k-soft-150/config.json" ] ||
+    python examples/gsm8k.py --model_name_or_path "$base" --output_dir "$runs/gsm8k-soft-150" --max_steps 150 "${common[@]}"
+[ -f "$runs/gsm8k-soft-450/config.json" ] ||
+    python examples/gsm8k.py --model_name_or_path "$runs/gsm8k-soft-150" --output_dir "$runs/gsm8k-soft-450" \
+        --max_steps 300 --seed 1 "${common[@]}"
