@@ -219,7 +219,7 @@ def self_speculative_generate(
     stats = SpeculativeStats(draft_exit=draft_exit, layer_forwards=[0] * num_layers)
     head_cost = _head_cost_in_layers(stack)
     subset = None if draft_vocab is None else SubsetHead(stack, draft_vocab)
-    draft_head_cost = head_cost if subset is None else head_cost * subset.size / stack.head.lm_head.weight.shape[0]
+    draft_head_cost = head_cost if subset is None else head_cost * subset.size / subset.vocab_size
     sample = (do_sample, temperature, top_p, generator)
     writer = SequenceWriter(input_ids, max_new_tokens, eos_ids, pad_id)
     cache = stack.new_cache()

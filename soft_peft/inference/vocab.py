@@ -70,6 +70,10 @@ class SubsetHead:
         stack: The model's [`DecoderStack`].
         token_ids: 1-D ids in ``0..V-1``, unique (from [`frequent_token_ids`], say).
 
+    Attributes:
+        token_ids: The subset's ids, on the head's device; column ``j`` of [`logits`] scores ``token_ids[j]``.
+        vocab_size: ``V``, the full head's vocabulary size.
+
     Raises:
         ValueError: for ids that are not a non-empty 1-D integer sequence of unique in-range values.
     """
@@ -77,7 +81,7 @@ class SubsetHead:
     def __init__(self, stack: DecoderStack, token_ids: torch.Tensor | Sequence[int]):
         self.stack = stack
         lm_head = stack.head.lm_head
-        vocab_size = lm_head.weight.shape[0]
+        self.vocab_size = vocab_size = lm_head.weight.shape[0]
         ids = torch.as_tensor(token_ids)
         if ids.ndim != 1 or ids.numel() == 0 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
             raise ValueError(
@@ -118,5 +122,5 @@ class SubsetHead:
 
     def to_vocab(self, values: torch.Tensor) -> torch.Tensor:
         """Scatter subset values ``(..., K)`` (probabilities, say) into zeros of the full vocabulary ``(..., V)``."""
-        full = values.new_zeros(*values.shape[:-1], self.stack.head.lm_head.weight.shape[0])
+        full = values.new_zeros(*values.shape[:-1], self.vocab_size)
         return full.index_copy_(-1, self.token_ids, values)
