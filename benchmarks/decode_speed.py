@@ -60,6 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=4096,
         help="Frequent training-completion tokens for drafting and confidence pre-checks; 0: the full head.",
     )
+    parser.add_argument(
+        "--dynamic_rules",
+        default="exact",
+        help="Dynamic exit rules, comma-separated: exact (full-head confidence) and/or subset (exit_on_subset=True: "
+        "decided on the vocabulary subset alone; approximate, faster).",
+    )
     parser.add_argument("--modes", default=",".join(MODES), help="Modes besides greedy, comma-separated.")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="Model weights' dtype.")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared CPU).")
@@ -114,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         kv_fills=tuple(args.kv_fills.split(",")),
         vocab=vocab,
         modes=[mode for mode in args.modes.split(",") if mode],
+        dynamic_rules=[rule for rule in args.dynamic_rules.split(",") if rule],
     )
     results = run_decode_benchmark(model, tokenizer, prompts, methods, args.batch_sizes)
     command = "python benchmarks/decode_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)

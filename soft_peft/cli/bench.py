@@ -30,6 +30,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--vocab_size", type=int, default=4096, help="Frequent-token subset for drafts and pre-checks; 0: full head."
     )
+    parser.add_argument(
+        "--dynamic_rules", default="exact", help="exact and/or subset (early exits decided on the subset alone)."
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
@@ -46,8 +49,9 @@ def main(argv: list[str]) -> int:
     vocab = frequent_token_ids(tokenizer, calibration, args.vocab_size) if args.vocab_size > 0 else None
     thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
     methods = build_methods(
-        model, args.max_new_tokens, args.draft_exits, "adaptive", None, thresholds, args.assistant_exits, vocab=vocab
-    )
+        model, args.max_new_tokens, args.draft_exits, "adaptive", None, thresholds, args.assistant_exits, vocab=vocab,
+        dynamic_rules=args.dynamic_rules.split(","),
+    )  # fmt: skip
     results = run_decode_benchmark(model, tokenizer, prompts, methods, args.batch_sizes)
     table = format_table(results, tokenizer, answers)
     print(table)

@@ -6,6 +6,7 @@
 
 Add ``--vocab_texts train.jsonl`` to draft and pre-check confidence on the ``--vocab_size`` most frequent tokens of
 those texts (every string field of a JSON/JSONL file, or the lines of a text file): the output does not change.
+With ``--thresholds``, ``--exit_on_subset`` lets that subset alone decide early exits (faster, approximate).
 
 Prints the generated text, then the decoder's statistics.
 """
@@ -39,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vocab_texts", default=None, help="Texts whose frequent tokens draft and pre-check.")
     parser.add_argument("--vocab_size", type=int, default=4096, help="Frequent tokens kept from --vocab_texts.")
+    parser.add_argument(
+        "--exit_on_subset", action="store_true", help="Dynamic: decide early exits on the subset alone (approximate)."
+    )
     return parser
 
 
@@ -75,6 +79,8 @@ def main(argv: list[str]) -> int:
         if args.draft_exit is None and args.thresholds is None:
             raise SystemExit("error: --vocab_texts needs --draft_exit or --thresholds (a decoder that drafts/checks).")
         vocab = frequent_token_ids(tokenizer, _read_texts(args.vocab_texts), args.vocab_size)
+    if args.exit_on_subset and (args.thresholds is None or vocab is None):
+        raise SystemExit("error: --exit_on_subset needs --thresholds and --vocab_texts (the subset to decide on).")
     if args.draft_exit is not None:
         draft_length = args.num_draft_tokens if args.num_draft_tokens == "adaptive" else int(args.num_draft_tokens)
         out = self_speculative_generate(
@@ -86,7 +92,8 @@ def main(argv: list[str]) -> int:
         values = [float(t) for t in args.thresholds.split(",")]
         out = dynamic_generate(
             model, input_ids, args.exit_layers, values[0] if len(values) == 1 else values, args.max_new_tokens,
-            confidence=args.confidence, kv_fill=args.kv_fill, generator=generator, check_vocab=vocab, **sampling,
+            confidence=args.confidence, kv_fill=args.kv_fill, generator=generator, check_vocab=vocab,
+            exit_on_subset=args.exit_on_subset, **sampling,
         )  # fmt: skip
         sequences = out.sequences
         stats = {"average_depth": out.average_depth, "exit_layers": out.exit_layers.tolist(), "checks": out.checks}

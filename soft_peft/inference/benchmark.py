@@ -93,6 +93,7 @@ def build_methods(
     kv_fills: Sequence[str] = ("recompute",),
     vocab: torch.Tensor | None = None,
     modes: Sequence[str] | None = None,
+    dynamic_rules: Sequence[str] = ("exact",),
 ) -> list[DecodeMethod]:
     """The methods to compare: greedy first (the reference), then every requested setting.
 
@@ -108,7 +109,15 @@ def build_methods(
         vocab: Token ids for drafting and confidence pre-checks (``draft_vocab`` / ``check_vocab``); ``None``: the
             full head.
         modes: Modes to include besides greedy (default: all four).
+        dynamic_rules: Exit rules to run every threshold with: ``"exact"`` (full-head confidence, confirmed after a
+            ``vocab`` pre-check) and/or ``"subset"`` (``exit_on_subset=True``: decided and emitted on ``vocab``
+            alone, with the first KV fill).
     """
+    bad_rules = set(dynamic_rules) - {"exact", "subset"}
+    if bad_rules or not dynamic_rules:
+        raise ValueError(f"`dynamic_rules` takes 'exact' and/or 'subset', got {list(dynamic_rules)}.")
+    if "subset" in dynamic_rules and vocab is None:
+        raise ValueError("The 'subset' dynamic rule needs `vocab`: the subset the early exits decide on.")
     common = dict(do_sample=False, max_new_tokens=max_new_tokens)
 
     def greedy(input_ids, attention_mask):
@@ -124,11 +133,11 @@ def build_methods(
 
         return run
 
-    def dynamic(threshold, kv_fill):
+    def dynamic(threshold, kv_fill, exit_on_subset=False):
         def run(input_ids, attention_mask):
             out = dynamic_generate(
                 model, input_ids, dynamic_exits, threshold, max_new_tokens, attention_mask, kv_fill=kv_fill,
-                check_vocab=vocab,
+                check_vocab=vocab, exit_on_subset=exit_on_subset,
             )  # fmt: skip
             return out.sequences, {"depth_sum": float(out.exit_layers.sum()), "steps": len(out.exit_layers)}
 
@@ -152,11 +161,14 @@ def build_methods(
         methods.append(DecodeMethod("self-speculative", setting, speculative(draft_exit)))
     middle = thresholds[len(thresholds) // 2] if thresholds else None
     for threshold in thresholds if "dynamic" in modes else ():
-        for kv_fill in kv_fills:
+        for kv_fill in kv_fills if "exact" in dynamic_rules else ():
             if kv_fill != kv_fills[0] and threshold != middle:
                 continue
             setting = f"threshold {threshold:g}, kv {kv_fill}{subset}"
             methods.append(DecodeMethod("dynamic", setting, dynamic(threshold, kv_fill)))
+        if "subset" in dynamic_rules:
+            setting = f"threshold {threshold:g}, kv {kv_fills[0]}, exits on the {vocab.numel()}-token vocab"
+            methods.append(DecodeMethod("dynamic", setting, dynamic(threshold, kv_fills[0], exit_on_subset=True)))
     for layer in assistant_exits if "assistant_early_exit" in modes else ():
         methods.append(DecodeMethod("assistant_early_exit", f"k={layer}", assisted(layer), batch_one_only=True))
     return methods

@@ -17,6 +17,10 @@ Confidence checks are not free: a full-vocabulary head costs a few layers on CPU
 With ``check_vocab`` an exit is first checked on a frequent-token slice of the head (see [`SubsetHead`]), and the full
 head runs only to confirm a pass. Removing tokens from a softmax only raises the others' shares, so the pre-check never
 lets a token exit that the full check would keep; it can only skip an exit whose top token lies outside the slice.
+With ``exit_on_subset=True`` the slice decides alone: an exit that passes on it emits the slice's top token and the
+full head never runs below the last layer. That trades exactness of the rule for speed (on a small model the full head
+costs several layers): a token outside the slice can only be produced by the last layer, and confidence ignores the
+mass outside the slice. ``thresholds=1.0`` still reproduces greedy ``generate``.
 """
 
 from __future__ import annotations
@@ -129,6 +133,7 @@ def dynamic_generate(
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     check_vocab: torch.Tensor | Sequence[int] | None = None,
+    exit_on_subset: bool = False,
 ) -> DynamicOutput:
     """Generate with a per-token exit: each token leaves at the first exit whose confidence exceeds its threshold.
 
@@ -154,13 +159,16 @@ def dynamic_generate(
         generator: Random generator for sampling.
         check_vocab: Token ids to pre-check confidence on (from [`frequent_token_ids`]); the full head then runs only
             to confirm a pass, and the exit rule is never loosened (see the module doc).
+        exit_on_subset: Let ``check_vocab`` decide early exits alone and emit its top token there, without the full
+            head: faster but approximate (see the module doc). Needs ``check_vocab``.
 
     Returns:
         [`DynamicOutput`] with ``.sequences``, per-token ``.exit_layers`` and ``.average_depth``.
 
     Raises:
         ValueError: for a threshold outside (0, 1], a threshold count that does not match the exits, an unknown
-            ``confidence`` or ``kv_fill``, ``max_new_tokens < 1``, or padding without an attention mask.
+            ``confidence`` or ``kv_fill``, ``max_new_tokens < 1``, padding without an attention mask, or
+            ``exit_on_subset`` without ``check_vocab``.
     """
     started = time.perf_counter()
     stack = DecoderStack(model)
@@ -172,6 +180,11 @@ def dynamic_generate(
         raise ValueError(f"`kv_fill` must be one of {_KV_FILLS}, got {kv_fill!r}.")
     if do_sample:
         check_sampling(temperature, top_p)
+    if exit_on_subset and check_vocab is None:
+        raise ValueError(
+            "`exit_on_subset=True` needs `check_vocab`: pass the ids to decide on, e.g. "
+            "`frequent_token_ids(tokenizer, training_texts)`."
+        )
     subset = None if check_vocab is None else SubsetHead(stack, check_vocab)
     eos_ids, pad_id = resolve_special_tokens(stack.model, eos_token_id, pad_token_id)
     input_ids = input_ids.to(stack.model.device)
@@ -205,7 +218,7 @@ def dynamic_generate(
         position = prompt_length + writer.count - 1
         inputs = stack.step_inputs(full_mask, position, 1, batch)
         state = stack.embed(writer.last[:, None], inputs)  # (B, 1, H)
-        layer, exit_logits = 0, None
+        layer, exit_logits, subset_logits, on_subset = 0, None, None, False
         for stop in stops:
             while layer < stop:
                 # Pending positions at the new token's depth join the chunk; earlier, deeper ones join on the way up
@@ -220,9 +233,13 @@ def dynamic_generate(
             if stop < num_layers:
                 num_checks += 1
                 if subset is not None:
-                    passed = exit_confidence(subset.logits(state[:, -1]), confidence) > threshold_at[stop]
+                    subset_logits = subset.logits(state[:, -1])
+                    passed = exit_confidence(subset_logits, confidence) > threshold_at[stop]
                     if not bool(passed[writer.unfinished].all()):
                         continue
+                    if exit_on_subset:
+                        on_subset = True
+                        break
                 full_checks += 1
             exit_logits = stack.logits(state[:, -1])
             if stop == num_layers:
@@ -240,7 +257,10 @@ def dynamic_generate(
             stack.fill_kv(state, layer + 1, num_layers, inputs, cache)
             for index in range(layer, num_layers):
                 layer_forwards[index] += 1
-        done = writer.append(choose_tokens(exit_logits, *sample)[0])
+        if on_subset:
+            done = writer.append(subset.token_ids[choose_tokens(subset_logits, *sample)[0]])
+        else:
+            done = writer.append(choose_tokens(exit_logits, *sample)[0])
 
     seconds = time.perf_counter() - started
     taken = torch.tensor(exits_taken[: writer.count])

@@ -20,10 +20,13 @@ def prompts(batch: int, length: int, seed: int = 0, pads: tuple[int, ...] = ()) 
     return input_ids, attention_mask
 
 
-def reference_dynamic(model, input_ids, attention_mask, exits, threshold, max_new_tokens, check_vocab=None):
+def reference_dynamic(
+    model, input_ids, attention_mask, exits, threshold, max_new_tokens, check_vocab=None, exit_on_subset=False
+):
     """Per-token early exit recomputed from scratch every step (no cache): the batch exits where all rows pass.
 
-    With ``check_vocab``, a row passes only when the confidence on those logits alone passes too.
+    With ``check_vocab``, a row passes only when the confidence on those logits alone passes too; with
+    ``exit_on_subset`` that confidence alone decides, and an early exit emits the top token among ``check_vocab``.
     """
     stack = DecoderStack(model)
     num_layers = stack.num_layers
@@ -38,9 +41,13 @@ def reference_dynamic(model, input_ids, attention_mask, exits, threshold, max_ne
                 exit_logits = stack.logits(outputs.hidden_states[layer][:, -1])
                 passed = exit_confidence(exit_logits) > threshold
                 if check_vocab is not None:
-                    passed &= exit_confidence(exit_logits[:, check_vocab]) > threshold
+                    on_subset = exit_confidence(exit_logits[:, check_vocab]) > threshold
+                    passed = on_subset if exit_on_subset else passed & on_subset
                 if bool(passed.all()):
                     depth, logits = layer, exit_logits
+                    if exit_on_subset:  # only the subset's tokens can be emitted
+                        logits = torch.full_like(exit_logits, -torch.inf)
+                        logits[:, check_vocab] = exit_logits[:, check_vocab]
                     break
             depths.append(depth)
             sequences = torch.cat([sequences, logits.argmax(-1)[:, None]], dim=1)

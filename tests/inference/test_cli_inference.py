@@ -59,6 +59,18 @@ def test_generate_vocab_texts_needs_a_decoder(saved_model, tmp_path):
         soft_peft_main(argv)
 
 
+def test_generate_exit_on_subset(saved_model, tmp_path, capsys):
+    texts = tmp_path / "t.txt"
+    texts.write_text("hello there\nlo and behold\n")
+    base = ["generate", "--model_name_or_path", str(saved_model), "--prompt", "hello", "--max_new_tokens", "8"]
+    argv = [*base, "--thresholds", "0.05", "--exit_layers", "1,2", "--vocab_texts", str(texts), "--exit_on_subset"]
+    assert soft_peft_main(argv) == 0
+    stats = json.loads(capsys.readouterr().out.rstrip("\n").rsplit("\n", 1)[1])
+    assert stats["full_checks"] == 0 and len(stats["exit_layers"]) == 8
+    with pytest.raises(SystemExit, match="--exit_on_subset needs"):
+        soft_peft_main([*base, "--thresholds", "0.05", "--exit_on_subset"])
+
+
 def test_generate_rejects_a_bad_draft_exit(saved_model):
     with pytest.raises(ValueError, match="draft_exit"):
         soft_peft_main(["generate", "--model_name_or_path", str(saved_model), "--prompt", "hi", "--draft_exit", "4"])
@@ -94,3 +106,20 @@ def test_benchmark_methods_take_a_vocabulary_and_a_mode_filter():
     assert methods[1].setting.endswith("51-token vocab")
     with pytest.raises(ValueError, match="Unknown modes"):
         build_methods(model, 4, [2], 3, [2], [0.9], [2], modes=["speculative"])
+    both = build_methods(
+        model, 4, [2], 3, [2], [0.9], [2], vocab=vocab, modes=["dynamic"], dynamic_rules=["exact", "subset"]
+    )
+    assert [m.setting for m in both[1:]] == [
+        "threshold 0.9, kv recompute, 51-token vocab",
+        "threshold 0.9, kv recompute, exits on the 51-token vocab",
+    ]
+    results = run_decode_benchmark(model, tiny_tokenizer(), ["ab"], both, batch_sizes=(1,), warmup=False)
+    assert all(r.tokens == 4 for r in results)
+    only = build_methods(
+        model, 4, [2], 3, [2], [0.9, 0.5], [2], vocab=vocab, modes=["dynamic"], dynamic_rules=["subset"]
+    )
+    assert [m.setting.split(",")[0] for m in only] == ["generate(do_sample=False)", "threshold 0.9", "threshold 0.5"]
+    with pytest.raises(ValueError, match="needs `vocab`"):
+        build_methods(model, 4, [2], 3, [2], [0.9], [2], modes=["dynamic"], dynamic_rules=["subset"])
+    with pytest.raises(ValueError, match="dynamic_rules"):
+        build_methods(model, 4, [2], 3, [2], [0.9], [2], modes=["dynamic"], dynamic_rules=["fast"])

@@ -154,3 +154,44 @@ def test_dynamic_with_the_whole_vocabulary_as_subset_changes_nothing(model):
     assert torch.equal(plain.sequences, subset.sequences)
     assert plain.exit_layers.tolist() == subset.exit_layers.tolist()
     assert subset.checks == plain.checks and subset.full_checks <= subset.checks
+
+
+def test_dynamic_exit_on_subset_matches_reference(model):
+    """Early exits decided and emitted on the subset alone: no full head below the last layer, as in the reference."""
+    input_ids, attention_mask = prompts(2, 8, seed=7, pads=(2, 0))
+    exits = [1, 2, 3]
+    subset = torch.arange(0, VOCAB, 2)
+    for threshold in (0.02, 0.03, 0.05):
+        expected, depths = reference_dynamic(
+            model, input_ids, attention_mask, exits, threshold, 10, check_vocab=subset, exit_on_subset=True
+        )
+        if min(depths) < NUM_LAYERS:
+            break
+    else:
+        raise AssertionError("no threshold exits early on the subset for this model")
+    out = dynamic_generate(
+        model, input_ids, exits, threshold, 10, attention_mask, check_vocab=subset, exit_on_subset=True,
+        eos_token_id=[],
+    )  # fmt: skip
+    assert out.exit_layers.tolist() == depths
+    assert torch.equal(out.sequences, expected)
+    assert out.full_checks == 0
+    early = out.sequences[:, input_ids.shape[1] :][:, out.exit_layers < NUM_LAYERS]
+    assert bool(torch.isin(early, subset).all())
+
+
+def test_dynamic_exit_on_subset_with_threshold_one_is_greedy(model):
+    input_ids, attention_mask = prompts(2, 8, seed=5, pads=(0, 3))
+    out = dynamic_generate(
+        model, input_ids, [1, 2], 1.0, 8, attention_mask, check_vocab=[0, 1, 2], exit_on_subset=True, eos_token_id=[]
+    )
+    greedy = model.generate(
+        input_ids, attention_mask=attention_mask, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    assert torch.equal(out.sequences, greedy)
+
+
+def test_dynamic_exit_on_subset_needs_a_subset(model):
+    input_ids, _ = prompts(1, 4, seed=0)
+    with pytest.raises(ValueError, match="check_vocab"):
+        dynamic_generate(model, input_ids, [1], 0.5, 2, exit_on_subset=True)
