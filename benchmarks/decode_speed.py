@@ -50,6 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_sizes", type=_ints, default=[1, 4])
     parser.add_argument("--draft_exits", type=_ints, default=None, help="Default: up to 4 recorded exits below L.")
     parser.add_argument("--num_draft_tokens", default="adaptive", help="An int, or 'adaptive'.")
+    parser.add_argument(
+        "--draft_stop_thresholds",
+        default="none",
+        help="draft_stop_threshold values to run each draft exit with, comma-separated; 'none': no confidence stop.",
+    )
     parser.add_argument("--dynamic_exits", type=_ints, default=None, help="Default: dynamic_generate's default.")
     parser.add_argument("--thresholds", type=_floats, default=[0.9, 0.7, 0.5])
     parser.add_argument("--kv_fills", default="recompute,propagate", help="Dynamic KV fills to compare.")
@@ -121,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         vocab=vocab,
         modes=[mode for mode in args.modes.split(",") if mode],
         dynamic_rules=[rule for rule in args.dynamic_rules.split(",") if rule],
+        draft_stop_thresholds=[
+            None if t.strip() == "none" else float(t) for t in args.draft_stop_thresholds.split(",")
+        ],
     )
     results = run_decode_benchmark(model, tokenizer, prompts, methods, args.batch_sizes)
     command = "python benchmarks/decode_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)

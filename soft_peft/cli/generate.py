@@ -31,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     mode.add_argument("--thresholds", help="Dynamic early exit: one threshold, or one per exit ('0.9,0.8').")
     mode.add_argument("--num_layers", type=int, help="Greedy decoding with the sub-model of the first N layers.")
     parser.add_argument("--num_draft_tokens", default="adaptive", help="Drafts per cycle (int) or 'adaptive'.")
+    parser.add_argument(
+        "--draft_stop_threshold", type=float, default=None, help="Stop drafting at a draft this unconfident (0..1)."
+    )
     parser.add_argument("--exit_layers", default=None, help="Exits checked by dynamic early exit ('15,21,27').")
     parser.add_argument("--confidence", default="max_prob", choices=["max_prob", "margin"])
     parser.add_argument("--kv_fill", default="recompute", choices=["recompute", "propagate"])
@@ -85,7 +88,7 @@ def main(argv: list[str]) -> int:
         draft_length = args.num_draft_tokens if args.num_draft_tokens == "adaptive" else int(args.num_draft_tokens)
         out = self_speculative_generate(
             model, input_ids, args.draft_exit, args.max_new_tokens, num_draft_tokens=draft_length,
-            generator=generator, draft_vocab=vocab, **sampling,
+            generator=generator, draft_vocab=vocab, draft_stop_threshold=args.draft_stop_threshold, **sampling,
         )  # fmt: skip
         sequences, stats = out.sequences, dataclasses.asdict(out.stats)
     elif args.thresholds is not None:

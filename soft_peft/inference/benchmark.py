@@ -94,6 +94,7 @@ def build_methods(
     vocab: torch.Tensor | None = None,
     modes: Sequence[str] | None = None,
     dynamic_rules: Sequence[str] = ("exact",),
+    draft_stop_thresholds: Sequence[float | None] = (None,),
 ) -> list[DecodeMethod]:
     """The methods to compare: greedy first (the reference), then every requested setting.
 
@@ -112,6 +113,8 @@ def build_methods(
         dynamic_rules: Exit rules to run every threshold with: ``"exact"`` (full-head confidence, confirmed after a
             ``vocab`` pre-check) and/or ``"subset"`` (``exit_on_subset=True``: decided and emitted on ``vocab``
             alone, with the first KV fill).
+        draft_stop_thresholds: Run every draft exit with each of these ``draft_stop_threshold`` values (``None``:
+            no confidence stop).
     """
     bad_rules = set(dynamic_rules) - {"exact", "subset"}
     if bad_rules or not dynamic_rules:
@@ -123,11 +126,11 @@ def build_methods(
     def greedy(input_ids, attention_mask):
         return model.generate(input_ids, attention_mask=attention_mask, **common), {}
 
-    def speculative(draft_exit):
+    def speculative(draft_exit, stop):
         def run(input_ids, attention_mask):
             out = self_speculative_generate(
                 model, input_ids, draft_exit, max_new_tokens, attention_mask, num_draft_tokens=num_draft_tokens,
-                draft_vocab=vocab,
+                draft_vocab=vocab, draft_stop_threshold=stop,
             )  # fmt: skip
             return out.sequences, {"drafted": out.stats.drafted, "accepted": out.stats.accepted}
 
@@ -157,8 +160,10 @@ def build_methods(
     subset = "" if vocab is None else f", {vocab.numel()}-token vocab"
     methods = [DecodeMethod("greedy", "generate(do_sample=False)", greedy)]
     for draft_exit in draft_exits if "self-speculative" in modes else ():
-        setting = f"draft exit {draft_exit}, {num_draft_tokens} drafts{subset}"
-        methods.append(DecodeMethod("self-speculative", setting, speculative(draft_exit)))
+        for stop in draft_stop_thresholds:
+            stopping = "" if stop is None else f", stop at confidence <= {stop:g}"
+            setting = f"draft exit {draft_exit}, {num_draft_tokens} drafts{subset}{stopping}"
+            methods.append(DecodeMethod("self-speculative", setting, speculative(draft_exit, stop)))
     middle = thresholds[len(thresholds) // 2] if thresholds else None
     for threshold in thresholds if "dynamic" in modes else ():
         for kv_fill in kv_fills if "exact" in dynamic_rules else ():

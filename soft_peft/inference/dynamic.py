@@ -34,12 +34,18 @@ from torch import nn
 
 from ..exits import parse_exit_layers, recorded_exit_layers
 from .stack import DecoderStack, check_generation_inputs
-from .tokens import SequenceWriter, check_sampling, choose_tokens, resolve_special_tokens
+from .tokens import (
+    CONFIDENCES,
+    SequenceWriter,
+    check_sampling,
+    choose_tokens,
+    exit_confidence,
+    resolve_special_tokens,
+)
 from .vocab import SubsetHead
 
-__all__ = ["DynamicOutput", "default_dynamic_exits", "dynamic_generate", "exit_confidence"]
+__all__ = ["DynamicOutput", "default_dynamic_exits", "dynamic_generate"]
 
-_CONFIDENCES = ("max_prob", "margin")
 _KV_FILLS = ("recompute", "propagate")
 _MAX_DEFAULT_CHECKS = 3
 
@@ -67,23 +73,6 @@ class DynamicOutput:
     seconds: float = 0.0
     tokens_per_second: float = 0.0
     layer_forwards: list[int] = field(default_factory=list)
-
-
-def exit_confidence(logits: torch.Tensor, kind: str = "max_prob") -> torch.Tensor:
-    """Confidence of each row's next-token distribution.
-
-    Args:
-        logits: ``(B, V)`` exit logits.
-        kind: ``"max_prob"`` (the largest softmax probability) or ``"margin"`` (top-1 minus top-2 probability).
-
-    Returns:
-        ``(B,)`` float32 confidences in [0, 1].
-    """
-    probs = logits.float().softmax(-1)
-    if kind == "max_prob":
-        return probs.max(-1).values
-    top = probs.topk(2, dim=-1).values
-    return top[:, 0] - top[:, 1]
 
 
 def default_dynamic_exits(model: nn.Module, num_layers: int) -> list[int]:
@@ -174,8 +163,8 @@ def dynamic_generate(
     stack = DecoderStack(model)
     num_layers = stack.num_layers
     checks = _resolve_exits(stack.model, num_layers, exit_layers, thresholds)
-    if confidence not in _CONFIDENCES:
-        raise ValueError(f"`confidence` must be one of {_CONFIDENCES}, got {confidence!r}.")
+    if confidence not in CONFIDENCES:
+        raise ValueError(f"`confidence` must be one of {CONFIDENCES}, got {confidence!r}.")
     if kv_fill not in _KV_FILLS:
         raise ValueError(f"`kv_fill` must be one of {_KV_FILLS}, got {kv_fill!r}.")
     if do_sample:

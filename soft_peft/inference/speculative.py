@@ -4,7 +4,8 @@ One cycle, with draft exit ``d`` of ``L`` layers and ``g`` drafted tokens:
 
 1. Draft. Layers ``1..d`` run one position at a time on the last verified token ``x0`` and the drafts ``t1..tg``;
    exit ``d`` proposes ``t1..tg`` (from the whole vocabulary, or from ``draft_vocab`` only: see [`SubsetHead`]).
-   Their layer-``d`` hidden states are kept.
+   Their layer-``d`` hidden states are kept. With ``draft_stop_threshold``, drafting stops early at the first draft
+   the exit is not confident of (Draft & Verify's adaptive draft exiting), so unlikely drafts cost nothing.
 2. Verify. Layers ``d+1..L`` run once on those ``g + 1`` hidden states (the lower layers' cache is already there), and
    the full model's logits decide how many drafts to keep.
 3. Crop. Every layer's cache is cut back to the kept positions.
@@ -24,7 +25,14 @@ import torch
 from torch import nn
 
 from .stack import DecoderStack, check_generation_inputs
-from .tokens import SequenceWriter, check_sampling, choose_tokens, resolve_special_tokens, sampling_probs
+from .tokens import (
+    SequenceWriter,
+    check_sampling,
+    choose_tokens,
+    exit_confidence,
+    resolve_special_tokens,
+    sampling_probs,
+)
 from .vocab import SubsetHead
 
 __all__ = ["SpeculativeOutput", "SpeculativeStats", "choose_draft_length", "self_speculative_generate"]
@@ -43,6 +51,7 @@ class SpeculativeStats:
         drafted: Draft tokens proposed, summed over unfinished rows.
         accepted: Draft tokens kept, summed over unfinished rows.
         acceptance_rate: ``accepted / drafted`` (0 when nothing was drafted).
+        draft_stops: Cycles whose drafting ended early at an unconfident draft (``draft_stop_threshold``).
         new_tokens: Generated positions (the length of the new part of ``sequences``).
         seconds: Wall time of the call.
         tokens_per_second: ``new_tokens * batch / seconds``.
@@ -55,6 +64,7 @@ class SpeculativeStats:
     drafted: int = 0
     accepted: int = 0
     acceptance_rate: float = 0.0
+    draft_stops: int = 0
     new_tokens: int = 0
     seconds: float = 0.0
     tokens_per_second: float = 0.0
@@ -168,6 +178,7 @@ def self_speculative_generate(
     max_draft_tokens: int = 12,
     generator: torch.Generator | None = None,
     draft_vocab: torch.Tensor | Sequence[int] | None = None,
+    draft_stop_threshold: float | None = None,
 ) -> SpeculativeOutput:
     """Generate with exit ``draft_exit`` drafting and the full model verifying, sharing one KV cache.
 
@@ -193,18 +204,23 @@ def self_speculative_generate(
         draft_vocab: Token ids the draft exit may propose (from [`frequent_token_ids`]); only their rows of the head
             are computed while drafting. Verification still scores the whole vocabulary, so greedy output stays
             identical to ``generate`` and sampling stays exact; a token outside the subset just cannot be drafted.
+        draft_stop_threshold: End a cycle's drafting at the first draft whose max probability at the draft exit (on
+            ``draft_vocab`` when given) is not above this, in [0, 1); that draft is dropped. It only decides how many
+            drafts are verified, so outputs stay exact. ``None``: always draft the chosen length.
 
     Returns:
         [`SpeculativeOutput`] with ``.sequences`` ``(B, T + new_tokens)`` and ``.stats``.
 
     Raises:
-        ValueError: for ``draft_exit`` outside ``1..L-1``, ``max_new_tokens < 1``, bad sampling settings, or padding
-            without an attention mask.
+        ValueError: for ``draft_exit`` outside ``1..L-1``, ``max_new_tokens < 1``, bad sampling settings, padding
+            without an attention mask, or ``draft_stop_threshold`` outside [0, 1).
     """
     started = time.perf_counter()
     stack = DecoderStack(model)
     num_layers = stack.num_layers
     _validate(draft_exit, num_layers, num_draft_tokens)
+    if draft_stop_threshold is not None and not 0 <= draft_stop_threshold < 1:
+        raise ValueError(f"`draft_stop_threshold` must be in [0, 1) or None, got {draft_stop_threshold!r}.")
     if do_sample:
         check_sampling(temperature, top_p)
     eos_ids, pad_id = resolve_special_tokens(stack.model, eos_token_id, pad_token_id)
@@ -233,12 +249,17 @@ def self_speculative_generate(
         stats.head_forwards += 1
         return stack.logits(hidden)
 
-    def draft(hidden):  # (B, H) -> tokens (B,) and, when sampling, their (B, V) distribution
+    def draft(hidden):  # (B, H) -> tokens (B,), when sampling their (B, V) distribution, and whether to keep them
+        logits = head(hidden) if subset is None else subset.logits(hidden)
+        if subset is not None:
+            stats.head_forwards += 1
+        tokens, probs = choose_tokens(logits, *sample)
+        keep = True
+        if draft_stop_threshold is not None:
+            keep = bool((exit_confidence(logits)[writer.unfinished] > draft_stop_threshold).all())
         if subset is None:
-            return choose_tokens(head(hidden), *sample)
-        stats.head_forwards += 1
-        index, probs = choose_tokens(subset.logits(hidden), *sample)
-        return subset.token_ids[index], None if probs is None else subset.to_vocab(probs)
+            return tokens, probs, keep
+        return subset.token_ids[tokens], None if probs is None else subset.to_vocab(probs), keep
 
     # Prefill: the whole prompt through every layer
     inputs = stack.step_inputs(full_mask, 0, prompt_length, batch)
@@ -264,7 +285,11 @@ def self_speculative_generate(
             state = run(stack.embed(token[:, None], inputs), 1, draft_exit, inputs)  # (B, 1, H)
             lower_states.append(state)
             if offset < length:
-                token, probs = draft(state[:, -1])
+                token, probs, keep = draft(state[:, -1])
+                if not keep:  # the exit doubts this draft: verify what is drafted so far
+                    length = offset
+                    stats.draft_stops += 1
+                    break
                 drafts.append(token)
                 draft_probs.append(probs)
 

@@ -1,4 +1,4 @@
-"""Token bookkeeping shared by the decoders: special tokens, EOS handling as ``generate`` does it, and sampling."""
+"""Token bookkeeping shared by the decoders: special tokens, EOS as ``generate`` handles it, sampling, confidence."""
 
 from __future__ import annotations
 
@@ -7,7 +7,18 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["SequenceWriter", "check_sampling", "choose_tokens", "resolve_special_tokens", "sampling_probs"]
+__all__ = [
+    "CONFIDENCES",
+    "SequenceWriter",
+    "check_sampling",
+    "choose_tokens",
+    "exit_confidence",
+    "resolve_special_tokens",
+    "sampling_probs",
+]
+
+# Confidence measures of a next-token distribution (see `exit_confidence`)
+CONFIDENCES = ("max_prob", "margin")
 
 
 def resolve_special_tokens(
@@ -73,6 +84,23 @@ def choose_tokens(
         return logits.argmax(-1), None
     probs = sampling_probs(logits, temperature, top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1), probs
+
+
+def exit_confidence(logits: torch.Tensor, kind: str = "max_prob") -> torch.Tensor:
+    """Confidence of each row's next-token distribution.
+
+    Args:
+        logits: ``(B, V)`` exit logits.
+        kind: ``"max_prob"`` (the largest softmax probability) or ``"margin"`` (top-1 minus top-2 probability).
+
+    Returns:
+        ``(B,)`` float32 confidences in [0, 1].
+    """
+    probs = logits.float().softmax(-1)
+    if kind == "max_prob":
+        return probs.max(-1).values
+    top = probs.topk(2, dim=-1).values
+    return top[:, 0] - top[:, 1]
 
 
 class SequenceWriter:

@@ -59,6 +59,15 @@ def test_generate_vocab_texts_needs_a_decoder(saved_model, tmp_path):
         soft_peft_main(argv)
 
 
+def test_generate_with_a_draft_stop_prints_the_same_text(saved_model, capsys):
+    base = ["generate", "--model_name_or_path", str(saved_model), "--prompt", "hello", "--max_new_tokens", "8"]
+    assert soft_peft_main([*base, "--draft_exit", "1"]) == 0
+    plain_text = capsys.readouterr().out.rsplit("\n", 2)[0]
+    assert soft_peft_main([*base, "--draft_exit", "1", "--draft_stop_threshold", "0.02"]) == 0
+    text, stats = capsys.readouterr().out.rstrip("\n").rsplit("\n", 1)
+    assert text == plain_text and "draft_stops" in json.loads(stats)
+
+
 def test_generate_exit_on_subset(saved_model, tmp_path, capsys):
     texts = tmp_path / "t.txt"
     texts.write_text("hello there\nlo and behold\n")
@@ -121,5 +130,14 @@ def test_benchmark_methods_take_a_vocabulary_and_a_mode_filter():
     assert [m.setting.split(",")[0] for m in only] == ["generate(do_sample=False)", "threshold 0.9", "threshold 0.5"]
     with pytest.raises(ValueError, match="needs `vocab`"):
         build_methods(model, 4, [2], 3, [2], [0.9], [2], modes=["dynamic"], dynamic_rules=["subset"])
+    stops = build_methods(
+        model, 4, [2], 3, [2], [0.9], [2], modes=["self-speculative"], draft_stop_thresholds=[None, 0.5]
+    )
+    assert [m.setting for m in stops[1:]] == [
+        "draft exit 2, 3 drafts",
+        "draft exit 2, 3 drafts, stop at confidence <= 0.5",
+    ]
+    results = run_decode_benchmark(model, tiny_tokenizer(), ["ab"], stops, batch_sizes=(1,), warmup=False)
+    assert all(r.outputs == results[0].outputs for r in results)  # exact either way
     with pytest.raises(ValueError, match="dynamic_rules"):
         build_methods(model, 4, [2], 3, [2], [0.9], [2], modes=["dynamic"], dynamic_rules=["fast"])

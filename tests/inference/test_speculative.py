@@ -5,7 +5,13 @@ import torch
 from inference_helpers import chi_square_p, exact_two_token_law, prompts
 from tiny_models import GEN_ARCHS, NUM_LAYERS, tiny_model
 
-from soft_peft.inference import choose_draft_length, extract_submodel, self_speculative_generate
+from soft_peft.inference import (
+    DecoderStack,
+    choose_draft_length,
+    exit_confidence,
+    extract_submodel,
+    self_speculative_generate,
+)
 
 
 @pytest.fixture(scope="module", params=GEN_ARCHS)
@@ -110,6 +116,43 @@ def test_sampling_batch_one_is_consistent():
     assert out.stats.accepted > 0
 
 
+@pytest.mark.parametrize("batch, pads", [(1, ()), (3, (4, 0, 1))])
+def test_greedy_with_draft_stops_matches_generate(model, batch, pads):
+    input_ids, attention_mask = prompts(batch, 9, seed=5, pads=pads)
+    mask = attention_mask if batch > 1 else None
+    expected = model.generate(input_ids, attention_mask=mask, do_sample=False, max_new_tokens=13)
+    # A threshold at the median of the draft exit's batch-minimum confidence along the output: some cycles stop
+    with torch.no_grad():
+        hidden = model(expected, output_hidden_states=True).hidden_states[2][:, input_ids.shape[1] - 1 : -1]
+        confidence = exit_confidence(DecoderStack(model).logits(hidden).flatten(0, 1)).view(batch, -1).min(0).values
+    for threshold in (0.0, float(confidence.median())):
+        out = self_speculative_generate(
+            model, input_ids, 2, 13, attention_mask=mask, num_draft_tokens=4, draft_stop_threshold=threshold
+        )
+        assert torch.equal(out.sequences, expected), threshold
+    assert out.stats.draft_stops > 0 and out.stats.drafted > 0
+    never = self_speculative_generate(model, input_ids, 2, 13, attention_mask=mask, draft_stop_threshold=0.0)
+    assert never.stats.draft_stops == 0  # a max probability is always above 0
+
+
+def test_sampling_with_draft_stops_follows_the_full_model_distribution():
+    pytest.importorskip("scipy")
+    vocab = 5
+    model = tiny_model("llama", vocab_size=vocab)
+    prompt = torch.tensor([[3, 4, 1, 3]])
+    exact = exact_two_token_law(model, prompt, vocab)
+    generator = torch.Generator().manual_seed(2)
+    runs = [
+        self_speculative_generate(
+            model, prompt, 1, 3, num_draft_tokens=2, do_sample=True, eos_token_id=[], generator=generator,
+            draft_stop_threshold=0.3,
+        )
+        for _ in range(1200)
+    ]  # fmt: skip
+    assert sum(out.stats.draft_stops for out in runs) > 100 and sum(out.stats.accepted for out in runs) > 100
+    assert chi_square_p(torch.cat([out.sequences for out in runs]), exact, vocab) > 1e-3
+
+
 def test_choose_draft_length_grows_with_acceptance():
     lengths = [choose_draft_length(a, 15, 30, 3.0, 12) for a in (0.3, 0.7, 0.9, 0.99)]
     assert lengths == sorted(lengths) and lengths[0] == 1 and lengths[-1] > 3
@@ -133,6 +176,8 @@ def test_choose_draft_length_drafts_longer_with_a_cheaper_draft_head():
         (dict(num_draft_tokens=0), "num_draft_tokens"),
         (dict(do_sample=True, temperature=0.0), "temperature"),
         (dict(do_sample=True, top_p=1.5), "top_p"),
+        (dict(draft_stop_threshold=1.0), "draft_stop_threshold"),
+        (dict(draft_stop_threshold=-0.1), "draft_stop_threshold"),
     ],
 )
 def test_bad_arguments_raise(kwargs, match):
