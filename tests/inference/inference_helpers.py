@@ -1,9 +1,9 @@
-"""Prompts and a slow no-cache reference decoder shared by the inference tests."""
+"""Prompts, a slow no-cache reference decoder and exact sampling laws shared by the inference tests."""
 
 from __future__ import annotations
 
 import torch
-from tiny_models import VOCAB
+from tiny_models import VOCAB, tiny_model
 
 from soft_peft.inference import exit_confidence
 from soft_peft.inference.stack import DecoderStack
@@ -53,6 +53,17 @@ def reference_dynamic(
             sequences = torch.cat([sequences, logits.argmax(-1)[:, None]], dim=1)
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
     return sequences, depths
+
+
+# The sampling tests' setting: a tiny vocabulary, so the exact law of two tokens has only 25 cells to test
+LAW_VOCAB = 5
+LAW_PROMPT = torch.tensor([[3, 4, 1, 3]])
+
+
+def law_model_and_law():
+    """A tiny Llama over ``LAW_VOCAB`` tokens and the exact law of its 2nd and 3rd tokens after ``LAW_PROMPT``."""
+    model = tiny_model("llama", vocab_size=LAW_VOCAB)
+    return model, exact_two_token_law(model, LAW_PROMPT, LAW_VOCAB)
 
 
 def exact_two_token_law(model, prompt, vocab):

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from inference_helpers import chi_square_p, exact_two_token_law, prompts
+from inference_helpers import LAW_PROMPT, LAW_VOCAB, chi_square_p, law_model_and_law, prompts
 from tiny_models import GEN_ARCHS, NUM_LAYERS, tiny_model
 
 from soft_peft.inference import (
@@ -81,10 +81,8 @@ def test_sampling_follows_the_full_model_distribution():
     drafts); single prompts also take the all-accepted path that samples a bonus token from the full model.
     """
     pytest.importorskip("scipy")
-    vocab = 5
-    model = tiny_model("llama", vocab_size=vocab)
-    prompt = torch.tensor([[3, 4, 1, 3]])
-    exact = exact_two_token_law(model, prompt, vocab)
+    vocab, prompt = LAW_VOCAB, LAW_PROMPT
+    model, exact = law_model_and_law()
     kwargs = dict(do_sample=True, eos_token_id=[], pad_token_id=0)
     batched = self_speculative_generate(
         model, prompt.repeat(1500, 1), 1, 3, num_draft_tokens=2, generator=torch.Generator().manual_seed(0), **kwargs
@@ -137,10 +135,8 @@ def test_greedy_with_draft_stops_matches_generate(model, batch, pads):
 
 def test_sampling_with_draft_stops_follows_the_full_model_distribution():
     pytest.importorskip("scipy")
-    vocab = 5
-    model = tiny_model("llama", vocab_size=vocab)
-    prompt = torch.tensor([[3, 4, 1, 3]])
-    exact = exact_two_token_law(model, prompt, vocab)
+    vocab, prompt = LAW_VOCAB, LAW_PROMPT
+    model, exact = law_model_and_law()
     generator = torch.Generator().manual_seed(2)
     runs = [
         self_speculative_generate(

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from inference_helpers import chi_square_p, exact_two_token_law, prompts, reference_dynamic
+from inference_helpers import LAW_PROMPT, LAW_VOCAB, chi_square_p, law_model_and_law, prompts, reference_dynamic
 from tiny_models import GEN_ARCHS, NUM_LAYERS, VOCAB, tiny_model, tiny_tokenizer
 
 from soft_peft import frequent_token_ids
@@ -104,10 +104,8 @@ def test_shuffled_whole_vocabulary_drafts_like_no_subset(model):
 def test_speculative_sampling_with_draft_vocab_follows_the_full_model():
     """Drafts from 3 of 5 tokens: rejections must sample the other 2 from the residual, and the law stays exact."""
     pytest.importorskip("scipy")
-    vocab = 5
-    model = tiny_model("llama", vocab_size=vocab)
-    prompt = torch.tensor([[3, 4, 1, 3]])
-    exact = exact_two_token_law(model, prompt, vocab)
+    vocab, prompt = LAW_VOCAB, LAW_PROMPT
+    model, exact = law_model_and_law()
     out = self_speculative_generate(
         model, prompt.repeat(1500, 1), 1, 3, num_draft_tokens=2, do_sample=True, eos_token_id=[], pad_token_id=0,
         generator=torch.Generator().manual_seed(0), draft_vocab=[0, 2, 4],
