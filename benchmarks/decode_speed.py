@@ -100,7 +100,13 @@ def load_model(path: str, dtype: torch.dtype = torch.float32):
 def main(argv: list[str] | None = None) -> int:
     from soft_peft.exits import num_decoder_layers, parse_exit_layers, recorded_exit_layers
     from soft_peft.inference import frequent_token_ids
-    from soft_peft.inference.benchmark import build_methods, format_table, gsm8k_benchmark_data, run_decode_benchmark
+    from soft_peft.inference.benchmark import (
+        build_methods,
+        format_table,
+        gsm8k_benchmark_data,
+        parse_draft_stop_thresholds,
+        run_decode_benchmark,
+    )
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -126,9 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         vocab=vocab,
         modes=[mode for mode in args.modes.split(",") if mode],
         dynamic_rules=[rule for rule in args.dynamic_rules.split(",") if rule],
-        draft_stop_thresholds=[
-            None if t.strip() == "none" else float(t) for t in args.draft_stop_thresholds.split(",")
-        ],
+        draft_stop_thresholds=parse_draft_stop_thresholds(args.draft_stop_thresholds),
     )
     results = run_decode_benchmark(model, tokenizer, prompts, methods, args.batch_sizes)
     command = "python benchmarks/decode_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)

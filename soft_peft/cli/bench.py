@@ -33,6 +33,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--dynamic_rules", default="exact", help="exact and/or subset (early exits decided on the subset alone)."
     )
+    parser.add_argument(
+        "--draft_stop_thresholds", default="none", help="draft_stop_threshold values per draft exit; 'none': no stop."
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
@@ -40,7 +43,13 @@ def main(argv: list[str]) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..inference import frequent_token_ids
-    from ..inference.benchmark import build_methods, format_table, gsm8k_benchmark_data, run_decode_benchmark
+    from ..inference.benchmark import (
+        build_methods,
+        format_table,
+        gsm8k_benchmark_data,
+        parse_draft_stop_thresholds,
+        run_decode_benchmark,
+    )
 
     torch.set_num_threads(args.threads)
     model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path).eval()
@@ -51,6 +60,7 @@ def main(argv: list[str]) -> int:
     methods = build_methods(
         model, args.max_new_tokens, args.draft_exits, "adaptive", None, thresholds, args.assistant_exits, vocab=vocab,
         dynamic_rules=args.dynamic_rules.split(","),
+        draft_stop_thresholds=parse_draft_stop_thresholds(args.draft_stop_thresholds),
     )  # fmt: skip
     results = run_decode_benchmark(model, tokenizer, prompts, methods, args.batch_sizes)
     table = format_table(results, tokenizer, answers)

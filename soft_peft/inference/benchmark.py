@@ -26,6 +26,7 @@ __all__ = [
     "build_methods",
     "format_table",
     "gsm8k_benchmark_data",
+    "parse_draft_stop_thresholds",
     "run_decode_benchmark",
 ]
 
@@ -177,6 +178,11 @@ def build_methods(
     for layer in assistant_exits if "assistant_early_exit" in modes else ():
         methods.append(DecodeMethod("assistant_early_exit", f"k={layer}", assisted(layer), batch_one_only=True))
     return methods
+
+
+def parse_draft_stop_thresholds(text: str) -> list[float | None]:
+    """``"none,0.5"`` -> ``[None, 0.5]``: the command-line form of ``build_methods(draft_stop_thresholds=...)``."""
+    return [None if part.strip().lower() == "none" else float(part) for part in text.split(",") if part.strip()]
 
 
 def gsm8k_benchmark_data(path: str, num_prompts: int) -> tuple[list[str], list[str | None], list[str]]:

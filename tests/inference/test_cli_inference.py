@@ -9,7 +9,12 @@ from tiny_models import tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from soft_peft.cli import main as soft_peft_main
-from soft_peft.inference.benchmark import build_methods, format_table, run_decode_benchmark
+from soft_peft.inference.benchmark import (
+    build_methods,
+    format_table,
+    parse_draft_stop_thresholds,
+    run_decode_benchmark,
+)
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +135,7 @@ def test_benchmark_methods_take_a_vocabulary_and_a_mode_filter():
     assert [m.setting.split(",")[0] for m in only] == ["generate(do_sample=False)", "threshold 0.9", "threshold 0.5"]
     with pytest.raises(ValueError, match="needs `vocab`"):
         build_methods(model, 4, [2], 3, [2], [0.9], [2], modes=["dynamic"], dynamic_rules=["subset"])
+    assert parse_draft_stop_thresholds("none, 0.5,") == [None, 0.5]
     stops = build_methods(
         model, 4, [2], 3, [2], [0.9], [2], modes=["self-speculative"], draft_stop_thresholds=[None, 0.5]
     )
