@@ -193,3 +193,15 @@ def test_dynamic_exit_on_subset_needs_a_subset(model):
     input_ids, _ = prompts(1, 4, seed=0)
     with pytest.raises(ValueError, match="check_vocab"):
         dynamic_generate(model, input_ids, [1], 0.5, 2, exit_on_subset=True)
+
+
+def test_dynamic_exit_on_subset_samples_only_subset_tokens_at_early_exits(model):
+    input_ids, _ = prompts(1, 6, seed=2)
+    subset = torch.arange(0, VOCAB, 3)
+    out = dynamic_generate(
+        model, input_ids, [1, 2], 0.01, 12, do_sample=True, generator=torch.Generator().manual_seed(0),
+        check_vocab=subset, exit_on_subset=True, eos_token_id=[],
+    )  # fmt: skip
+    early = out.exit_layers < NUM_LAYERS
+    assert bool(early.any()) and out.full_checks == 0
+    assert bool(torch.isin(out.sequences[0, input_ids.shape[1] :][early], subset).all())
