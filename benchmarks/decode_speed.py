@@ -55,6 +55,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="none",
         help="draft_stop_threshold values to run each draft exit with, comma-separated; 'none': no confidence stop.",
     )
+    parser.add_argument(
+        "--early_draft_exits",
+        default="none",
+        help="early_draft_exits settings, '/'-separated (e.g. 'none/9/9,15'); used with a draft stop threshold.",
+    )
     parser.add_argument("--dynamic_exits", type=_ints, default=None, help="Default: dynamic_generate's default.")
     parser.add_argument("--thresholds", type=_floats, default=[0.9, 0.7, 0.5])
     parser.add_argument("--kv_fills", default="recompute,propagate", help="Dynamic KV fills to compare.")
@@ -105,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         format_table,
         gsm8k_benchmark_data,
         parse_draft_stop_thresholds,
+        parse_early_draft_exit_sets,
         run_decode_benchmark,
     )
 
@@ -133,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         modes=[mode for mode in args.modes.split(",") if mode],
         dynamic_rules=[rule for rule in args.dynamic_rules.split(",") if rule],
         draft_stop_thresholds=parse_draft_stop_thresholds(args.draft_stop_thresholds),
+        early_draft_exit_sets=parse_early_draft_exit_sets(args.early_draft_exits),
     )
     results = run_decode_benchmark(model, tokenizer, prompts, methods, args.batch_sizes)
     command = "python benchmarks/decode_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -36,6 +36,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--draft_stop_thresholds", default="none", help="draft_stop_threshold values per draft exit; 'none': no stop."
     )
+    parser.add_argument(
+        "--early_draft_exits", default="none", help="early_draft_exits settings, '/'-separated: 'none/9/9,12'."
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
@@ -48,6 +51,7 @@ def main(argv: list[str]) -> int:
         format_table,
         gsm8k_benchmark_data,
         parse_draft_stop_thresholds,
+        parse_early_draft_exit_sets,
         run_decode_benchmark,
     )
 
@@ -61,6 +65,7 @@ def main(argv: list[str]) -> int:
         model, args.max_new_tokens, args.draft_exits, "adaptive", None, thresholds, args.assistant_exits, vocab=vocab,
         dynamic_rules=args.dynamic_rules.split(","),
         draft_stop_thresholds=parse_draft_stop_thresholds(args.draft_stop_thresholds),
+        early_draft_exit_sets=parse_early_draft_exit_sets(args.early_draft_exits),
     )  # fmt: skip
     results = run_decode_benchmark(model, tokenizer, prompts, methods, args.batch_sizes)
     table = format_table(results, tokenizer, answers)

@@ -27,6 +27,7 @@ __all__ = [
     "format_table",
     "gsm8k_benchmark_data",
     "parse_draft_stop_thresholds",
+    "parse_early_draft_exit_sets",
     "run_decode_benchmark",
 ]
 
@@ -96,6 +97,7 @@ def build_methods(
     modes: Sequence[str] | None = None,
     dynamic_rules: Sequence[str] = ("exact",),
     draft_stop_thresholds: Sequence[float | None] = (None,),
+    early_draft_exit_sets: Sequence[Sequence[int]] = ((),),
 ) -> list[DecodeMethod]:
     """The methods to compare: greedy first (the reference), then every requested setting.
 
@@ -116,6 +118,8 @@ def build_methods(
             alone, with the first KV fill).
         draft_stop_thresholds: Run every draft exit with each of these ``draft_stop_threshold`` values (``None``:
             no confidence stop).
+        early_draft_exit_sets: ``early_draft_exits`` settings to run every draft exit with a stop threshold with;
+            exits at or above the draft exit are dropped, and settings left empty run only once.
     """
     bad_rules = set(dynamic_rules) - {"exact", "subset"}
     if bad_rules or not dynamic_rules:
@@ -127,11 +131,11 @@ def build_methods(
     def greedy(input_ids, attention_mask):
         return model.generate(input_ids, attention_mask=attention_mask, **common), {}
 
-    def speculative(draft_exit, stop):
+    def speculative(draft_exit, stop, early=()):
         def run(input_ids, attention_mask):
             out = self_speculative_generate(
                 model, input_ids, draft_exit, max_new_tokens, attention_mask, num_draft_tokens=num_draft_tokens,
-                draft_vocab=vocab, draft_stop_threshold=stop,
+                draft_vocab=vocab, draft_stop_threshold=stop, early_draft_exits=early,
             )  # fmt: skip
             return out.sequences, {"drafted": out.stats.drafted, "accepted": out.stats.accepted}
 
@@ -163,8 +167,16 @@ def build_methods(
     for draft_exit in draft_exits if "self-speculative" in modes else ():
         for stop in draft_stop_thresholds:
             stopping = "" if stop is None else f", stop at confidence <= {stop:g}"
-            setting = f"draft exit {draft_exit}, {num_draft_tokens} drafts{subset}{stopping}"
-            methods.append(DecodeMethod("self-speculative", setting, speculative(draft_exit, stop)))
+            early_sets = [()] if stop is None else early_draft_exit_sets
+            seen = set()
+            for early in early_sets:
+                early = tuple(k for k in early if k < draft_exit)
+                if early in seen:
+                    continue
+                seen.add(early)
+                first = f", drafts from {','.join(map(str, early))} first" if early else ""
+                setting = f"draft exit {draft_exit}, {num_draft_tokens} drafts{subset}{stopping}{first}"
+                methods.append(DecodeMethod("self-speculative", setting, speculative(draft_exit, stop, early)))
     middle = thresholds[len(thresholds) // 2] if thresholds else None
     for threshold in thresholds if "dynamic" in modes else ():
         for kv_fill in kv_fills if "exact" in dynamic_rules else ():
@@ -183,6 +195,15 @@ def build_methods(
 def parse_draft_stop_thresholds(text: str) -> list[float | None]:
     """``"none,0.5"`` -> ``[None, 0.5]``: the command-line form of ``build_methods(draft_stop_thresholds=...)``."""
     return [None if part.strip().lower() == "none" else float(part) for part in text.split(",") if part.strip()]
+
+
+def parse_early_draft_exit_sets(text: str) -> list[tuple[int, ...]]:
+    """``"none/9/9,15"`` -> ``[(), (9,), (9, 15)]``: the command-line form of ``early_draft_exit_sets``."""
+    sets = []
+    for part in text.split("/"):
+        part = part.strip()
+        sets.append(() if part.lower() in ("", "none") else tuple(int(k) for k in part.split(",") if k.strip()))
+    return sets
 
 
 def gsm8k_benchmark_data(path: str, num_prompts: int) -> tuple[list[str], list[str | None], list[str]]:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..exits import parse_exit_layers, recorded_exit_layers
-from .stack import DecoderStack, check_generation_inputs
+from .stack import DecoderStack, LaggingPositions, check_generation_inputs
 from .tokens import (
     CONFIDENCES,
     SequenceWriter,
@@ -188,10 +188,7 @@ def dynamic_generate(
     layer_forwards = [0] * num_layers
     threshold_at = dict(checks)
     stops = sorted(threshold_at) + [num_layers]
-    # Positions whose upper layers are not cached yet (recompute mode): their latest states and depths, depths
-    # non-increasing along positions (a deeper token always carried every earlier position along).
-    pending_states: list[torch.Tensor] = []  # each (B, 1, H)
-    pending_depths: list[int] = []
+    lagging = LaggingPositions()  # recompute mode: positions whose upper layers are not cached yet
 
     def run(hidden, first, last, start):
         for index in range(first - 1, last):
@@ -209,16 +206,8 @@ def dynamic_generate(
         state = stack.embed(writer.last[:, None], inputs)  # (B, 1, H)
         layer, exit_logits, subset_logits, on_subset = 0, None, None, False
         for stop in stops:
-            while layer < stop:
-                # Pending positions at the new token's depth join the chunk; earlier, deeper ones join on the way up
-                first = next((i for i, depth in enumerate(pending_depths) if depth <= layer), len(pending_depths))
-                segment_stop = min(stop, pending_depths[first - 1]) if first > 0 else stop
-                chunk = torch.cat(pending_states[first:] + [state], dim=1)  # (B, joined + 1, H)
-                out = run(chunk, layer + 1, segment_stop, position - (len(pending_depths) - first))
-                for offset, index in enumerate(range(first, len(pending_depths))):
-                    pending_states[index] = out[:, offset : offset + 1]
-                    pending_depths[index] = segment_stop
-                state, layer = out[:, -1:], segment_stop
+            if layer < stop:
+                state, layer = lagging.advance(state, layer, stop, position, run), stop
             if stop < num_layers:
                 num_checks += 1
                 if subset is not None:
@@ -238,10 +227,9 @@ def dynamic_generate(
                 break
         exits_taken.append(layer)
         if layer == num_layers:
-            pending_states, pending_depths = [], []  # every earlier position was carried to the top
+            lagging = LaggingPositions()  # every earlier position was carried to the top
         elif kv_fill == "recompute":
-            pending_states.append(state)
-            pending_depths.append(layer)
+            lagging.append(state, layer)
         else:
             stack.fill_kv(state, layer + 1, num_layers, inputs, cache)
             for index in range(layer, num_layers):

@@ -5,9 +5,12 @@ One cycle, with draft exit ``d`` of ``L`` layers and ``g`` drafted tokens:
 1. Draft. Layers ``1..d`` run one position at a time on the last verified token ``x0`` and the drafts ``t1..tg``;
    exit ``d`` proposes ``t1..tg`` (from the whole vocabulary, or from ``draft_vocab`` only: see [`SubsetHead`]).
    Their layer-``d`` hidden states are kept. With ``draft_stop_threshold``, drafting stops early at the first draft
-   the exit is not confident of (Draft & Verify's adaptive draft exiting), so unlikely drafts cost nothing.
+   the exit is not confident of (Draft & Verify's adaptive draft exiting), so unlikely drafts cost nothing; with
+   ``early_draft_exits`` too, each draft comes from the first confident exit, and a position left at a shallower
+   exit is carried up with the next deeper one ([`LaggingPositions`]). The last draft's own layers run in step 2.
 2. Verify. Layers ``d+1..L`` run once on those ``g + 1`` hidden states (the lower layers' cache is already there), and
-   the full model's logits decide how many drafts to keep.
+   the full model's logits decide how many drafts to keep. Positions at different depths join the pass as it reaches
+   them.
 3. Crop. Every layer's cache is cut back to the kept positions.
 
 Nothing is recomputed: each position passes each layer once per cycle. transformers' ``assistant_early_exit``
@@ -24,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .stack import DecoderStack, check_generation_inputs
+from .stack import DecoderStack, LaggingPositions, check_generation_inputs
 from .tokens import (
     SequenceWriter,
     check_sampling,
@@ -52,6 +55,7 @@ class SpeculativeStats:
         accepted: Draft tokens kept, summed over unfinished rows.
         acceptance_rate: ``accepted / drafted`` (0 when nothing was drafted).
         draft_stops: Cycles whose drafting ended early at an unconfident draft (``draft_stop_threshold``).
+        drafts_by_exit: Drafted tokens (summed over unfinished rows) per exit that proposed them.
         new_tokens: Generated positions (the length of the new part of ``sequences``).
         seconds: Wall time of the call.
         tokens_per_second: ``new_tokens * batch / seconds``.
@@ -65,6 +69,7 @@ class SpeculativeStats:
     accepted: int = 0
     acceptance_rate: float = 0.0
     draft_stops: int = 0
+    drafts_by_exit: dict[int, int] = field(default_factory=dict)
     new_tokens: int = 0
     seconds: float = 0.0
     tokens_per_second: float = 0.0
@@ -179,6 +184,7 @@ def self_speculative_generate(
     generator: torch.Generator | None = None,
     draft_vocab: torch.Tensor | Sequence[int] | None = None,
     draft_stop_threshold: float | None = None,
+    early_draft_exits: Sequence[int] = (),
 ) -> SpeculativeOutput:
     """Generate with exit ``draft_exit`` drafting and the full model verifying, sharing one KV cache.
 
@@ -207,13 +213,18 @@ def self_speculative_generate(
         draft_stop_threshold: End a cycle's drafting at the first draft whose max probability at the draft exit (on
             ``draft_vocab`` when given) is not above this, in [0, 1); that draft is dropped. It only decides how many
             drafts are verified, so outputs stay exact. ``None``: always draft the chosen length.
+        early_draft_exits: Exits below ``draft_exit`` to try first, in order: each draft comes from the first exit
+            (these, then ``draft_exit``) confident above ``draft_stop_threshold``, so easy tokens are drafted
+            cheaper. Positions drafted at different depths are carried up together before a later draft or the
+            verifier attends to them, so no layer runs twice. Needs ``draft_stop_threshold``.
 
     Returns:
         [`SpeculativeOutput`] with ``.sequences`` ``(B, T + new_tokens)`` and ``.stats``.
 
     Raises:
         ValueError: for ``draft_exit`` outside ``1..L-1``, ``max_new_tokens < 1``, bad sampling settings, padding
-            without an attention mask, or ``draft_stop_threshold`` outside [0, 1).
+            without an attention mask, ``draft_stop_threshold`` outside [0, 1), or ``early_draft_exits`` that are not
+            increasing exits below ``draft_exit`` or come without ``draft_stop_threshold``.
     """
     started = time.perf_counter()
     stack = DecoderStack(model)
@@ -221,6 +232,21 @@ def self_speculative_generate(
     _validate(draft_exit, num_layers, num_draft_tokens)
     if draft_stop_threshold is not None and not 0 <= draft_stop_threshold < 1:
         raise ValueError(f"`draft_stop_threshold` must be in [0, 1) or None, got {draft_stop_threshold!r}.")
+    early_draft_exits = list(early_draft_exits)
+    if early_draft_exits:
+        if draft_stop_threshold is None:
+            raise ValueError(
+                "`early_draft_exits` needs `draft_stop_threshold`: it decides when an early exit is confident enough "
+                "to draft."
+            )
+        valid = all(isinstance(k, int) and not isinstance(k, bool) for k in early_draft_exits)
+        if not valid or early_draft_exits != sorted(set(early_draft_exits)) or not 1 <= early_draft_exits[0]:
+            raise ValueError(f"`early_draft_exits` must be increasing ints >= 1, got {early_draft_exits!r}.")
+        if early_draft_exits[-1] >= draft_exit:
+            raise ValueError(
+                f"`early_draft_exits` must lie below `draft_exit` ({draft_exit}), got {early_draft_exits}."
+            )
+    exits = [*early_draft_exits, draft_exit]
     if do_sample:
         check_sampling(temperature, top_p)
     eos_ids, pad_id = resolve_special_tokens(stack.model, eos_token_id, pad_token_id)
@@ -278,24 +304,35 @@ def self_speculative_generate(
         start = prompt_length + writer.count - 1  # position of x0, the last token (not cached yet)
         active = writer.unfinished.clone()
 
-        # 1. Draft with layers 1..d, one position at a time; x0 and every draft get their layer-d state
-        token, lower_states, drafts, draft_probs = writer.last, [], [], []
+        # 1. Draft one position at a time from the first confident exit; x0 and every draft keep their state there
+        def run_at(hidden, first, last, position):
+            return run(hidden, first, last, stack.step_inputs(full_mask, position, hidden.shape[1], batch))
+
+        token, lagging, drafts, draft_probs = writer.last, LaggingPositions(), [], []
         for offset in range(length + 1):
             inputs = stack.step_inputs(full_mask, start + offset, 1, batch)
-            state = run(stack.embed(token[:, None], inputs), 1, draft_exit, inputs)  # (B, 1, H)
-            lower_states.append(state)
-            if offset < length:
+            state, layer = stack.embed(token[:, None], inputs), 0  # (B, 1, H)
+            if offset == length:  # the last position is only verified
+                lagging.append(state, layer)
+                break
+            for exit_layer in exits:
+                state, layer = lagging.advance(state, layer, exit_layer, start + offset, run_at), exit_layer
                 token, probs, keep = draft(state[:, -1])
-                if not keep:  # the exit doubts this draft: verify what is drafted so far
-                    length = offset
-                    stats.draft_stops += 1
+                if keep:
                     break
-                drafts.append(token)
-                draft_probs.append(probs)
+            lagging.append(state, layer)
+            if not keep:  # no exit trusts this draft: verify what is drafted so far
+                length = offset
+                stats.draft_stops += 1
+                break
+            drafts.append(token)
+            draft_probs.append(probs)
+            stats.drafts_by_exit[layer] = stats.drafts_by_exit.get(layer, 0) + int(active.sum())
 
-        # 2. Verify with layers d+1..L on all g + 1 positions at once
-        inputs = stack.step_inputs(full_mask, start, length + 1, batch)
-        upper = run(torch.cat(lower_states, dim=1), draft_exit + 1, num_layers, inputs)
+        # 2. Verify: carry every position up through layer L (each from its own depth), in shared passes
+        newest, depth = lagging.states.pop(), lagging.depths.pop()
+        newest = lagging.advance(newest, depth, num_layers, start + length, run_at)
+        upper = torch.cat([*lagging.states, newest], dim=1)  # (B, g + 1, H)
         target_logits = head(upper)  # (B, g + 1, V)
         draft_tokens = torch.stack(drafts, dim=1) if drafts else target_logits.new_zeros(batch, 0, dtype=torch.long)
         if do_sample:

@@ -10,7 +10,8 @@ from transformers' own ``create_causal_mask``, sized against the cache layer abo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from transformers.masking_utils import create_causal_mask
 
 from ..exits import find_exit_head, get_decoder_layers, num_decoder_layers, unwrap_model
 
-__all__ = ["DecoderStack", "StepInputs", "check_generation_inputs"]
+__all__ = ["DecoderStack", "LaggingPositions", "StepInputs", "check_generation_inputs"]
 
 _LLAMA_FAMILY = ("embed_tokens", "rotary_emb", "norm")
 _GPT2_FAMILY = ("wte", "wpe", "ln_f")
@@ -239,3 +240,59 @@ class DecoderStack:
             extra = cache.get_seq_length(index) - length
             if extra > 0:
                 cache.layers[index].crop(-extra)
+
+
+@dataclass
+class LaggingPositions:
+    """Consecutive positions whose states stopped at different layers, waiting for a deeper token to carry them up.
+
+    A position that left early (an early exit, or a draft taken from an early exit) still needs its upper layers'
+    keys and values before a later token may attend to them there. The next token that goes deeper runs those layers
+    on the lagging positions in the same multi-position pass (EE-LLM's recomputation). Depths never increase along
+    positions, since a deeper token always carries every earlier position with it.
+
+    Attributes:
+        states: ``(B, 1, H)`` latest hidden state of each lagging position, oldest first.
+        depths: The layer each state is after.
+    """
+
+    states: list[torch.Tensor] = field(default_factory=list)
+    depths: list[int] = field(default_factory=list)
+
+    def append(self, state: torch.Tensor, depth: int) -> None:
+        """Add the newest position, its state after layer ``depth``."""
+        self.states.append(state)
+        self.depths.append(depth)
+
+    def advance(
+        self,
+        state: torch.Tensor,
+        layer: int,
+        stop: int,
+        position: int,
+        run: Callable[[torch.Tensor, int, int, int], torch.Tensor],
+    ) -> torch.Tensor:
+        """Run a new position's ``state`` (after ``layer``) up to layer ``stop``, carrying the lagging ones along.
+
+        Args:
+            state: ``(B, 1, H)`` state of the new position, the one right after the lagging ones.
+            layer: The layer ``state`` is after.
+            stop: The layer to reach.
+            position: The new position's absolute index.
+            run: ``run(hidden, first, last, start)`` runs layers ``first..last`` on ``hidden`` ``(B, q, H)`` whose
+                first position is ``start``.
+
+        Returns:
+            The new position's state after layer ``stop``; lagging positions passed on the way are updated.
+        """
+        while layer < stop:
+            # Positions at the new token's depth join the chunk; earlier, deeper ones join on the way up
+            first = next((i for i, depth in enumerate(self.depths) if depth <= layer), len(self.depths))
+            segment_stop = min(stop, self.depths[first - 1]) if first > 0 else stop
+            chunk = torch.cat(self.states[first:] + [state], dim=1)  # (B, joined + 1, H)
+            out = run(chunk, layer + 1, segment_stop, position - (len(self.depths) - first))
+            for offset, index in enumerate(range(first, len(self.depths))):
+                self.states[index] = out[:, offset : offset + 1]
+                self.depths[index] = segment_stop
+            state, layer = out[:, -1:], segment_stop
+        return state

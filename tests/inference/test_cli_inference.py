@@ -13,6 +13,7 @@ from soft_peft.inference.benchmark import (
     build_methods,
     format_table,
     parse_draft_stop_thresholds,
+    parse_early_draft_exit_sets,
     run_decode_benchmark,
 )
 
@@ -71,6 +72,10 @@ def test_generate_with_a_draft_stop_prints_the_same_text(saved_model, capsys):
     assert soft_peft_main([*base, "--draft_exit", "1", "--draft_stop_threshold", "0.02"]) == 0
     text, stats = capsys.readouterr().out.rstrip("\n").rsplit("\n", 1)
     assert text == plain_text and "draft_stops" in json.loads(stats)
+    argv = [*base, "--draft_exit", "3", "--draft_stop_threshold", "0.02", "--early_draft_exits", "1,2"]
+    assert soft_peft_main(argv) == 0
+    text, stats = capsys.readouterr().out.rstrip("\n").rsplit("\n", 1)
+    assert text == plain_text and sum(json.loads(stats)["drafts_by_exit"].values()) == json.loads(stats)["drafted"]
 
 
 def test_generate_exit_on_subset(saved_model, tmp_path, capsys):
@@ -145,5 +150,21 @@ def test_benchmark_methods_take_a_vocabulary_and_a_mode_filter():
     ]
     results = run_decode_benchmark(model, tiny_tokenizer(), ["ab"], stops, batch_sizes=(1,), warmup=False)
     assert all(r.outputs == results[0].outputs for r in results)  # exact either way
+    assert parse_early_draft_exit_sets("none/1/1,2") == [(), (1,), (1, 2)]
+    early = build_methods(
+        model, 4, [2, 3], 3, [2], [0.9], [2], modes=["self-speculative"], draft_stop_thresholds=[None, 0.5],
+        early_draft_exit_sets=[(), (1,), (1, 2)],
+    )  # fmt: skip
+    assert [m.setting.split("3 drafts", 1)[1] for m in early[1:]] == [
+        "",  # exit 2, no stop: early exits need a stop
+        ", stop at confidence <= 0.5",
+        ", stop at confidence <= 0.5, drafts from 1 first",  # (1, 2) is (1,) below exit 2: run once
+        "",
+        ", stop at confidence <= 0.5",
+        ", stop at confidence <= 0.5, drafts from 1 first",
+        ", stop at confidence <= 0.5, drafts from 1,2 first",
+    ]
+    results = run_decode_benchmark(model, tiny_tokenizer(), ["ab"], early, batch_sizes=(1,), warmup=False)
+    assert all(r.outputs == results[0].outputs for r in results)
     with pytest.raises(ValueError, match="dynamic_rules"):
         build_methods(model, 4, [2], 3, [2], [0.9], [2], modes=["dynamic"], dynamic_rules=["fast"])

@@ -133,6 +133,49 @@ def test_greedy_with_draft_stops_matches_generate(model, batch, pads):
     assert never.stats.draft_stops == 0  # a max probability is always above 0
 
 
+@pytest.mark.parametrize("batch, pads", [(1, ()), (2, (3, 0))])
+def test_greedy_with_early_draft_exits_matches_generate(model, batch, pads):
+    """Drafts from exit 1 when it is confident, else from exit 3: positions at mixed depths, outputs exact."""
+    # The tiny Qwen2 is most confident at exit 1 at every position, so exit 3 never drafts there: exactness only
+    can_mix = model.config.model_type != "qwen2"
+    mixed = False
+    for seed in range(8 if can_mix else 1):  # until some prompt and threshold draft from both exits
+        input_ids, attention_mask = prompts(batch, 9, seed=seed, pads=pads)
+        mask = attention_mask if batch > 1 else None
+        expected = model.generate(input_ids, attention_mask=mask, do_sample=False, max_new_tokens=15)
+        with torch.no_grad():
+            states = model(expected, output_hidden_states=True).hidden_states
+            logits = [DecoderStack(model).logits(states[k][:, input_ids.shape[1] - 1 :]) for k in (1, 3)]
+        for threshold in exit_confidence(torch.cat(logits).flatten(0, 1)).unique().tolist():
+            out = self_speculative_generate(
+                model, input_ids, 3, 15, attention_mask=mask, num_draft_tokens=5, draft_stop_threshold=threshold,
+                early_draft_exits=[1],
+            )  # fmt: skip
+            assert torch.equal(out.sequences, expected), (seed, threshold)
+            assert sum(out.stats.drafts_by_exit.values()) == out.stats.drafted
+            mixed |= out.stats.drafts_by_exit.get(1, 0) > 0 and out.stats.drafts_by_exit.get(3, 0) > 0
+        if mixed:
+            break
+    assert mixed or not can_mix, "no prompt and threshold drafted from both exits"
+
+
+def test_sampling_with_early_draft_exits_follows_the_full_model_distribution():
+    pytest.importorskip("scipy")
+    vocab, prompt = LAW_VOCAB, LAW_PROMPT
+    model, exact = law_model_and_law()
+    generator = torch.Generator().manual_seed(3)
+    runs = [
+        self_speculative_generate(
+            model, prompt, 2, 3, num_draft_tokens=2, do_sample=True, eos_token_id=[], generator=generator,
+            draft_stop_threshold=0.3, early_draft_exits=[1],
+        )
+        for _ in range(1200)
+    ]  # fmt: skip
+    by_exit = [sum(out.stats.drafts_by_exit.get(k, 0) for out in runs) for k in (1, 2)]
+    assert min(by_exit) > 50 and sum(out.stats.accepted for out in runs) > 100, by_exit
+    assert chi_square_p(torch.cat([out.sequences for out in runs]), exact, vocab) > 1e-3
+
+
 def test_sampling_with_draft_stops_follows_the_full_model_distribution():
     pytest.importorskip("scipy")
     vocab, prompt = LAW_VOCAB, LAW_PROMPT
@@ -174,6 +217,10 @@ def test_choose_draft_length_drafts_longer_with_a_cheaper_draft_head():
         (dict(do_sample=True, top_p=1.5), "top_p"),
         (dict(draft_stop_threshold=1.0), "draft_stop_threshold"),
         (dict(draft_stop_threshold=-0.1), "draft_stop_threshold"),
+        (dict(early_draft_exits=[1]), "needs `draft_stop_threshold`"),
+        (dict(early_draft_exits=[1, 1], draft_stop_threshold=0.5), "increasing"),
+        (dict(early_draft_exits=[0], draft_stop_threshold=0.5), "increasing"),
+        (dict(early_draft_exits=[2], draft_stop_threshold=0.5), "below `draft_exit`"),
     ],
 )
 def test_bad_arguments_raise(kwargs, match):
