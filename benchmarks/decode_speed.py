@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from soft_peft.cli.decode_flags import add_decode_method_flags, decode_method_options
 from soft_peft.inference.benchmark import MODES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,16 +51,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_sizes", type=_ints, default=[1, 4])
     parser.add_argument("--draft_exits", type=_ints, default=None, help="Default: up to 4 recorded exits below L.")
     parser.add_argument("--num_draft_tokens", default="adaptive", help="An int, or 'adaptive'.")
-    parser.add_argument(
-        "--draft_stop_thresholds",
-        default="none",
-        help="draft_stop_threshold values to run each draft exit with, comma-separated; 'none': no confidence stop.",
-    )
-    parser.add_argument(
-        "--early_draft_exits",
-        default="none",
-        help="early_draft_exits settings, '/'-separated (e.g. 'none/9/9,15'); used with a draft stop threshold.",
-    )
     parser.add_argument("--dynamic_exits", type=_ints, default=None, help="Default: dynamic_generate's default.")
     parser.add_argument("--thresholds", type=_floats, default=[0.9, 0.7, 0.5])
     parser.add_argument("--kv_fills", default="recompute,propagate", help="Dynamic KV fills to compare.")
@@ -70,12 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=4096,
         help="Frequent training-completion tokens for drafting and confidence pre-checks; 0: the full head.",
     )
-    parser.add_argument(
-        "--dynamic_rules",
-        default="exact",
-        help="Dynamic exit rules, comma-separated: exact (full-head confidence) and/or subset (exit_on_subset=True: "
-        "decided on the vocabulary subset alone; approximate, faster).",
-    )
+    add_decode_method_flags(parser)
     parser.add_argument("--modes", default=",".join(MODES), help="Modes besides greedy, comma-separated.")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="Model weights' dtype.")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared CPU).")
@@ -105,14 +91,7 @@ def load_model(path: str, dtype: torch.dtype = torch.float32):
 def main(argv: list[str] | None = None) -> int:
     from soft_peft.exits import num_decoder_layers, parse_exit_layers, recorded_exit_layers
     from soft_peft.inference import frequent_token_ids
-    from soft_peft.inference.benchmark import (
-        build_methods,
-        format_table,
-        gsm8k_benchmark_data,
-        parse_draft_stop_thresholds,
-        parse_early_draft_exit_sets,
-        run_decode_benchmark,
-    )
+    from soft_peft.inference.benchmark import build_methods, format_table, gsm8k_benchmark_data, run_decode_benchmark
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -137,9 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         kv_fills=tuple(args.kv_fills.split(",")),
         vocab=vocab,
         modes=[mode for mode in args.modes.split(",") if mode],
-        dynamic_rules=[rule for rule in args.dynamic_rules.split(",") if rule],
-        draft_stop_thresholds=parse_draft_stop_thresholds(args.draft_stop_thresholds),
-        early_draft_exit_sets=parse_early_draft_exit_sets(args.early_draft_exits),
+        **decode_method_options(args),
     )
     results = run_decode_benchmark(model, tokenizer, prompts, methods, args.batch_sizes)
     command = "python benchmarks/decode_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from .decode_flags import add_decode_method_flags, decode_method_options
+
 __all__ = ["main"]
 
 
@@ -30,15 +32,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--vocab_size", type=int, default=4096, help="Frequent-token subset for drafts and pre-checks; 0: full head."
     )
-    parser.add_argument(
-        "--dynamic_rules", default="exact", help="exact and/or subset (early exits decided on the subset alone)."
-    )
-    parser.add_argument(
-        "--draft_stop_thresholds", default="none", help="draft_stop_threshold values per draft exit; 'none': no stop."
-    )
-    parser.add_argument(
-        "--early_draft_exits", default="none", help="early_draft_exits settings, '/'-separated: 'none/9/9,12'."
-    )
+    add_decode_method_flags(parser)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
@@ -46,14 +40,7 @@ def main(argv: list[str]) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..inference import frequent_token_ids
-    from ..inference.benchmark import (
-        build_methods,
-        format_table,
-        gsm8k_benchmark_data,
-        parse_draft_stop_thresholds,
-        parse_early_draft_exit_sets,
-        run_decode_benchmark,
-    )
+    from ..inference.benchmark import build_methods, format_table, gsm8k_benchmark_data, run_decode_benchmark
 
     torch.set_num_threads(args.threads)
     model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path).eval()
@@ -63,9 +50,7 @@ def main(argv: list[str]) -> int:
     thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
     methods = build_methods(
         model, args.max_new_tokens, args.draft_exits, "adaptive", None, thresholds, args.assistant_exits, vocab=vocab,
-        dynamic_rules=args.dynamic_rules.split(","),
-        draft_stop_thresholds=parse_draft_stop_thresholds(args.draft_stop_thresholds),
-        early_draft_exit_sets=parse_early_draft_exit_sets(args.early_draft_exits),
+        **decode_method_options(args),
     )  # fmt: skip
     results = run_decode_benchmark(model, tokenizer, prompts, methods, args.batch_sizes)
     table = format_table(results, tokenizer, answers)

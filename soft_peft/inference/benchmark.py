@@ -26,8 +26,6 @@ __all__ = [
     "build_methods",
     "format_table",
     "gsm8k_benchmark_data",
-    "parse_draft_stop_thresholds",
-    "parse_early_draft_exit_sets",
     "run_decode_benchmark",
 ]
 
@@ -190,20 +188,6 @@ def build_methods(
     for layer in assistant_exits if "assistant_early_exit" in modes else ():
         methods.append(DecodeMethod("assistant_early_exit", f"k={layer}", assisted(layer), batch_one_only=True))
     return methods
-
-
-def parse_draft_stop_thresholds(text: str) -> list[float | None]:
-    """``"none,0.5"`` -> ``[None, 0.5]``: the command-line form of ``build_methods(draft_stop_thresholds=...)``."""
-    return [None if part.strip().lower() == "none" else float(part) for part in text.split(",") if part.strip()]
-
-
-def parse_early_draft_exit_sets(text: str) -> list[tuple[int, ...]]:
-    """``"none/9/9,15"`` -> ``[(), (9,), (9, 15)]``: the command-line form of ``early_draft_exit_sets``."""
-    sets = []
-    for part in text.split("/"):
-        part = part.strip()
-        sets.append(() if part.lower() in ("", "none") else tuple(int(k) for k in part.split(",") if k.strip()))
-    return sets
 
 
 def gsm8k_benchmark_data(path: str, num_prompts: int) -> tuple[list[str], list[str | None], list[str]]:

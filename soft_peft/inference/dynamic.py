@@ -206,8 +206,7 @@ def dynamic_generate(
         state = stack.embed(writer.last[:, None], inputs)  # (B, 1, H)
         layer, exit_logits, subset_logits, on_subset = 0, None, None, False
         for stop in stops:
-            if layer < stop:
-                state, layer = lagging.advance(state, layer, stop, position, run), stop
+            state, layer = lagging.advance(state, layer, stop, position, run), stop
             if stop < num_layers:
                 num_checks += 1
                 if subset is not None:

@@ -275,10 +275,15 @@ def self_speculative_generate(
         stats.head_forwards += 1
         return stack.logits(hidden)
 
+    def run_at(hidden, first, last, position):  # `run` for a chunk starting at `position`
+        return run(hidden, first, last, stack.step_inputs(full_mask, position, hidden.shape[1], batch))
+
     def draft(hidden):  # (B, H) -> tokens (B,), when sampling their (B, V) distribution, and whether to keep them
-        logits = head(hidden) if subset is None else subset.logits(hidden)
-        if subset is not None:
+        if subset is None:
+            logits = head(hidden)
+        else:
             stats.head_forwards += 1
+            logits = subset.logits(hidden)
         tokens, probs = choose_tokens(logits, *sample)
         keep = True
         if draft_stop_threshold is not None:
@@ -303,11 +308,9 @@ def self_speculative_generate(
         length = min(length, max_new_tokens - writer.count - 1)  # a cycle yields at most length + 1 tokens
         start = prompt_length + writer.count - 1  # position of x0, the last token (not cached yet)
         active = writer.unfinished.clone()
+        rows = int(active.sum())
 
         # 1. Draft one position at a time from the first confident exit; x0 and every draft keep their state there
-        def run_at(hidden, first, last, position):
-            return run(hidden, first, last, stack.step_inputs(full_mask, position, hidden.shape[1], batch))
-
         token, lagging, drafts, draft_probs = writer.last, LaggingPositions(), [], []
         for offset in range(length + 1):
             inputs = stack.step_inputs(full_mask, start + offset, 1, batch)
@@ -327,7 +330,7 @@ def self_speculative_generate(
                 break
             drafts.append(token)
             draft_probs.append(probs)
-            stats.drafts_by_exit[layer] = stats.drafts_by_exit.get(layer, 0) + int(active.sum())
+            stats.drafts_by_exit[layer] = stats.drafts_by_exit.get(layer, 0) + rows
 
         # 2. Verify: carry every position up through layer L (each from its own depth), in shared passes
         newest, depth = lagging.states.pop(), lagging.depths.pop()
@@ -351,7 +354,6 @@ def self_speculative_generate(
 
         # 3. Crop every layer back to x0 and the kept drafts; the bonus token is the next cycle's x0
         stack.crop(cache, 1, num_layers, start + kept + 1)
-        rows = int(active.sum())
         stats.cycles += 1
         stats.drafted += length * rows
         stats.accepted += kept * rows

@@ -9,11 +9,10 @@ from tiny_models import tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from soft_peft.cli import main as soft_peft_main
+from soft_peft.cli.decode_flags import parse_draft_stop_thresholds, parse_early_draft_exit_sets
 from soft_peft.inference.benchmark import (
     build_methods,
     format_table,
-    parse_draft_stop_thresholds,
-    parse_early_draft_exit_sets,
     run_decode_benchmark,
 )
 
