@@ -22,16 +22,12 @@ from pathlib import Path
 
 import torch
 
-from soft_peft.cli.decode_flags import add_decode_method_flags, decode_method_options
+from soft_peft.cli.decode_flags import add_decode_method_flags, decode_method_options, parse_ints
 from soft_peft.inference.benchmark import MODES
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = Path.home() / ".cache" / "soft_peft" / "runs" / "gsm8k-soft-450"
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
-
-
-def _ints(text: str) -> list[int]:
-    return [int(part) for part in text.split(",") if part.strip()]
 
 
 def _floats(text: str) -> list[float]:
@@ -48,13 +44,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--num_prompts", type=int, default=4, help="Held-out prompts to decode.")
     parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--batch_sizes", type=_ints, default=[1, 4])
-    parser.add_argument("--draft_exits", type=_ints, default=None, help="Default: up to 4 recorded exits below L.")
+    parser.add_argument("--batch_sizes", type=parse_ints, default=[1, 4])
+    parser.add_argument(
+        "--draft_exits", type=parse_ints, default=None, help="Default: up to 4 recorded exits below L."
+    )
     parser.add_argument("--num_draft_tokens", default="adaptive", help="An int, or 'adaptive'.")
-    parser.add_argument("--dynamic_exits", type=_ints, default=None, help="Default: dynamic_generate's default.")
+    parser.add_argument("--dynamic_exits", type=parse_ints, default=None, help="Default: dynamic_generate's default.")
     parser.add_argument("--thresholds", type=_floats, default=[0.9, 0.7, 0.5])
     parser.add_argument("--kv_fills", default="recompute,propagate", help="Dynamic KV fills to compare.")
-    parser.add_argument("--assistant_exits", type=_ints, default=None, help="Default: the middle draft exit.")
+    parser.add_argument("--assistant_exits", type=parse_ints, default=None, help="Default: the middle draft exit.")
     parser.add_argument(
         "--vocab_size",
         type=int,

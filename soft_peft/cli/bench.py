@@ -9,13 +9,9 @@ from __future__ import annotations
 
 import argparse
 
-from .decode_flags import add_decode_method_flags, decode_method_options
+from .decode_flags import add_decode_method_flags, decode_method_options, parse_ints
 
 __all__ = ["main"]
-
-
-def _ints(text: str) -> list[int]:
-    return [int(part) for part in text.split(",") if part.strip()]
 
 
 def main(argv: list[str]) -> int:
@@ -25,10 +21,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--data", required=True, help="GSM8K JSONL; prompts come from the shared held-out split.")
     parser.add_argument("--num_prompts", type=int, default=4)
     parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--batch_sizes", type=_ints, default=[1, 4])
-    parser.add_argument("--draft_exits", type=_ints, required=True, help="e.g. 12,18,24")
+    parser.add_argument("--batch_sizes", type=parse_ints, default=[1, 4])
+    parser.add_argument("--draft_exits", type=parse_ints, required=True, help="e.g. 12,18,24")
     parser.add_argument("--thresholds", default="0.9,0.7", help="Dynamic thresholds, one run each.")
-    parser.add_argument("--assistant_exits", type=_ints, default=[], help="assistant_early_exit settings (slow).")
+    parser.add_argument("--assistant_exits", type=parse_ints, default=[], help="assistant_early_exit settings (slow).")
     parser.add_argument(
         "--vocab_size", type=int, default=4096, help="Frequent-token subset for drafts and pre-checks; 0: full head."
     )

@@ -12,7 +12,13 @@ __all__ = [
     "decode_method_options",
     "parse_draft_stop_thresholds",
     "parse_early_draft_exit_sets",
+    "parse_ints",
 ]
+
+
+def parse_ints(text: str) -> list[int]:
+    """``"9,12,"`` -> ``[9, 12]``: a comma-separated list of ints (empty parts skipped), as an argparse ``type``."""
+    return [int(part) for part in text.split(",") if part.strip()]
 
 
 def parse_draft_stop_thresholds(text: str) -> list[float | None]:
@@ -22,10 +28,7 @@ def parse_draft_stop_thresholds(text: str) -> list[float | None]:
 
 def parse_early_draft_exit_sets(text: str) -> list[tuple[int, ...]]:
     """``"none/9/9,15"`` -> ``[(), (9,), (9, 15)]``: the command-line form of ``early_draft_exit_sets``."""
-    return [
-        () if part.strip().lower() in ("", "none") else tuple(int(k) for k in part.split(",") if k.strip())
-        for part in text.split("/")
-    ]
+    return [() if part.strip().lower() in ("", "none") else tuple(parse_ints(part)) for part in text.split("/")]
 
 
 def add_decode_method_flags(parser: argparse.ArgumentParser) -> None:

@@ -17,6 +17,8 @@ import argparse
 import dataclasses
 import json
 
+from .decode_flags import parse_ints
+
 __all__ = ["main"]
 
 
@@ -35,7 +37,10 @@ def _parser() -> argparse.ArgumentParser:
         "--draft_stop_threshold", type=float, default=None, help="Stop drafting at a draft this unconfident (0..1)."
     )
     parser.add_argument(
-        "--early_draft_exits", default="", help="Exits below --draft_exit to draft from first ('9,12'; needs a stop)."
+        "--early_draft_exits",
+        type=parse_ints,
+        default=[],
+        help="Exits below --draft_exit to draft from first ('9,12'; needs a stop).",
     )
     parser.add_argument("--exit_layers", default=None, help="Exits checked by dynamic early exit ('15,21,27').")
     parser.add_argument("--confidence", default="max_prob", choices=["max_prob", "margin"])
@@ -92,7 +97,7 @@ def main(argv: list[str]) -> int:
         out = self_speculative_generate(
             model, input_ids, args.draft_exit, args.max_new_tokens, num_draft_tokens=draft_length,
             generator=generator, draft_vocab=vocab, draft_stop_threshold=args.draft_stop_threshold,
-            early_draft_exits=[int(k) for k in args.early_draft_exits.split(",") if k.strip()], **sampling,
+            early_draft_exits=args.early_draft_exits, **sampling,
         )  # fmt: skip
         sequences, stats = out.sequences, dataclasses.asdict(out.stats)
     elif args.thresholds is not None:

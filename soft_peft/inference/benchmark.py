@@ -165,13 +165,9 @@ def build_methods(
     for draft_exit in draft_exits if "self-speculative" in modes else ():
         for stop in draft_stop_thresholds:
             stopping = "" if stop is None else f", stop at confidence <= {stop:g}"
-            early_sets = [()] if stop is None else early_draft_exit_sets
-            seen = set()
-            for early in early_sets:
-                early = tuple(k for k in early if k < draft_exit)
-                if early in seen:
-                    continue
-                seen.add(early)
+            # Exits at or above the draft exit are dropped; settings that become equal run once
+            early_sets = dict.fromkeys(tuple(k for k in early if k < draft_exit) for early in early_draft_exit_sets)
+            for early in [()] if stop is None else early_sets:
                 first = f", drafts from {','.join(map(str, early))} first" if early else ""
                 setting = f"draft exit {draft_exit}, {num_draft_tokens} drafts{subset}{stopping}{first}"
                 methods.append(DecodeMethod("self-speculative", setting, speculative(draft_exit, stop, early)))

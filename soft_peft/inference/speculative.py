@@ -135,7 +135,7 @@ def _head_cost_in_layers(stack: DecoderStack) -> float:
     return head / max(layer, 1)
 
 
-def _validate(draft_exit, num_layers, num_draft_tokens) -> None:
+def _validate(draft_exit, num_layers, num_draft_tokens, draft_stop_threshold, early_draft_exits) -> None:
     if isinstance(draft_exit, bool) or not isinstance(draft_exit, int) or not 1 <= draft_exit < num_layers:
         raise ValueError(
             f"`draft_exit` must be an int in 1..{num_layers - 1} (the model has {num_layers} layers and the last one "
@@ -145,6 +145,20 @@ def _validate(draft_exit, num_layers, num_draft_tokens) -> None:
         isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int) or num_draft_tokens < 1
     ):
         raise ValueError(f"`num_draft_tokens` must be an int >= 1 or 'adaptive', got {num_draft_tokens!r}.")
+    if draft_stop_threshold is not None and not 0 <= draft_stop_threshold < 1:
+        raise ValueError(f"`draft_stop_threshold` must be in [0, 1) or None, got {draft_stop_threshold!r}.")
+    if not early_draft_exits:
+        return
+    if draft_stop_threshold is None:
+        raise ValueError(
+            "`early_draft_exits` needs `draft_stop_threshold`: it decides when an early exit is confident enough to "
+            "draft."
+        )
+    valid = all(isinstance(k, int) and not isinstance(k, bool) for k in early_draft_exits)
+    if not valid or early_draft_exits != sorted(set(early_draft_exits)) or not 1 <= early_draft_exits[0]:
+        raise ValueError(f"`early_draft_exits` must be increasing ints >= 1, got {early_draft_exits!r}.")
+    if early_draft_exits[-1] >= draft_exit:
+        raise ValueError(f"`early_draft_exits` must lie below `draft_exit` ({draft_exit}), got {early_draft_exits}.")
 
 
 def _accept_sampled(drafts, draft_probs, target_probs, generator):
@@ -229,23 +243,8 @@ def self_speculative_generate(
     started = time.perf_counter()
     stack = DecoderStack(model)
     num_layers = stack.num_layers
-    _validate(draft_exit, num_layers, num_draft_tokens)
-    if draft_stop_threshold is not None and not 0 <= draft_stop_threshold < 1:
-        raise ValueError(f"`draft_stop_threshold` must be in [0, 1) or None, got {draft_stop_threshold!r}.")
     early_draft_exits = list(early_draft_exits)
-    if early_draft_exits:
-        if draft_stop_threshold is None:
-            raise ValueError(
-                "`early_draft_exits` needs `draft_stop_threshold`: it decides when an early exit is confident enough "
-                "to draft."
-            )
-        valid = all(isinstance(k, int) and not isinstance(k, bool) for k in early_draft_exits)
-        if not valid or early_draft_exits != sorted(set(early_draft_exits)) or not 1 <= early_draft_exits[0]:
-            raise ValueError(f"`early_draft_exits` must be increasing ints >= 1, got {early_draft_exits!r}.")
-        if early_draft_exits[-1] >= draft_exit:
-            raise ValueError(
-                f"`early_draft_exits` must lie below `draft_exit` ({draft_exit}), got {early_draft_exits}."
-            )
+    _validate(draft_exit, num_layers, num_draft_tokens, draft_stop_threshold, early_draft_exits)
     exits = [*early_draft_exits, draft_exit]
     if do_sample:
         check_sampling(temperature, top_p)
