@@ -52,7 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dynamic_exits", type=parse_ints, default=None, help="Default: dynamic_generate's default.")
     parser.add_argument("--thresholds", type=_floats, default=[0.9, 0.7, 0.5])
     parser.add_argument("--kv_fills", default="recompute,propagate", help="Dynamic KV fills to compare.")
-    parser.add_argument("--assistant_exits", type=parse_ints, default=None, help="Default: the middle draft exit.")
+    parser.add_argument(
+        "--assistant_exits",
+        type=parse_ints,
+        default=None,
+        help="Default: the draft exits (the ratio column uses the fastest).",
+    )
     parser.add_argument(
         "--vocab_size",
         type=int,
@@ -99,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     exits = [k for k in (recorded or parse_exit_layers(None, num_layers)) if k < num_layers]
     draft_exits = args.draft_exits or [exits[round(i * (len(exits) - 1) / 3)] for i in range(4)]
     draft_exits = sorted(set(draft_exits))
-    assistant_exits = args.assistant_exits or [draft_exits[len(draft_exits) // 2]]
+    assistant_exits = args.assistant_exits or draft_exits
     draft_length = args.num_draft_tokens if args.num_draft_tokens == "adaptive" else int(args.num_draft_tokens)
     prompts, answers, calibration = gsm8k_benchmark_data(args.data, args.num_prompts)
     vocab = frequent_token_ids(tokenizer, calibration, args.vocab_size) if args.vocab_size else None
