@@ -5,7 +5,7 @@ Model: SmolLM2-135M-Instruct fine-tuned with the project's GSM8K example for 450
 model, with a warning. Prompts: the GSM8K held-out split shared by all benchmarks (`held_out_split(test_size=200,
 seed=0)`); the frequent-token subset is counted on the other rows' completions.
 
-    python benchmarks/decode_speed.py --output /tmp/decode_speed.md                # default: ~10 min on 2 CPU cores
+    python benchmarks/decode_speed.py --output /tmp/decode_speed.md                # default: ~7 min on 2 CPU cores
     python benchmarks/decode_speed.py --num_prompts 50 --max_new_tokens 256 --modes dynamic --batch_sizes 1
 
 Timing is interleaved batch by batch across methods, in one process, so the ratios are side by side.

@@ -22,6 +22,8 @@ Timings are medians over interleaved rounds, so every entry was measured side by
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import statistics
 import sys
 import time
@@ -212,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{vocab_note}; cycles timed at {args.context} cached positions, median of {args.rounds} interleaved rounds.",
         f"One greedy token: {greedy_token * 1e3:.1f} ms with `generate`, {seconds[(None,)] * 1e3:.1f} ms as one step "
         "of the layer-wise stack.",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}.",
         f"Command: `{command.strip()}`",
         "",
         "Speed-up over `generate` if every draft is accepted, by draft length g (cycle ms in brackets):",

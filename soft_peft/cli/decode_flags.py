@@ -41,8 +41,9 @@ def add_decode_method_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--draft_stop_thresholds",
-        default="none",
-        help="draft_stop_threshold values to run each draft exit with, comma-separated; 'none': no confidence stop.",
+        default="none,0.5",
+        help="draft_stop_threshold values to run each draft exit with, comma-separated; 'none': no confidence stop "
+        "(default: without a stop and with the recommended 0.5).",
     )
     parser.add_argument(
         "--early_draft_exits",
