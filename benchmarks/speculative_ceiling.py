@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     lengths = range(args.max_draft + 1)
     entries = [(None,)] + [(k, g, stopped) for k in args.draft_exits for g in lengths for stopped in (False, True)]
     seconds, generate_samples = _median_times(
-        timer, entries, args.rounds, lambda: generate_token_seconds(model, filler[:, :32])
+        timer, entries, args.rounds, lambda: generate_token_seconds(model, filler)
     )
     greedy_token = statistics.median(generate_samples)
 
