@@ -91,6 +91,14 @@ def load_model(path: str, dtype: torch.dtype = torch.float32):
     return model, AutoTokenizer.from_pretrained(path), path
 
 
+def emit(header: list[str], table: str, output: str | None) -> None:
+    """Print the header lines (model, machine, command) and the markdown table; also write them to ``output``."""
+    text = "\n".join(header) + table + "\n"
+    print(text)
+    if output:
+        Path(output).write_text(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     from soft_peft.exits import num_decoder_layers, parse_exit_layers, recorded_exit_layers
     from soft_peft.inference import frequent_token_ids
@@ -133,10 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `{command.strip()}`",
         "",
     ]
-    table = "\n".join(header) + format_table(results, tokenizer, answers) + "\n"
-    print(table)
-    if args.output:
-        Path(args.output).write_text(table)
+    emit(header, format_table(results, tokenizer, answers), args.output)
     return 0
 
 

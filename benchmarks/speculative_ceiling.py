@@ -27,10 +27,9 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
-from decode_speed import DEFAULT_DATA, DEFAULT_MODEL, load_model
+from decode_speed import DEFAULT_DATA, DEFAULT_MODEL, emit, load_model
 from tqdm.auto import tqdm
 
 from soft_peft.cli.decode_flags import parse_ints
@@ -240,10 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         for k, (spent, tokens, cycles, right, drafted) in totals.items():
             bound = tokens * greedy_token / spent
             lines.append(f"| {k} | {right / max(drafted, 1):.3f} | {tokens / max(cycles, 1):.2f} | {bound:.2f} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.output:
-        Path(args.output).write_text(table)
+    emit(lines, "", args.output)
     return 0
 
 
