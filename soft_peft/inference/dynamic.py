@@ -25,23 +25,16 @@ mass outside the slice. ``thresholds=1.0`` still reproduces greedy ``generate``.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..exits import parse_exit_layers, recorded_exit_layers
-from .stack import DecoderStack, LaggingPositions, check_generation_inputs
-from .tokens import (
-    CONFIDENCES,
-    SequenceWriter,
-    check_sampling,
-    choose_tokens,
-    exit_confidence,
-    resolve_special_tokens,
-)
+from .decoding import DecodeStats, DecodingState
+from .stack import DecoderStack, LaggingPositions
+from .tokens import CONFIDENCES, SamplingSettings, exit_confidence
 from .vocab import SubsetHead
 
 __all__ = ["DynamicOutput", "default_dynamic_exits", "dynamic_generate"]
@@ -51,8 +44,8 @@ _MAX_DEFAULT_CHECKS = 3
 
 
 @dataclass
-class DynamicOutput:
-    """Result of ``dynamic_generate``.
+class DynamicOutput(DecodeStats):
+    """Result of ``dynamic_generate``, with the shared counters of [`DecodeStats`].
 
     Attributes:
         sequences: ``(B, T + new_tokens)`` prompts and generated tokens, as ``generate`` returns them.
@@ -60,9 +53,6 @@ class DynamicOutput:
         average_depth: Mean of ``exit_layers``.
         checks: Confidence checks at non-final exits (on the vocabulary subset when one is given).
         full_checks: Of those, the ones that ran the full-vocabulary head.
-        seconds: Wall time of the call.
-        tokens_per_second: ``new_tokens * batch / seconds``.
-        layer_forwards: Per decoder layer (index 0 is layer 1), how many times it ran (prefill included).
     """
 
     sequences: torch.Tensor
@@ -70,9 +60,6 @@ class DynamicOutput:
     average_depth: float
     checks: int = 0
     full_checks: int = 0
-    seconds: float = 0.0
-    tokens_per_second: float = 0.0
-    layer_forwards: list[int] = field(default_factory=list)
 
 
 def default_dynamic_exits(model: nn.Module, num_layers: int) -> list[int]:
@@ -103,6 +90,67 @@ def _resolve_exits(model, num_layers, exit_layers, thresholds) -> list[tuple[int
     if bad:
         raise ValueError(f"Thresholds must be in (0, 1], got {bad}; 1.0 disables an exit.")
     return [(k, t) for k, t in zip(exits, values, strict=True) if t < 1.0]
+
+
+class ExitRule:
+    """Decides, at each checked exit in turn, whether the batch's token leaves there and which tokens it emits.
+
+    Args:
+        state: The call's [`DecodingState`].
+        thresholds: ``{exit: threshold}`` of the checked exits (the last layer is not among them).
+        confidence: See [`exit_confidence`].
+        sampling: How tokens are chosen.
+        subset: Pre-check (or, with ``exit_on_subset``, decide) on this slice of the head first.
+        exit_on_subset: Let ``subset`` decide alone and emit its top token.
+    """
+
+    def __init__(self, state, thresholds, confidence, sampling, subset=None, exit_on_subset=False):
+        self.state, self.thresholds, self.confidence, self.sampling = state, thresholds, confidence, sampling
+        self.subset, self.exit_on_subset = subset, exit_on_subset
+        self.checks = self.full_checks = 0
+
+    def tokens(self, hidden: torch.Tensor, layer: int) -> torch.Tensor | None:
+        """The tokens ``(B,)`` emitted at ``layer`` from its states ``(B, H)``, or ``None`` when the batch goes on."""
+        if layer == self.state.stack.num_layers:
+            return self.sampling.choose(self.state.logits(hidden))[0]
+        self.checks += 1
+        if self.subset is not None:
+            # Dropping tokens from a softmax only raises the others' shares: failing here means failing in full
+            subset_logits = self.state.logits(hidden, self.subset)
+            if not self._passes(subset_logits, layer):
+                return None
+            if self.exit_on_subset:
+                return self.subset.token_ids[self.sampling.choose(subset_logits)[0]]
+        self.full_checks += 1
+        logits = self.state.logits(hidden)
+        return self.sampling.choose(logits)[0] if self._passes(logits, layer) else None
+
+    def _passes(self, logits: torch.Tensor, layer: int) -> bool:
+        return self.state.all_unfinished(exit_confidence(logits, self.confidence) > self.thresholds[layer])
+
+
+def _exit_token(
+    state: DecodingState, rule: ExitRule, lagging: LaggingPositions, kv_fill: str
+) -> tuple[torch.Tensor, int]:
+    """Run the next position up to the first exit ``rule`` lets it leave at; return its tokens and that layer.
+
+    The skipped layers of an early-exited position are filled as ``kv_fill`` says: later (``lagging``) or now.
+    """
+    position = state.position
+    hidden, layer = state.embed(state.writer.last[:, None], position), 0  # (B, 1, H)
+    for stop in [*sorted(rule.thresholds), state.stack.num_layers]:
+        hidden, layer = lagging.advance(hidden, layer, stop, position, state.run), stop
+        tokens = rule.tokens(hidden[:, -1], layer)
+        if tokens is not None:
+            break
+    num_layers = state.stack.num_layers
+    if layer == num_layers:
+        lagging.clear()  # every earlier position was carried to the top
+    elif kv_fill == "recompute":
+        lagging.append(hidden, layer)
+    else:
+        state.fill_kv(hidden, layer + 1, num_layers, position)
+    return tokens, layer
 
 
 @torch.inference_mode()
@@ -159,94 +207,33 @@ def dynamic_generate(
             ``confidence`` or ``kv_fill``, ``max_new_tokens < 1``, padding without an attention mask, or
             ``exit_on_subset`` without ``check_vocab``.
     """
-    started = time.perf_counter()
     stack = DecoderStack(model)
-    num_layers = stack.num_layers
-    checks = _resolve_exits(stack.model, num_layers, exit_layers, thresholds)
+    thresholds = dict(_resolve_exits(stack.model, stack.num_layers, exit_layers, thresholds))
     if confidence not in CONFIDENCES:
         raise ValueError(f"`confidence` must be one of {CONFIDENCES}, got {confidence!r}.")
     if kv_fill not in _KV_FILLS:
         raise ValueError(f"`kv_fill` must be one of {_KV_FILLS}, got {kv_fill!r}.")
-    if do_sample:
-        check_sampling(temperature, top_p)
+    sampling = SamplingSettings(do_sample, temperature, top_p, generator)
     if exit_on_subset and check_vocab is None:
         raise ValueError(
             "`exit_on_subset=True` needs `check_vocab`: pass the ids to decide on, e.g. "
             "`frequent_token_ids(tokenizer, training_texts)`."
         )
     subset = None if check_vocab is None else SubsetHead(stack, check_vocab)
-    eos_ids, pad_id = resolve_special_tokens(stack.model, eos_token_id, pad_token_id)
-    input_ids = input_ids.to(stack.model.device)
-    padding_mask = check_generation_inputs(input_ids, attention_mask, max_new_tokens, pad_id)
-    batch, prompt_length = input_ids.shape
-    full_mask = None
-    if padding_mask is not None:
-        full_mask = torch.cat([padding_mask, padding_mask.new_ones(batch, max_new_tokens)], dim=1)
-    sample = (do_sample, temperature, top_p, generator)
-    writer = SequenceWriter(input_ids, max_new_tokens, eos_ids, pad_id)
-    cache = stack.new_cache()
-    layer_forwards = [0] * num_layers
-    threshold_at = dict(checks)
-    stops = sorted(threshold_at) + [num_layers]
+    state = DecodingState(stack, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id)
+    rule = ExitRule(state, thresholds, confidence, sampling, subset, exit_on_subset)
     lagging = LaggingPositions()  # recompute mode: positions whose upper layers are not cached yet
-
-    def run(hidden, first, last, start):
-        for index in range(first - 1, last):
-            layer_forwards[index] += 1
-        inputs = stack.step_inputs(full_mask, start, hidden.shape[1], batch)
-        return stack.run_layers(hidden, first, last, inputs, cache)
-
-    inputs = stack.step_inputs(full_mask, 0, prompt_length, batch)
-    hidden = run(stack.embed(input_ids, inputs), 1, num_layers, 0)
-    done = writer.append(choose_tokens(stack.logits(hidden[:, -1]), *sample)[0])
-    exits_taken, num_checks, full_checks = [num_layers], 0, 0
+    done, exits_taken = state.prefill(sampling), [stack.num_layers]
     while not done:
-        position = prompt_length + writer.count - 1
-        inputs = stack.step_inputs(full_mask, position, 1, batch)
-        state = stack.embed(writer.last[:, None], inputs)  # (B, 1, H)
-        layer, exit_logits, subset_logits, on_subset = 0, None, None, False
-        for stop in stops:
-            state, layer = lagging.advance(state, layer, stop, position, run), stop
-            if stop < num_layers:
-                num_checks += 1
-                if subset is not None:
-                    subset_logits = subset.logits(state[:, -1])
-                    passed = exit_confidence(subset_logits, confidence) > threshold_at[stop]
-                    if not bool(passed[writer.unfinished].all()):
-                        continue
-                    if exit_on_subset:
-                        on_subset = True
-                        break
-                full_checks += 1
-            exit_logits = stack.logits(state[:, -1])
-            if stop == num_layers:
-                break
-            passed = exit_confidence(exit_logits, confidence) > threshold_at[stop]
-            if bool(passed[writer.unfinished].all()):
-                break
+        tokens, layer = _exit_token(state, rule, lagging, kv_fill)
         exits_taken.append(layer)
-        if layer == num_layers:
-            lagging = LaggingPositions()  # every earlier position was carried to the top
-        elif kv_fill == "recompute":
-            lagging.append(state, layer)
-        else:
-            stack.fill_kv(state, layer + 1, num_layers, inputs, cache)
-            for index in range(layer, num_layers):
-                layer_forwards[index] += 1
-        if on_subset:
-            done = writer.append(subset.token_ids[choose_tokens(subset_logits, *sample)[0]])
-        else:
-            done = writer.append(choose_tokens(exit_logits, *sample)[0])
-
-    seconds = time.perf_counter() - started
-    taken = torch.tensor(exits_taken[: writer.count])
-    return DynamicOutput(
-        sequences=writer.sequences(),
+        done = state.writer.append(tokens)
+    taken = torch.tensor(exits_taken[: state.writer.count])
+    output = DynamicOutput(
+        sequences=state.writer.sequences(),
         exit_layers=taken,
         average_depth=float(taken.float().mean()),
-        checks=num_checks,
-        full_checks=full_checks,
-        seconds=seconds,
-        tokens_per_second=writer.count * batch / seconds,
-        layer_forwards=layer_forwards,
+        checks=rule.checks,
+        full_checks=rule.full_checks,
     )
+    return state.finish(output)

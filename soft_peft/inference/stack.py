@@ -264,6 +264,11 @@ class LaggingPositions:
         self.states.append(state)
         self.depths.append(depth)
 
+    def clear(self) -> None:
+        """Forget every position (they were all carried to the top)."""
+        self.states.clear()
+        self.depths.clear()
+
     def advance(
         self,
         state: torch.Tensor,
@@ -296,3 +301,22 @@ class LaggingPositions:
                 self.depths[index] = segment_stop
             state, layer = out[:, -1:], segment_stop
         return state
+
+    def advance_all(
+        self, stop: int, position: int, run: Callable[[torch.Tensor, int, int, int], torch.Tensor]
+    ) -> torch.Tensor:
+        """Carry every lagging position up to layer ``stop`` and hand them over, emptying ``self``.
+
+        Args:
+            stop: The layer to reach.
+            position: The newest lagging position's absolute index.
+            run: As for [`advance`].
+
+        Returns:
+            ``(B, n, H)`` the states of all ``n`` positions after layer ``stop``, oldest first.
+        """
+        newest, depth = self.states.pop(), self.depths.pop()
+        newest = self.advance(newest, depth, stop, position, run)
+        states = [*self.states, newest]
+        self.states, self.depths = [], []
+        return torch.cat(states, dim=1)

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 __all__ = [
     "CONFIDENCES",
+    "SamplingSettings",
     "SequenceWriter",
     "check_sampling",
-    "choose_tokens",
     "exit_confidence",
     "resolve_special_tokens",
     "sampling_probs",
@@ -76,14 +77,39 @@ def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_p: float 
     return scores.softmax(-1)
 
 
-def choose_tokens(
-    logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator: torch.Generator | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Next tokens ``(B,)`` from logits ``(B, V)``: argmax, or a sample (then also the ``(B, V)`` probabilities)."""
-    if not do_sample:
-        return logits.argmax(-1), None
-    probs = sampling_probs(logits, temperature, top_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1), probs
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How the decoders turn logits into tokens: argmax, or a sample as ``generate(do_sample=True)`` draws it.
+
+    Attributes:
+        do_sample: Sample instead of taking the argmax.
+        temperature: Softmax temperature (> 0), used when sampling.
+        top_p: Nucleus mass in (0, 1], used when sampling.
+        generator: Random generator for sampling.
+
+    Raises:
+        ValueError: when sampling with a temperature <= 0 or a ``top_p`` outside (0, 1].
+    """
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
+
+    def __post_init__(self):
+        if self.do_sample:
+            check_sampling(self.temperature, self.top_p)
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """``(..., V)`` the distribution sampled from (see [`sampling_probs`])."""
+        return sampling_probs(logits, self.temperature, self.top_p)
+
+    def choose(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Next tokens ``(B,)`` from logits ``(B, V)``: argmax, or a sample (then also its ``(B, V)`` distribution)."""
+        if not self.do_sample:
+            return logits.argmax(-1), None
+        probs = self.probs(logits)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1), probs
 
 
 def exit_confidence(logits: torch.Tensor, kind: str = "max_prob") -> torch.Tensor:
@@ -143,6 +169,13 @@ class SequenceWriter:
             self.unfinished &= ~torch.isin(tokens, self.eos)
         self.done = self.count >= self.max_new_tokens or not bool(self.unfinished.any())
         return self.done
+
+    def extend(self, tokens: torch.Tensor) -> bool:
+        """Write ``(B, n)`` tokens column by column, stopping when generation ends; return ``True`` when it has."""
+        for column in tokens.unbind(dim=1):
+            if self.append(column):
+                return True
+        return False
 
     def sequences(self) -> torch.Tensor:
         """``(B, T + new)`` prompts followed by the generated tokens, as ``generate`` returns them."""
