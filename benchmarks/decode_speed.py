@@ -17,17 +17,22 @@ import argparse
 import os
 import platform
 import sys
-import warnings
-from pathlib import Path
 
 import torch
-
-from soft_peft.cli.decode_flags import add_decode_method_flags, decode_method_options, parse_ints
-from soft_peft.inference.benchmark import MODES
-
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = Path.home() / ".cache" / "soft_peft" / "runs" / "gsm8k-soft-450"
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+from decode_harness import (
+    DEFAULT_DATA,
+    DEFAULT_MODEL,
+    MODES,
+    add_decode_method_flags,
+    build_methods,
+    decode_method_options,
+    emit,
+    format_table,
+    gsm8k_benchmark_data,
+    load_model,
+    parse_ints,
+    run_decode_benchmark,
+)
 
 
 def _floats(text: str) -> list[float]:
@@ -72,37 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_model(path: str, dtype: torch.dtype = torch.float32):
-    """The SoFT checkpoint at ``path``, or the untrained SmolLM2-135M-Instruct with a warning when it is missing."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not (Path(path) / "config.json").exists():
-        sys.path.insert(0, str(ROOT / "tools"))
-        from get_smollm2 import get_smollm2
-
-        fallback = str(get_smollm2())
-        warnings.warn(
-            f"No checkpoint at {path}; benchmarking the untrained model {fallback} instead. Make the SoFT checkpoint "
-            "with `bash benchmarks/decode_checkpoint.sh`.",
-            stacklevel=2,
-        )
-        path = fallback
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-    return model, AutoTokenizer.from_pretrained(path), path
-
-
-def emit(header: list[str], table: str, output: str | None) -> None:
-    """Print the header lines (model, machine, command) and the markdown table; also write them to ``output``."""
-    text = "\n".join(header) + table + "\n"
-    print(text)
-    if output:
-        Path(output).write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     from soft_peft.exits import num_decoder_layers, parse_exit_layers, recorded_exit_layers
     from soft_peft.inference import frequent_token_ids
-    from soft_peft.inference.benchmark import build_methods, format_table, gsm8k_benchmark_data, run_decode_benchmark
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -29,12 +29,10 @@ import sys
 import time
 
 import torch
-from decode_speed import DEFAULT_DATA, DEFAULT_MODEL, emit, load_model
+from decode_harness import DEFAULT_DATA, DEFAULT_MODEL, emit, gsm8k_benchmark_data, load_model, parse_ints
 from tqdm.auto import tqdm
 
-from soft_peft.cli.decode_flags import parse_ints
 from soft_peft.inference import frequent_token_ids
-from soft_peft.inference.benchmark import gsm8k_benchmark_data
 from soft_peft.inference.stack import DecoderStack
 from soft_peft.inference.tokens import exit_confidence
 from soft_peft.inference.vocab import SubsetHead

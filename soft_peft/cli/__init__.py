@@ -16,7 +16,6 @@ SUBCOMMANDS = {
     "train": "Fine-tune with SoFT from a TrlParser YAML recipe plus command-line overrides.",
     "eval": "Per-exit evaluation (loss, perplexity, accuracy, similarity to the last layer) with a report and plots.",
     "generate": "Generate with a sub-model, self-speculative decoding or confidence-based early exit.",
-    "bench": "Measure decoding speed of the inference modes on a checkpoint.",
     "extract": "Save a standalone sub-model of the first N layers.",
 }
 

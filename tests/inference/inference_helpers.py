@@ -21,27 +21,37 @@ def prompts(batch: int, length: int, seed: int = 0, pads: tuple[int, ...] = ()) 
 
 
 def reference_dynamic(
-    model, input_ids, attention_mask, exits, threshold, max_new_tokens, check_vocab=None, exit_on_subset=False
+    model,
+    input_ids,
+    attention_mask,
+    exits,
+    threshold,
+    max_new_tokens,
+    check_vocab=None,
+    exit_on_subset=False,
+    confidence="max_prob",
 ):
     """Per-token early exit recomputed from scratch every step (no cache): the batch exits where all rows pass.
 
+    ``threshold`` is one float, or one per exit; ``confidence`` is passed to ``exit_confidence``.
     With ``check_vocab``, a row passes only when the confidence on those logits alone passes too; with
     ``exit_on_subset`` that confidence alone decides, and an early exit emits the top token among ``check_vocab``.
     """
     stack = DecoderStack(model)
     num_layers = stack.num_layers
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    thresholds = list(threshold) if isinstance(threshold, (list, tuple)) else [threshold] * len(exits)
     sequences, depths = input_ids, []
     with torch.no_grad():
         for step in range(max_new_tokens):
             position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
             outputs = model(sequences, attention_mask=mask, position_ids=position_ids, output_hidden_states=True)
             depth, logits = num_layers, outputs.logits[:, -1]
-            for layer in exits if step > 0 else []:  # the first new token always uses the full depth
+            for layer, limit in zip(exits, thresholds, strict=True) if step > 0 else []:  # first token: full depth
                 exit_logits = stack.logits(outputs.hidden_states[layer][:, -1])
-                passed = exit_confidence(exit_logits) > threshold
+                passed = exit_confidence(exit_logits, confidence) > limit
                 if check_vocab is not None:
-                    on_subset = exit_confidence(exit_logits[:, check_vocab]) > threshold
+                    on_subset = exit_confidence(exit_logits[:, check_vocab], confidence) > limit
                     passed = on_subset if exit_on_subset else passed & on_subset
                 if bool(passed.all()):
                     depth, logits = layer, exit_logits

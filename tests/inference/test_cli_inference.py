@@ -1,20 +1,13 @@
-"""`soft-peft generate` and `soft-peft extract` on a saved tiny model (the `bench` subcommand shares the benchmark's
-code, which `test_benchmark_functions` runs with tiny settings)."""
+"""`soft-peft generate` and `soft-peft extract` on a saved tiny model."""
 
 import json
 
 import pytest
-import torch
-from tiny_models import tiny_model, tiny_tokenizer
-from transformers import AutoModelForCausalLM
+from tiny_models import NUM_LAYERS, tiny_model, tiny_tokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from soft_peft.cli import main as soft_peft_main
-from soft_peft.cli.decode_flags import parse_draft_stop_thresholds, parse_early_draft_exit_sets
-from soft_peft.inference.benchmark import (
-    build_methods,
-    format_table,
-    run_decode_benchmark,
-)
+from soft_peft.inference import dynamic_generate, extract_submodel
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +24,35 @@ def saved_model(tmp_path_factory):
     "mode", [["--draft_exit", "2"], ["--thresholds", "0.5", "--exit_layers", "2"], ["--num_layers", "2"], []]
 )
 def test_generate_prints_text_and_stats(saved_model, capsys, mode):
+    """The printed text is the decoder's output (greedy `generate`'s for the exact modes) and the stats are its own."""
     status = soft_peft_main(
         ["generate", "--model_name_or_path", str(saved_model), "--prompt", "hello", "--max_new_tokens", "5", *mode]
     )
     assert status == 0
     text, stats = capsys.readouterr().out.rstrip("\n").rsplit("\n", 1)
-    assert isinstance(json.loads(stats), dict)
+    stats = json.loads(stats)
+    tokenizer = AutoTokenizer.from_pretrained(saved_model)
+    model = AutoModelForCausalLM.from_pretrained(saved_model).eval()
+    input_ids = tokenizer("hello", return_tensors="pt").input_ids
+    if "--thresholds" in mode:  # early exits change the output: compare with the library call
+        out = dynamic_generate(model, input_ids, [2], 0.5, 5)
+        sequences = out.sequences
+        assert stats["exit_layers"] == out.exit_layers.tolist() and stats["average_depth"] == out.average_depth
+    else:
+        if "--num_layers" in mode:
+            model = extract_submodel(model, 2)
+        sequences = model.generate(input_ids, do_sample=False, max_new_tokens=5)
+        if "--draft_exit" in mode:
+            assert stats["draft_exit"] == 2 and stats["new_tokens"] == sequences.shape[1] - input_ids.shape[1]
+            assert stats["cycles"] > 0 and stats["layer_forwards"][0] >= stats["layer_forwards"][-1] > 0
+        else:
+            assert stats == {"num_layers": 2 if mode else NUM_LAYERS}
+    assert text == tokenizer.decode(sequences[0, input_ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_bench_subcommand_is_gone():
+    # The decoding benchmark is a script of the repository now: benchmarks/decode_speed.py
+    assert soft_peft_main(["bench", "--help"]) == 2
 
 
 @pytest.mark.parametrize("mode", [["--draft_exit", "1"], ["--thresholds", "0.05", "--exit_layers", "1,2"]])
@@ -102,68 +118,3 @@ def test_extract_saves_a_reloadable_submodel(saved_model, tmp_path, capsys):
     assert status == 0 and "2-layer" in capsys.readouterr().out
     reloaded = AutoModelForCausalLM.from_pretrained(output)
     assert reloaded.config.num_hidden_layers == 2
-
-
-def test_benchmark_functions():
-    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
-    methods = build_methods(model, 4, [2], "adaptive", [2], [1.0], [2])
-    results = run_decode_benchmark(model, tokenizer, ["ab", "cde"], methods, batch_sizes=(1, 2), warmup=False)
-    assert [r.mode for r in results if r.batch_size == 2] == ["greedy", "self-speculative", "dynamic"]
-    table = format_table(results, tokenizer, [None, None])
-    # Exact decoders agree with greedy on every prompt (threshold 1.0 never exits early)
-    for line in table.splitlines()[2:]:
-        assert "| 1.00 | 1.000 |" in line, line
-    assert torch.is_tensor(methods[0].run(torch.tensor([[5, 6]]), None)[0])
-
-
-def test_benchmark_methods_take_a_vocabulary_and_a_mode_filter():
-    model = tiny_model("llama")
-    vocab = torch.arange(0, 101, 2)
-    methods = build_methods(model, 4, [2], 3, [2], [0.9], [2], vocab=vocab, modes=["dynamic"])
-    assert [m.mode for m in methods] == ["greedy", "dynamic"]
-    assert methods[1].setting.endswith("51-token vocab")
-    with pytest.raises(ValueError, match="Unknown modes"):
-        build_methods(model, 4, [2], 3, [2], [0.9], [2], modes=["speculative"])
-    both = build_methods(
-        model, 4, [2], 3, [2], [0.9], [2], vocab=vocab, modes=["dynamic"], dynamic_rules=["exact", "subset"]
-    )
-    assert [m.setting for m in both[1:]] == [
-        "threshold 0.9, kv recompute, 51-token vocab",
-        "threshold 0.9, kv recompute, exits on the 51-token vocab",
-    ]
-    results = run_decode_benchmark(model, tiny_tokenizer(), ["ab"], both, batch_sizes=(1,), warmup=False)
-    assert all(r.tokens == 4 for r in results)
-    only = build_methods(
-        model, 4, [2], 3, [2], [0.9, 0.5], [2], vocab=vocab, modes=["dynamic"], dynamic_rules=["subset"]
-    )
-    assert [m.setting.split(",")[0] for m in only] == ["generate(do_sample=False)", "threshold 0.9", "threshold 0.5"]
-    with pytest.raises(ValueError, match="needs `vocab`"):
-        build_methods(model, 4, [2], 3, [2], [0.9], [2], modes=["dynamic"], dynamic_rules=["subset"])
-    assert parse_draft_stop_thresholds("none, 0.5,") == [None, 0.5]
-    stops = build_methods(
-        model, 4, [2], 3, [2], [0.9], [2], modes=["self-speculative"], draft_stop_thresholds=[None, 0.5]
-    )
-    assert [m.setting for m in stops[1:]] == [
-        "draft exit 2, 3 drafts",
-        "draft exit 2, 3 drafts, stop at confidence <= 0.5",
-    ]
-    results = run_decode_benchmark(model, tiny_tokenizer(), ["ab"], stops, batch_sizes=(1,), warmup=False)
-    assert all(r.outputs == results[0].outputs for r in results)  # exact either way
-    assert parse_early_draft_exit_sets("none/1/1,2") == [(), (1,), (1, 2)]
-    early = build_methods(
-        model, 4, [2, 3], 3, [2], [0.9], [2], modes=["self-speculative"], draft_stop_thresholds=[None, 0.5],
-        early_draft_exit_sets=[(), (1,), (1, 2)],
-    )  # fmt: skip
-    assert [m.setting.split("3 drafts", 1)[1] for m in early[1:]] == [
-        "",  # exit 2, no stop: early exits need a stop
-        ", stop at confidence <= 0.5",
-        ", stop at confidence <= 0.5, drafts from 1 first",  # (1, 2) is (1,) below exit 2: run once
-        "",
-        ", stop at confidence <= 0.5",
-        ", stop at confidence <= 0.5, drafts from 1 first",
-        ", stop at confidence <= 0.5, drafts from 1,2 first",
-    ]
-    results = run_decode_benchmark(model, tiny_tokenizer(), ["ab"], early, batch_sizes=(1,), warmup=False)
-    assert all(r.outputs == results[0].outputs for r in results)
-    with pytest.raises(ValueError, match="dynamic_rules"):
-        build_methods(model, 4, [2], 3, [2], [0.9], [2], modes=["dynamic"], dynamic_rules=["fast"])

@@ -68,10 +68,28 @@ def test_propagate_fills_every_layer_and_saves_depth():
 
 
 def test_margin_confidence_and_per_exit_thresholds():
-    model = tiny_model("qwen2")
+    """Each exit is judged by the top-1/top-2 margin against its own threshold, as a from-scratch reference does."""
+    model = tiny_model("llama")
     input_ids, _ = prompts(1, 6, seed=3)
-    out = dynamic_generate(model, input_ids, [1, 3], [0.05, 0.02], max_new_tokens=10, confidence="margin")
-    assert set(out.exit_layers.tolist()) <= {1, 3, NUM_LAYERS}
+    stack = DecoderStack(model)
+    with torch.no_grad():
+        greedy = model.generate(input_ids, do_sample=False, max_new_tokens=12)
+        states = model(greedy, output_hidden_states=True).hidden_states
+        margins = [exit_confidence(stack.logits(states[k][0, input_ids.shape[1] :]), "margin") for k in (1, 3)]
+    # Per-exit thresholds at quantiles of each exit's margins, until the reference's later tokens take all three depths
+    for low, high in ((0.7, 0.5), (0.9, 0.5), (0.3, 0.5)):
+        thresholds = [float(margins[0].quantile(low)), float(margins[1].quantile(high))]
+        expected, depths = reference_dynamic(model, input_ids, None, [1, 3], thresholds, 12, confidence="margin")
+        if set(depths[1:]) == {1, 3, NUM_LAYERS}:
+            break
+    else:
+        raise AssertionError("no per-exit thresholds make the reference exit at 1, 3 and the last layer")
+    out = dynamic_generate(model, input_ids, [1, 3], thresholds, max_new_tokens=12, confidence="margin")
+    assert out.exit_layers.tolist() == depths
+    assert torch.equal(out.sequences, expected)
+    # The same thresholds on max-probability confidence decide otherwise, so the margin was really used
+    max_prob = reference_dynamic(model, input_ids, None, [1, 3], thresholds, 12)[1]
+    assert max_prob != depths
     logits = torch.tensor([[2.0, 1.0, 0.0]])
     probs = logits.softmax(-1)[0]
     assert exit_confidence(logits, "margin").item() == pytest.approx((probs[0] - probs[1]).item())

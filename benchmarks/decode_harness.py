@@ -1,33 +1,32 @@
-"""Side-by-side decoding benchmark of the inference modes, for ``benchmarks/decode_speed.py`` and ``soft-peft bench``.
+"""The decoding benchmark harness behind ``decode_speed.py`` and ``speculative_ceiling.py`` (not part of the library).
 
 Every method decodes the same prompts in the same run, interleaved prompt by prompt so that a change in machine load
 hits all of them alike. Speed is generated tokens (up to and including EOS) per second of wall time; quality is
-compared with plain greedy ``generate`` at the same batch size.
+compared with plain greedy ``generate`` at the same batch size, and GSM8K accuracy with the evaluation's numeric
+answer check. Also here: the shared model loading, report writing and command-line flags of the two scripts.
 """
 
 from __future__ import annotations
 
+import argparse
+import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data import gsm8k_answer, held_out_split, load_prompt_completion
-from .dynamic import dynamic_generate
-from .speculative import self_speculative_generate
+from soft_peft.data import held_out_split, load_prompt_completion
+from soft_peft.evaluation.metrics import gsm8k_exact_match
+from soft_peft.inference import dynamic_generate, self_speculative_generate
 
-__all__ = [
-    "MODES",
-    "DecodeMethod",
-    "MethodResult",
-    "build_methods",
-    "format_table",
-    "gsm8k_benchmark_data",
-    "run_decode_benchmark",
-]
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = Path.home() / ".cache" / "soft_peft" / "runs" / "gsm8k-soft-450"
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 
 MODES = ("self-speculative", "dynamic", "assistant_early_exit")
 
@@ -186,17 +185,17 @@ def build_methods(
     return methods
 
 
-def gsm8k_benchmark_data(path: str, num_prompts: int) -> tuple[list[str], list[str | None], list[str]]:
-    """Benchmark inputs from a GSM8K JSONL: the shared held-out split's prompts and answers, and the training side.
+def gsm8k_benchmark_data(path: str, num_prompts: int) -> tuple[list[str], list[str], list[str]]:
+    """Benchmark inputs from a GSM8K JSONL: the shared held-out split's prompts and references, and the training side.
 
     Returns:
-        ``(prompts, answers, train_completions)``: the first ``num_prompts`` prompts of ``held_out_split(test_size=200,
-        seed=0)`` with their reference answers, and every completion outside that split (calibration text for
-        [`frequent_token_ids`]).
+        ``(prompts, references, train_completions)``: the first ``num_prompts`` prompts of
+        ``held_out_split(test_size=200, seed=0)`` with their reference completions (ending in ``#### N``), and every
+        completion outside that split (calibration text for ``frequent_token_ids``).
     """
     train, held_out = held_out_split(load_prompt_completion(path, "gsm8k"), test_size=200, seed=0)
     rows = held_out.select(range(min(num_prompts, len(held_out))))
-    return list(rows["prompt"]), [gsm8k_answer(text) for text in rows["completion"]], list(train["completion"])
+    return list(rows["prompt"]), list(rows["completion"]), list(train["completion"])
 
 
 def _new_tokens(sequences: torch.Tensor, prompt_length: int, eos_ids: set[int]) -> list[list[int]]:
@@ -219,7 +218,7 @@ def run_decode_benchmark(
 
     Args:
         model: The causal LM (eval mode).
-        tokenizer: Its tokenizer; batches are left-padded.
+        tokenizer: Its tokenizer; batches are left-padded (the tokenizer's own ``padding_side`` is left as it is).
         prompts: Prompt strings.
         methods: From [`build_methods`]; the first is the greedy reference.
         batch_sizes: Batch sizes to measure.
@@ -228,7 +227,6 @@ def run_decode_benchmark(
     Returns:
         One [`MethodResult`] per (method, batch size) that can run at that size.
     """
-    tokenizer.padding_side = "left"
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
     results = []
@@ -240,7 +238,7 @@ def run_decode_benchmark(
             encoded = tokenizer(batches[0][:1], return_tensors="pt")
             model.generate(encoded.input_ids[:, :8], do_sample=False, max_new_tokens=4)
         for texts in tqdm(batches, desc=f"batch {batch_size}"):
-            encoded = tokenizer(texts, return_tensors="pt", padding=True)
+            encoded = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
             mask = encoded.attention_mask if len(texts) > 1 else None
             for method, total in zip(runnable, totals, strict=True):
                 started = time.perf_counter()
@@ -260,14 +258,14 @@ def _agreement(rows: list[list[int]], reference: list[list[int]]) -> tuple[float
     return exact, same / max(sum(len(ref) for ref in reference), 1)
 
 
-def format_table(results: Sequence[MethodResult], tokenizer, answers: Sequence[str | None]) -> str:
+def format_table(results: Sequence[MethodResult], tokenizer, references: Sequence[str | None]) -> str:
     """A markdown table: speed, ratios to greedy (and to the fastest ``assistant_early_exit`` setting), acceptance,
     depth, quality.
 
     Args:
         results: From [`run_decode_benchmark`].
         tokenizer: Decodes outputs for the GSM8K answer check.
-        answers: Reference GSM8K answers (``gsm8k_answer`` of the references), one per prompt.
+        references: Reference GSM8K completions (ending in ``#### N``), one per prompt; ``None`` counts as wrong.
     """
     lines = [
         "| batch | mode | setting | tokens/s | x greedy | x fastest assistant_early_exit | acceptance | avg depth "
@@ -280,9 +278,11 @@ def format_table(results: Sequence[MethodResult], tokenizer, answers: Sequence[s
         assisted_runs = [r for r in same_batch if r.mode == "assistant_early_exit"]
         assisted = max(assisted_runs, key=lambda r: r.tokens_per_second) if assisted_runs else None
         exact, agree = _agreement(result.outputs, greedy.outputs)
+        # Numeric comparison of the final numbers, as the evaluation reports it ("18" equals "18.0")
         correct = [
-            answer is not None and gsm8k_answer(tokenizer.decode(row, skip_special_tokens=True)) == answer
-            for row, answer in zip(result.outputs, answers, strict=True)
+            reference is not None
+            and gsm8k_exact_match(tokenizer.decode(row, skip_special_tokens=True), reference) == 1
+            for row, reference in zip(result.outputs, references, strict=True)
         ]
         counters = result.counters
         acceptance = f"{counters['accepted'] / counters['drafted']:.2f}" if counters.get("drafted") else "-"
@@ -299,3 +299,75 @@ def format_table(results: Sequence[MethodResult], tokenizer, answers: Sequence[s
             f"| {exact:.2f} | {agree:.3f} | {sum(correct) / len(correct):.2f} |"
         )
     return "\n".join(lines)
+
+
+def load_model(path: str, dtype: torch.dtype = torch.float32):
+    """The SoFT checkpoint at ``path``, or the untrained SmolLM2-135M-Instruct with a warning when it is missing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (Path(path) / "config.json").exists():
+        sys.path.insert(0, str(ROOT / "tools"))
+        from get_smollm2 import get_smollm2
+
+        fallback = str(get_smollm2())
+        warnings.warn(
+            f"No checkpoint at {path}; benchmarking the untrained model {fallback} instead. Make the SoFT checkpoint "
+            "with `bash benchmarks/decode_checkpoint.sh`.",
+            stacklevel=2,
+        )
+        path = fallback
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    return model, AutoTokenizer.from_pretrained(path), path
+
+
+def emit(header: list[str], table: str, output: str | None) -> None:
+    """Print the header lines (model, machine, command) and the markdown table; also write them to ``output``."""
+    text = "\n".join(header) + table + "\n"
+    print(text)
+    if output:
+        Path(output).write_text(text)
+
+
+def parse_ints(text: str) -> list[int]:
+    """``"9,12,"`` -> ``[9, 12]``: a comma-separated list of ints (empty parts skipped), as an argparse ``type``."""
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def parse_draft_stop_thresholds(text: str) -> list[float | None]:
+    """``"none,0.5"`` -> ``[None, 0.5]``: the command-line form of ``build_methods(draft_stop_thresholds=...)``."""
+    return [None if part.strip().lower() == "none" else float(part) for part in text.split(",") if part.strip()]
+
+
+def parse_early_draft_exit_sets(text: str) -> list[tuple[int, ...]]:
+    """``"none/9/9,15"`` -> ``[(), (9,), (9, 15)]``: the command-line form of ``early_draft_exit_sets``."""
+    return [() if part.strip().lower() in ("", "none") else tuple(parse_ints(part)) for part in text.split("/")]
+
+
+def add_decode_method_flags(parser: argparse.ArgumentParser) -> None:
+    """Add ``--dynamic_rules``, ``--draft_stop_thresholds`` and ``--early_draft_exits`` to ``parser``."""
+    parser.add_argument(
+        "--dynamic_rules",
+        default="exact",
+        help="Dynamic exit rules, comma-separated: exact (full-head confidence) and/or subset (exit_on_subset=True: "
+        "decided on the vocabulary subset alone; approximate, faster).",
+    )
+    parser.add_argument(
+        "--draft_stop_thresholds",
+        default="none,0.5",
+        help="draft_stop_threshold values to run each draft exit with, comma-separated; 'none': no confidence stop "
+        "(default: without a stop and with the recommended 0.5).",
+    )
+    parser.add_argument(
+        "--early_draft_exits",
+        default="none",
+        help="early_draft_exits settings, '/'-separated (e.g. 'none/9/9,15'); used with a draft stop threshold.",
+    )
+
+
+def decode_method_options(args: argparse.Namespace) -> dict:
+    """The ``build_methods`` keyword arguments the flags of [`add_decode_method_flags`] stand for."""
+    return {
+        "dynamic_rules": [rule for rule in args.dynamic_rules.split(",") if rule],
+        "draft_stop_thresholds": parse_draft_stop_thresholds(args.draft_stop_thresholds),
+        "early_draft_exit_sets": parse_early_draft_exit_sets(args.early_draft_exits),
+    }
