@@ -2,12 +2,17 @@
 
 Every prefix of a causal LM's decoder layers becomes a usable sub-model: the model's own final norm and shared LM
 head are trained at several exits at once, with no new parameters.
+
+The top level holds the training and exit API and the three ways to run a SoFT model. Evaluation lives in
+[`soft_peft.evaluation`] and is imported only when used (it needs the ``eval`` extra for plots).
 """
 
 __version__ = "0.1.0.dev0"
 
+import importlib
+import warnings
+
 from .config import SoFTConfig
-from .evaluation import EvalSettings, evaluate_exits, judge_pairwise, run_evaluation
 from .exits import default_exit_layers, find_exit_head, parse_exit_layers, recorded_exit_layers
 from .inference import dynamic_generate, extract_submodel, frequent_token_ids, self_speculative_generate
 from .loss import exit_loss_weights, sorted_exit_loss
@@ -15,7 +20,6 @@ from .modeling import SortedExitOutput, SortedLossWrapper, add_sorted_exit_loss
 from .trainer import SoFTTrainer
 
 __all__ = [
-    "EvalSettings",
     "SoFTConfig",
     "SoFTTrainer",
     "SortedExitOutput",
@@ -24,15 +28,28 @@ __all__ = [
     "add_sorted_exit_loss",
     "default_exit_layers",
     "dynamic_generate",
-    "evaluate_exits",
     "exit_loss_weights",
     "extract_submodel",
     "find_exit_head",
     "frequent_token_ids",
-    "judge_pairwise",
     "parse_exit_layers",
     "recorded_exit_layers",
-    "run_evaluation",
     "self_speculative_generate",
     "sorted_exit_loss",
 ]
+
+# Names that 0.1.0.dev0 exported from the top level; they now live in `soft_peft.evaluation` only. Importing them from
+# here still works for one release, with a warning, and loads evaluation lazily so `import soft_peft` stays light.
+_MOVED_TO_EVALUATION = ("EvalSettings", "evaluate_exits", "judge_pairwise", "run_evaluation")
+
+
+def __getattr__(name: str):
+    if name in _MOVED_TO_EVALUATION:
+        warnings.warn(
+            f"`soft_peft.{name}` is deprecated and will be removed in the next release: import it from "
+            f"`soft_peft.evaluation` instead (`from soft_peft.evaluation import {name}`).",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(".evaluation", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

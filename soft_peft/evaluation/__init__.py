@@ -1,55 +1,66 @@
 """Per-exit evaluation of SoFT checkpoints: metrics, similarity to the last layer, generation and pairwise judging.
 
 `soft-peft eval` runs [`run_evaluation`]; the pieces are usable alone: [`evaluate_exits`] (teacher-forced loss,
-perplexity, token accuracy and exit-by-exit KL / cosine matrices), [`generate_at_exits`] (greedy quality and time per
-token of each sub-model) and [`judge_pairwise`] (wins / losses / ties of two sets of generations, both orders).
+perplexity, token accuracy and exit-by-exit KL / cosine matrices over examples from [`load_eval_dataset`] and
+[`tokenize_examples`]), [`generate_at_exits`] (greedy quality and time per token of each sub-model) and
+[`judge_pairwise`] (wins / losses / ties of two sets of generations, both orders). Metric functions live in
+`soft_peft.evaluation.metrics`, plots in `soft_peft.evaluation.report`.
 """
 
-from .data import EvalExample, detect_format, load_eval_dataset, tokenize_examples
-from .generation import ExitGenerations, generate_at_exits, score_generations
-from .judge import JUDGE_PROMPT, LMJudge, PairwiseResult, judge_pairwise
-from .metrics import (
-    cosine_similarity_matrix,
-    exact_match,
-    gsm8k_exact_match,
-    kl_divergence,
-    kl_divergence_matrix,
-    normalize_answer,
-    perplexity,
-    token_f1,
-)
-from .per_exit import ExitEvaluation, evaluate_exits, make_batches
-from .pipeline import EvalSettings, every_fourth_layer, resolve_eval_exits, run_evaluation
-from .report import plot_exit_curves, plot_similarity, write_outputs
+import importlib
+import warnings
+
+from .data import EvalExample, load_eval_dataset, tokenize_examples
+from .generation import ExitGenerations, generate_at_exits
+from .judge import LMJudge, PairwiseResult, judge_pairwise
+from .per_exit import ExitEvaluation, evaluate_exits
+from .pipeline import EvalSettings, run_evaluation
 
 __all__ = [
-    "JUDGE_PROMPT",
     "EvalExample",
     "EvalSettings",
     "ExitEvaluation",
     "ExitGenerations",
     "LMJudge",
     "PairwiseResult",
-    "cosine_similarity_matrix",
-    "detect_format",
     "evaluate_exits",
-    "every_fourth_layer",
-    "exact_match",
     "generate_at_exits",
-    "gsm8k_exact_match",
     "judge_pairwise",
-    "kl_divergence",
-    "kl_divergence_matrix",
     "load_eval_dataset",
-    "make_batches",
-    "normalize_answer",
-    "perplexity",
-    "plot_exit_curves",
-    "plot_similarity",
-    "resolve_eval_exits",
     "run_evaluation",
-    "score_generations",
-    "token_f1",
     "tokenize_examples",
-    "write_outputs",
 ]
+
+# Names this package exported in 0.1.0.dev0 that are internals of its modules: still importable from here for one
+# release, with a warning naming their module.
+_MOVED = {
+    "JUDGE_PROMPT": "judge",
+    "cosine_similarity_matrix": "metrics",
+    "detect_format": "data",
+    "every_fourth_layer": "pipeline",
+    "exact_match": "metrics",
+    "gsm8k_exact_match": "metrics",
+    "kl_divergence": "metrics",
+    "kl_divergence_matrix": "metrics",
+    "make_batches": "per_exit",
+    "normalize_answer": "metrics",
+    "perplexity": "metrics",
+    "plot_exit_curves": "report",
+    "plot_similarity": "report",
+    "resolve_eval_exits": "pipeline",
+    "score_generations": "generation",
+    "token_f1": "metrics",
+    "write_outputs": "report",
+}
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        module = f"{__name__}.{_MOVED[name]}"
+        warnings.warn(
+            f"`{__name__}.{name}` is deprecated and will be removed in the next release: import it from `{module}`.",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(module), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

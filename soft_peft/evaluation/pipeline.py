@@ -14,7 +14,7 @@ from .data import load_eval_dataset, tokenize_examples
 from .generation import generate_at_exits, score_generations
 from .judge import LMJudge, judge_pairwise
 from .per_exit import evaluate_exits
-from .report import write_outputs
+from .report import require_matplotlib, write_outputs
 
 __all__ = ["EvalSettings", "every_fourth_layer", "resolve_eval_exits", "run_evaluation"]
 
@@ -130,6 +130,7 @@ def run_evaluation(settings: EvalSettings) -> dict:
     Raises:
         ValueError / DatasetFormatError: for unusable exits, models or datasets, with the fix in the message.
     """
+    require_matplotlib()  # the plots come last: fail before the models load, not after the evaluation
     if settings.judge_model is not None and settings.judge is not None:
         raise ValueError("Give either judge_model or judge, not both.")
     wants_judge = settings.judge_model is not None or settings.judge is not None

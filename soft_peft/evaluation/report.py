@@ -1,4 +1,4 @@
-"""Outputs of an evaluation run: ``metrics.json``, ``report.md`` with tables, and PNG plots (matplotlib, Agg)."""
+"""Outputs of an evaluation run: ``metrics.json``, ``report.md`` with tables, and PNG plots (matplotlib Agg canvas)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .per_exit import ExitEvaluation
 
-__all__ = ["plot_exit_curves", "plot_similarity", "short_name", "write_outputs"]
+__all__ = ["plot_exit_curves", "plot_similarity", "require_matplotlib", "short_name", "write_outputs"]
 
 _CURVES = (
     ("loss", "held-out loss (nats)"),
@@ -26,19 +26,29 @@ def short_name(name_or_path: str) -> str:
     return Path(str(name_or_path).rstrip("/")).name or str(name_or_path)
 
 
-def _pyplot():
+def require_matplotlib() -> None:
+    """Raise a one-line ``ImportError`` naming the fix when matplotlib (the ``eval`` extra) is missing.
+
+    Called before an evaluation starts, so a missing plotting library is found before minutes of model work.
+    """
     try:
-        import matplotlib
+        import matplotlib  # noqa: F401
     except ImportError:
         raise ImportError(
-            "soft-peft eval draws its plots with matplotlib, a soft-peft dependency that is missing here: "
-            "`pip install matplotlib`."
+            "soft-peft eval draws its plots with matplotlib, which is missing here: "
+            '`pip install "soft-peft[eval]"` (or `pip install matplotlib`).'
         ) from None
 
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
 
-    return plt
+def _figure(**kwargs):
+    """A matplotlib figure drawn on its own Agg canvas: files only, and the user's pyplot backend is left alone."""
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(**kwargs)
+    FigureCanvasAgg(figure)
+    return figure
 
 
 def plot_exit_curves(per_model: dict[str, dict[int, dict[str, float]]], path: str) -> str:
@@ -51,10 +61,10 @@ def plot_exit_curves(per_model: dict[str, dict[int, dict[str, float]]], path: st
     Returns:
         ``path``.
     """
-    plt = _pyplot()
     present = {key for metrics in per_model.values() for values in metrics.values() for key in values}
     panels = [c for c in _CURVES + _GENERATION_CURVES if c[0] in present]
-    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    figure = _figure(figsize=(4.2 * len(panels), 3.6))
+    axes = figure.subplots(1, len(panels), squeeze=False)
     for axis, (key, title) in zip(axes[0], panels, strict=True):
         for label, metrics in per_model.items():
             layers = [k for k in sorted(metrics) if key in metrics[k]]
@@ -65,7 +75,6 @@ def plot_exit_curves(per_model: dict[str, dict[int, dict[str, float]]], path: st
     axes[0][0].legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    plt.close(figure)
     return path
 
 
@@ -80,11 +89,11 @@ def plot_similarity(matrices: dict[tuple[str, str], tuple[list, list[int], list[
     Returns:
         ``path``.
     """
-    plt = _pyplot()
     count = len(matrices)
     columns = 2 if count > 1 else 1
     rows = math.ceil(count / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 4.4 * rows), squeeze=False)
+    figure = _figure(figsize=(5.2 * columns, 4.4 * rows))
+    axes = figure.subplots(rows, columns, squeeze=False)
     for axis, ((row_label, column_label), (matrix, row_exits, column_exits)) in zip(
         axes.flat, matrices.items(), strict=False
     ):
@@ -105,7 +114,6 @@ def plot_similarity(matrices: dict[tuple[str, str], tuple[list, list[int], list[
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    plt.close(figure)
     return path
 
 

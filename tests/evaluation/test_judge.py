@@ -6,7 +6,8 @@ import pytest
 import torch
 from tiny_models import tiny_model, tiny_tokenizer
 
-from soft_peft.evaluation import JUDGE_PROMPT, LMJudge, judge_pairwise
+from soft_peft.evaluation import LMJudge, judge_pairwise
+from soft_peft.evaluation.judge import JUDGE_PROMPT
 
 
 def longer_is_better(instruction, response_1, response_2):

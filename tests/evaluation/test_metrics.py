@@ -9,16 +9,15 @@ import torch
 from datasets import Dataset
 from tiny_models import tiny_model, tiny_tokenizer
 
-from soft_peft.evaluation import (
+from soft_peft.evaluation import evaluate_exits, tokenize_examples
+from soft_peft.evaluation.metrics import (
     cosine_similarity_matrix,
-    evaluate_exits,
     exact_match,
     gsm8k_exact_match,
     kl_divergence,
     kl_divergence_matrix,
     perplexity,
     token_f1,
-    tokenize_examples,
 )
 
 

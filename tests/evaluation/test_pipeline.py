@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from tiny_models import tiny_model
 
-from soft_peft.evaluation import every_fourth_layer, resolve_eval_exits
+from soft_peft.evaluation.pipeline import every_fourth_layer, resolve_eval_exits
 from soft_peft.exits import record_exit_layers
 
 
