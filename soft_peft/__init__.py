@@ -17,9 +17,11 @@ from .exits import default_exit_layers, find_exit_head, parse_exit_layers, recor
 from .inference import dynamic_generate, extract_submodel, frequent_token_ids, self_speculative_generate
 from .loss import exit_loss_weights, sorted_exit_loss
 from .modeling import SortedExitOutput, SortedLossWrapper, add_sorted_exit_loss
+from .schedule import ExitSchedule, scheduled_exit_weights
 from .trainer import SoFTTrainer
 
 __all__ = [
+    "ExitSchedule",
     "SoFTConfig",
     "SoFTTrainer",
     "SortedExitOutput",
@@ -34,6 +36,7 @@ __all__ = [
     "frequent_token_ids",
     "parse_exit_layers",
     "recorded_exit_layers",
+    "scheduled_exit_weights",
     "self_speculative_generate",
     "sorted_exit_loss",
 ]

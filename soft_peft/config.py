@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from trl import SFTConfig
 
 from .loss import DEFAULT_VOCAB_CHUNK_SIZE, exit_loss_weights
+from .schedule import ExitSchedule
 
 __all__ = ["SoFTConfig"]
 
@@ -44,6 +45,15 @@ class SoFTConfig(SFTConfig):
         exit_loss_kernel (`str`, *optional*, defaults to `"auto"`):
             Head kernel of the exit loss: `"trl"` (TRL's `ChunkedLogProbFunction`, Triton on CUDA/XPU), `"torch"`
             (`soft_peft.chunked_ce`, faster without Triton) or `"auto"` (TRL's where it runs Triton, else torch).
+        exit_ramp_steps (`int`, *optional*, defaults to `0`):
+            Optimizer steps over which the early exits' weights are ramped in from 0 (the deepest exit keeps its
+            weight; weights renormalised to sum to 1, so training starts as plain SFT). 0 = no ramp.
+        exit_ramp_order (`str`, *optional*, defaults to `"deepest_first"`):
+            `"deepest_first"` (each early exit ramps in its own window, deepest first, as LayerSkip's gradual
+            curriculum) or `"all"` (every early exit ramps together).
+        exit_rotation (`int`, *optional*, defaults to `0`):
+            Train only this many early exits per step besides the deepest, in rotation (weights scaled so a full
+            cycle equals the unrotated loss). Skipped exits never reach the head, which cuts time. 0 = every exit.
     """
 
     exit_layers: str | None = field(
@@ -73,6 +83,22 @@ class SoFTConfig(SFTConfig):
         },
     )
 
+    exit_ramp_steps: int = field(
+        default=0,
+        metadata={"help": "Steps over which the early exits are ramped in from weight 0 (0 = no ramp)."},
+    )
+    exit_ramp_order: str = field(
+        default="deepest_first",
+        metadata={
+            "help": "Order of the exit ramp: 'deepest_first' (one early exit after another) or 'all' (together).",
+            "choices": ["deepest_first", "all"],
+        },
+    )
+    exit_rotation: int = field(
+        default=0,
+        metadata={"help": "Early exits trained per step besides the deepest, in rotation (0 = all, every step)."},
+    )
+
     def __post_init__(self):
         super().__post_init__()
         from .exits import parse_exit_layers
@@ -89,6 +115,7 @@ class SoFTConfig(SFTConfig):
                 else len([w for w in weights.replace(" ", ",").split(",") if w])
             )
             exit_loss_weights(weights, layers or [0] * count)
+        self.exit_schedule()  # validate the schedule fields now
         if self.exit_vocab_chunk_size < 1:
             raise ValueError(f"`exit_vocab_chunk_size` must be >= 1, got {self.exit_vocab_chunk_size}.")
         if self.label_smoothing_factor > 0:
@@ -96,3 +123,7 @@ class SoFTConfig(SFTConfig):
                 f"`label_smoothing_factor={self.label_smoothing_factor}` is not supported by SoFT: label smoothing "
                 "needs every exit's full logits, which the chunked exit loss never builds. Set it to 0."
             )
+
+    def exit_schedule(self) -> ExitSchedule:
+        """The [`~soft_peft.schedule.ExitSchedule`] of `exit_ramp_steps`, `exit_ramp_order` and `exit_rotation`."""
+        return ExitSchedule(self.exit_ramp_steps, self.exit_ramp_order, self.exit_rotation)

@@ -19,6 +19,7 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from .exits import find_exit_head, parse_exit_layers, record_exit_layers, unwrap_model
 from .loss import DEFAULT_VOCAB_CHUNK_SIZE, KERNELS, SortedExitLoss, exit_loss_weights, sorted_exit_loss
+from .schedule import ExitSchedule, scheduled_exit_weights
 
 __all__ = ["SortedExitOutput", "SortedLossWrapper", "add_sorted_exit_loss"]
 
@@ -32,12 +33,15 @@ class SortedExitOutput(ModelOutput):
 
     Attributes:
         loss: The combined (weighted mean over exits) loss.
-        exit_losses: ``{layer: scalar}`` mean token cross-entropy of each exit on this batch.
+        exit_losses: ``{layer: scalar}`` mean token cross-entropy of each exit on this batch (only the exits computed
+            this step: a schedule skips exits whose weight is 0, see [`~soft_peft.schedule.ExitSchedule`]).
         exit_token_accuracy: ``{layer: scalar}`` fraction of labelled tokens each exit predicts as its argmax.
         num_tokens: Number of labelled tokens in this batch.
         last_num_correct: Labelled tokens the model's last layer predicts as its argmax (with last-layer metrics).
         last_entropy_sum: Summed entropy of the last layer over labelled tokens (with last-layer metrics).
-        details: The full [`~soft_peft.loss.SortedExitLoss`] (sums, for exact cross-rank averaging).
+        details: The full [`~soft_peft.loss.SortedExitLoss`] (sums, for exact cross-rank averaging), over the exits
+            of ``exit_losses`` in that order.
+        exit_weights: ``{layer: weight}`` the weight each exit had in ``loss`` (0 for a skipped exit).
     """
 
     loss: torch.Tensor | None = None
@@ -47,6 +51,7 @@ class SortedExitOutput(ModelOutput):
     last_num_correct: torch.Tensor | None = None
     last_entropy_sum: torch.Tensor | None = None
     details: SortedExitLoss | None = None
+    exit_weights: dict[int, float] | None = None
 
 
 def _full_tensor(tensor: torch.Tensor | None) -> torch.Tensor | None:
@@ -62,10 +67,24 @@ def _sorted_exit_forward(
     shift_labels: torch.Tensor | None,
     num_items_in_batch,
     settings: dict,
+    step: int | None = None,
 ) -> SortedExitOutput:
-    """Run the backbone once with hidden states, then the loss over every exit."""
+    """Run the backbone once with hidden states, then the loss over every exit active at ``step``."""
     head = find_exit_head(model, final_norm=settings["final_norm"])
-    exit_layers = settings["exit_layers"]
+    all_exit_layers, weights, schedule = settings["exit_layers"], settings["weights"], settings["schedule"]
+    scheduled = schedule is not None and not schedule.is_constant
+    if scheduled and step is None and model.training:
+        raise ValueError(
+            "This model has an exit schedule, so a training forward needs the optimizer step: pass "
+            "`soft_exit_step=step` (or `step=` to SortedLossWrapper), the number of optimizer steps taken."
+        )
+    if scheduled and step is not None:
+        weights = scheduled_exit_weights(weights, step, schedule)
+        # A scheduled 0 never reaches the head; the deepest exit always does (it carries the last-layer metrics)
+        exit_layers = [k for k, w in zip(all_exit_layers, weights, strict=True) if w > 0 or k == all_exit_layers[-1]]
+    else:  # without a schedule every exit is computed, zero weights included (their metrics are still logged)
+        exit_layers = list(all_exit_layers)
+    exit_weights = dict(zip(all_exit_layers, weights, strict=True))
     for unsupported in ("output_router_logits",):
         if kwargs.get(unsupported):
             raise ValueError(
@@ -112,7 +131,7 @@ def _sorted_exit_forward(
             targets,
             weight,
             bias,
-            weights=settings["weights"],
+            weights=[exit_weights[k] for k in exit_layers],
             num_items_in_batch=num_items_in_batch,
             final_logit_softcapping=head.final_logit_softcapping,
             logit_scale=head.logit_scale,
@@ -148,6 +167,7 @@ def _sorted_exit_forward(
         last_num_correct=last_num_correct if with_last else None,
         last_entropy_sum=last_entropy_sum if with_last else None,
         details=result,
+        exit_weights=exit_weights,
     )
 
 
@@ -160,6 +180,7 @@ def add_sorted_exit_loss(
     token_weighting: str = "nll",
     with_last_layer_metrics: bool = False,
     kernel: str = "auto",
+    schedule: ExitSchedule | None = None,
 ) -> list[int]:
     """Give a causal LM instance the SoFT loss: ``model(..., labels=y, soft_exit_loss=True)`` returns a
     [`SortedExitOutput`].
@@ -178,6 +199,9 @@ def add_sorted_exit_loss(
         with_last_layer_metrics: Also report the last layer's token accuracy and entropy (``SFTTrainer``'s metrics),
             with a no-grad head pass when the last layer is not an exit.
         kernel: Head kernel, ``"auto"``, ``"trl"`` or ``"torch"`` (see [`~soft_peft.loss.sorted_exit_loss`]).
+        schedule: An [`~soft_peft.schedule.ExitSchedule`] (ramp / rotation over optimizer steps). A training forward
+            then needs ``soft_exit_step=`` the optimizer steps taken; without a step (evaluation) every exit is
+            computed at its base weight.
 
     Returns:
         The resolved exit layers, ascending.
@@ -193,11 +217,14 @@ def add_sorted_exit_loss(
         "token_weighting": token_weighting,
         "with_last_layer_metrics": with_last_layer_metrics,
         "kernel": kernel,
+        "schedule": schedule,
     }
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}.")
     if vocab_chunk_size < 1:
         raise ValueError(f"vocab_chunk_size must be a positive integer, got {vocab_chunk_size}.")
+    if schedule is not None:
+        scheduled_exit_weights(settings["weights"], 0, schedule)  # fail now on a schedule that trains nothing
     record_exit_layers(base, layers)
     if getattr(base, _PATCHED, None) is not None:
         getattr(base, _PATCHED).update(settings)
@@ -207,14 +234,22 @@ def add_sorted_exit_loss(
 
     # Keep the original signature: `generate` validates its model kwargs against it
     @functools.wraps(type(base).forward)
-    def forward(*args, soft_exit_loss=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+    def forward(
+        *args,
+        soft_exit_loss=False,
+        labels=None,
+        shift_labels=None,
+        num_items_in_batch=None,
+        soft_exit_step=None,
+        **kwargs,
+    ):
         if not soft_exit_loss:
             extra = {"labels": labels, "shift_labels": shift_labels, "num_items_in_batch": num_items_in_batch}
             return previous_forward(*args, **kwargs, **{k: v for k, v in extra.items() if v is not None})
         if labels is None and shift_labels is None:
             raise ValueError("`soft_exit_loss=True` needs `labels` (use -100 for positions without a loss).")
         return _sorted_exit_forward(
-            base, args, kwargs, labels, shift_labels, num_items_in_batch, getattr(base, _PATCHED)
+            base, args, kwargs, labels, shift_labels, num_items_in_batch, getattr(base, _PATCHED), soft_exit_step
         )
 
     base.forward = forward
@@ -242,6 +277,9 @@ class SortedLossWrapper(nn.Module):
         exit_loss_weights: ``"uniform"`` (paper), ``"linear"`` (deeper exits weigh more) or one weight per exit.
         final_norm: The final norm module, only for architectures where it cannot be found automatically.
         vocab_chunk_size: Vocabulary columns per head tile (memory/speed knob).
+        schedule: An [`~soft_peft.schedule.ExitSchedule`] (exits ramped in, or a rotation of the early exits). Then
+            pass ``step=`` (optimizer steps taken so far) to every training forward; every micro-batch of one
+            optimizer step must get the same step.
 
     Example:
         ```python
@@ -260,11 +298,17 @@ class SortedLossWrapper(nn.Module):
         exit_loss_weights: str | Sequence[float] = "uniform",
         final_norm: nn.Module | None = None,
         vocab_chunk_size: int = DEFAULT_VOCAB_CHUNK_SIZE,
+        schedule: ExitSchedule | None = None,
     ):
         super().__init__()
         self.model = model
         self.exit_layers = add_sorted_exit_loss(
-            model, exit_layers, exit_loss_weights, final_norm=final_norm, vocab_chunk_size=vocab_chunk_size
+            model,
+            exit_layers,
+            exit_loss_weights,
+            final_norm=final_norm,
+            vocab_chunk_size=vocab_chunk_size,
+            schedule=schedule,
         )
 
     @property
@@ -272,11 +316,19 @@ class SortedLossWrapper(nn.Module):
         """The wrapped model's config (carries ``soft_exit_layers``)."""
         return unwrap_model(self.model).config
 
-    def forward(self, *args, labels=None, num_items_in_batch=None, **kwargs):
-        """Forward with the SoFT loss when ``labels`` are given, else the model's own forward."""
+    def forward(self, *args, labels=None, num_items_in_batch=None, step=None, **kwargs):
+        """Forward with the SoFT loss when ``labels`` are given (``step``: optimizer steps taken, for a schedule),
+        else the model's own forward."""
         if labels is None:
             return self.model(*args, **kwargs)
-        return self.model(*args, labels=labels, num_items_in_batch=num_items_in_batch, soft_exit_loss=True, **kwargs)
+        return self.model(
+            *args,
+            labels=labels,
+            num_items_in_batch=num_items_in_batch,
+            soft_exit_loss=True,
+            soft_exit_step=step,
+            **kwargs,
+        )
 
     def save_pretrained(self, save_directory, **kwargs):
         """Save the wrapped model as a vanilla checkpoint (or a PEFT adapter), exits recorded in its config."""

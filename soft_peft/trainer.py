@@ -10,6 +10,7 @@ from trl import SFTConfig, SFTTrainer
 from .config import SoFTConfig
 from .exits import unwrap_model
 from .modeling import add_sorted_exit_loss
+from .schedule import ExitSchedule
 
 __all__ = ["SoFTTrainer"]
 
@@ -37,8 +38,9 @@ class SoFTTrainer(SFTTrainer):
 
     Logged through `SFTTrainer`'s metrics (so every `report_to` backend gets them): `exit_{k}/loss` and
     `exit_{k}/mean_token_accuracy` for every exit, prefixed `eval_` in evaluation. `loss` stays the combined loss and
-    `mean_token_accuracy` / `entropy` the last layer's. Checkpoints are vanilla transformers models (or PEFT adapters)
-    with `soft_exit_layers` in `config.json`.
+    `mean_token_accuracy` / `entropy` the last layer's. With an exit schedule (`exit_ramp_steps`, `exit_rotation`),
+    also `exit_{k}/weight`, and an exit's loss and accuracy only on the steps that train it. Checkpoints are vanilla
+    transformers models (or PEFT adapters) with `soft_exit_layers` in `config.json`.
 
     Args:
         model, args, ...: As for `SFTTrainer`. `args` may be a [`SoFTConfig`]; a plain `SFTConfig` is converted to one
@@ -76,6 +78,12 @@ class SoFTTrainer(SFTTrainer):
                 "Context/sequence parallelism is not supported by SoFTTrainer: its sharded loss reduction assumes "
                 "the single-exit loss. Disable `cp_size` / `sp_size` in the parallelism config."
             )
+        # Read with defaults: `args` may be a plain SFTConfig without the schedule fields
+        self.exit_schedule = ExitSchedule(
+            getattr(self.args, "exit_ramp_steps", 0),
+            getattr(self.args, "exit_ramp_order", "deepest_first"),
+            getattr(self.args, "exit_rotation", 0),
+        )
         target = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self.exit_layers = add_sorted_exit_loss(
             target,
@@ -86,13 +94,16 @@ class SoFTTrainer(SFTTrainer):
             token_weighting=self.args.loss_type,
             with_last_layer_metrics=True,
             kernel=self.args.exit_loss_kernel,
+            schedule=self.exit_schedule,
         )
 
     def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False, num_items_in_batch=None):
         """The SoFT loss, normalised exactly like `SFTTrainer`'s; logs per-exit metrics."""
         mode = "train" if self.model.training else "eval"
         inputs["use_cache"] = False
-        outputs = model(**inputs, soft_exit_loss=True, num_items_in_batch=num_items_in_batch)
+        # The schedule follows the optimizer step: the same for every micro-batch of a step, restored on resume
+        step = self.state.global_step if mode == "train" else None
+        outputs = model(**inputs, soft_exit_loss=True, num_items_in_batch=num_items_in_batch, soft_exit_step=step)
         loss = outputs.loss
         # As in `SFTTrainer`: `num_items_in_batch` counts the tokens of every rank, and DDP averages the gradients
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -118,10 +129,15 @@ class SoFTTrainer(SFTTrainer):
             ]
         )
         stats = self.accelerator.gather(local.detach()).view(-1, local.numel()).sum(0).tolist()
-        num_exits = len(self.exit_layers)
+        # Only the exits computed this step (a schedule skips exits at weight 0), in the order of `details`
+        computed = list(outputs.exit_losses)
+        num_exits = len(computed)
         num_tokens = stats[2 * num_exits]
         metrics = self._metrics[mode]
-        for index, layer in enumerate(self.exit_layers):
+        if mode == "train" and not self.exit_schedule.is_constant:
+            for layer, weight in outputs.exit_weights.items():
+                metrics[f"exit_{layer}/weight"].append(weight)
+        for index, layer in enumerate(computed):
             metrics[f"exit_{layer}/loss"].append(stats[index] / num_tokens if num_tokens else 0.0)
             accuracy = stats[num_exits + index] / num_tokens if num_tokens else 0.0
             metrics[f"exit_{layer}/mean_token_accuracy"].append(accuracy)

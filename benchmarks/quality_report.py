@@ -1,0 +1,184 @@
+"""The report of `benchmarks/quality_study.py`: per-run tables against SFT and a frontier plot, from the result JSONs.
+
+python benchmarks/quality_study.py report   # reads docs/study/*.json, writes docs/quality_study.md + plots
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from pathlib import Path
+
+__all__ = ["summarize", "write_report"]
+
+# Targets of issue 13 for the best variant at equal steps, each against SFT's run
+TARGETS = {
+    "last_ce_vs_sft": ("<=", 1.03),
+    "mid_ce_vs_sft": ("<=", 0.30),
+    "shallow_agreement": (">=", 0.75),
+    "time_vs_sft": ("<=", 1.5),
+    "memory_vs_sft": ("<=", 1.05),
+}
+
+
+def summarize(result: dict, sft: dict | None) -> dict:
+    """One run's headline numbers; ratios against `sft` (``None`` when SFT has no result yet).
+
+    Args:
+        result: A run's JSON (see quality_study.py).
+        sft: SFT's JSON at the same step count, or ``None``.
+
+    Returns:
+        ``{"last", "mid", "shallow", "last_ce", "last_accuracy", "mid_ce", "mean_exit_ce", "shallow_agreement",
+        "seconds_per_step", "peak_rss_gb"}`` plus the ``*_vs_sft`` ratios and ``"targets_met"`` when `sft` is given.
+        ``mid`` is the exit nearest half depth (15 of 30), ``shallow`` the shallowest (9 of 30).
+    """
+    exits = {int(k): v for k, v in result["exits"].items()}
+    last, shallow = max(exits), min(exits)
+    mid = min(exits, key=lambda k: (abs(2 * k - last), k))
+    early = [k for k in exits if k != last]
+    summary = {
+        "last": last,
+        "mid": mid,
+        "shallow": shallow,
+        "last_ce": exits[last]["loss"],
+        "last_accuracy": exits[last]["token_accuracy"],
+        "mid_ce": exits[mid]["loss"],
+        "mean_exit_ce": statistics.fmean(exits[k]["loss"] for k in early) if early else exits[last]["loss"],
+        "shallow_agreement": exits[shallow]["agreement_with_last"],
+        "seconds_per_step": result["seconds_per_step"],
+        "peak_rss_gb": result["peak_rss_gb"],
+    }
+    if sft is not None:
+        sft_exits = {int(k): v for k, v in sft["exits"].items()}
+        summary["last_ce_vs_sft"] = summary["last_ce"] / sft_exits[last]["loss"]
+        summary["mid_ce_vs_sft"] = summary["mid_ce"] / sft_exits[mid]["loss"]
+        summary["time_vs_sft"] = summary["seconds_per_step"] / sft["seconds_per_step"]
+        summary["memory_vs_sft"] = summary["peak_rss_gb"] / sft["peak_rss_gb"]
+        summary["targets_met"] = sum(
+            (summary[key] <= bound) if op == "<=" else (summary[key] >= bound) for key, (op, bound) in TARGETS.items()
+        )
+    return summary
+
+
+def _plot_frontier(group: dict[str, dict], summaries: dict[str, dict], path: Path) -> None:
+    """x = last-layer CE / SFT's, y = mean early-exit CE; one labelled point per run."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.4, 4.4))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for run, summary in summaries.items():
+        style = {"sft": ("s", "tab:red"), "uniform": ("D", "tab:blue")}.get(run, ("o", "tab:gray"))
+        axes.scatter(summary["last_ce_vs_sft"], summary["mean_exit_ce"], marker=style[0], color=style[1], zorder=3)
+        axes.annotate(run, (summary["last_ce_vs_sft"], summary["mean_exit_ce"]), textcoords="offset points",
+                      xytext=(5, 4), fontsize=8)  # fmt: skip
+    axes.axvline(1.03, color="tab:green", linestyle=":", linewidth=1, label="target: last layer <= 1.03x SFT")
+    axes.set_xlabel("last-layer held-out CE / SFT's (lower is better)")
+    axes.set_ylabel("mean held-out CE of the early exits (nats)")
+    values = [summary["mean_exit_ce"] for summary in summaries.values()]
+    if max(values) > 3 * min(values):  # SFT's untrained exits sit far above SoFT's
+        axes.set_yscale("log")
+    axes.set_title(f"SoFT controls at {next(iter(group.values()))['max_steps']} steps: the frontier")
+    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def _fmt(value, digits=3):
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _group_section(steps: int, group: dict[str, dict], output: Path, results_dir: Path) -> list[str]:
+    sft = group.get("sft")
+    summaries = {run: summarize(result, sft) for run, result in group.items()}
+    lines = [f"## {steps} steps", ""]
+    if sft is None:
+        lines += ["SFT has no result at this step count yet: no ratios, no plot.", ""]
+    any_summary = next(iter(summaries.values()))
+    mid, shallow, last = any_summary["mid"], any_summary["shallow"], any_summary["last"]
+    lines += [
+        f"| run | last CE | ×SFT | last acc | exit {mid} CE | ×SFT exit {mid} | mean exit CE | exit {shallow} "
+        "agree | s/step | ×SFT | peak RSS (GB) | ×SFT | targets met |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run, s in summaries.items():
+        lines.append(
+            f"| {run} | {_fmt(s['last_ce'])} | {_fmt(s.get('last_ce_vs_sft'), 2)} | {_fmt(s['last_accuracy'])} | "
+            f"{_fmt(s['mid_ce'])} | {_fmt(s.get('mid_ce_vs_sft'), 2)} | {_fmt(s['mean_exit_ce'])} | "
+            f"{_fmt(s['shallow_agreement'])} | {_fmt(s['seconds_per_step'], 2)} | {_fmt(s.get('time_vs_sft'), 2)} | "
+            f"{_fmt(s['peak_rss_gb'], 2)} | {_fmt(s.get('memory_vs_sft'), 2)} | "
+            f"{s['targets_met'] if 'targets_met' in s else '–'}/{len(TARGETS)} |"
+        )
+    exits = sorted(int(k) for k in next(iter(group.values()))["exits"])
+    lines += [
+        "",
+        f"Per exit: held-out CE / token accuracy / top-1 agreement with the run's last layer (exit {last}).",
+        "",
+    ]
+    lines += ["| run | " + " | ".join(f"exit {k}" for k in exits) + " |", "|---" * (len(exits) + 1) + "|"]
+    for run, result in group.items():
+        cells = [result["exits"][str(k)] for k in exits]
+        row = " | ".join(
+            f"{c['loss']:.2f} / {c['token_accuracy']:.2f} / {c['agreement_with_last']:.2f}" for c in cells
+        )
+        lines.append(f"| {run} | {row} |")
+    if sft is not None:
+        plot = results_dir / f"frontier_{steps}.png"
+        _plot_frontier(group, summaries, plot)
+        lines += ["", f"![frontier at {steps} steps]({os.path.relpath(plot, output.parent)})"]
+    lines += ["", "Training commands (run by the study in a pinned child process):", "", "```bash"]
+    lines += [f"{result['command']}" for result in group.values()]
+    return [*lines, "```", ""]
+
+
+def write_report(results_dir: Path, output: Path, repo: Path) -> None:
+    """Write the study's markdown report (and one frontier plot per step count) from `results_dir/*.json`.
+
+    Args:
+        results_dir: Folder of the per-run JSON files.
+        output: The markdown file to write.
+        repo: Repository root (for the commands shown).
+
+    Raises:
+        SystemExit: when there is no result to report.
+    """
+    results = [json.loads(p.read_text()) for p in sorted(Path(results_dir).glob("*.json"))]
+    if not results:
+        raise SystemExit(f"no results in {results_dir}: run `python benchmarks/quality_study.py run` first.")
+    by_steps: dict[int, dict[str, dict]] = {}
+    for result in sorted(results, key=lambda r: (r["run"] != "sft", r["run"] != "uniform", r["run"])):
+        by_steps.setdefault(result["max_steps"], {})[result["run"]] = result
+    first = results[0]
+    lines = [
+        "# Quality study: SoFT controls against SFT at equal budget",
+        "",
+        "Generated by `python benchmarks/quality_study.py report` from `docs/study/*.json`. SmolLM2-135M-Instruct on "
+        "GSM8K train, `recipes/smollm2_135m_gsm8k_soft.yaml` for every run (batch 4, max_length 256, lr 1e-4 "
+        "cosine, seed 0, the same data order); SFT = the same recipe with `--exit_layers 30`. Held-out metrics: the "
+        f"first {first['eval_rows']} rows of the fixed split `held_out_split(rows, test_size=200, seed=0)` "
+        f"({first['eval_tokens']} answer tokens), teacher-forced, every exit through the model's own norm and head.",
+        "",
+        "Targets (issue 13, best variant vs SFT): last-layer CE <= 1.03x; exit-15 CE <= 0.30x SFT's exit 15; exit-9 "
+        "agreement with the last layer >= 0.75; time <= 1.5x; memory <= 1.05x. Time is the median training step "
+        "of one pinned single-thread process (start-up excluded); memory the training process's peak RSS. The CPU is "
+        "shared: compare times within one table.",
+        "",
+        "Reproduce (one process per core; finished runs are skipped, interrupted ones resume):",
+        "",
+        "```bash",
+        "python benchmarks/quality_study.py run --max_steps 100 --runs sft,uniform,ramp_all,ramp_deepest --core 0",
+        "python benchmarks/quality_study.py run --max_steps 100 --core 1 \\",
+        "    --runs rotate2,last_half,last_half_ramp,distill",
+        "python benchmarks/quality_study.py run --max_steps 400 --runs sft,uniform,<best variants> --core 0",
+        "python benchmarks/quality_study.py report",
+        "```",
+        "",
+    ]
+    for steps in sorted(by_steps):
+        lines += _group_section(steps, by_steps[steps], Path(output), Path(results_dir))
+    Path(output).write_text("\n".join(lines))
+    print(f"[study] report written to {output}")

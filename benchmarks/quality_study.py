@@ -1,0 +1,305 @@
+"""Equal-budget quality study of the SoFT controls (issue 13): SFT, uniform SoFT and variants on SmolLM2-135M-Instruct
+and GSM8K, per exit, against SFT. Resumable across sessions; results are small JSON files committed in the repository.
+
+    python benchmarks/quality_study.py list                                   # the runs and their flags
+    OMP_NUM_THREADS=1 python benchmarks/quality_study.py run --max_steps 100 --runs sft,uniform --core 0
+    python benchmarks/quality_study.py run --max_steps 100 --runs ramp_all,rotate2 --core 1   # a second process
+    python benchmarks/quality_study.py report                                 # docs/quality_study.md + plots
+
+Every run trains `recipes/smollm2_135m_gsm8k_soft.yaml` (batch 4, max_length 256, lr 1e-4 cosine, seed 0 and the same
+data order for all) through `soft_peft.scripts.train` (the code path of `examples/gsm8k.py`) in a child process pinned
+to one core (`OMP_NUM_THREADS=1 taskset -c CORE`), plus the run's own flags; any SoFTConfig flag passes through
+(`--variant NAME="--exit_loss_weights last:0.5"`). Data: GSM8K train (`--data`) split once with
+`held_out_split(rows, test_size=200, seed=0)` (the split of docs/results.md), written to `<cache>/data/`.
+
+Per run, `<cache>/<run>-<steps>/` holds the checkpoints: an interrupted run resumes from its latest complete one; a
+run whose `<results>/<run>-<steps>.json` exists is skipped. Each result holds, per exit, held-out CE, token accuracy
+and top-1 agreement with the last layer (`soft_peft.evaluation.evaluate_exits`), and the run's median training
+seconds/step (timed per step, not counting start-up) and peak RSS (the training process's `ru_maxrss`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "smollm2_135m_gsm8k_soft.yaml"
+DATA = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+CACHE = Path.home() / ".cache" / "soft_peft" / "study"
+RESULTS = REPO / "docs" / "study"
+SPLIT_SEED = 0
+# Flags per run; {last} = the model's depth, {half} = max_steps // 2. Variants marked `controls` need the controls
+# of issue 13 part 1 (last-layer share, self-distillation); they fail at once, with the parser's message, without it
+RUNS = {
+    "sft": "--exit_layers {last}",
+    "uniform": "",
+    "ramp_all": "--exit_ramp_steps {half} --exit_ramp_order all",
+    "ramp_deepest": "--exit_ramp_steps {half} --exit_ramp_order deepest_first",
+    "rotate2": "--exit_rotation 2",
+    "last_half": "--exit_loss_weights last:0.5",  # controls
+    "last_half_ramp": "--exit_loss_weights last:0.5 --exit_ramp_steps {half} --exit_ramp_order all",  # controls
+    "distill": "--exit_distill_weight 1.0",  # controls
+}
+
+
+def _model_depth(model: str) -> int:
+    config = json.loads((Path(model) / "config.json").read_text())
+    return int(config.get("num_hidden_layers") or config["n_layer"])
+
+
+def _run_flags(template: str, depth: int, max_steps: int) -> list[str]:
+    return shlex.split(template.format(last=depth, half=max(1, max_steps // 2)))
+
+
+def _prepare_split(args) -> tuple[Path, Path]:
+    """The fixed train / held-out split of `--data`, written once as JSONL (raw GSM8K rows)."""
+    folder = Path(args.cache_dir) / "data"
+    train, held_out, meta = folder / "train.jsonl", folder / "held_out.jsonl", folder / "split.json"
+    expected = {"source": str(Path(args.data).resolve()), "held_out": args.held_out, "seed": SPLIT_SEED}
+    if meta.exists() and json.loads(meta.read_text()) == expected:
+        return train, held_out
+    from soft_peft.data import held_out_split, load_raw_dataset
+
+    train_rows, held_rows = held_out_split(load_raw_dataset(args.data), args.held_out, seed=SPLIT_SEED)
+    folder.mkdir(parents=True, exist_ok=True)
+    train_rows.to_json(str(train), lines=True)
+    held_rows.to_json(str(held_out), lines=True)
+    meta.write_text(json.dumps(expected))
+    return train, held_out
+
+
+def _latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint with its weights, optimizer and trainer state all written."""
+    complete = [
+        c
+        for c in run_dir.glob("checkpoint-*")
+        if all((c / name).exists() for name in ("trainer_state.json", "optimizer.pt", "model.safetensors"))
+    ]
+    return max(complete, key=lambda c: int(c.name.split("-")[1]), default=None)
+
+
+def _child(command: list[str], core: int | None, log: Path) -> tuple[int, float]:
+    """Run a child on one thread (pinned to `core`); its exit code and peak RSS in GB."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    prefix = ["taskset", "-c", str(core)] if core is not None and core >= 0 else []
+    with open(log, "a") as out:
+        out.write(f"\n$ {shlex.join(prefix + command)}\n")
+        out.flush()
+        process = subprocess.Popen(prefix + command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        # wait4 gives this child's own rusage (taskset execs python, so the pid is the trainer's)
+        _, status, usage = os.wait4(process.pid, 0)
+    return os.waitstatus_to_exitcode(status), usage.ru_maxrss / 1024**2
+
+
+def _train_argv(args, flags: list[str], train_file: Path, run_dir: Path, depth: int) -> list[str]:
+    # Every SoFT run names its exits (the model's default 8), unless its own flags choose them
+    from_model = [] if "--exit_layers" in flags else ["--exit_layers", ",".join(map(str, _default_exits(depth)))]
+    return [
+        *("--config", str(RECIPE), "--model_name_or_path", str(args.model), "--dataset_name", str(train_file)),
+        *("--output_dir", str(run_dir), "--max_steps", str(args.max_steps), "--save_steps", str(args.save_steps)),
+        *("--per_device_train_batch_size", str(args.batch_size), "--max_length", str(args.max_length)),
+        *from_model,
+        *flags,  # the run's flags come last: they win
+    ]
+
+
+def _default_exits(depth: int) -> list[int]:
+    from soft_peft.exits import default_exit_layers
+
+    return default_exit_layers(depth)
+
+
+def run_one(args, run: str, template: str) -> str:
+    """Train (or resume) and evaluate one run; returns "done", "skipped", "busy" or "failed"."""
+    depth = _model_depth(args.model)
+    flags = _run_flags(template, depth, args.max_steps)
+    name = f"{run}-{args.max_steps}"
+    result_path, run_dir = Path(args.results_dir) / f"{name}.json", Path(args.cache_dir) / name
+    if result_path.exists():
+        recorded = json.loads(result_path.read_text())["flags"]
+        if recorded != flags:
+            raise SystemExit(f"{result_path} was made with flags {recorded}, not {flags}: rename the variant.")
+        print(f"[study] {name}: finished, skipped")
+        return "skipped"
+    train_file, held_out = _prepare_split(args)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(run_dir / ".lock", "w")
+    try:  # released by the kernel when this process dies, so a crash leaves no stale lock
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"[study] {name}: running in another process, skipped")
+        return "busy"
+    log, segments = run_dir / "study.log", run_dir / "segments.jsonl"
+    argv = _train_argv(args, flags, train_file, run_dir, depth)
+    if not (run_dir / "trainer_state.json").exists():  # written beside the final model only
+        checkpoint = _latest_checkpoint(run_dir)
+        resume = ["--resume_from_checkpoint", str(checkpoint)] if checkpoint else []
+        print(f"[study] {name}: training" + (f", resuming from {checkpoint.name}" if checkpoint else ""), flush=True)
+        started = time.time()
+        code, rss = _child([sys.executable, __file__, "_train", str(run_dir), *argv, *resume], args.core, log)
+        with open(segments, "a") as out:
+            segment = {"resumed_from": checkpoint.name if checkpoint else None, "exit_code": code}
+            out.write(json.dumps({**segment, "wall_seconds": time.time() - started, "peak_rss_gb": rss}) + "\n")
+        if code != 0:
+            print(f"[study] {name}: training failed (exit {code}); see {log}", file=sys.stderr)
+            return "failed"
+    exits = ",".join(map(str, _default_exits(depth)))
+    evaluation = run_dir / "eval.json"
+    eval_argv = [str(run_dir), str(held_out), str(args.eval_rows), str(args.max_length), exits, str(evaluation)]
+    code, _ = _child([sys.executable, __file__, "_eval", *eval_argv], args.core, log)
+    if code != 0:
+        print(f"[study] {name}: evaluation failed (exit {code}); see {log}", file=sys.stderr)
+        return "failed"
+    steps = [json.loads(line) for line in (run_dir / "step_times.jsonl").read_text().splitlines()]
+    # The first step of each process pays one-off costs (allocations, lazy inits): left out of the median
+    timed = [s["seconds"] for s in steps if not s["first_in_process"]] or [s["seconds"] for s in steps]
+    state = json.loads((run_dir / "trainer_state.json").read_text())
+    train_losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    result = {
+        "run": run,
+        "flags": flags,
+        "max_steps": args.max_steps,
+        "command": shlex.join(["python", "examples/gsm8k.py", *_portable(argv, args)]),
+        "seconds_per_step": statistics.median(timed),
+        "peak_rss_gb": max(json.loads(line)["peak_rss_gb"] for line in segments.read_text().splitlines()),
+        "final_train_loss": train_losses[-1] if train_losses else None,
+        **json.loads(evaluation.read_text()),
+    }
+    result_path.parent.mkdir(parents=True, exist_ok=True)
+    result_path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"[study] {name}: done, {result_path}")
+    return "done"
+
+
+def _portable(argv: list[str], args) -> list[str]:
+    """The training command with machine paths replaced by the commands that produce them."""
+    home = str(Path.home())
+    return [a.replace(str(REPO) + "/", "").replace(home, "~") for a in argv]
+
+
+def _train_child(run_dir: str, argv: list[str]) -> int:
+    """Child: train with a per-step timer (appended to step_times.jsonl, so it survives an interruption)."""
+    from transformers import TrainerCallback
+
+    from soft_peft.scripts.train import parse_args, train
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.first, self.started = True, 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            record = {"step": state.global_step, "seconds": time.perf_counter() - self.started}
+            with open(Path(run_dir) / "step_times.jsonl", "a") as out:
+                out.write(json.dumps({**record, "first_in_process": self.first}) + "\n")
+            self.first = False
+
+        def on_save(self, args, state, control, **kwargs):
+            # Tests interrupt a run here, right after a complete checkpoint, as a kill would
+            if state.global_step == int(os.environ.get("SOFT_PEFT_STUDY_STOP_AFTER_SAVE", "-1")):
+                os._exit(3)
+
+    train(*parse_args(argv, prog="quality_study"), callbacks=[StepTimer()])
+    return 0
+
+
+def _eval_child(model_dir, held_out, rows, max_length, exits, output) -> int:
+    """Child: per-exit teacher-forced metrics of the saved model on the first `rows` held-out rows."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from soft_peft.evaluation import evaluate_exits, load_eval_dataset, tokenize_examples
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    dataset, dataset_format = load_eval_dataset(held_out, max_samples=int(rows))
+    examples = tokenize_examples(dataset, tokenizer, dataset_format, max_length=int(max_length))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    layers = [int(k) for k in exits.split(",")]
+    result = evaluate_exits([model], [layers], examples, pad, batch_size=4, progress=False)
+    keep = ("loss", "token_accuracy", "agreement_with_last", "kl_to_last")
+    per_exit = {str(k): {m: v[m] for m in keep} for k, v in result.metrics[0].items()}
+    Path(output).write_text(
+        json.dumps({"eval_rows": len(examples), "eval_tokens": result.num_tokens, "exits": per_exit})
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "_train":
+        return _train_child(argv[1], argv[2:])
+    if argv and argv[0] == "_eval":
+        return _eval_child(*argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["run", "report", "list"])
+    parser.add_argument("--runs", default="all", help="Comma-separated run names, or 'all' (see `list`).")
+    parser.add_argument("--variant", action="append", default=[], help='Add a run: NAME="--flag value ...".')
+    parser.add_argument("--max_steps", type=int, default=100, help="Steps per run: 100 to screen, >= 400 final.")
+    parser.add_argument("--core", type=int, default=0, help="CPU core of the child processes (-1: not pinned).")
+    parser.add_argument("--model", default=None, help="Model folder (default: python tools/get_smollm2.py).")
+    parser.add_argument("--data", default=str(DATA), help="GSM8K train rows (JSONL with question/answer).")
+    parser.add_argument("--held_out", type=int, default=200, help="Rows held out (fixed split, seed 0).")
+    parser.add_argument("--eval_rows", type=int, default=200, help="Held-out rows evaluated per run.")
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--max_length", type=int, default=256)
+    parser.add_argument("--save_steps", type=int, default=25, help="Checkpoint interval (resume granularity).")
+    parser.add_argument("--cache_dir", default=str(CACHE), help="Checkpoints and the data split.")
+    parser.add_argument("--results_dir", default=str(RESULTS), help="Per-run result JSON files (committed).")
+    parser.add_argument("--output", default=str(REPO / "docs" / "quality_study.md"), help="Report (`report`).")
+    parser.add_argument("--dry-run", action="store_true", help="Print each run's training command; run nothing.")
+    args = parser.parse_args(argv)
+    runs = dict(RUNS)
+    for spec in args.variant:
+        name, _, flags = spec.partition("=")
+        if not name or not _:
+            raise SystemExit(f'--variant {spec!r}: expected NAME="--flag value ...".')
+        runs[name.strip()] = flags
+    if args.command == "list":
+        for name, flags in runs.items():
+            print(f"{name:16s} {flags}")
+        return 0
+    if args.command == "report":
+        from quality_report import write_report
+
+        write_report(Path(args.results_dir), Path(args.output), REPO)
+        return 0
+    selected = list(runs) if args.runs == "all" else [r.strip() for r in args.runs.split(",") if r.strip()]
+    unknown = [r for r in selected if r not in runs]
+    if unknown:
+        raise SystemExit(f"unknown run(s) {unknown}; known: {sorted(runs)} (add one with --variant).")
+    if args.model is None:
+        sys.path.insert(0, str(REPO / "tools"))
+        from get_smollm2 import get_smollm2
+
+        args.model = str(get_smollm2())
+    if args.dry_run:
+        depth = _model_depth(args.model)
+        for run in selected:
+            run_dir = Path(args.cache_dir) / f"{run}-{args.max_steps}"
+            flags = _run_flags(runs[run], depth, args.max_steps)
+            train_file = Path(args.cache_dir) / "data" / "train.jsonl"
+            command = _train_argv(args, flags, train_file, run_dir, depth)
+            print(f"{run}: python examples/gsm8k.py {shlex.join(command)}")
+        return 0
+    outcomes = {run: run_one(args, run, runs[run]) for run in selected}
+    print("[study] " + ", ".join(f"{run}: {outcome}" for run, outcome in outcomes.items()))
+    return 1 if "failed" in outcomes.values() else 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""benchmarks/quality_study.py on a tiny random model and a handful of rows: an interrupted run resumes from its
+checkpoint, a finished run is skipped, and the report (tables and frontier plot) is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+from example_runs import ROOT, gsm8k_rows, run, save_tiny_model, write_jsonl  # noqa: E402
+from quality_report import summarize, write_report  # noqa: E402
+
+STUDY = ROOT / "benchmarks" / "quality_study.py"
+
+
+def study(tmp_path: Path, *extra: str, check: bool = False):
+    tiny = [
+        "--model", str(tmp_path / "model"), "--data", str(tmp_path / "rows.jsonl"), "--held_out", "4",
+        "--eval_rows", "4", "--max_steps", "2", "--save_steps", "1", "--batch_size", "2", "--max_length", "64",
+        "--cache_dir", str(tmp_path / "cache"), "--results_dir", str(tmp_path / "results"), "--core", "-1",
+    ]  # fmt: skip
+    return run(["python", str(STUDY), "run", *tiny, *extra], check=check)
+
+
+def test_interrupted_run_resumes_finished_run_is_skipped_and_report_is_written(tmp_path):
+    save_tiny_model(tmp_path / "model")
+    write_jsonl(tmp_path / "rows.jsonl", gsm8k_rows(20))
+    run_dir, result = tmp_path / "cache" / "sft-2", tmp_path / "results" / "sft-2.json"
+
+    os.environ["SOFT_PEFT_STUDY_STOP_AFTER_SAVE"] = "1"  # the child dies right after checkpoint-1
+    try:
+        interrupted = study(tmp_path, "--runs", "sft")
+    finally:
+        del os.environ["SOFT_PEFT_STUDY_STOP_AFTER_SAVE"]
+    assert interrupted.returncode == 1 and "training failed" in interrupted.stderr
+    assert (run_dir / "checkpoint-1").is_dir() and not result.exists()
+
+    resumed = study(tmp_path, "--runs", "sft", check=True)
+    assert "resuming from checkpoint-1" in resumed.stdout
+    segments = [json.loads(line) for line in (run_dir / "segments.jsonl").read_text().splitlines()]
+    assert [s["resumed_from"] for s in segments] == [None, "checkpoint-1"]
+    steps = [json.loads(line) for line in (run_dir / "step_times.jsonl").read_text().splitlines()]
+    assert [(s["step"], s["first_in_process"]) for s in steps] == [(1, True), (2, True)]  # one step per process
+    saved = json.loads(result.read_text())
+    assert saved["flags"] == ["--exit_layers", "4"] and saved["max_steps"] == 2
+    assert sorted(saved["exits"]) == ["1", "2", "3", "4"] and saved["exits"]["4"]["agreement_with_last"] == 1.0
+    assert saved["seconds_per_step"] > 0 and saved["peak_rss_gb"] > 0.1
+
+    skipped = study(tmp_path, "--runs", "sft", check=True)
+    assert "finished, skipped" in skipped.stdout and "training" not in skipped.stdout
+
+    report = tmp_path / "report.md"
+    write_report(tmp_path / "results", report, ROOT)
+    text = report.read_text()
+    assert (
+        "| sft | " in text and "--exit_layers 4" in text and (tmp_path / "results" / "frontier_2.png").stat().st_size
+    )
+    assert summarize(saved, saved)["last_ce_vs_sft"] == 1.0
+
+
+def test_dry_run_prints_each_runs_command_with_its_flags_last(tmp_path):
+    save_tiny_model(tmp_path / "model")
+    write_jsonl(tmp_path / "rows.jsonl", gsm8k_rows(8))
+    printed = study(tmp_path, "--dry-run", "--variant", "mine=--exit_loss_weights last:0.5", check=True).stdout
+    lines = {
+        line.split(":")[0]: line for line in printed.splitlines() if line.startswith(("sft:", "ramp_all:", "mine:"))
+    }
+    assert lines["sft"].endswith("--exit_layers 4") and "--exit_layers 1,2,3,4" not in lines["sft"]
+    assert lines["ramp_all"].endswith("--exit_layers 1,2,3,4 --exit_ramp_steps 1 --exit_ramp_order all")
+    assert lines["mine"].endswith("--exit_loss_weights last:0.5")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_summary_ratios_against_sft():
+    def result(last, mid, seconds, rss):
+        exits = {"9": {"loss": 4.0, "token_accuracy": 0.5, "agreement_with_last": 0.8, "kl_to_last": 1.0}}
+        exits["15"] = {"loss": mid, "token_accuracy": 0.6, "agreement_with_last": 0.9, "kl_to_last": 0.5}
+        exits["30"] = {"loss": last, "token_accuracy": 0.8, "agreement_with_last": 1.0, "kl_to_last": 0.0}
+        return {"exits": exits, "seconds_per_step": seconds, "peak_rss_gb": rss}
+
+    sft, soft = result(0.75, 16.0, 10.0, 4.0), result(0.78, 4.0, 14.0, 4.1)
+    summary = summarize(soft, sft)
+    assert (summary["mid"], summary["shallow"], summary["last"]) == (15, 9, 30)
+    assert summary["last_ce_vs_sft"] == 0.78 / 0.75 and summary["mid_ce_vs_sft"] == 0.25
+    assert summary["mean_exit_ce"] == 4.0 and summary["shallow_agreement"] == 0.8
+    assert summary["time_vs_sft"] == 1.4 and summary["memory_vs_sft"] == 4.1 / 4.0
+    assert summary["targets_met"] == 4  # all but the last layer (1.04x > 1.03x)
