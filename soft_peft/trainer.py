@@ -38,8 +38,8 @@ class SoFTTrainer(SFTTrainer):
     Logged through `SFTTrainer`'s metrics (so every `report_to` backend gets them): `exit_{k}/loss` and
     `exit_{k}/mean_token_accuracy` for every exit, prefixed `eval_` in evaluation. `loss` stays the combined loss and
     `mean_token_accuracy` / `entropy` the last layer's; with self-distillation (`exit_distill_weight > 0`) also
-    `exit_{k}/distill_loss` and `exit_{k}/agreement` (top-1 agreement with the last exit) per early exit. Checkpoints are vanilla transformers models (or PEFT adapters)
-    with `soft_exit_layers` in `config.json`.
+    `exit_{k}/distill_loss` and `exit_{k}/agreement` (top-1 agreement with the last exit) per early exit.
+    Checkpoints are vanilla transformers models (or PEFT adapters) with `soft_exit_layers` in `config.json`.
 
     Args:
         model, args, ...: As for `SFTTrainer`. `args` may be a [`SoFTConfig`]; a plain `SFTConfig` is converted to one
