@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
-from .loss import DEFAULT_VOCAB_CHUNK_SIZE, exit_loss_weights
+from .loss import DEFAULT_VOCAB_CHUNK_SIZE, HEAD_GRAD_MODES, exit_loss_weights, validate_exit_controls
 from .schedule import ExitSchedule
 
 __all__ = ["SoFTConfig"]
@@ -38,7 +38,19 @@ class SoFTConfig(SFTConfig):
             from 30% depth to the last layer: layer `round(L * (3 + i) / 10)` for `i = 0..7`.
         exit_loss_weights (`str` or `list[float]`, *optional*, defaults to `"uniform"`):
             How the exits' losses are combined: `"uniform"` (the paper's mean), `"linear"` (weight proportional to
-            depth) or one non-negative weight per exit (`"1,1,2"` on the command line). Normalised to sum to 1.
+            depth), `"last:w"` (the last exit keeps weight `w` in [0, 1], the other exits share `1 - w` equally) or
+            one non-negative weight per exit (`"1,1,2"` on the command line). Normalised to sum to 1; each exit's
+            summed token loss is divided by the same token count as `SFTTrainer`'s (`num_items_in_batch`).
+        exit_head_grad (`str`, *optional*, defaults to `"all"`):
+            `"all"`: every exit's loss updates the shared final norm and LM head (the paper). `"last"`: the early exits
+            use them without updating them (their gradient still trains the layers below), so the norm and head (with
+            a tied head, also the input embedding through it) are trained by the last exit alone.
+        exit_distill_weight (`float`, *optional*, defaults to `0.0`):
+            Self-distillation `lambda` in [0, 1]: each early exit's loss becomes `(1 - lambda) * CE + lambda * T^2 *
+            KL(p_last || p_exit)` on the labelled tokens, with the last exit's distribution detached. `0` is off;
+            when on, `exit_{k}/agreement` (top-1 agreement with the last exit) and `exit_{k}/distill_loss` are logged.
+        exit_distill_temperature (`float`, *optional*, defaults to `1.0`):
+            Temperature `T` of the distillation term (both distributions are `softmax(logits / T)`).
         exit_vocab_chunk_size (`int`, *optional*, defaults to `32768`):
             Vocabulary columns per tile of TRL's chunked head kernel. Lower it to cut peak memory on very large
             vocabularies; raise it to cut kernel launches.
@@ -69,6 +81,24 @@ class SoFTConfig(SFTConfig):
             "help": "Per-exit loss weights: 'uniform' (paper), 'linear' (deeper exits weigh more), or one "
             "non-negative weight per exit such as '1,1,2' (normalised to sum to 1)."
         },
+    )
+    exit_head_grad: str = field(
+        default="all",
+        metadata={
+            "help": "Which exits update the shared final norm and LM head: 'all' (paper) or 'last' (early exits use "
+            "them without updating them; their gradient still trains the layers below).",
+            "choices": list(HEAD_GRAD_MODES),
+        },
+    )
+    exit_distill_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Self-distillation lambda in [0, 1]: each early exit's loss becomes (1 - lambda) * CE + lambda * "
+            "T^2 * KL(p_last || p_exit), last exit detached. 0 = off."
+        },
+    )
+    exit_distill_temperature: float = field(
+        default=1.0, metadata={"help": "Temperature T of the self-distillation term (> 0)."}
     )
     exit_vocab_chunk_size: int = field(
         default=DEFAULT_VOCAB_CHUNK_SIZE,
@@ -107,7 +137,9 @@ class SoFTConfig(SFTConfig):
         self.exit_loss_weights = _normalize_list_setting(self.exit_loss_weights, "exit_loss_weights") or "uniform"
         layers = parse_exit_layers(self.exit_layers, _SYNTAX_CHECK_DEPTH) if self.exit_layers is not None else None
         weights = self.exit_loss_weights
-        if isinstance(weights, list) or weights.lower() not in ("uniform", "linear"):
+        if isinstance(weights, str) and weights.lower().startswith("last:"):
+            exit_loss_weights(weights, layers or [1, 2])  # the share is checked now; any number of exits fits
+        elif isinstance(weights, list) or weights.lower() not in ("uniform", "linear"):
             # Check the numbers now; their count is checked against the exits here when they are explicit
             count = (
                 len(weights)
@@ -116,6 +148,7 @@ class SoFTConfig(SFTConfig):
             )
             exit_loss_weights(weights, layers or [0] * count)
         self.exit_schedule()  # validate the schedule fields now
+        validate_exit_controls(self.exit_head_grad, self.exit_distill_weight, self.exit_distill_temperature)
         if self.exit_vocab_chunk_size < 1:
             raise ValueError(f"`exit_vocab_chunk_size` must be >= 1, got {self.exit_vocab_chunk_size}.")
         if self.label_smoothing_factor > 0:

@@ -13,7 +13,8 @@ are recomputed in backward. Two kernels do that, chosen per device (``kernel="au
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,10 +22,21 @@ from trl.kernels import ChunkedLogProbFunction
 from trl.kernels.chunked_logprob import _use_triton
 
 from .chunked_ce import DEFAULT_TOKEN_CHUNK_SIZE, chunked_cross_entropy
+from .chunked_distill import DEFAULT_DISTILL_CHUNK_SIZE, chunked_self_distillation
 
-__all__ = ["KERNELS", "SortedExitLoss", "exit_loss_weights", "sorted_exit_loss"]
+__all__ = [
+    "HEAD_GRAD_MODES",
+    "KERNELS",
+    "SortedExitLoss",
+    "exit_loss_weights",
+    "gradient_blocked",
+    "sorted_exit_loss",
+    "validate_exit_controls",
+]
 
 KERNELS = ("auto", "trl", "torch")
+HEAD_GRAD_MODES = ("all", "last")
+_LAST_SHARE_PREFIX = "last:"
 
 # Vocabulary columns per projection tile, as in TRL's fused head
 DEFAULT_VOCAB_CHUNK_SIZE = 32768
@@ -33,10 +45,15 @@ DEFAULT_VOCAB_CHUNK_SIZE = 32768
 def exit_loss_weights(spec: str | Sequence[float], exit_layers: Sequence[int]) -> list[float]:
     """Normalised per-exit loss weights.
 
+    Every scheme is normalised to sum to 1, so that [`sorted_exit_loss`] is a weighted *mean* of the exits' losses:
+    with equal per-exit cross-entropies it equals that cross-entropy, as plain SFT's loss would.
+
     Args:
         spec: ``"uniform"`` (the paper: the mean over exits), ``"linear"`` (weight proportional to the exit's depth,
-            so deeper exits weigh more), a comma-separated string ``"1,1,2"`` or a list with one non-negative weight
-            per exit.
+            so deeper exits weigh more), ``"last:w"`` with ``0 <= w <= 1`` (the last exit keeps weight ``w``, the
+            other exits share ``1 - w`` equally; ``"last:0.5"`` puts half the loss on the last exit whatever the
+            number of exits; with a single exit its weight is 1), a comma-separated string ``"1,1,2"`` or a list
+            with one non-negative weight per exit.
         exit_layers: The exits, ascending.
 
     Returns:
@@ -51,12 +68,15 @@ def exit_loss_weights(spec: str | Sequence[float], exit_layers: Sequence[int]) -
             raw = [1.0] * len(exit_layers)
         elif name == "linear":
             raw = [float(k) for k in exit_layers]
+        elif name.startswith(_LAST_SHARE_PREFIX):
+            raw = _last_share_weights(name[len(_LAST_SHARE_PREFIX) :], len(exit_layers), spec)
         else:
             try:
                 raw = [float(w) for w in name.replace(" ", ",").split(",") if w]
             except ValueError:
                 raise ValueError(
-                    f"exit_loss_weights={spec!r} is not 'uniform', 'linear' or a list of numbers such as '1,1,2'."
+                    f"exit_loss_weights={spec!r} is not 'uniform', 'linear', 'last:w' (such as 'last:0.5') or a "
+                    "list of numbers such as '1,1,2'."
                 ) from None
     else:
         raw = [float(w) for w in spec]
@@ -73,6 +93,66 @@ def exit_loss_weights(spec: str | Sequence[float], exit_layers: Sequence[int]) -
     return [w / total for w in raw]
 
 
+def _last_share_weights(text: str, num_exits: int, spec) -> list[float]:
+    try:
+        share = float(text)
+    except ValueError:
+        share = float("nan")
+    if not 0.0 <= share <= 1.0:  # also rejects NaN
+        raise ValueError(
+            f"exit_loss_weights={spec!r}: the last exit's share must be a number in [0, 1], such as 'last:0.5'."
+        )
+    if num_exits == 1:
+        return [1.0]  # a single exit is plain SFT whatever the share
+    return [(1.0 - share) / (num_exits - 1)] * (num_exits - 1) + [share]
+
+
+def validate_exit_controls(head_grad: str, distill_weight: float, distill_temperature: float) -> None:
+    """Check the quality-control settings of the exit loss before any compute is spent.
+
+    Args:
+        head_grad: ``"all"`` or ``"last"`` (see [`sorted_exit_loss`]).
+        distill_weight: In ``[0, 1]``.
+        distill_temperature: ``> 0``.
+
+    Raises:
+        ValueError: naming the setting and its valid range.
+    """
+    if head_grad not in HEAD_GRAD_MODES:
+        raise ValueError(f"exit_head_grad must be one of {HEAD_GRAD_MODES}, got {head_grad!r}.")
+    if not 0.0 <= distill_weight <= 1.0:
+        raise ValueError(
+            f"exit_distill_weight must be in [0, 1] (0 = off, 1 = early exits learn only from the last exit), got "
+            f"{distill_weight}."
+        )
+    if not distill_temperature > 0:
+        raise ValueError(f"exit_distill_temperature must be > 0, got {distill_temperature}.")
+
+
+@contextlib.contextmanager
+def gradient_blocked(*tensors: torch.Tensor | None) -> Iterator[tuple[torch.Tensor | None, ...]]:
+    """Use ``tensors`` without recording a gradient to them; gradients still reach the other inputs of each op.
+
+    A leaf that requires grad (a parameter) has ``requires_grad`` switched off inside the block and back on after it,
+    rather than being replaced by ``detach()``: it stays the same object, so ZeRO-3 can gather it again when a
+    kernel's backward needs its values. Any other tensor (e.g. FSDP2's ``full_tensor()``) is yielded detached.
+
+    Args:
+        *tensors: Tensors or ``None``.
+
+    Yields:
+        The tensors to use inside the block, in the same order.
+    """
+    switched = [t for t in {id(t): t for t in tensors if t is not None}.values() if t.is_leaf and t.requires_grad]
+    for tensor in switched:
+        tensor.requires_grad_(False)
+    try:
+        yield tuple(t if t is None or t.is_leaf else t.detach() for t in tensors)
+    finally:
+        for tensor in switched:
+            tensor.requires_grad_(True)
+
+
 @dataclass
 class SortedExitLoss:
     """Result of [`sorted_exit_loss`].
@@ -84,6 +164,10 @@ class SortedExitLoss:
         exit_num_correct: One detached scalar per exit: labelled tokens whose label is the exit's argmax.
         num_tokens: Detached scalar, the number of labelled tokens in this batch.
         last_entropy: Detached summed entropy of the last exit, when requested, else ``None``.
+        exit_kl_sums: With self-distillation, one detached scalar per early exit: the summed per-token
+            ``T^2 * KL(p_last || p_exit)``; else ``None``.
+        exit_num_agree: With self-distillation, one detached scalar per early exit: labelled tokens whose argmax is
+            the last exit's argmax; else ``None``.
     """
 
     loss: torch.Tensor
@@ -92,6 +176,23 @@ class SortedExitLoss:
     exit_num_correct: list[torch.Tensor]
     num_tokens: torch.Tensor
     last_entropy: torch.Tensor | None = None
+    exit_kl_sums: list[torch.Tensor] | None = None
+    exit_num_agree: list[torch.Tensor] | None = None
+
+
+def _exit_cross_entropy(hidden, targets, weight, bias, options, want_entropy):
+    """One exit's per-token NLL ``(N,)`` (differentiable), log-probabilities, top-1 hits and optional entropy."""
+    kernel, vocab_chunk_size, softcap, logit_scale, token_chunk_size = options
+    if kernel == "trl":
+        outputs = ("is_top1", "entropy") if want_entropy else ("is_top1",)
+        log_probs, entropy, _, _, is_top1 = ChunkedLogProbFunction.apply(
+            hidden, weight, bias, targets, 1.0, vocab_chunk_size, softcap, logit_scale, outputs
+        )  # each (N,)
+        return -log_probs, log_probs, is_top1, entropy
+    nll, is_top1, entropy = chunked_cross_entropy(
+        hidden, weight, bias, targets, logit_scale, softcap, token_chunk_size, with_entropy=want_entropy
+    )  # each (N,)
+    return nll, -nll, is_top1, entropy
 
 
 def sorted_exit_loss(
@@ -108,17 +209,30 @@ def sorted_exit_loss(
     with_last_entropy: bool = False,
     kernel: str = "auto",
     token_chunk_size: int = DEFAULT_TOKEN_CHUNK_SIZE,
+    head_grad: str = "all",
+    distill_weight: float = 0.0,
+    distill_temperature: float = 1.0,
+    distill_chunk_size: int = DEFAULT_DISTILL_CHUNK_SIZE,
 ) -> SortedExitLoss:
-    """Weighted mean over exits of each exit's token cross-entropy, without materialising logits.
+    """Weighted mean over exits of each exit's token loss, without materialising logits.
+
+    With ``w_k`` the exit weights (summing to 1), ``D`` the normaliser (``num_items_in_batch``, else the ``N``
+    labelled tokens here), ``CE_k`` and ``KL_k`` exit ``k``'s summed token cross-entropy and summed
+    ``T^2 * KL(p_last || p_k)`` (``p = softmax(z / T)``, ``p_last`` detached) and ``lambda = distill_weight``::
+
+        loss = w_last * CE_last / D + sum over early exits k of w_k * ((1 - lambda) * CE_k + lambda * KL_k) / D
+
+    With the defaults (``lambda = 0``, ``head_grad="all"``) this is the paper's weighted mean of cross-entropies, and
+    with a single exit every option reduces to plain SFT's loss.
 
     Args:
-        exit_hidden: One ``(N, H)`` tensor per exit: the *normed* hidden states of the ``N`` labelled positions
-            (already shifted so that position ``i`` predicts ``targets[i]``).
+        exit_hidden: One ``(N, H)`` tensor per exit, ascending, the last one the deepest: the *normed* hidden states
+            of the ``N`` labelled positions (already shifted so that position ``i`` predicts ``targets[i]``).
         targets: ``(N,)`` int64 next-token labels, none of them ``-100``.
         lm_head_weight: ``(V, H)`` shared head weight. Under ZeRO-3 the caller gathers it.
         lm_head_bias: ``(V,)`` head bias or ``None``.
         weights: One weight per exit, summing to 1 (see [`exit_loss_weights`]); uniform when ``None``.
-        num_items_in_batch: The token count the Trainer passes under gradient accumulation; each exit's summed NLL
+        num_items_in_batch: The token count the Trainer passes under gradient accumulation; each exit's summed loss
             is divided by it, exactly as ``SFTTrainer`` does, instead of by ``N``.
         final_logit_softcapping: Gemma-2/3 softcap, or ``None``.
         logit_scale: Multiplier applied to the logits before softcapping.
@@ -129,6 +243,12 @@ def sorted_exit_loss(
         kernel: ``"trl"`` (TRL's ``ChunkedLogProbFunction``), ``"torch"`` (``soft_peft.chunked_ce``) or ``"auto"``:
             TRL's on devices where it runs Triton, ``"torch"`` elsewhere (see the module docstring for why).
         token_chunk_size: Tokens per ``[chunk, vocab]`` block (``"torch"`` kernel).
+        head_grad: ``"all"``: every exit's loss updates the head; ``"last"``: the early exits use the head weight and
+            bias without updating them (their gradient still reaches ``exit_hidden``), so only the last exit trains
+            the head (with a tied head, the input embedding's head use).
+        distill_weight: ``lambda`` in ``[0, 1]``; ``0`` computes no distillation at all.
+        distill_temperature: ``T > 0``; the KL is multiplied by ``T^2`` to keep its gradient scale.
+        distill_chunk_size: Tokens per ``[chunk, vocab]`` block of the distillation kernel.
 
     Returns:
         A [`SortedExitLoss`]. With ``N == 0`` the loss is a finite, differentiable zero.
@@ -143,60 +263,71 @@ def sorted_exit_loss(
         raise ValueError(f"token_weighting must be 'nll' or 'dft', got {token_weighting!r}.")
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}.")
+    validate_exit_controls(head_grad, distill_weight, distill_temperature)
     if kernel == "auto":
         kernel = "trl" if _use_triton(targets.device) else "torch"
+    options = (kernel, vocab_chunk_size, final_logit_softcapping, logit_scale, token_chunk_size)
     num_tokens = targets.new_tensor(targets.numel())
     # Clamped so that an all-masked batch reduces to a finite zero rather than 0 / 0
     denominator = (num_tokens if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)).clamp(min=1)
     mean_denominator = num_tokens.clamp(min=1)
+    distilling = distill_weight > 0 and num_exits > 1
 
-    loss = None
-    exit_losses, nll_sums, num_correct = [], [], []
-    last_entropy = None
-    for index, hidden in enumerate(exit_hidden):  # hidden: (N, H)
+    # The early exits see the head through `gradient_blocked` when only the last exit may update it
+    early_head = (
+        gradient_blocked(lm_head_weight, lm_head_bias)
+        if head_grad == "last"
+        else contextlib.nullcontext((lm_head_weight, lm_head_bias))
+    )
+    with early_head as (early_weight, early_bias):
+        per_exit = [
+            _exit_cross_entropy(hidden, targets, early_weight, early_bias, options, want_entropy=False)
+            for hidden in exit_hidden[:-1]
+        ]
+        if distilling:
+            kl, agree = chunked_self_distillation(
+                exit_hidden[-1],
+                list(exit_hidden[:-1]),
+                early_weight,
+                early_bias,
+                logit_scale,
+                final_logit_softcapping,
+                distill_temperature,
+                distill_chunk_size,
+            )  # each (E - 1, N)
+    per_exit.append(
+        _exit_cross_entropy(exit_hidden[-1], targets, lm_head_weight, lm_head_bias, options, with_last_entropy)
+    )
+
+    terms, exit_losses, nll_sums, num_correct = [], [], [], []
+    for index, (nll, log_probs, is_top1, _) in enumerate(per_exit):
         is_last = index == num_exits - 1
-        want_entropy = is_last and with_last_entropy
-        if kernel == "trl":
-            outputs = ("is_top1", "entropy") if want_entropy else ("is_top1",)
-            log_probs, entropy, _, _, is_top1 = ChunkedLogProbFunction.apply(
-                hidden,
-                lm_head_weight,
-                lm_head_bias,
-                targets,
-                1.0,
-                vocab_chunk_size,
-                final_logit_softcapping,
-                logit_scale,
-                outputs,
-            )  # each (N,)
-            nll = -log_probs
-        else:
-            nll, is_top1, entropy = chunked_cross_entropy(
-                hidden,
-                lm_head_weight,
-                lm_head_bias,
-                targets,
-                logit_scale,
-                final_logit_softcapping,
-                token_chunk_size,
-                with_entropy=want_entropy,
-            )  # each (N,)
-            log_probs = -nll
         if token_weighting == "dft":
             nll = nll * log_probs.detach().exp()
         nll_sum = nll.sum()
-        term = weights[index] * nll_sum / denominator
-        loss = term if loss is None else loss + term
+        coefficient = weights[index] * (1.0 if is_last or not distilling else 1.0 - distill_weight)
+        if coefficient > 0 or is_last:  # a zero coefficient would only run a backward of zeros
+            terms.append(coefficient * nll_sum / denominator)
         exit_losses.append(nll_sum / mean_denominator)
         nll_sums.append(nll_sum.detach())
         num_correct.append(is_top1.sum())
-        if entropy is not None:
-            last_entropy = entropy.detach().sum()
+    kl_sums = num_agree = None
+    if distilling:
+        kl_sums, num_agree = [], []
+        for index in range(num_exits - 1):
+            kl_sum = distill_temperature**2 * kl[index].sum()
+            if weights[index] > 0:
+                terms.append(weights[index] * distill_weight * kl_sum / denominator)
+            kl_sums.append(kl_sum.detach())
+            num_agree.append(agree[index].sum())
+    last_entropy = per_exit[-1][3]
     return SortedExitLoss(
-        loss=loss,
+        loss=sum(terms[1:], terms[0]),
         exit_losses=exit_losses,
         exit_nll_sums=nll_sums,
         exit_num_correct=num_correct,
         num_tokens=num_tokens,
-        last_entropy=last_entropy,
+        last_entropy=None if last_entropy is None else last_entropy.detach().sum(),
+        exit_kl_sums=kl_sums,
+        exit_num_agree=num_agree,
     )

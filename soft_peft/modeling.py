@@ -7,6 +7,7 @@ forward, where their parameters are gathered. Calling ``lm_head`` from outside t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +19,15 @@ from transformers.utils import ModelOutput
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from .exits import find_exit_head, parse_exit_layers, record_exit_layers, unwrap_model
-from .loss import DEFAULT_VOCAB_CHUNK_SIZE, KERNELS, SortedExitLoss, exit_loss_weights, sorted_exit_loss
+from .loss import (
+    DEFAULT_VOCAB_CHUNK_SIZE,
+    KERNELS,
+    SortedExitLoss,
+    exit_loss_weights,
+    gradient_blocked,
+    sorted_exit_loss,
+    validate_exit_controls,
+)
 from .schedule import ExitSchedule, scheduled_exit_weights
 
 __all__ = ["SortedExitOutput", "SortedLossWrapper", "add_sorted_exit_loss"]
@@ -39,6 +48,8 @@ class SortedExitOutput(ModelOutput):
         num_tokens: Number of labelled tokens in this batch.
         last_num_correct: Labelled tokens the model's last layer predicts as its argmax (with last-layer metrics).
         last_entropy_sum: Summed entropy of the last layer over labelled tokens (with last-layer metrics).
+        exit_agreement: With self-distillation, ``{layer: scalar}`` fraction of labelled tokens where each early exit's
+            argmax is the last exit's; else ``None``.
         details: The full [`~soft_peft.loss.SortedExitLoss`] (sums, for exact cross-rank averaging), over the exits
             of ``exit_losses`` in that order.
         exit_weights: ``{layer: weight}`` the weight each exit had in ``loss`` (0 for a skipped exit).
@@ -50,6 +61,7 @@ class SortedExitOutput(ModelOutput):
     num_tokens: torch.Tensor | None = None
     last_num_correct: torch.Tensor | None = None
     last_entropy_sum: torch.Tensor | None = None
+    exit_agreement: dict[int, torch.Tensor] | None = None
     details: SortedExitLoss | None = None
     exit_weights: dict[int, float] | None = None
 
@@ -57,6 +69,18 @@ class SortedExitOutput(ModelOutput):
 def _full_tensor(tensor: torch.Tensor | None) -> torch.Tensor | None:
     # FSDP2 may expose the head as a sharded DTensor while the backbone output is a regular tensor
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _shared_head_parameters(head) -> list[torch.Tensor]:
+    """The final norm's and output projection's parameters, for `exit_head_grad="last"`."""
+    parameters = [p for m in (head.final_norm, head.output_projection) if m is not None for p in m.parameters()]
+    if any(not p.is_leaf for p in parameters):
+        # FSDP1 with `use_orig_params` exposes views of a flat parameter: their `requires_grad` cannot be switched
+        raise ValueError(
+            "exit_head_grad='last' needs the final norm's parameters as leaf tensors (plain, DDP, ZeRO-3, FSDP2); "
+            "this wrapper exposes views. Use FSDP2 (`fully_shard`) or set exit_head_grad='all'."
+        )
+    return parameters
 
 
 def _sorted_exit_forward(
@@ -119,11 +143,14 @@ def _sorted_exit_forward(
     mask = targets_2d != -100  # (B, T-1)
     targets = targets_2d[mask]  # (N,)
     exit_hidden = []
+    # With exit_head_grad="last" the early exits go through the norm (and projection) without updating them
+    shared = _shared_head_parameters(head) if settings["head_grad"] == "last" else []
     for layer in exit_layers:
         # The last exit is the model's own output, normed once by the backbone
         source = outputs.last_hidden_state if layer == head.num_layers else hidden_states[layer]
         selected = positions(source).to(weight.device)[mask]  # (N, H): only labelled positions reach the head
-        exit_hidden.append(head.normalize(selected, layer))
+        with gradient_blocked(*shared) if layer != exit_layers[-1] else contextlib.nullcontext():
+            exit_hidden.append(head.normalize(selected, layer))
     with_last = settings["with_last_layer_metrics"]
     with maybe_gather_lm_head_ctx(weight, bias):
         result = sorted_exit_loss(
@@ -139,6 +166,9 @@ def _sorted_exit_forward(
             token_weighting=settings["token_weighting"],
             with_last_entropy=with_last and exit_layers[-1] == head.num_layers,
             kernel=settings["kernel"],
+            head_grad=settings["head_grad"],
+            distill_weight=settings["distill_weight"],
+            distill_temperature=settings["distill_temperature"],
         )
         last_num_correct, last_entropy_sum = result.exit_num_correct[-1], result.last_entropy
         if with_last and exit_layers[-1] != head.num_layers:
@@ -166,6 +196,11 @@ def _sorted_exit_forward(
         num_tokens=result.num_tokens,
         last_num_correct=last_num_correct if with_last else None,
         last_entropy_sum=last_entropy_sum if with_last else None,
+        exit_agreement=None
+        if result.exit_num_agree is None
+        else {
+            k: c.float() / accuracy_denominator for k, c in zip(exit_layers[:-1], result.exit_num_agree, strict=True)
+        },
         details=result,
         exit_weights=exit_weights,
     )
@@ -181,6 +216,9 @@ def add_sorted_exit_loss(
     with_last_layer_metrics: bool = False,
     kernel: str = "auto",
     schedule: ExitSchedule | None = None,
+    exit_head_grad: str = "all",
+    exit_distill_weight: float = 0.0,
+    exit_distill_temperature: float = 1.0,
 ) -> list[int]:
     """Give a causal LM instance the SoFT loss: ``model(..., labels=y, soft_exit_loss=True)`` returns a
     [`SortedExitOutput`].
@@ -202,6 +240,13 @@ def add_sorted_exit_loss(
         schedule: An [`~soft_peft.schedule.ExitSchedule`] (ramp / rotation over optimizer steps). A training forward
             then needs ``soft_exit_step=`` the optimizer steps taken; without a step (evaluation) every exit is
             computed at its base weight.
+        exit_head_grad: ``"all"`` (default: every exit updates the shared final norm and head) or ``"last"``: the
+            early exits use them without updating them; their gradient still reaches the layers below. "Last" is the
+            deepest exit in ``exit_layers`` (the model's last layer by default).
+        exit_distill_weight: ``lambda`` in ``[0, 1]``: each early exit's loss becomes ``(1 - lambda) * CE +
+            lambda * T^2 * KL(p_last || p_exit)`` on the labelled tokens, the last exit detached (see
+            [`~soft_peft.loss.sorted_exit_loss`]); ``0`` (default) is off.
+        exit_distill_temperature: ``T > 0`` of the distillation term.
 
     Returns:
         The resolved exit layers, ascending.
@@ -218,7 +263,11 @@ def add_sorted_exit_loss(
         "with_last_layer_metrics": with_last_layer_metrics,
         "kernel": kernel,
         "schedule": schedule,
+        "head_grad": exit_head_grad,
+        "distill_weight": float(exit_distill_weight),
+        "distill_temperature": float(exit_distill_temperature),
     }
+    validate_exit_controls(exit_head_grad, exit_distill_weight, exit_distill_temperature)
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}.")
     if vocab_chunk_size < 1:
@@ -274,12 +323,20 @@ class SortedLossWrapper(nn.Module):
         model: A transformers causal LM, or a PEFT model around one.
         exit_layers: List of layers, ``"12,16,20"`` or ``"start:stop:step"``; ``None`` is the paper's 8 evenly spaced
             exits from ~30% depth to the last layer (see [`~soft_peft.exits.default_exit_layers`]).
-        exit_loss_weights: ``"uniform"`` (paper), ``"linear"`` (deeper exits weigh more) or one weight per exit.
+        exit_loss_weights: ``"uniform"`` (paper), ``"linear"`` (deeper exits weigh more), ``"last:w"`` (the last exit
+            keeps weight ``w``, the others share ``1 - w``) or one weight per exit; normalised to sum to 1 (see
+            [`~soft_peft.loss.exit_loss_weights`]).
         final_norm: The final norm module, only for architectures where it cannot be found automatically.
         vocab_chunk_size: Vocabulary columns per head tile (memory/speed knob).
         schedule: An [`~soft_peft.schedule.ExitSchedule`] (exits ramped in, or a rotation of the early exits). Then
             pass ``step=`` (optimizer steps taken so far) to every training forward; every micro-batch of one
             optimizer step must get the same step.
+        exit_head_grad: ``"all"`` (default) or ``"last"``: only the last exit updates the shared final norm and head
+            (with a tied head, also the input embedding through it); the early exits still train the layers below.
+        exit_distill_weight: ``lambda`` in ``[0, 1]``, default 0 (off): each early exit's loss becomes
+            ``(1 - lambda) * CE + lambda * T^2 * KL(p_last || p_exit)``, ``p_last`` detached; the output then carries
+            ``exit_agreement``.
+        exit_distill_temperature: ``T > 0`` of the distillation term (default 1).
 
     Example:
         ```python
@@ -299,6 +356,9 @@ class SortedLossWrapper(nn.Module):
         final_norm: nn.Module | None = None,
         vocab_chunk_size: int = DEFAULT_VOCAB_CHUNK_SIZE,
         schedule: ExitSchedule | None = None,
+        exit_head_grad: str = "all",
+        exit_distill_weight: float = 0.0,
+        exit_distill_temperature: float = 1.0,
     ):
         super().__init__()
         self.model = model
@@ -309,6 +369,9 @@ class SortedLossWrapper(nn.Module):
             final_norm=final_norm,
             vocab_chunk_size=vocab_chunk_size,
             schedule=schedule,
+            exit_head_grad=exit_head_grad,
+            exit_distill_weight=exit_distill_weight,
+            exit_distill_temperature=exit_distill_temperature,
         )
 
     @property

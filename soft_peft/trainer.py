@@ -39,8 +39,10 @@ class SoFTTrainer(SFTTrainer):
     Logged through `SFTTrainer`'s metrics (so every `report_to` backend gets them): `exit_{k}/loss` and
     `exit_{k}/mean_token_accuracy` for every exit, prefixed `eval_` in evaluation. `loss` stays the combined loss and
     `mean_token_accuracy` / `entropy` the last layer's. With an exit schedule (`exit_ramp_steps`, `exit_rotation`),
-    also `exit_{k}/weight`, and an exit's loss and accuracy only on the steps that train it. Checkpoints are vanilla
-    transformers models (or PEFT adapters) with `soft_exit_layers` in `config.json`.
+    also `exit_{k}/weight`, and an exit's loss and accuracy only on the steps that train it; with self-distillation
+    (`exit_distill_weight > 0`) also `exit_{k}/distill_loss` and `exit_{k}/agreement` (top-1 agreement with the last
+    exit) per early exit. Checkpoints are vanilla transformers models (or PEFT adapters) with `soft_exit_layers` in
+    `config.json`.
 
     Args:
         model, args, ...: As for `SFTTrainer`. `args` may be a [`SoFTConfig`]; a plain `SFTConfig` is converted to one
@@ -95,6 +97,10 @@ class SoFTTrainer(SFTTrainer):
             with_last_layer_metrics=True,
             kernel=self.args.exit_loss_kernel,
             schedule=self.exit_schedule,
+            # Read with defaults so that a plain SFTConfig keeps working
+            exit_head_grad=getattr(self.args, "exit_head_grad", "all"),
+            exit_distill_weight=getattr(self.args, "exit_distill_weight", 0.0),
+            exit_distill_temperature=getattr(self.args, "exit_distill_temperature", 1.0),
         )
 
     def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False, num_items_in_batch=None):
@@ -118,7 +124,10 @@ class SoFTTrainer(SFTTrainer):
 
     def _log_exit_metrics(self, mode: str, inputs: dict, outputs) -> None:
         details = outputs.details
-        # One collective for every statistic: [nll sums (E), correct counts (E), tokens, last entropy, last correct]
+        # With self-distillation: KL sums and agreement counts of the early exits (E - 1 each)
+        distilled = [*details.exit_kl_sums, *details.exit_num_agree] if details.exit_num_agree is not None else []
+        # One collective for every statistic: [nll sums (E), correct counts (E), tokens, last entropy, last correct,
+        # distilled]
         local = torch.stack(
             [
                 *details.exit_nll_sums,
@@ -126,6 +135,7 @@ class SoFTTrainer(SFTTrainer):
                 details.num_tokens.float(),
                 outputs.last_entropy_sum.float(),
                 outputs.last_num_correct.float(),
+                *(x.float() for x in distilled),
             ]
         )
         stats = self.accelerator.gather(local.detach()).view(-1, local.numel()).sum(0).tolist()
@@ -143,6 +153,11 @@ class SoFTTrainer(SFTTrainer):
             metrics[f"exit_{layer}/mean_token_accuracy"].append(accuracy)
         metrics["entropy"].append(stats[2 * num_exits + 1] / num_tokens if num_tokens else 0.0)
         metrics["mean_token_accuracy"].append(stats[2 * num_exits + 2] / num_tokens if num_tokens else 0.0)
+        if distilled:
+            kl_sums, agree_counts = stats[2 * num_exits + 3 :][: num_exits - 1], stats[3 * num_exits + 2 :]
+            for layer, kl_sum, agree in zip(computed[:-1], kl_sums, agree_counts, strict=True):
+                metrics[f"exit_{layer}/distill_loss"].append(kl_sum / num_tokens if num_tokens else 0.0)
+                metrics[f"exit_{layer}/agreement"].append(agree / num_tokens if num_tokens else 0.0)
         if mode == "train":
             if "attention_mask" in inputs:
                 local_tokens = inputs["attention_mask"].sum()

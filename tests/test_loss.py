@@ -128,3 +128,149 @@ def test_bf16_autocast_stays_close_to_fp32():
             results[kernel] = sorted_exit_loss(hidden, targets, weight, kernel=kernel).loss
     trl_error = (results["trl"] - exact).abs().item()
     assert (results["torch"] - exact).abs().item() <= 2 * trl_error + 1e-3
+
+
+# --- Quality controls: last-layer share, head gradient from the last exit only, self-distillation ---
+
+
+def controls_reference(hidden, targets, weight, bias, weights, denominator, head_grad, distill, temperature, softcap):
+    """Full logits per exit; early exits see a detached head with head_grad="last"; F.kl_div for the distillation."""
+
+    def logits_of(h, w, b):
+        z = F.linear(h, w, b)  # (N, V)
+        return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+    last = logits_of(hidden[-1], weight, bias)
+    teacher = F.log_softmax(last.detach() / temperature, -1)
+    total = weights[-1] * F.cross_entropy(last, targets, reduction="sum") / denominator
+    agreement = []
+    for w, h in zip(weights[:-1], hidden[:-1], strict=True):
+        if head_grad == "last":
+            z = logits_of(h, weight.detach(), None if bias is None else bias.detach())
+        else:
+            z = logits_of(h, weight, bias)
+        ce = F.cross_entropy(z, targets, reduction="sum")
+        kl = F.kl_div(F.log_softmax(z / temperature, -1), teacher, log_target=True, reduction="sum")
+        total = total + w * ((1 - distill) * ce + distill * temperature**2 * kl) / denominator
+        agreement.append(int((z.argmax(-1) == last.argmax(-1)).sum()))
+    return total, agreement
+
+
+@pytest.mark.parametrize("kernel", ["trl", "torch"])
+@pytest.mark.parametrize(
+    "head_grad, distill, temperature, bias, softcap, spec",
+    [
+        ("last", 0.0, 1.0, False, None, "uniform"),
+        ("last", 0.0, 1.0, True, 3.0, "last:0.5"),
+        ("all", 0.5, 1.0, False, None, "uniform"),
+        ("all", 0.3, 2.0, True, 3.0, "last:0.7"),  # softcap and temperature change both the KL and its gradient
+        ("last", 1.0, 1.5, True, None, "linear"),  # early exits learn only from the last exit
+    ],
+)
+def test_quality_controls_match_reference(head_grad, distill, temperature, bias, softcap, spec, kernel):
+    n = 23
+    hidden, weight, b, targets = make_inputs(3, n, 8, 37, bias, seed=3)
+    w = exit_loss_weights(spec, [1, 2, 3])
+    out = sorted_exit_loss(
+        hidden,
+        targets,
+        weight,
+        b,
+        weights=w,
+        num_items_in_batch=40,
+        final_logit_softcapping=softcap,
+        vocab_chunk_size=10,
+        kernel=kernel,
+        token_chunk_size=7,  # several token blocks, a ragged last one
+        head_grad=head_grad,
+        distill_weight=distill,
+        distill_temperature=temperature,
+        distill_chunk_size=6,
+    )
+    params = [*hidden, weight] + ([b] if bias else [])
+    grads = torch.autograd.grad(out.loss, params)
+    ref, agreement = controls_reference(hidden, targets, weight, b, w, 40, head_grad, distill, temperature, softcap)
+    ref_grads = torch.autograd.grad(ref, params)
+    torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-5)
+    for got, expected in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    assert all(p.requires_grad for p in params)  # gradient_blocked restored the flags
+    if distill > 0:
+        assert [int(c) for c in out.exit_num_agree] == agreement
+        assert 0 < sum(agreement) < 2 * n  # the check can fail: random exits neither all agree nor all differ
+        assert len(out.exit_kl_sums) == 2 and all(kl > 0 for kl in out.exit_kl_sums)
+    else:
+        assert out.exit_num_agree is None and out.exit_kl_sums is None
+
+
+@pytest.mark.parametrize("kernel", ["trl", "torch"])
+def test_head_gets_only_the_last_exits_gradient(kernel):
+    hidden, weight, b, targets = make_inputs(3, 11, 8, 30, True, seed=4)
+    out = sorted_exit_loss(hidden, targets, weight, b, weights=[0.25, 0.25, 0.5], kernel=kernel, head_grad="last")
+    head_grads = torch.autograd.grad(out.loss, [weight, b])
+    last_only = 0.5 * F.cross_entropy(F.linear(hidden[-1], weight, b), targets)
+    for got, expected in zip(head_grads, torch.autograd.grad(last_only, [weight, b]), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", ["trl", "torch"])
+def test_every_control_reduces_to_plain_cross_entropy_with_one_exit(kernel):
+    hidden, weight, b, targets = make_inputs(1, 9, 8, 30, True, seed=5)
+    w = exit_loss_weights("last:0.3", [4])
+    assert w == [1.0]
+    out = sorted_exit_loss(hidden, targets, weight, b, weights=w, kernel=kernel, head_grad="last", distill_weight=0.7)
+    ref = F.cross_entropy(F.linear(hidden[0], weight, b), targets)
+    torch.testing.assert_close(out.loss, ref)
+    params = [hidden[0], weight, b]
+    for got, expected in zip(torch.autograd.grad(out.loss, params), torch.autograd.grad(ref, params), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    assert out.exit_num_agree is None
+
+
+def test_distillation_of_an_all_masked_batch_is_a_finite_zero():
+    hidden = [torch.randn(0, 8, requires_grad=True) for _ in range(3)]
+    weight = torch.randn(20, 8, requires_grad=True)
+    out = sorted_exit_loss(hidden, torch.zeros(0, dtype=torch.long), weight, kernel="torch", distill_weight=0.5)
+    assert out.loss.item() == 0.0
+    out.loss.backward()
+    assert torch.count_nonzero(weight.grad) == 0
+
+
+def test_distillation_under_bf16_autocast_stays_close_to_fp32():
+    hidden, weight, _, targets = make_inputs(3, 64, 32, 300, False, seed=6)
+    exact = sorted_exit_loss(hidden, targets, weight, kernel="torch", distill_weight=0.5).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = sorted_exit_loss(hidden, targets, weight, kernel="torch", distill_weight=0.5).loss
+    assert abs(low.item() - exact.item()) < 2e-2 * exact.item()
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("last:0.5", [0.125, 0.125, 0.125, 0.125, 0.5]),
+        ("last:1", [0.0, 0.0, 0.0, 0.0, 1.0]),
+        ("LAST:0", [0.25, 0.25, 0.25, 0.25, 0.0]),
+    ],
+)
+def test_last_share_weights(spec, expected):
+    assert exit_loss_weights(spec, [1, 2, 3, 4, 5]) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("spec", ["last:1.5", "last:-0.1", "last:", "last:half", "last:nan"])
+def test_invalid_last_share_raises(spec):
+    with pytest.raises(ValueError, match="share must be a number in"):
+        exit_loss_weights(spec, [1, 2])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"head_grad": "first"}, "exit_head_grad"),
+        ({"distill_weight": 1.5}, "exit_distill_weight"),
+        ({"distill_weight": 0.5, "distill_temperature": 0.0}, "exit_distill_temperature"),
+    ],
+)
+def test_invalid_controls_raise(kwargs, message):
+    hidden, weight, _, targets = make_inputs(2, 3, 8, 20, False)
+    with pytest.raises(ValueError, match=message):
+        sorted_exit_loss(hidden, targets, weight, kernel="torch", **kwargs)

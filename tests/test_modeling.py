@@ -7,7 +7,7 @@ from tiny_models import ARCHS, NUM_LAYERS, VOCAB, tiny_model
 from transformers import AutoModelForCausalLM
 
 from soft_peft import SortedLossWrapper
-from soft_peft.exits import find_exit_head
+from soft_peft.exits import find_exit_head, get_decoder_layers
 
 
 def batch(seed=0, size=3, length=11):
@@ -124,3 +124,131 @@ def test_rewrapping_updates_settings_instead_of_stacking():
 def test_bad_exit_layers_raise_with_depth():
     with pytest.raises(ValueError, match="4 decoder layers"):
         SortedLossWrapper(tiny_model("llama"), exit_layers=[2, 5])
+
+
+def controls_reference(model, ids, mask, labels, exits, weights, head_grad, distill, temperature):
+    """Full logits per exit; with head_grad="last" the early exits see a detached norm, projection and head."""
+    head = find_exit_head(model)
+    backbone = getattr(model, model.base_model_prefix)
+    out = backbone(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    targets = labels[:, 1:].reshape(-1)
+    keep = targets != -100
+
+    def early_logits(hidden):
+        if head_grad == "all":
+            return head.logits(head.normalize(hidden, 0))
+        for module in (head.final_norm, head.output_projection):
+            if module is not None:
+                detached = {name: p.detach() for name, p in module.named_parameters()}
+                hidden = torch.func.functional_call(module, detached, (hidden,))
+        bias = head.lm_head.bias
+        return head.post_process(
+            F.linear(hidden, head.lm_head.weight.detach(), None if bias is None else bias.detach())
+        )
+
+    def flat(logits):
+        return logits[:, :-1].reshape(-1, logits.size(-1))[keep]  # (N, V)
+
+    last = flat(head.logits(out.last_hidden_state))
+    teacher = F.log_softmax(last.detach() / temperature, -1)
+    total = weights[-1] * F.cross_entropy(last, targets[keep])
+    agreement = {}
+    for k, w in zip(exits[:-1], weights[:-1], strict=True):
+        z = flat(early_logits(out.hidden_states[k]))
+        kl = F.kl_div(F.log_softmax(z / temperature, -1), teacher, log_target=True, reduction="batchmean")
+        total = total + w * ((1 - distill) * F.cross_entropy(z, targets[keep]) + distill * temperature**2 * kl)
+        agreement[k] = (z.argmax(-1) == last.argmax(-1)).float().mean()
+    return total, agreement
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_quality_controls_match_reference(arch):
+    exits = [1, 3, NUM_LAYERS]
+    settings = dict(exit_head_grad="last", exit_distill_weight=0.4, exit_distill_temperature=2.0)
+    model = tiny_model(arch)
+    ids, mask, labels = batch()
+    out = SortedLossWrapper(model, exit_layers=exits, exit_loss_weights="last:0.6", **settings)(
+        input_ids=ids, attention_mask=mask, labels=labels
+    )
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    ref, agreement = controls_reference(model, ids, mask, labels, exits, [0.2, 0.2, 0.6], "last", 0.4, 2.0)
+    ref.backward()
+    torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert all(p.requires_grad for p in model.parameters())
+    assert out.exit_agreement.keys() == agreement.keys()
+    for k, expected in agreement.items():
+        torch.testing.assert_close(out.exit_agreement[k], expected)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # untied and tied head
+def test_last_head_grad_trains_the_norm_and_head_from_the_last_exit_only(arch):
+    model = tiny_model(arch)
+    ids, mask, labels = batch(seed=3)
+    head = find_exit_head(model)
+    shared = [head.lm_head.weight, *head.final_norm.parameters()]
+    out = SortedLossWrapper(model, exit_layers=[2, NUM_LAYERS], exit_loss_weights="last:0.5", exit_head_grad="last")(
+        input_ids=ids, attention_mask=mask, labels=labels
+    )
+    got = torch.autograd.grad(out.loss, shared)
+    # Reference: the last exit alone for the norm and head, plus the early exit's gradient through the input
+    # embedding (tied head) that reaches it from below, which a full-reference run of both exits gives
+    ref, _ = controls_reference(model, ids, mask, labels, [2, NUM_LAYERS], [0.5, 0.5], "last", 0.0, 1.0)
+    for g, expected in zip(got, torch.autograd.grad(ref, shared), strict=True):
+        torch.testing.assert_close(g, expected, rtol=1e-4, atol=1e-6)
+    if arch == "llama":  # untied: the head and norm see only the last exit's loss
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        last_only = 0.5 * F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1))
+        for g, expected in zip(got, torch.autograd.grad(last_only, shared), strict=True):
+            torch.testing.assert_close(g, expected, rtol=1e-4, atol=1e-6)
+    # and the early exit still trains the layers below it, exactly as with exit_head_grad="all"
+    layer = get_decoder_layers(model)[0]
+    layer_params = list(layer.parameters())
+    with_last = torch.autograd.grad(
+        SortedLossWrapper(model, exit_layers=[2, NUM_LAYERS], exit_loss_weights="last:0.5", exit_head_grad="last")(
+            input_ids=ids, attention_mask=mask, labels=labels
+        ).loss,
+        layer_params,
+    )
+    with_all = torch.autograd.grad(
+        SortedLossWrapper(model, exit_layers=[2, NUM_LAYERS], exit_loss_weights="last:0.5")(
+            input_ids=ids, attention_mask=mask, labels=labels
+        ).loss,
+        layer_params,
+    )
+    for a, b in zip(with_last, with_all, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
+def test_every_control_reduces_to_plain_sft_with_the_last_exit_alone(arch):
+    model = tiny_model(arch)
+    ids, mask, labels = batch(seed=4)
+    wrapper = SortedLossWrapper(
+        model,
+        exit_layers=[NUM_LAYERS],
+        exit_loss_weights="last:0.3",
+        exit_head_grad="last",
+        exit_distill_weight=0.5,
+        exit_distill_temperature=2.0,
+    )
+    out = wrapper(input_ids=ids, attention_mask=mask, labels=labels)
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = torch.autograd.grad(out.loss, params)
+    ref = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(out.loss, ref)
+    for g, expected in zip(got, torch.autograd.grad(ref, params), strict=True):
+        torch.testing.assert_close(g, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_bad_controls_raise_before_any_forward():
+    with pytest.raises(ValueError, match="exit_head_grad"):
+        SortedLossWrapper(tiny_model("llama"), exit_head_grad="none")
+    with pytest.raises(ValueError, match="exit_distill_weight"):
+        SortedLossWrapper(tiny_model("llama"), exit_distill_weight=-0.1)
