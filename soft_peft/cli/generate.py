@@ -1,6 +1,6 @@
 """`soft-peft generate`: decode one prompt with a sub-model, self-speculative decoding or dynamic early exit.
 
-    soft-peft generate --model_name_or_path RUN --prompt "Question: ...\\nAnswer: " --draft_exit 15
+    soft-peft generate --model_name_or_path RUN --prompt "Question: ...\\nAnswer:" --draft_exit 15
     soft-peft generate --model_name_or_path RUN --prompt "..." --thresholds 0.9 [--exit_layers 15,21,27]
     soft-peft generate --model_name_or_path RUN --prompt "..." --num_layers 18      # greedy with a sub-model
 
