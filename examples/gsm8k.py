@@ -1,5 +1,5 @@
-"""SoFT on GSM8K (grade-school maths): prompt `Question: ...\nAnswer: `, the worked answer with its `#### N` line
-as the completion. Same code path and flags as `examples/alpaca.py`.
+"""SoFT on GSM8K (grade-school maths): prompt `Question: ...\nAnswer:`, completion a space and the worked answer with
+its `#### N` line. Same code path and flags as `examples/alpaca.py`.
 
 ```bash
 accelerate launch examples/gsm8k.py --dataset_name ../shared/data/gsm8k/train.jsonl --output_dir runs/gsm8k-soft

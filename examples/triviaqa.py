@@ -1,4 +1,4 @@
-"""SoFT on TriviaQA (closed-book): prompt `Question: ...\nAnswer: `, the answer's `value` as the completion. Same
+"""SoFT on TriviaQA (closed-book): prompt `Question: ...\nAnswer:`, completion a space and the answer's `value`. Same
 code path and flags as `examples/alpaca.py`; a local JSON/JSONL file needs `question` and `answer` (a string or a
 `{"value": ...}` dict).
 

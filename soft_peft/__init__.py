@@ -13,7 +13,7 @@ import importlib
 import warnings
 
 from .config import SoFTConfig
-from .exits import default_exit_layers, find_exit_head, parse_exit_layers, recorded_exit_layers
+from .exits import default_exit_layers, find_exit_head, parse_exit_layers, parse_exit_spec, recorded_exit_layers
 from .inference import dynamic_generate, extract_submodel, frequent_token_ids, self_speculative_generate
 from .loss import exit_loss_weights, sorted_exit_loss
 from .modeling import SortedExitOutput, SortedLossWrapper, add_sorted_exit_loss
@@ -35,6 +35,7 @@ __all__ = [
     "find_exit_head",
     "frequent_token_ids",
     "parse_exit_layers",
+    "parse_exit_spec",
     "recorded_exit_layers",
     "scheduled_exit_weights",
     "self_speculative_generate",

@@ -11,9 +11,6 @@ from .schedule import ExitSchedule
 
 __all__ = ["SoFTConfig"]
 
-# The syntax of `exit_layers` is checked here; its range needs the model's depth and is checked by the trainer
-_SYNTAX_CHECK_DEPTH = 1_000_000
-
 
 def _normalize_list_setting(value, name: str):
     """YAML and Python give lists; the command line gives a string. Keep lists, strip strings."""
@@ -131,22 +128,25 @@ class SoFTConfig(SFTConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        from .exits import parse_exit_layers
+        from .exits import parse_exit_spec
 
         self.exit_layers = _normalize_list_setting(self.exit_layers, "exit_layers")
         self.exit_loss_weights = _normalize_list_setting(self.exit_loss_weights, "exit_loss_weights") or "uniform"
-        layers = parse_exit_layers(self.exit_layers, _SYNTAX_CHECK_DEPTH) if self.exit_layers is not None else None
+        # Only the syntax can be checked here: the range needs the model's depth (checked by the trainer, and by the
+        # training script from config.json before the weights load)
+        layers = parse_exit_spec(self.exit_layers)
         weights = self.exit_loss_weights
         if isinstance(weights, str) and weights.lower().startswith("last:"):
-            exit_loss_weights(weights, layers or [1, 2])  # the share is checked now; any number of exits fits
+            # The share is checked now; any number of exits fits
+            exit_loss_weights(weights, layers if isinstance(layers, list) else [1, 2])
         elif isinstance(weights, list) or weights.lower() not in ("uniform", "linear"):
-            # Check the numbers now; their count is checked against the exits here when they are explicit
+            # Check the numbers now, and their count when the exits are explicit
             count = (
                 len(weights)
                 if isinstance(weights, list)
                 else len([w for w in weights.replace(" ", ",").split(",") if w])
             )
-            exit_loss_weights(weights, layers or [0] * count)
+            exit_loss_weights(weights, layers if isinstance(layers, list) else [0] * count)
         self.exit_schedule()  # validate the schedule fields now
         validate_exit_controls(self.exit_head_grad, self.exit_distill_weight, self.exit_distill_temperature)
         if self.exit_vocab_chunk_size < 1:

@@ -35,8 +35,11 @@ ALPACA_PROMPT_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
-GSM8K_PROMPT = "Question: {question}\nAnswer: "
-TRIVIAQA_PROMPT = "Question: {question}\nAnswer: "
+# The prompt ends on "Answer:" and the completion starts with the space: a trailing space would be a token of its own
+# at inference but merge into the answer's first token in training (TRL warns that the prompt tokens then differ)
+GSM8K_PROMPT = "Question: {question}\nAnswer:"
+TRIVIAQA_PROMPT = "Question: {question}\nAnswer:"
+ANSWER_SEPARATOR = " "
 
 _GSM8K_ANSWER = re.compile(r"####\s*([-+]?[\d,]*\.?\d+)")
 
@@ -104,22 +107,30 @@ def gsm8k_answer(text: str) -> str | None:
 
 
 def gsm8k_to_prompt_completion(dataset: Dataset, source: str = "dataset") -> Dataset:
-    """GSM8K rows (``question``, ``answer``) to ``prompt``/``completion``; the completion keeps the ``#### N`` line."""
+    """GSM8K rows (``question``, ``answer``) to ``prompt`` (``"Question: ...\nAnswer:"``) and ``completion`` (a space,
+    then the worked answer with its ``#### N`` line)."""
     _require_columns(dataset, ("question", "answer"), "GSM8K", source)
     return dataset.map(
-        lambda row: {"prompt": GSM8K_PROMPT.format(question=row["question"].strip()), "completion": row["answer"]},
+        lambda row: {
+            "prompt": GSM8K_PROMPT.format(question=row["question"].strip()),
+            "completion": ANSWER_SEPARATOR + row["answer"].lstrip(),
+        },
         remove_columns=dataset.column_names,
     )
 
 
 def triviaqa_to_prompt_completion(dataset: Dataset, source: str = "dataset") -> Dataset:
-    """TriviaQA rows (``question``, ``answer`` as a string or a dict with ``value``) to ``prompt``/``completion``."""
+    """TriviaQA rows (``question``, ``answer`` as a string or a dict with ``value``) to ``prompt``/``completion``,
+    split as GSM8K's: the prompt ends on ``"Answer:"`` and the completion starts with a space."""
     _require_columns(dataset, ("question", "answer"), "TriviaQA", source)
 
     def convert(row):
         answer = row["answer"]
         answer = answer.get("value") if isinstance(answer, dict) else answer
-        return {"prompt": TRIVIAQA_PROMPT.format(question=row["question"].strip()), "completion": str(answer)}
+        return {
+            "prompt": TRIVIAQA_PROMPT.format(question=row["question"].strip()),
+            "completion": ANSWER_SEPARATOR + str(answer).lstrip(),
+        }
 
     return dataset.map(convert, remove_columns=dataset.column_names)
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 __all__ = [
     "ExitHead",
@@ -22,6 +23,7 @@ __all__ = [
     "get_decoder_layers",
     "num_decoder_layers",
     "parse_exit_layers",
+    "parse_exit_spec",
     "record_exit_layers",
     "recorded_exit_layers",
     "unwrap_model",
@@ -53,9 +55,13 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def num_decoder_layers(model: nn.Module) -> int:
-    """Number of decoder layers of a causal LM, read from its (text) config."""
-    config = unwrap_model(model).config
+def num_decoder_layers(model: nn.Module | PretrainedConfig) -> int:
+    """Number of decoder layers of a causal LM, read from its (text) config.
+
+    Args:
+        model: The model, or only its config (``AutoConfig.from_pretrained(path)``: the depth without the weights).
+    """
+    config = model if isinstance(model, PretrainedConfig) else unwrap_model(model).config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     num_layers = getattr(text_config, "num_hidden_layers", None)
     if not isinstance(num_layers, int) or num_layers < 1:
@@ -85,12 +91,84 @@ def default_exit_layers(num_layers: int) -> list[int]:
     return layers
 
 
+class _SpecError(ValueError):
+    """A syntax error in an ``exit_layers`` setting; the public parsers add the advice that fits what they know."""
+
+
 def _invalid(message: str, num_layers: int) -> ValueError:
     example = ",".join(str(k) for k in default_exit_layers(num_layers))
     return ValueError(
         f"{message} The model has {num_layers} decoder layers, so exits must be distinct integers in 1..{num_layers}, "
         f"e.g. exit_layers=[{example}] or the slice string '{default_exit_layers(num_layers)[0]}:{num_layers + 1}:1'."
     )
+
+
+def _parse_syntax(spec: str | Sequence[int]) -> list[int] | slice:
+    if isinstance(spec, str):
+        text = spec.strip()
+        if ":" in text:
+            parts = text.split(":")
+            if len(parts) not in (2, 3):
+                raise _SpecError(f"Cannot parse exit_layers={spec!r} as 'start:stop:step'.")
+            try:
+                start, stop, step = (int(p) if p.strip() else None for p in (parts + [""])[:3])
+            except ValueError:
+                raise _SpecError(f"exit_layers={spec!r} has a non-integer slice bound.") from None
+            start = 1 if start is None else start
+            step = 1 if step is None else step
+            if step < 1:
+                raise _SpecError(f"exit_layers={spec!r} needs a positive step.")
+            if start < 1:
+                raise _SpecError(f"exit_layers={spec!r} starts at layer {start}; layers are counted from 1.")
+            if stop is None:  # up to the last layer: only the model's depth can resolve it
+                return slice(start, None, step)
+            layers = list(range(start, stop, step))
+        else:
+            try:
+                layers = [int(p) for p in text.replace(" ", ",").split(",") if p]
+            except ValueError:
+                raise _SpecError(f"exit_layers={spec!r} is not a list of integers.") from None
+    else:
+        layers = list(spec)
+    for layer in layers:
+        # bool is an int subclass; a float such as 12.0 is rejected rather than truncated
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise _SpecError(f"exit_layers contains {layer!r}, which is not an integer.")
+    if not layers:
+        raise _SpecError(f"exit_layers={spec!r} selects no layer.")
+    if len(set(layers)) != len(layers):
+        raise _SpecError(f"exit_layers={layers} has duplicates.")
+    bad = [k for k in layers if k < 1]
+    if bad:
+        raise _SpecError(f"exit_layers has {bad}, but layers are counted from 1 (exit k follows the k-th layer).")
+    return sorted(layers)
+
+
+def parse_exit_spec(spec: str | Sequence[int] | None) -> list[int] | slice | None:
+    """Check the syntax of an ``exit_layers`` setting without knowing the model's depth.
+
+    Everything that can be wrong without a model is checked here (integers, duplicates, layers below 1, slice
+    syntax); [`parse_exit_layers`] then checks the layers against the model's depth.
+
+    Args:
+        spec: As for [`parse_exit_layers`].
+
+    Returns:
+        ``None`` for ``None`` (the paper's default exits), a ``slice`` with ``stop=None`` for an open slice such as
+        ``"9::3"`` (its end is the model's depth), otherwise the exits sorted ascending.
+
+    Raises:
+        ValueError: for non-integers, duplicates, layers below 1, an empty selection or a malformed slice.
+    """
+    if spec is None:
+        return None
+    try:
+        return _parse_syntax(spec)
+    except _SpecError as error:
+        raise ValueError(
+            f"{error} Exits are distinct layer numbers from 1 to the model's depth, e.g. exit_layers='9,12,15' or "
+            "the slice '9::3' (every 3rd layer from 9 to the last)."
+        ) from None
 
 
 def parse_exit_layers(spec: str | Sequence[int] | None, num_layers: int) -> list[int]:
@@ -111,41 +189,18 @@ def parse_exit_layers(spec: str | Sequence[int] | None, num_layers: int) -> list
     """
     if spec is None:
         return default_exit_layers(num_layers)
-    if isinstance(spec, str):
-        text = spec.strip()
-        if ":" in text:
-            parts = text.split(":")
-            if len(parts) not in (2, 3):
-                raise _invalid(f"Cannot parse exit_layers={spec!r} as 'start:stop:step'.", num_layers)
-            try:
-                start, stop, step = (int(p) if p.strip() else None for p in (parts + [""])[:3])
-            except ValueError:
-                raise _invalid(f"exit_layers={spec!r} has a non-integer slice bound.", num_layers) from None
-            start = 1 if start is None else start
-            stop = num_layers + 1 if stop is None else stop
-            step = 1 if step is None else step
-            if step < 1:
-                raise _invalid(f"exit_layers={spec!r} needs a positive step.", num_layers)
-            layers = list(range(start, stop, step))
-        else:
-            try:
-                layers = [int(p) for p in text.replace(" ", ",").split(",") if p]
-            except ValueError:
-                raise _invalid(f"exit_layers={spec!r} is not a list of integers.", num_layers) from None
-    else:
-        layers = list(spec)
-    for layer in layers:
-        # bool is an int subclass; a float such as 12.0 is rejected rather than truncated
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise _invalid(f"exit_layers contains {layer!r}, which is not an integer.", num_layers)
-    if not layers:
-        raise _invalid(f"exit_layers={spec!r} selects no layer.", num_layers)
-    if len(set(layers)) != len(layers):
-        raise _invalid(f"exit_layers={layers} has duplicates.", num_layers)
-    bad = [k for k in layers if not 1 <= k <= num_layers]
+    try:
+        parsed = _parse_syntax(spec)
+    except _SpecError as error:
+        raise _invalid(str(error), num_layers) from None
+    if isinstance(parsed, slice):
+        parsed = list(range(parsed.start, num_layers + 1, parsed.step))
+        if not parsed:
+            raise _invalid(f"exit_layers={spec!r} selects no layer.", num_layers)
+    bad = [k for k in parsed if not 1 <= k <= num_layers]
     if bad:
         raise _invalid(f"exit_layers has {bad} outside 1..{num_layers}.", num_layers)
-    return sorted(layers)
+    return parsed
 
 
 def record_exit_layers(model: nn.Module, exit_layers: Sequence[int]) -> None:

@@ -2,11 +2,13 @@ import pytest
 import torch
 from tiny_models import ARCHS, NUM_LAYERS, VOCAB, tiny_model
 
+from soft_peft import SoFTConfig
 from soft_peft.exits import (
     default_exit_layers,
     find_exit_head,
     get_decoder_layers,
     parse_exit_layers,
+    parse_exit_spec,
     record_exit_layers,
     recorded_exit_layers,
 )
@@ -80,3 +82,39 @@ def test_exit_layers_are_recorded_in_the_config(tmp_path):
     record_exit_layers(model, [2, 4])
     model.save_pretrained(tmp_path)
     assert '"soft_exit_layers": [\n    2,\n    4\n  ]' in (tmp_path / "config.json").read_text()
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        (None, None),
+        ([3, 1], [1, 3]),
+        ("4,8, 40", [4, 8, 40]),
+        ("12:41:4", list(range(12, 41, 4))),
+        ("9::3", slice(9, None, 3)),
+    ],
+)
+def test_parse_exit_spec_needs_no_depth(spec, expected):
+    assert parse_exit_spec(spec) == expected
+
+
+@pytest.mark.parametrize("spec", [[0, 4], "0", [4, 4], [2.0, 4], "a,b", "1:10:0", "0:5", "5:3", [True], "1:2:3:4"])
+def test_invalid_exit_spec_names_no_depth(spec):
+    with pytest.raises(ValueError, match=r"from 1 to the model's depth, e\.g\. exit_layers='9,12,15'") as error:
+        parse_exit_spec(spec)
+    assert "decoder layers" not in str(error.value)  # no made-up depth
+
+
+def test_open_slice_ends_at_the_depth():
+    assert parse_exit_layers("9::3", 30) == [9, 12, 15, 18, 21, 24, 27, 30]
+    with pytest.raises(ValueError, match="selects no layer. The model has 4 decoder layers"):
+        parse_exit_layers("9::3", 4)
+
+
+def test_config_checks_exit_syntax_without_a_depth(tmp_path):
+    with pytest.raises(ValueError, match="layers are counted from 1") as error:
+        SoFTConfig(output_dir=str(tmp_path), exit_layers="0", bf16=False)
+    assert "1000000" not in str(error.value)
+    # an open slice's count is unknown until the depth is: the weights' count is checked by the trainer
+    config = SoFTConfig(output_dir=str(tmp_path), exit_layers="9::3", exit_loss_weights="1,2", bf16=False)
+    assert config.exit_layers == "9::3"

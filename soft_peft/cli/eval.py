@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from types import SimpleNamespace
 
 from ..data import DatasetFormatError
-from ..evaluation.pipeline import EvalSettings, run_evaluation
+from ..evaluation.pipeline import EvalSettings, resolve_eval_exits, run_evaluation
+from .model_checks import positive_int, read_model_facts
 
 __all__ = ["build_parser", "main"]
 
@@ -37,21 +39,38 @@ def build_parser(prog: str = "soft-peft eval") -> argparse.ArgumentParser:
     parser.add_argument("--dataset_split", default="train")
     parser.add_argument("--dataset_config", default=None)
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--max_samples", type=int, help="Evaluate only the first N rows.")
+    parser.add_argument("--max_samples", type=positive_int, help="Evaluate only the first N rows.")
     parser.add_argument(
         "--exit_layers",
         help="'default' (every 4th layer + last), '9,12,30' or 'start:stop:step'. Default: the recorded exits.",
     )
-    parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--max_length", type=int, default=1024, help="Truncate examples to this many tokens.")
-    parser.add_argument("--token_chunk_size", type=int, default=64, help="Completion tokens per head pass.")
+    parser.add_argument("--batch_size", type=positive_int, default=4)
+    parser.add_argument("--max_length", type=positive_int, default=1024, help="Truncate examples to this many tokens.")
+    parser.add_argument("--token_chunk_size", type=positive_int, default=64, help="Completion tokens per head pass.")
     parser.add_argument("--generate", action="store_true", help="Greedy-decode each exit and score it.")
-    parser.add_argument("--max_new_tokens", type=int, default=256)
-    parser.add_argument("--generate_samples", type=int, help="Rows used for generation (default: all evaluated).")
+    parser.add_argument("--max_new_tokens", type=positive_int, default=256)
+    parser.add_argument(
+        "--generate_samples", type=positive_int, help="Rows used for generation (default: all evaluated)."
+    )
     parser.add_argument("--judge_model", help="Local causal LM judging model A's exits vs model B's last layer.")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--no_progress", action="store_true", help="Hide progress bars.")
     return parser
+
+
+def _check_exits_before_loading(args: argparse.Namespace) -> None:
+    """Resolve each model's exits from its config alone, as the evaluation will once the weights are loaded.
+
+    Raises:
+        ValueError: for exits outside a model's depth, or a model without recorded exits and no `--exit_layers`.
+    """
+    facts = [read_model_facts(name) for name in (args.model_name_or_path, args.compare_to) if name]
+    # The evaluation's own resolution, given objects that carry only the configs
+    models = [SimpleNamespace(config=fact.config) for fact in facts]
+    fallback = facts[1].recorded_exits if len(facts) == 2 else None
+    exits = resolve_eval_exits(models[0], args.exit_layers, facts[0].name, fallback=fallback)
+    if len(facts) == 2:
+        resolve_eval_exits(models[1], args.exit_layers, facts[1].name, fallback=exits)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     # Far-tail probabilities underflow to denormal floats, which CPUs process many times slower; zero is as good
     torch.set_flush_denormal(True)
     try:
+        _check_exits_before_loading(args)
         metrics = run_evaluation(settings)
     except (ValueError, DatasetFormatError) as error:
         print(f"soft-peft eval: error: {error}", file=sys.stderr)

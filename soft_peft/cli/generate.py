@@ -1,6 +1,6 @@
 """`soft-peft generate`: decode one prompt with a sub-model, self-speculative decoding or dynamic early exit.
 
-    soft-peft generate --model_name_or_path RUN --prompt "Question: ...\\nAnswer: " --draft_exit 15
+    soft-peft generate --model_name_or_path RUN --prompt "Question: ...\\nAnswer:" --draft_exit 15
     soft-peft generate --model_name_or_path RUN --prompt "..." --thresholds 0.9 [--exit_layers 15,21,27]
     soft-peft generate --model_name_or_path RUN --prompt "..." --num_layers 18      # greedy with a sub-model
 
@@ -16,10 +16,32 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import warnings
 
 from .decode_flags import parse_ints
+from .model_checks import ModelFacts, positive_int, read_model_facts, untrained_exit_warning, warn
 
 __all__ = ["main"]
+
+
+def _thresholds(text: str) -> list[float]:
+    """An argparse ``type``: one threshold or one per exit, each in (0, 1]."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number or a comma-separated list of numbers, e.g. 0.9 or 0.9,0.8"
+        ) from None
+    bad = [v for v in values if not 0 < v <= 1]
+    if not values or bad:
+        raise argparse.ArgumentTypeError(f"thresholds must be in (0, 1] (1.0 disables an exit), got {text!r}")
+    return values
+
+
+def _draft_length(text: str) -> str | int:
+    """An argparse ``type``: ``adaptive`` or an integer >= 1."""
+    return "adaptive" if text.strip().lower() == "adaptive" else positive_int(text)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,12 +49,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model_name_or_path", required=True, help="A local HF folder or Hub name.")
     parser.add_argument("--prompt", required=True, help="Prompt text (use --chat to wrap it in the chat template).")
     parser.add_argument("--chat", action="store_true", help="Apply the tokenizer's chat template to the prompt.")
-    parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--max_new_tokens", type=positive_int, default=128)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--draft_exit", type=int, help="Self-speculative decoding drafting with this exit.")
-    mode.add_argument("--thresholds", help="Dynamic early exit: one threshold, or one per exit ('0.9,0.8').")
+    mode.add_argument(
+        "--thresholds", type=_thresholds, help="Dynamic early exit: one threshold, or one per exit ('0.9,0.8')."
+    )
     mode.add_argument("--num_layers", type=int, help="Greedy decoding with the sub-model of the first N layers.")
-    parser.add_argument("--num_draft_tokens", default="adaptive", help="Drafts per cycle (int) or 'adaptive'.")
+    parser.add_argument(
+        "--num_draft_tokens", type=_draft_length, default="adaptive", help="Drafts per cycle (int) or 'adaptive'."
+    )
     parser.add_argument(
         "--draft_stop_threshold", type=float, default=None, help="Stop drafting at a draft this unconfident (0..1)."
     )
@@ -50,7 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--top_p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vocab_texts", default=None, help="Texts whose frequent tokens draft and pre-check.")
-    parser.add_argument("--vocab_size", type=int, default=4096, help="Frequent tokens kept from --vocab_texts.")
+    parser.add_argument(
+        "--vocab_size", type=positive_int, default=4096, help="Frequent tokens kept from --vocab_texts."
+    )
     parser.add_argument(
         "--exit_on_subset", action="store_true", help="Dynamic: decide early exits on the subset alone (approximate)."
     )
@@ -68,56 +96,151 @@ def _read_texts(path: str) -> list[str]:
     return [value for record in records for value in record.values() if isinstance(value, str)]
 
 
+def _check_before_loading(parser: argparse.ArgumentParser, args: argparse.Namespace, facts: ModelFacts) -> None:
+    """Every flag that the model's config can judge, as an argparse error (exit code 2); warnings for untrained
+    exits."""
+    from ..exits import default_exit_layers, parse_exit_layers
+
+    depth = facts.num_layers
+    example = f"e.g. {max(1, depth // 2)}" if depth > 1 else "but a 1-layer model has no earlier exit"
+    if args.draft_exit is not None and not 1 <= args.draft_exit < depth:
+        parser.error(
+            f"--draft_exit {args.draft_exit}: must be in 1..{depth - 1} ({facts.name} has {depth} layers and the "
+            f"last one verifies the drafts), {example}."
+        )
+    if args.num_layers is not None and not 1 <= args.num_layers <= depth:
+        parser.error(f"--num_layers {args.num_layers}: must be in 1..{depth} ({facts.name} has {depth} layers).")
+    if args.draft_exit is None and (
+        args.early_draft_exits or args.draft_stop_threshold is not None or args.num_draft_tokens != "adaptive"
+    ):
+        parser.error("--num_draft_tokens, --draft_stop_threshold and --early_draft_exits need --draft_exit.")
+    if args.draft_stop_threshold is not None and not 0 <= args.draft_stop_threshold < 1:
+        parser.error(f"--draft_stop_threshold must be in [0, 1), got {args.draft_stop_threshold}.")
+    if args.early_draft_exits:
+        early = args.early_draft_exits
+        if args.draft_stop_threshold is None:
+            parser.error("--early_draft_exits needs --draft_stop_threshold (it decides when an early exit drafts).")
+        if early != sorted(set(early)) or early[0] < 1 or early[-1] >= args.draft_exit:
+            parser.error(
+                f"--early_draft_exits {','.join(map(str, early))}: must be increasing exits in "
+                f"1..{args.draft_exit - 1}, below --draft_exit {args.draft_exit}."
+            )
+    if args.exit_layers is not None and args.thresholds is None:
+        parser.error("--exit_layers chooses the exits of dynamic early exit: it needs --thresholds.")
+    dynamic_exits = None
+    if args.thresholds is not None:
+        try:
+            if args.exit_layers is not None:
+                dynamic_exits = [k for k in parse_exit_layers(args.exit_layers, depth) if k < depth]
+        except ValueError as error:
+            parser.error(f"--exit_layers: {error}")
+        count = len(args.thresholds)
+        if dynamic_exits is not None and count > 1 and count != len(dynamic_exits):
+            parser.error(
+                f"--thresholds has {count} values for the {len(dynamic_exits)} exits {dynamic_exits} below the last "
+                "layer: give one threshold for all, or one per exit."
+            )
+    if args.do_sample and not (args.temperature > 0 and 0 < args.top_p <= 1):
+        parser.error(
+            f"--do_sample needs --temperature > 0 and --top_p in (0, 1]; got {args.temperature}, {args.top_p}."
+        )
+    if args.vocab_texts is not None:
+        if args.draft_exit is None and args.thresholds is None:
+            parser.error("--vocab_texts needs --draft_exit or --thresholds (a decoder that drafts/checks).")
+        if not os.path.isfile(args.vocab_texts):
+            parser.error(f"--vocab_texts {args.vocab_texts}: no such file.")
+    if args.exit_on_subset and (args.thresholds is None or args.vocab_texts is None):
+        parser.error("--exit_on_subset needs --thresholds and --vocab_texts (the subset to decide on).")
+
+    if args.draft_exit is not None:
+        warn(parser.prog, untrained_exit_warning(facts, [*args.early_draft_exits, args.draft_exit], "--draft_exit"))
+    elif args.num_layers is not None:
+        warn(parser.prog, untrained_exit_warning(facts, [args.num_layers], "--num_layers"))
+    elif args.thresholds is not None:
+        if dynamic_exits is None:  # the recorded exits when there are, else the default ones in the upper half
+            dynamic_exits = [k for k in default_exit_layers(depth) if depth / 2 <= k < depth]
+            checked = facts.recorded_exits if facts.recorded_exits is not None else dynamic_exits
+            dynamic_exits = [k for k in checked if k < depth]
+        warn(parser.prog, untrained_exit_warning(facts, dynamic_exits, "--thresholds at exits"))
+
+
+def _check_prompt(parser: argparse.ArgumentParser, args: argparse.Namespace, facts: ModelFacts, length: int) -> None:
+    if length == 0:
+        parser.error("--prompt is empty: give the text to continue.")
+    context = facts.max_positions
+    if context is not None and length + args.max_new_tokens > context:
+        if length >= context:
+            parser.error(
+                f"the prompt is {length} tokens, but {facts.name}'s context is {context} tokens "
+                "(max_position_embeddings): shorten the prompt."
+            )
+        parser.error(
+            f"the prompt ({length} tokens) plus --max_new_tokens {args.max_new_tokens} exceeds {facts.name}'s context "
+            f"of {context} tokens: lower --max_new_tokens to {context - length} or shorten the prompt."
+        )
+
+
 def main(argv: list[str]) -> int:
-    """Run `soft-peft generate`; returns the exit status."""
-    args = _parser().parse_args(argv)
+    """Run `soft-peft generate`; returns the exit status (2, with one line on stderr, for unusable flags)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not args.prompt:
+        parser.error("--prompt is empty: give the text to continue.")
+    try:
+        facts = read_model_facts(args.model_name_or_path)
+    except ValueError as error:
+        parser.error(str(error))
+    _check_before_loading(parser, args, facts)
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..inference import dynamic_generate, extract_submodel, frequent_token_ids, self_speculative_generate
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path).eval()
     text = args.prompt.replace("\\n", "\n")
     if args.chat:
         messages = [{"role": "user", "content": text}]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     input_ids = tokenizer(text, return_tensors="pt").input_ids
+    _check_prompt(parser, args, facts, input_ids.shape[1])
+    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path).eval()
     generator = torch.Generator().manual_seed(args.seed)
     sampling = dict(do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p)
     vocab = None
     if args.vocab_texts is not None:
-        if args.draft_exit is None and args.thresholds is None:
-            raise SystemExit("error: --vocab_texts needs --draft_exit or --thresholds (a decoder that drafts/checks).")
         vocab = frequent_token_ids(tokenizer, _read_texts(args.vocab_texts), args.vocab_size)
-    if args.exit_on_subset and (args.thresholds is None or vocab is None):
-        raise SystemExit("error: --exit_on_subset needs --thresholds and --vocab_texts (the subset to decide on).")
-    if args.draft_exit is not None:
-        draft_length = args.num_draft_tokens if args.num_draft_tokens == "adaptive" else int(args.num_draft_tokens)
-        out = self_speculative_generate(
-            model, input_ids, args.draft_exit, args.max_new_tokens, num_draft_tokens=draft_length,
-            generator=generator, draft_vocab=vocab, draft_stop_threshold=args.draft_stop_threshold,
-            early_draft_exits=args.early_draft_exits, **sampling,
-        )  # fmt: skip
-        sequences, stats = out.sequences, dataclasses.asdict(out.stats)
-    elif args.thresholds is not None:
-        values = [float(t) for t in args.thresholds.split(",")]
-        out = dynamic_generate(
-            model, input_ids, args.exit_layers, values[0] if len(values) == 1 else values, args.max_new_tokens,
-            confidence=args.confidence, kv_fill=args.kv_fill, generator=generator, check_vocab=vocab,
-            exit_on_subset=args.exit_on_subset, **sampling,
-        )  # fmt: skip
-        sequences = out.sequences
-        stats = {"average_depth": out.average_depth, "exit_layers": out.exit_layers.tolist(), "checks": out.checks}
-        stats["full_checks"] = out.full_checks
-        stats["tokens_per_second"] = out.tokens_per_second
-    else:
-        if args.num_layers is not None:
-            model = extract_submodel(model, args.num_layers)
-        if args.do_sample:
-            torch.manual_seed(args.seed)
-        sequences = model.generate(input_ids, max_new_tokens=args.max_new_tokens, **sampling)
-        stats = {"num_layers": model.config.num_hidden_layers}
+    try:
+        if args.draft_exit is not None:
+            out = self_speculative_generate(
+                model, input_ids, args.draft_exit, args.max_new_tokens, num_draft_tokens=args.num_draft_tokens,
+                generator=generator, draft_vocab=vocab, draft_stop_threshold=args.draft_stop_threshold,
+                early_draft_exits=args.early_draft_exits, **sampling,
+            )  # fmt: skip
+            sequences, stats = out.sequences, dataclasses.asdict(out.stats)
+        elif args.thresholds is not None:
+            values = args.thresholds
+            out = dynamic_generate(
+                model, input_ids, args.exit_layers, values[0] if len(values) == 1 else values, args.max_new_tokens,
+                confidence=args.confidence, kv_fill=args.kv_fill, generator=generator, check_vocab=vocab,
+                exit_on_subset=args.exit_on_subset, **sampling,
+            )  # fmt: skip
+            sequences = out.sequences
+            stats = {"average_depth": out.average_depth, "exit_layers": out.exit_layers.tolist(), "checks": out.checks}
+            stats["full_checks"] = out.full_checks
+            stats["tokens_per_second"] = out.tokens_per_second
+        else:
+            if args.num_layers is not None:
+                with warnings.catch_warnings():
+                    # Its untrained-exit warning was already given, before loading
+                    warnings.simplefilter("ignore", UserWarning)
+                    model = extract_submodel(model, args.num_layers)
+            if args.do_sample:
+                torch.manual_seed(args.seed)
+            sequences = model.generate(input_ids, max_new_tokens=args.max_new_tokens, **sampling)
+            stats = {"num_layers": model.config.num_hidden_layers}
+    except ValueError as error:  # what the config could not judge (e.g. thresholds against the default exits)
+        parser.error(str(error))
     print(tokenizer.decode(sequences[0, input_ids.shape[1] :], skip_special_tokens=True))
     print(json.dumps(stats))
     return 0

@@ -26,15 +26,12 @@ from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_qu
 from ..config import SoFTConfig
 from ..data import DatasetFormatError, held_out_split, load_prompt_completion
 from ..trainer import SoFTTrainer
+from .preflight import UsageError, check_exits_against_model, check_output_dir, resolve_resume_checkpoint
 
 __all__ = ["ShardingReport", "SoFTScriptArguments", "UsageError", "main", "make_parser", "parse_args", "train"]
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M"
 DATASET_FORMATS = ("alpaca", "gsm8k", "triviaqa")
-
-
-class UsageError(Exception):
-    """A user error in the arguments or the data: reported as one line, exit code 2."""
 
 
 @dataclass
@@ -46,6 +43,8 @@ class SoFTScriptArguments(ScriptArguments):
             (`instruction`, `input`, `output`; Alpaca template), `gsm8k` (`question`, `answer`) or `triviaqa`.
         eval_holdout_size (`float`, defaults to `0`): Rows of the training data held out for evaluation when
             `eval_strategy` is not `"no"`: a fraction below 1 or a count. 0 uses `dataset_test_split` instead.
+        overwrite_output_dir (`bool`, defaults to `False`): Train into an `output_dir` that holds a previous run
+            (its model, `trainer_state.json` or checkpoints), which is otherwise refused.
     """
 
     dataset_format: str = field(
@@ -58,6 +57,10 @@ class SoFTScriptArguments(ScriptArguments):
             "help": "Hold out this many training rows (a fraction below 1, or a count) for evaluation. "
             "0: evaluate on `dataset_test_split`."
         },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train into an output_dir that holds a previous run (refused otherwise)."},
     )
 
 
@@ -80,6 +83,13 @@ def make_parser(prog: str | None = None, **defaults) -> TrlParser:
         # argparse %-formats help strings: a bare "30% depth" would crash `--help`
         if action.help:
             action.help = re.sub(r"(?<!%)%(?![(%])", "%%", action.help)
+        if action.dest == "resume_from_checkpoint":
+            # `--resume_from_checkpoint` alone means the latest complete checkpoint, as `resume_from_checkpoint=True`
+            action.nargs, action.const = "?", "true"
+            action.help = (
+                "Resume from this checkpoint folder; alone (or 'true'): from the latest complete checkpoint in "
+                "--output_dir."
+            )
     # SFTConfig turns bf16 on by default, which stops a CPU-only machine before it starts
     base_defaults = {"model_name_or_path": DEFAULT_MODEL}
     if not is_torch_bf16_gpu_available():
@@ -179,9 +189,27 @@ def train(
     `soft_exit_layers` in its config, gathered from all ranks under ZeRO-3 / FSDP; `trainer_state.json` beside it
     holds the log history with `exit_{k}/loss` and `exit_{k}/mean_token_accuracy`.
 
+    Before any weight is loaded or any row tokenized, the exits and their weights are checked against the depth in
+    the model's config, the output folder is checked (writable, and holding no previous run unless
+    `--overwrite_output_dir` or `--resume_from_checkpoint`), and `--resume_from_checkpoint` is resolved to a complete
+    checkpoint (alone or `true`: the latest one that has its `trainer_state.json`).
+
     Returns:
         The trainer, after training and saving.
+
+    Raises:
+        UsageError: for any of the checks above.
     """
+    # Everything a wrong setting would only show after the weights load and the data is tokenized, checked first
+    check_exits_against_model(
+        model_args.model_name_or_path,
+        training_args.exit_layers,
+        training_args.exit_loss_weights,
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+    )
+    resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    check_output_dir(training_args.output_dir, script_args.overwrite_output_dir, resuming=resume is not None)
     model_init_kwargs = dict(
         revision=model_args.model_revision,
         trust_remote_code=training_args.trust_remote_code,
@@ -201,7 +229,7 @@ def train(
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     trainer.save_state()
     trainer.accelerator.print(f"[soft-peft] exits {trainer.exit_layers}; model saved to {training_args.output_dir}")

@@ -1,0 +1,187 @@
+"""Checks a training script runs before it loads weights or tokenizes data, so a wrong setting costs seconds, not the
+run: the exits against the model's real depth (from its config), the output folder, and the checkpoint to resume.
+"""
+
+from __future__ import annotations
+
+import os
+
+from transformers import AutoConfig
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
+
+from ..exits import num_decoder_layers, parse_exit_layers
+from ..loss import exit_loss_weights
+
+__all__ = [
+    "UsageError",
+    "check_exits_against_model",
+    "check_output_dir",
+    "finished_run_files",
+    "latest_complete_checkpoint",
+    "resolve_resume_checkpoint",
+]
+
+# Written last by `Trainer._save_checkpoint`: a checkpoint folder without it was cut off while saving
+TRAINER_STATE_NAME = "trainer_state.json"
+# What `save_model` / `save_state` leave in `output_dir` at the end of a run (full model, sharded, or PEFT adapter)
+_FINISHED_RUN_FILES = (
+    "config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    TRAINER_STATE_NAME,
+)
+_RESUME_LATEST = ("true", "yes", "1")
+_RESUME_NONE = ("", "false", "no", "0", "none")
+
+
+class UsageError(Exception):
+    """A user error in the arguments or the data: reported as one line, exit code 2."""
+
+
+def check_exits_against_model(
+    model_name_or_path: str,
+    exit_layers,
+    weights_spec,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> list[int]:
+    """Resolve ``exit_layers`` and ``exit_loss_weights`` against the depth in the model's config (no weights loaded).
+
+    Args:
+        model_name_or_path: Model folder or Hub name.
+        exit_layers: The ``exit_layers`` setting (``None``, a list or a string).
+        weights_spec: The ``exit_loss_weights`` setting.
+        revision, trust_remote_code: As for ``AutoConfig.from_pretrained``.
+
+    Returns:
+        The exits, ascending.
+
+    Raises:
+        UsageError: when the config cannot be read, or the exits or weights do not fit the model, naming its depth
+            and a valid example.
+    """
+    try:
+        config = AutoConfig.from_pretrained(model_name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        message = f"--model_name_or_path {model_name_or_path}: cannot read its config.json ({reason})"
+        raise UsageError(message) from error
+    try:
+        layers = parse_exit_layers(exit_layers, num_decoder_layers(config))
+        exit_loss_weights(weights_spec, layers)
+    except ValueError as error:
+        raise UsageError(f"{model_name_or_path}: {error}") from error
+    return layers
+
+
+def finished_run_files(output_dir: str) -> list[str]:
+    """The files and checkpoint folders in ``output_dir`` that a training run leaves behind (empty if none)."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [name for name in _FINISHED_RUN_FILES if os.path.isfile(os.path.join(output_dir, name))]
+    return found + [os.path.basename(path) for path in sort_checkpoints(output_dir)]
+
+
+def check_output_dir(output_dir: str, overwrite: bool = False, resuming: bool = False) -> None:
+    """Refuse an ``output_dir`` the final save could not write, or one holding a previous run.
+
+    Args:
+        output_dir: The training output folder (need not exist yet).
+        overwrite: Allow an ``output_dir`` that holds a previous run (``--overwrite_output_dir``).
+        resuming: A resumed run writes into its own earlier run, so the previous run is expected.
+
+    Raises:
+        UsageError: for a folder that is a file, is not writable (or whose nearest existing parent is not), or holds
+            a previous run while neither ``overwrite`` nor ``resuming`` is set.
+    """
+    existing = os.path.abspath(output_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"--output_dir {output_dir}: {existing} is a file, not a folder; choose another folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "it" if existing == os.path.abspath(output_dir) else f"its parent {existing}"
+        raise UsageError(
+            f"--output_dir {output_dir}: {where} is not writable, so nothing could be saved; choose another "
+            "--output_dir or fix its permissions."
+        )
+    previous = finished_run_files(output_dir)
+    if previous and not (overwrite or resuming):
+        shown = ", ".join(previous[:4]) + (", ..." if len(previous) > 4 else "")
+        raise UsageError(
+            f"--output_dir {output_dir} already holds a run ({shown}): pass --overwrite_output_dir to replace it, "
+            "--resume_from_checkpoint to continue it, or choose another --output_dir."
+        )
+
+
+def latest_complete_checkpoint(output_dir: str) -> tuple[str | None, list[str]]:
+    """The newest ``checkpoint-N`` folder of ``output_dir`` that has its ``trainer_state.json``.
+
+    Unlike ``transformers.trainer_utils.get_last_checkpoint``, a checkpoint cut off while saving (killed before its
+    ``trainer_state.json`` was written) is skipped.
+
+    Returns:
+        ``(path or None, incomplete)``: the checkpoint to resume from, and the newer incomplete ones it skipped.
+    """
+    incomplete = []
+    for path in reversed(sort_checkpoints(output_dir) if os.path.isdir(output_dir) else []):
+        if os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
+            return path, incomplete
+        incomplete.append(path)
+    return None, incomplete
+
+
+def resolve_resume_checkpoint(value: str | bool | None, output_dir: str) -> str | None:
+    """Turn a ``--resume_from_checkpoint`` value into a complete checkpoint folder, or ``None`` to start afresh.
+
+    Args:
+        value: ``None``/``false`` (do not resume), ``True``/``true`` (the newest complete checkpoint in
+            ``output_dir``, as ``Trainer.train(resume_from_checkpoint=True)`` but skipping incomplete ones) or a path.
+        output_dir: The run's output folder.
+
+    Returns:
+        The checkpoint folder, or ``None``.
+
+    Raises:
+        UsageError: for a path that is not a folder, an incomplete checkpoint (no ``trainer_state.json``), or no
+            complete checkpoint in ``output_dir``; each names the checkpoint to use instead when there is one.
+    """
+    if value is None or value is False or (isinstance(value, str) and value.strip().lower() in _RESUME_NONE):
+        return None
+    latest, incomplete = latest_complete_checkpoint(output_dir)
+    if value is True or value.strip().lower() in _RESUME_LATEST:
+        if latest is None:
+            state = (
+                f"{os.path.basename(incomplete[0])} is incomplete (no {TRAINER_STATE_NAME}: the run was stopped while "
+                "saving it)"
+                if incomplete
+                else f"it has no {PREFIX_CHECKPOINT_DIR}-N folder"
+            )
+            raise UsageError(
+                f"--resume_from_checkpoint: nothing to resume in {output_dir}: {state}. Start afresh without the flag."
+            )
+        for path in incomplete:
+            print(
+                f"[soft-peft] {os.path.basename(path)} is incomplete (no {TRAINER_STATE_NAME}); resuming from "
+                f"{os.path.basename(latest)}, the latest complete checkpoint.",
+                flush=True,
+            )
+        return latest
+    if not os.path.isdir(value):
+        raise UsageError(f"--resume_from_checkpoint {value}: no such checkpoint folder.")
+    if not os.path.isfile(os.path.join(value, TRAINER_STATE_NAME)):
+        here = os.path.dirname(os.path.abspath(value))
+        other, _ = latest_complete_checkpoint(here)
+        instead = (
+            f"resume from {other}, the latest complete checkpoint, or pass --resume_from_checkpoint alone to pick it"
+            if other is not None
+            else "start afresh without --resume_from_checkpoint"
+        )
+        raise UsageError(
+            f"--resume_from_checkpoint {value}: {os.path.basename(os.path.normpath(value))} is incomplete (no "
+            f"{TRAINER_STATE_NAME}: the run was stopped while saving it); {instead}."
+        )
+    return value

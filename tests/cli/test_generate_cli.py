@@ -1,0 +1,164 @@
+"""`soft-peft generate` / `extract` / `eval`: every bad value is one argparse-style line (exit code 2) given before
+the model's weights load, judged from its config; untrained exits get the same warning in every command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from tiny_models import tiny_model, tiny_tokenizer
+from transformers import AutoModelForCausalLM
+
+from soft_peft.cli import main as soft_peft_main
+
+CONTEXT = 64  # max_position_embeddings of the saved tiny models
+
+
+def save(folder: Path, exits: list[int] | None) -> str:
+    model = tiny_model("llama")  # 4 decoder layers
+    model.config.max_position_embeddings = CONTEXT
+    if exits is not None:
+        model.config.soft_exit_layers = exits
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def soft_model(tmp_path_factory):
+    return save(tmp_path_factory.mktemp("soft"), [2, 4])
+
+
+@pytest.fixture(scope="module")
+def plain_model(tmp_path_factory):
+    return save(tmp_path_factory.mktemp("plain"), None)
+
+
+class Loaded(Exception):
+    pass
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Loading the weights fails the test: every check below must come first."""
+
+    def refuse(*args, **kwargs):
+        raise Loaded("the weights were loaded before the flags were checked")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+def usage_error(capsys, argv: list[str], prog: str = "soft-peft generate") -> str:
+    """Run `soft-peft argv`, expect argparse's exit code 2, and return its one error line."""
+    with pytest.raises(SystemExit) as exited:
+        soft_peft_main(argv)
+    assert exited.value.code == 2
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith(f"{prog}: error: ")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr
+    return errors[0]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--draft_exit", "0"], "--draft_exit 0: must be in 1..3 ("),
+        (["--draft_exit", "4"], "has 4 layers and the last one verifies the drafts), e.g. 2."),
+        (["--draft_exit", "5"], "--draft_exit 5: must be in 1..3"),
+        (["--num_layers", "5"], "--num_layers 5: must be in 1..4"),
+        (["--thresholds", "x"], "argument --thresholds: 'x' is not a number or a comma-separated list of numbers"),
+        (["--thresholds", "1.5"], "thresholds must be in (0, 1]"),
+        (["--thresholds", "0.9", "--exit_layers", "5"], "exit_layers has [5] outside 1..4"),
+        (["--thresholds", "0.9,0.8", "--exit_layers", "1,2,3"], "--thresholds has 2 values for the 3 exits"),
+        (["--exit_layers", "2"], "--exit_layers chooses the exits of dynamic early exit: it needs --thresholds."),
+        (["--max_new_tokens", "0"], "argument --max_new_tokens: must be >= 1, got 0"),
+        (["--num_draft_tokens", "0"], "argument --num_draft_tokens: must be >= 1, got 0"),
+        (["--draft_exit", "2", "--early_draft_exits", "1"], "--early_draft_exits needs --draft_stop_threshold"),
+        (["--draft_exit", "2", "--draft_stop_threshold", "0.5", "--early_draft_exits", "2"], "below --draft_exit 2"),
+        (["--draft_exit", "2", "--draft_stop_threshold", "1"], "--draft_stop_threshold must be in [0, 1)"),
+        (["--draft_stop_threshold", "0.5"], "need --draft_exit"),
+        (["--do_sample", "--temperature", "0"], "--do_sample needs --temperature > 0"),
+        (["--draft_exit", "2", "--vocab_texts", "nope.txt"], "--vocab_texts nope.txt: no such file."),
+        (["--vocab_texts", "nope.txt"], "--vocab_texts needs --draft_exit or --thresholds"),
+        (["--max_new_tokens", "60", "--prompt", "hello"], "lower --max_new_tokens to 59"),
+        (["--prompt", "x" * CONTEXT], f"the prompt is {CONTEXT} tokens, but "),
+        (["--prompt", ""], "--prompt is empty: give the text to continue."),
+    ],
+)
+def test_generate_bad_values_fail_before_loading(soft_model, capsys, no_loading, flags, message):
+    # The tiny tokenizer gives one token per character and adds none: 'hello' is 5 tokens
+    argv = ["generate", "--model_name_or_path", soft_model, "--prompt", "hi", "--max_new_tokens", "4", *flags]
+    assert message in usage_error(capsys, argv)
+
+
+def test_generate_errors_that_need_the_model_are_one_line_too(soft_model, capsys):
+    # Four thresholds for the default dynamic exits ([2]: the recorded ones below the last layer) need the decoder
+    argv = ["generate", "--model_name_or_path", soft_model, "--prompt", "hi", "--thresholds", "0.5,0.5,0.5,0.5"]
+    argv += ["--max_new_tokens", "4"]
+    assert "Got 4 thresholds for the 1 exits [2]" in usage_error(capsys, argv)
+
+
+@pytest.mark.parametrize(
+    "flags, warning",
+    [
+        (["--draft_exit", "1"], "--draft_exit 1 is not one of the exits"),
+        (["--num_layers", "3"], "--num_layers 3 is not one of the exits"),
+        (["--thresholds", "0.5", "--exit_layers", "1,2"], "--thresholds at exits 1 is not one of the exits"),
+        (["--draft_exit", "2"], None),
+        (["--num_layers", "4"], None),
+    ],
+)
+def test_generate_warns_for_an_untrained_exit(soft_model, capsys, flags, warning):
+    argv = ["generate", "--model_name_or_path", soft_model, "--prompt", "hi", "--max_new_tokens", "3", *flags]
+    assert soft_peft_main(argv) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning:" in line]
+    if warning is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and warning in warnings[0] and "was trained with ([2, 4])" in warnings[0]
+
+
+@pytest.mark.parametrize("flags", [["--draft_exit", "2"], ["--thresholds", "0.5"], ["--num_layers", "2"]])
+def test_generate_warns_on_a_model_without_trained_exits(plain_model, capsys, flags):
+    argv = ["generate", "--model_name_or_path", plain_model, "--prompt", "hi", "--max_new_tokens", "3", *flags]
+    assert soft_peft_main(argv) == 0
+    err = capsys.readouterr().err
+    assert "soft-peft generate: warning: " in err and "records no trained exits (no `soft_exit_layers`" in err
+
+
+@pytest.mark.parametrize("num_layers, message", [("0", "--num_layers 0: must be in 1..4"), ("5", "must be in 1..4")])
+def test_extract_bad_depth_fails_before_loading(soft_model, tmp_path, capsys, no_loading, num_layers, message):
+    argv = ["extract", "--model_name_or_path", soft_model, "--num_layers", num_layers, "--output_dir", str(tmp_path)]
+    assert message in usage_error(capsys, argv, prog="soft-peft extract")
+
+
+def test_extract_warns_like_generate(plain_model, tmp_path, capsys):
+    argv = ["extract", "--model_name_or_path", plain_model, "--num_layers", "2", "--output_dir", str(tmp_path / "s")]
+    assert soft_peft_main(argv) == 0
+    err = capsys.readouterr().err
+    assert "soft-peft extract: warning: " in err and "records no trained exits" in err
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["num_hidden_layers"] == 2
+
+
+@pytest.mark.parametrize(
+    "model, flags, message",
+    [
+        ("soft", ["--exit_layers", "0"], "layers are counted from 1"),
+        ("soft", ["--exit_layers", "5"], "exit_layers has [5] outside 1..4"),
+        ("plain", [], "records no SoFT exits"),
+    ],
+)
+def test_eval_bad_exits_fail_before_loading(
+    soft_model, plain_model, tmp_path, capsys, no_loading, model, flags, message
+):
+    name = soft_model if model == "soft" else plain_model
+    argv = ["eval", "--model_name_or_path", name, "--dataset_name", "x.jsonl", "--output_dir", str(tmp_path), *flags]
+    assert soft_peft_main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_eval_non_positive_counts_are_usage_errors(soft_model, tmp_path, capsys):
+    argv = ["eval", "--model_name_or_path", soft_model, "--dataset_name", "x.jsonl", "--output_dir", str(tmp_path)]
+    line = usage_error(capsys, [*argv, "--batch_size", "0"], prog="soft-peft eval")
+    assert "argument --batch_size: must be >= 1, got 0" in line

@@ -1,0 +1,165 @@
+"""The training script's checks before any weight loads or any row is tokenized: exits against the real depth, the
+output folder, and the checkpoint to resume. Each bad input must end in one line and exit code 2 without loading."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+
+import pytest
+from example_runs import TINY_TRAIN_ARGS, alpaca_rows, save_tiny_model, step_logs, write_jsonl
+from transformers import AutoModelForCausalLM
+
+from soft_peft.cli.train import main as train_main
+from soft_peft.scripts.preflight import UsageError, check_output_dir, resolve_resume_checkpoint
+
+# The module, not the `train` function that `soft_peft.scripts` exports under the same name
+train_script = importlib.import_module("soft_peft.scripts.train")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))  # 4 decoder layers
+
+
+@pytest.fixture
+def alpaca_file(tmp_path):
+    return write_jsonl(tmp_path / "alpaca.jsonl", alpaca_rows())
+
+
+class Loaded(Exception):
+    """Raised where the script would start loading: reaching it means every check passed."""
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Make loading weights or the dataset fail the test: the checks must come first."""
+
+    def refuse(*args, **kwargs):
+        raise Loaded("loaded before the checks")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(train_script, "_load_datasets", refuse)
+
+
+def error_line(capsys, argv: list[str]) -> str:
+    assert train_main(argv) == 2
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("soft-peft train: error: ")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr
+    return errors[0]
+
+
+def base_argv(model_dir, data, output_dir) -> list[str]:
+    return ["--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--output_dir", str(output_dir)]
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--exit_layers", "5"], "exit_layers has [5] outside 1..4. The model has 4 decoder layers"),
+        (["--exit_layers", "2:"], None),  # an open slice is fine: its end is the depth
+        (["--exit_loss_weights", "1,2"], "exit_loss_weights has 2 values but there are 4 exits [1, 2, 3, 4]"),
+    ],
+)
+def test_exits_are_checked_against_the_config_depth_before_loading(
+    capsys, tmp_path, tiny_model_dir, alpaca_file, no_loading, flags, expected
+):
+    argv = base_argv(tiny_model_dir, alpaca_file, tmp_path / "out") + flags
+    if expected is None:
+        with pytest.raises(Loaded):
+            train_main(argv)
+        return
+    assert expected in error_line(capsys, argv)
+
+
+def test_exit_zero_no_longer_names_a_placeholder_depth(capsys, tmp_path, alpaca_file):
+    line = error_line(capsys, ["--dataset_name", str(alpaca_file), "--exit_layers", "0"])
+    assert "1000000" not in line and "layers are counted from 1" in line, line
+
+
+def test_unwritable_output_dir(capsys, tmp_path, tiny_model_dir, alpaca_file, no_loading, monkeypatch):
+    # The tests run as root, which may write anywhere: deny the folder through `os.access` instead of chmod
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(locked) and real_access(path, mode))
+    line = error_line(capsys, base_argv(tiny_model_dir, alpaca_file, locked / "run"))
+    assert f"its parent {locked} is not writable" in line and "choose another --output_dir" in line
+
+
+def test_output_dir_under_a_file(capsys, tmp_path, tiny_model_dir, alpaca_file, no_loading):
+    line = error_line(capsys, base_argv(tiny_model_dir, alpaca_file, alpaca_file / "run"))
+    assert "is a file, not a folder" in line
+
+
+@pytest.mark.parametrize("leftover", ["model.safetensors", "trainer_state.json", "checkpoint-3"])
+def test_a_previous_run_is_refused_unless_overwritten(
+    capsys, tmp_path, tiny_model_dir, alpaca_file, no_loading, leftover
+):
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    if leftover.startswith("checkpoint"):
+        (output_dir / leftover).mkdir()
+    else:
+        (output_dir / leftover).write_text("{}")
+    line = error_line(capsys, base_argv(tiny_model_dir, alpaca_file, output_dir))
+    assert f"already holds a run ({leftover})" in line and "--overwrite_output_dir" in line
+    with pytest.raises(Loaded):  # the flag lets it through to loading
+        train_main(base_argv(tiny_model_dir, alpaca_file, output_dir) + ["--overwrite_output_dir"])
+
+
+def make_checkpoint(output_dir, step: int, complete: bool):
+    path = output_dir / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "model.safetensors").write_bytes(b"")
+    if complete:
+        (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return path
+
+
+@pytest.mark.parametrize("value", [True, "true", "True"])
+def test_resume_picks_the_latest_complete_checkpoint(tmp_path, capsys, value):
+    make_checkpoint(tmp_path, 2, complete=True)
+    make_checkpoint(tmp_path, 10, complete=True)
+    make_checkpoint(tmp_path, 12, complete=False)  # killed while saving; 12 > 10 tests the numeric order
+    assert resolve_resume_checkpoint(value, str(tmp_path)) == str(tmp_path / "checkpoint-10")
+    printed = capsys.readouterr().out
+    assert "checkpoint-12 is incomplete (no trainer_state.json); resuming from checkpoint-10" in printed
+
+
+def test_resume_from_an_incomplete_checkpoint_names_the_complete_one(tmp_path):
+    make_checkpoint(tmp_path, 2, complete=True)
+    broken = make_checkpoint(tmp_path, 4, complete=False)
+    with pytest.raises(UsageError, match=r"checkpoint-4 is incomplete .*resume from .*checkpoint-2, the latest"):
+        resolve_resume_checkpoint(str(broken), str(tmp_path))
+
+
+def test_resume_without_a_complete_checkpoint(tmp_path):
+    make_checkpoint(tmp_path, 4, complete=False)
+    assert resolve_resume_checkpoint(None, str(tmp_path)) is None  # not resuming: nothing is looked at
+    with pytest.raises(UsageError, match="nothing to resume in .*checkpoint-4 is incomplete"):
+        resolve_resume_checkpoint("true", str(tmp_path))
+    with pytest.raises(UsageError, match="no such checkpoint folder"):
+        resolve_resume_checkpoint(str(tmp_path / "checkpoint-9"), str(tmp_path))
+
+
+def test_check_output_dir_accepts_a_fresh_or_resumed_folder(tmp_path):
+    check_output_dir(str(tmp_path / "new" / "run"))
+    make_checkpoint(tmp_path, 2, complete=True)
+    check_output_dir(str(tmp_path), resuming=True)
+    with pytest.raises(UsageError, match=r"already holds a run \(checkpoint-2\)"):
+        check_output_dir(str(tmp_path))
+
+
+def test_resume_flag_alone_skips_a_checkpoint_cut_off_while_saving(tmp_path, tiny_model_dir, alpaca_file, capsys):
+    output_dir = tmp_path / "run"
+    argv = base_argv(tiny_model_dir, alpaca_file, output_dir) + TINY_TRAIN_ARGS
+    assert train_main([*argv, "--save_strategy", "steps", "--save_steps", "1"]) == 0
+    # A kill during the second save leaves the model but not the trainer state, which is written last
+    os.remove(output_dir / "checkpoint-2" / "trainer_state.json")
+    assert train_main([*argv, "--max_steps", "3", "--resume_from_checkpoint", "--save_strategy", "no"]) == 0
+    assert "checkpoint-2 is incomplete (no trainer_state.json); resuming from checkpoint-1" in capsys.readouterr().out
+    # Resumed after step 1: steps 2 and 3 are trained again and logged after the restored step 1
+    assert sorted(step_logs(output_dir)) == [1, 2, 3]
