@@ -3,25 +3,13 @@ a no-cache reference, and speculative sampling that follows the full model's exa
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from cuda_devices import DEVICES
+from inference_helpers import LAW_PROMPT, LAW_VOCAB, chi_square_p, law_model_and_law, prompts, reference_dynamic
 from tiny_models import GEN_ARCHS, NUM_LAYERS, tiny_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "inference"))
-from inference_helpers import (  # noqa: E402
-    LAW_PROMPT,
-    LAW_VOCAB,
-    chi_square_p,
-    law_model_and_law,
-    prompts,
-    reference_dynamic,
-)
-
-from soft_peft.inference import (  # noqa: E402
+from soft_peft.inference import (
     DecoderStack,
     dynamic_generate,
     exit_confidence,
