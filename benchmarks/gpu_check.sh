@@ -69,6 +69,24 @@ for name in ["torch", "transformers", "accelerate", "peft", "trl", "datasets", "
     except importlib.metadata.PackageNotFoundError:
         print(f"{name} MISSING")
         missing.append(name)
+# Requirements the installed versions do not meet (the wheels install with --no-deps): a warning, not a failure
+import tomllib
+from packaging.requirements import Requirement
+
+requirements = [Requirement(r) for r in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]]
+for name in ("trl", "datasets", "deepspeed"):
+    if name not in missing:
+        requirements += [Requirement(r) for r in importlib.metadata.requires(name) or []]
+for requirement in requirements:
+    if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+        continue
+    try:
+        have = importlib.metadata.version(requirement.name)
+    except importlib.metadata.PackageNotFoundError:
+        print(f"unmet: {requirement} (not installed)")
+        continue
+    if not requirement.specifier.contains(have, prereleases=True):
+        print(f"unmet: {requirement} (have {have})")
 if dry_run and "triton" in missing:  # TRL's kernels need Triton on a GPU only
     missing.remove("triton")
 for tool in ("accelerate", "nvidia-smi"):
@@ -91,7 +109,8 @@ PYTHON
 install_wheels() {
     local site=/tmp/soft_peft_site
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$WHEELS"/*.whl
-    export PYTHONPATH="$PYTHONPATH:$site"  # after the repository; the image's own packages stay first
+    # PYTHONPATH precedes site-packages: the carried versions (the ones tested on the CPU) win over the image's
+    export PYTHONPATH="$PYTHONPATH:$site"
     echo "installed $(ls "$WHEELS"/*.whl | wc -l) wheels from $WHEELS into $site"
 }
 

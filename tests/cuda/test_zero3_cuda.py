@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 
 import pytest
 from cuda_devices import CUDA
@@ -52,9 +53,11 @@ def test_zero3_one_process_matches_unsharded_and_reloads(device, tmp_path):
     unsharded, zero3 = tmp_path / "unsharded", tmp_path / "zero3"
 
     single_flags = ["--use_cpu", "true"] if device == "cpu" else []
-    run(["python", str(EXAMPLES / "alpaca.py"), *argv, *single_flags, "--output_dir", str(unsharded)])
+    # This interpreter, not `python` / `accelerate` from PATH: GPU images may have neither name
+    run([sys.executable, str(EXAMPLES / "alpaca.py"), *argv, *single_flags, "--output_dir", str(unsharded)])
     config = RECIPES / "accelerate" / "zero3.yaml"
-    launch = ["accelerate", "launch", "--config_file", str(config), "--num_processes", "1", *launch_flags]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "1"]
+    launch += launch_flags
     launch += ["--main_process_port", str(free_port()), str(EXAMPLES / "alpaca.py")]
     result = run([*launch, *argv, *zero3_script_flags, "--output_dir", str(zero3)], check=False)
     assert result.returncode == 0, result.stdout + result.stderr
