@@ -215,11 +215,14 @@ def run_shape(name: str, args) -> list[dict]:
     batch = args.batch or fill_batch(shape, args.seq, args.fill, args.device)
     results = []
     for mode in ("sft", "soft"):
+        result = None
         try:
             result = train_once(mode, shape, batch, args)
         except torch.OutOfMemoryError:
+            pass  # retried below, once the exception's frames (and the tensors they hold) are gone
+        if result is None:
             if results:  # SFT fitted this batch and SoFT did not: that is the finding, not a reason to retry
-                results.append({"mode": mode, "batch": batch, "error": "out of memory at SFT's batch"})
+                results.append({"shape": name, "mode": mode, "batch": batch, "error": "out of memory at SFT's batch"})
                 break
             batch = max(1, batch // 2)
             print(f"[{name}] {mode}: out of memory, halving the batch to {batch}", flush=True)
