@@ -3,12 +3,14 @@
     python recipes/memory_estimate.py                      # LLaMA-2 13B, every recipe of recipes/README.md
     python recipes/memory_estimate.py --config path/to/config.json --gpus 8 --batch 4 --seq 512
 
-Model states follow the ZeRO paper's accounting for mixed-precision Adam (Rajbhandari et al., 2020): 2 bytes of bf16
-weights + 2 of bf16 gradients + 12 of fp32 master weights and Adam moments = 16 bytes per trained parameter; ZeRO-3
-and FSDP divide all three by the GPU count. Activations with checkpointing keep each layer's bf16 input
-(batch * seq * hidden * 2 bytes per layer) plus one layer recomputed in full, estimated as (34 h + 5 a s) bytes per
-token (Korthikanti et al., 2022, no sequence parallelism). The SoFT head adds the chunked logits of one exit at a
-time, in fp32: tokens * min(vocab, chunk) * 4 bytes.
+Full fine-tuning's model states follow DeepSpeed's own estimator (`deepspeed.runtime.zero.stage3.
+estimate_zero3_model_states_mem_needs`, no offload; tests/examples/test_memory_estimate.py checks the equality): 18
+bytes per parameter divided by the GPU count, plus 4 bytes per parameter of the largest layer (the embedding here).
+That is 2 bytes more per parameter than the ZeRO paper's 16 (2 bf16 weights + 2 bf16 gradients + 12 of fp32 master
+weights and Adam moments; Rajbhandari et al., 2020), which the LoRA rows keep for their few trained parameters.
+Activations with checkpointing keep each layer's bf16 input (batch * seq * hidden * 2 bytes per layer) plus one layer
+recomputed in full, estimated as (34 h + 5 a s) bytes per token (Korthikanti et al., 2022, no sequence parallelism).
+The SoFT head adds the chunked logits of one exit at a time, in fp32: tokens * min(vocab, chunk) * 4 bytes.
 """
 
 from __future__ import annotations
@@ -42,6 +44,12 @@ def parameter_count(cfg: dict) -> int:
     return layers * per_layer + vocab * h * (1 if cfg.get("tie_word_embeddings") else 2) + h
 
 
+def largest_layer_parameter_count(cfg: dict) -> int:
+    """Parameters of the largest module (its own, not its children's): the embedding or head, else an MLP matrix."""
+    h, i = cfg["hidden_size"], cfg["intermediate_size"]
+    return max(cfg["vocab_size"] * h, h * i, h * h)
+
+
 def lora_parameter_count(cfg: dict, rank: int) -> int:
     """LoRA on every linear layer of each decoder layer (q, k, v, o, gate, up, down): r * (in + out) each."""
     h, i, layers, kv = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], _kv_size(cfg)
@@ -59,11 +67,20 @@ def activations(cfg: dict, batch: int, seq: int, chunk: int = 32768) -> float:
 
 
 def estimate(cfg: dict, gpus: int, batch: int, seq: int, lora_rank: int | None, shard: bool) -> dict[str, float]:
-    """GB per GPU: weights, trained states (grads + Adam + master weights), activations, total."""
+    """GB per GPU: weights, trained states (grads + Adam + master weights), activations, total.
+
+    Args:
+        cfg: The model's shape (config.json keys). gpus: GPUs the states are sharded over when `shard`.
+        batch, seq: Per-device batch size and sequence length. lora_rank: LoRA rank, or `None` for full training.
+        shard: ZeRO-3 / FSDP sharding of the states.
+
+    Returns:
+        `params_B`, `weights_GB`, `grads_adam_GB`, `activations_GB` and `total_GB`.
+    """
     params = parameter_count(cfg)
     divisor = gpus if shard else 1
-    if lora_rank is None:
-        weights, states = 2 * params / divisor, 14 * params / divisor
+    if lora_rank is None:  # DeepSpeed's ZeRO-3 estimate: 18 bytes per parameter + 4 per largest-layer parameter
+        weights, states = 2 * params / divisor, 16 * params / divisor + 4 * largest_layer_parameter_count(cfg)
     else:  # frozen bf16 base, LoRA weights trained with mixed-precision Adam
         lora = lora_parameter_count(cfg, lora_rank)
         weights, states = 2 * params / divisor, 16 * lora / divisor
@@ -86,7 +103,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = LLAMA2_13B if args.config is None else json.load(open(args.config))
     rows = [
-        ("full, DDP (no sharding)", None, False),
+        ("full, no sharding", None, False),
         (f"full, ZeRO-3 / FSDP2 on {args.gpus} GPUs", None, True),
         ("LoRA r=32, DDP", 32, False),
         (f"LoRA r=32, ZeRO-3 on {args.gpus} GPUs", 32, True),
