@@ -6,9 +6,8 @@ are recomputed in backward. Two kernels do that, chosen per device (``kernel="au
 * CUDA/XPU with Triton: TRL's ``ChunkedLogProbFunction`` (``trl.kernels``), the kernel behind ``SFTTrainer``'s fused
   LM head, reused as is.
 * elsewhere (CPU): ``soft_peft.chunked_ce``. Without Triton, TRL's kernel folds its tiles with a dozen torch
-  element-wise passes; measured side by side (``benchmarks/head_kernel.py``, SmolLM2-135M head, 8 exits x 700
-  labelled tokens, forward + backward on this project's 2-core CPU) it took 50.5 s in bf16 and 49.4 s in fp32, against
-  11.1 s and 32.8 s for ``chunked_ce``, which also peaked ~400 MB lower.
+  element-wise passes, which is slower and uses more memory on a CPU (``benchmarks/head_kernel.py`` measures both;
+  figures in ``benchmarks/README.md``).
 """
 
 from __future__ import annotations
@@ -18,8 +17,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers.utils import is_triton_available
 from trl.kernels import ChunkedLogProbFunction
-from trl.kernels.chunked_logprob import _use_triton
 
 from .chunked_ce import DEFAULT_TOKEN_CHUNK_SIZE, chunked_cross_entropy
 from .chunked_distill import DEFAULT_DISTILL_CHUNK_SIZE, chunked_self_distillation
@@ -35,6 +34,16 @@ __all__ = [
 ]
 
 KERNELS = ("auto", "trl", "torch")
+
+# Read once, as TRL does: `is_triton_available` is cached and Dynamo warns when it traces a call to it
+_TRITON_AVAILABLE = is_triton_available()
+
+
+def _triton_runs_on(device: torch.device) -> bool:
+    """Whether TRL's ``ChunkedLogProbFunction`` runs its Triton kernels on ``device`` (its own rule, public inputs)."""
+    return device.type in ("cuda", "xpu") and _TRITON_AVAILABLE
+
+
 HEAD_GRAD_MODES = ("all", "last")
 _LAST_SHARE_PREFIX = "last:"
 
@@ -265,7 +274,7 @@ def sorted_exit_loss(
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}.")
     validate_exit_controls(head_grad, distill_weight, distill_temperature)
     if kernel == "auto":
-        kernel = "trl" if _use_triton(targets.device) else "torch"
+        kernel = "trl" if _triton_runs_on(targets.device) else "torch"
     options = (kernel, vocab_chunk_size, final_logit_softcapping, logit_scale, token_chunk_size)
     num_tokens = targets.new_tensor(targets.numel())
     # Clamped so that an all-masked batch reduces to a finite zero rather than 0 / 0
