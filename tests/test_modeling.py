@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import ARCHS, NUM_LAYERS, VOCAB, tiny_model
+from tiny_models import ARCHS, MOE_ARCHS, NUM_LAYERS, VOCAB, tiny_model
 from transformers import AutoModelForCausalLM
 
 from soft_peft import SortedLossWrapper
@@ -34,7 +34,7 @@ def reference_exit_losses(model, ids, mask, labels, exits):
     return losses
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + MOE_ARCHS)
 def test_loss_and_gradients_match_reference(arch):
     exits = [1, 3, NUM_LAYERS]
     model = tiny_model(arch)  # eval mode: no dropout, so two forwards are comparable
