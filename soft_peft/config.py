@@ -1,14 +1,20 @@
-"""[`SoFTConfig`]: TRL's `SFTConfig` plus the SoFT settings, parsable by `TrlParser` from YAML or the command line."""
+"""[`SoFTConfig`]: TRL's `SFTConfig` plus the SoFT settings, parsable by `TrlParser` from YAML or the command line.
+
+The SoFT fields live in one dataclass, [`SoFTSettings`], which `SoFTConfig` inherits. [`read_soft_settings`] reads
+them from any training arguments (a `SoFTConfig`, or a plain `SFTConfig` that gets the defaults), so `SoFTTrainer`
+never copies the user's config. A new SoFT setting is one new field of `SoFTSettings` (and its check in
+`_check_settings`): `SoFTConfig`, the command line and `read_soft_settings` pick it up.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from trl import SFTConfig
 
 from .loss import DEFAULT_VOCAB_CHUNK_SIZE, exit_loss_weights
 
-__all__ = ["SoFTConfig"]
+__all__ = ["SoFTConfig", "SoFTSettings", "read_soft_settings"]
 
 # The syntax of `exit_layers` is checked here; its range needs the model's depth and is checked by the trainer
 _SYNTAX_CHECK_DEPTH = 1_000_000
@@ -25,9 +31,10 @@ def _normalize_list_setting(value, name: str):
 
 
 @dataclass
-class SoFTConfig(SFTConfig):
+class SoFTSettings:
     r"""
-    Configuration of the [`SoFTTrainer`]: every [`~trl.SFTConfig`] parameter, plus:
+    The settings SoFT adds to [`~trl.SFTConfig`]; [`SoFTConfig`] inherits them. Read them from any training arguments
+    with [`read_soft_settings`].
 
     Parameters:
         exit_layers (`str` or `list[int]`, *optional*):
@@ -74,25 +81,74 @@ class SoFTConfig(SFTConfig):
     )
 
     def __post_init__(self):
-        super().__post_init__()
-        from .exits import parse_exit_layers
+        _check_settings(self)
 
-        self.exit_layers = _normalize_list_setting(self.exit_layers, "exit_layers")
-        self.exit_loss_weights = _normalize_list_setting(self.exit_loss_weights, "exit_loss_weights") or "uniform"
-        layers = parse_exit_layers(self.exit_layers, _SYNTAX_CHECK_DEPTH) if self.exit_layers is not None else None
-        weights = self.exit_loss_weights
-        if isinstance(weights, list) or weights.lower() not in ("uniform", "linear"):
-            # Check the numbers now; their count is checked against the exits here when they are explicit
-            count = (
-                len(weights)
-                if isinstance(weights, list)
-                else len([w for w in weights.replace(" ", ",").split(",") if w])
-            )
-            exit_loss_weights(weights, layers or [0] * count)
-        if self.exit_vocab_chunk_size < 1:
-            raise ValueError(f"`exit_vocab_chunk_size` must be >= 1, got {self.exit_vocab_chunk_size}.")
-        if self.label_smoothing_factor > 0:
-            raise ValueError(
-                f"`label_smoothing_factor={self.label_smoothing_factor}` is not supported by SoFT: label smoothing "
-                "needs every exit's full logits, which the chunked exit loss never builds. Set it to 0."
-            )
+
+def _check_settings(settings: SoFTSettings) -> None:
+    """Normalise the SoFT fields of `settings` in place and raise `ValueError` for invalid ones."""
+    from .exits import parse_exit_layers
+
+    settings.exit_layers = _normalize_list_setting(settings.exit_layers, "exit_layers")
+    settings.exit_loss_weights = _normalize_list_setting(settings.exit_loss_weights, "exit_loss_weights") or "uniform"
+    layers = parse_exit_layers(settings.exit_layers, _SYNTAX_CHECK_DEPTH) if settings.exit_layers is not None else None
+    weights = settings.exit_loss_weights
+    if isinstance(weights, list) or weights.lower() not in ("uniform", "linear"):
+        # Check the numbers now; their count is checked against the exits here when they are explicit
+        count = (
+            len(weights) if isinstance(weights, list) else len([w for w in weights.replace(" ", ",").split(",") if w])
+        )
+        exit_loss_weights(weights, layers or [0] * count)
+    if settings.exit_vocab_chunk_size < 1:
+        raise ValueError(f"`exit_vocab_chunk_size` must be >= 1, got {settings.exit_vocab_chunk_size}.")
+    if settings.exit_loss_kernel not in ("auto", "trl", "torch"):
+        raise ValueError(f"`exit_loss_kernel` must be 'auto', 'trl' or 'torch', got {settings.exit_loss_kernel!r}.")
+
+
+def _refuse_label_smoothing(label_smoothing_factor: float) -> None:
+    if label_smoothing_factor > 0:
+        raise ValueError(
+            f"`label_smoothing_factor={label_smoothing_factor}` is not supported by SoFT: label smoothing "
+            "needs every exit's full logits, which the chunked exit loss never builds. Set it to 0."
+        )
+
+
+def read_soft_settings(args) -> SoFTSettings:
+    """The SoFT settings of any training arguments, checked as [`SoFTConfig`] checks them; `args` is not changed.
+
+    Args:
+        args: A [`SoFTConfig`], or any other arguments object (`SFTConfig`, a subclass of it, `TrainingArguments`):
+            each [`SoFTSettings`] field it has is read, the others get their defaults.
+
+    Returns:
+        A new [`SoFTSettings`].
+
+    Raises:
+        ValueError: for invalid SoFT settings, and for `label_smoothing_factor > 0`.
+    """
+    settings = SoFTSettings(**{f.name: getattr(args, f.name) for f in fields(SoFTSettings) if hasattr(args, f.name)})
+    _refuse_label_smoothing(getattr(args, "label_smoothing_factor", 0.0))
+    return settings
+
+
+# `SoFTSettings` first, so that its fields come after SFTConfig's (`SoFTConfig("out")` is still the output dir)
+@dataclass
+class SoFTConfig(SoFTSettings, SFTConfig):
+    r"""
+    Configuration of the [`SoFTTrainer`]: every [`~trl.SFTConfig`] parameter, plus the [`SoFTSettings`]:
+
+    Parameters:
+        exit_layers (`str` or `list[int]`, *optional*):
+            Decoder layers trained as sub-models: a list, `"12,16,20"` or a slice string `"start:stop:step"`.
+            Defaults to the paper's 8 evenly spaced exits from 30% depth to the last layer.
+        exit_loss_weights (`str` or `list[float]`, *optional*, defaults to `"uniform"`):
+            `"uniform"`, `"linear"` or one non-negative weight per exit.
+        exit_vocab_chunk_size (`int`, *optional*, defaults to `32768`):
+            Vocabulary columns per tile of the chunked head kernel.
+        exit_loss_kernel (`str`, *optional*, defaults to `"auto"`):
+            `"trl"`, `"torch"` or `"auto"`.
+    """
+
+    def __post_init__(self):
+        SFTConfig.__post_init__(self)
+        _check_settings(self)
+        _refuse_label_smoothing(self.label_smoothing_factor)

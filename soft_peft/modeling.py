@@ -17,6 +17,7 @@ from torch.distributed.tensor import DTensor
 from transformers.utils import ModelOutput
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
+from .checkpoints import save_adapter_exit_layers, saves_an_adapter
 from .exits import find_exit_head, parse_exit_layers, record_exit_layers, unwrap_model
 from .loss import DEFAULT_VOCAB_CHUNK_SIZE, KERNELS, SortedExitLoss, exit_loss_weights, sorted_exit_loss
 
@@ -31,7 +32,9 @@ class SortedExitOutput(ModelOutput):
     """Output of a forward with the SoFT loss.
 
     Attributes:
-        loss: The combined (weighted mean over exits) loss.
+        loss: The combined (weighted mean over exits) loss, plus ``router_aux_loss_coef * aux_loss`` for MoE models
+            that return their router logits (as the model's own loss includes it).
+        aux_loss: The MoE router load-balancing loss (unweighted), or ``None``.
         exit_losses: ``{layer: scalar}`` mean token cross-entropy of each exit on this batch.
         exit_token_accuracy: ``{layer: scalar}`` fraction of labelled tokens each exit predicts as its argmax.
         num_tokens: Number of labelled tokens in this batch.
@@ -41,6 +44,7 @@ class SortedExitOutput(ModelOutput):
     """
 
     loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
     exit_losses: dict[int, torch.Tensor] | None = None
     exit_token_accuracy: dict[int, torch.Tensor] | None = None
     num_tokens: torch.Tensor | None = None
@@ -52,6 +56,20 @@ class SortedExitOutput(ModelOutput):
 def _full_tensor(tensor: torch.Tensor | None) -> torch.Tensor | None:
     # FSDP2 may expose the head as a sharded DTensor while the backbone output is a regular tensor
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _router_aux_loss(router_logits, text_config, attention_mask, device: torch.device) -> torch.Tensor:
+    """The MoE load-balancing loss, computed as the model's own forward and TRL's fused head compute it."""
+    # Mixtral's is the function every MoE family of transformers copies (and the one TRL's fused head uses)
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    # Padding-free batches carry no attention mask: every token counts, as in the model's own forward
+    aux_loss = load_balancing_loss_func(
+        router_logits, text_config.num_experts, text_config.num_experts_per_tok, attention_mask
+    )
+    if not torch.is_tensor(aux_loss):  # a plain 0 when the backbone returned no router logits
+        return torch.zeros((), device=device)
+    return aux_loss.to(device)
 
 
 def _sorted_exit_forward(
@@ -66,12 +84,14 @@ def _sorted_exit_forward(
     """Run the backbone once with hidden states, then the loss over every exit."""
     head = find_exit_head(model, final_norm=settings["final_norm"])
     exit_layers = settings["exit_layers"]
-    for unsupported in ("output_router_logits",):
-        if kwargs.get(unsupported):
-            raise ValueError(
-                f"`{unsupported}=True` is not supported by the SoFT loss (MoE auxiliary losses are not combined with "
-                "the exit losses). Set `router_aux_loss_coef=0.0`."
-            )
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    # MoE: like the model's own forward, return the router logits when asked to or when the config says so
+    with_router_logits = hasattr(text_config, "output_router_logits")
+    if with_router_logits:
+        with_router_logits = kwargs.get("output_router_logits")
+        with_router_logits = text_config.output_router_logits if with_router_logits is None else with_router_logits
+        kwargs["output_router_logits"] = bool(with_router_logits)
     kwargs["use_cache"] = False
     kwargs["output_hidden_states"] = True
     backbone = getattr(model, model.base_model_prefix)
@@ -137,9 +157,14 @@ def _sorted_exit_forward(
                     kernel=settings["kernel"],
                 )
             last_num_correct, last_entropy_sum = last.exit_num_correct[0], last.last_entropy
+    loss, aux_loss = result.loss, None
+    if with_router_logits:
+        aux_loss = _router_aux_loss(outputs.router_logits, text_config, kwargs.get("attention_mask"), loss.device)
+        loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss  # once, not per exit
     accuracy_denominator = result.num_tokens.clamp(min=1)
     return SortedExitOutput(
-        loss=result.loss,
+        loss=loss,
+        aux_loss=aux_loss,
         exit_losses=dict(zip(exit_layers, result.exit_losses, strict=True)),
         exit_token_accuracy={
             k: c.float() / accuracy_denominator for k, c in zip(exit_layers, result.exit_num_correct, strict=True)
@@ -279,8 +304,12 @@ class SortedLossWrapper(nn.Module):
         return self.model(*args, labels=labels, num_items_in_batch=num_items_in_batch, soft_exit_loss=True, **kwargs)
 
     def save_pretrained(self, save_directory, **kwargs):
-        """Save the wrapped model as a vanilla checkpoint (or a PEFT adapter), exits recorded in its config."""
-        return self.model.save_pretrained(save_directory, **kwargs)
+        """Save the wrapped model as a vanilla checkpoint with the exits in its ``config.json``, or as a PEFT adapter
+        with the exits in ``soft_peft_config.json`` beside it (see [`~soft_peft.checkpoints.load_causal_lm`])."""
+        result = self.model.save_pretrained(save_directory, **kwargs)
+        if saves_an_adapter(self.model) and kwargs.get("is_main_process", True):
+            save_adapter_exit_layers(save_directory, self.exit_layers)
+        return result
 
     def state_dict(self, *args, **kwargs):
         """The wrapped model's state dict, without a wrapper prefix."""

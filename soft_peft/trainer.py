@@ -2,54 +2,55 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 from transformers import TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
-from .config import SoFTConfig
+from .checkpoints import save_adapter_exit_layers, saves_an_adapter
+from .config import SoFTConfig, read_soft_settings
 from .exits import unwrap_model
 from .modeling import add_sorted_exit_loss
 
 __all__ = ["SoFTTrainer"]
 
+_SFT_TRAINER_SIGNATURE = inspect.signature(SFTTrainer.__init__)
 
-def _as_soft_config(args: TrainingArguments | None, model) -> SoFTConfig:
-    if isinstance(args, SoFTConfig):
-        return args
-    if args is None:
-        name = model if isinstance(model, str) else getattr(unwrap_model(model).config, "_name_or_path", "model")
-        return SoFTConfig(f"{str(name).rstrip('/').split('/')[-1] or 'model'}-SoFT")
-    # A plain `SFTConfig` / `TrainingArguments` keeps all its values and gets the SoFT defaults
-    values = args.to_dict()
-    # `to_dict` masks every `*_token` field (hub_token, but also SFTConfig's eos_token / pad_token)
-    values.update({key: getattr(args, key) for key in values if key.endswith("_token")})
-    return SoFTConfig(**values)
+
+def _default_config(model) -> SoFTConfig:
+    # As `SFTTrainer` names its default output folder after the model
+    name = model if isinstance(model, str) else getattr(unwrap_model(model).config, "_name_or_path", "model")
+    return SoFTConfig(f"{str(name).rstrip('/').split('/')[-1] or 'model'}-SoFT")
 
 
 class SoFTTrainer(SFTTrainer):
     """Sorted Fine-Tuning (SoFT, arXiv 2309.08968) as a drop-in replacement for TRL's [`~trl.SFTTrainer`].
 
     Same constructor, datasets and features as `SFTTrainer` (prompt-completion and conversational data, completion-
-    and assistant-only losses, packing and padding-free batches, gradient checkpointing, `peft_config`, evaluation),
-    but the loss is the weighted mean over `args.exit_layers` of each exit's token cross-entropy: exit k applies the
-    model's own final norm and shared LM head to the hidden state after k decoder layers. No parameter is added.
+    and assistant-only losses, packing and padding-free batches, gradient checkpointing, `peft_config`, evaluation,
+    `compute_metrics` / `preprocess_logits_for_metrics`, MoE router auxiliary losses), but the loss is the weighted
+    mean over the exits of each exit's token cross-entropy: exit k applies the model's own final norm and shared LM
+    head to the hidden state after k decoder layers. No parameter is added.
 
     Logged through `SFTTrainer`'s metrics (so every `report_to` backend gets them): `exit_{k}/loss` and
     `exit_{k}/mean_token_accuracy` for every exit, prefixed `eval_` in evaluation. `loss` stays the combined loss and
-    `mean_token_accuracy` / `entropy` the last layer's. Checkpoints are vanilla transformers models (or PEFT adapters)
-    with `soft_exit_layers` in `config.json`.
+    `mean_token_accuracy` / `entropy` the last layer's; MoE models also log `aux_loss`, as `SFTTrainer` does.
+    Checkpoints are vanilla transformers models with `soft_exit_layers` in `config.json`, or PEFT adapters with
+    `soft_exit_layers` in `soft_peft_config.json` beside `adapter_config.json`.
 
     Args:
-        model, args, ...: As for `SFTTrainer`. `args` may be a [`SoFTConfig`]; a plain `SFTConfig` is converted to one
-            with the SoFT defaults.
+        model, args, ...: As for `SFTTrainer`, positionally or by name. `args` may be a [`SoFTConfig`] or any
+            `SFTConfig` / `TrainingArguments`: it is kept as is (`trainer.args is args`), and the SoFT settings it
+            lacks take their defaults (see [`~soft_peft.config.read_soft_settings`]; the result is
+            `trainer.soft_settings`).
         final_norm (`nn.Module`, *optional*): The model's final norm, only for architectures where it is not found
             automatically.
 
     Raises:
-        ValueError: for settings that would remove what SoFT needs: `compute_loss_func`, label smoothing, MoE
-            auxiliary losses, context/sequence parallelism, or `preprocess_logits_for_metrics` / `compute_metrics`
-            (which need full logits).
+        ValueError: for settings that would remove what SoFT needs: `compute_loss_func`, label smoothing, and
+            context/sequence parallelism.
     """
 
     _tag_names = ["trl", "sft", "soft-peft"]
@@ -58,18 +59,18 @@ class SoFTTrainer(SFTTrainer):
     def __init__(
         self, model, args: SFTConfig | TrainingArguments | None = None, *positional, final_norm=None, **kwargs
     ):
-        args = _as_soft_config(args, model)
-        if kwargs.get("compute_loss_func") is not None or (len(positional) >= 4 and positional[3] is not None):
+        # Bound as `SFTTrainer` binds them, so a positional `compute_loss_func` is seen and a tokenizer is not taken
+        # for one
+        bound = _SFT_TRAINER_SIGNATURE.bind(self, model, args, *positional, **kwargs).arguments
+        if bound.get("compute_loss_func") is not None:
             raise ValueError(
                 "`compute_loss_func` is not supported by SoFTTrainer: the loss is the SoFT nested-exit loss. Tune "
                 "it with `exit_layers` / `exit_loss_weights` in SoFTConfig, or subclass and override `compute_loss`."
             )
+        if args is None:
+            args = _default_config(model)
+        self.soft_settings = read_soft_settings(args)  # before minutes are spent loading the model and data
         super().__init__(model, args, *positional, **kwargs)
-        if self.aux_loss_enabled:
-            raise ValueError(
-                "MoE router auxiliary losses are not combined with the SoFT exit losses yet. Set "
-                "`router_aux_loss_coef=0.0` in SoFTConfig."
-            )
         parallelism = self.accelerator.parallelism_config
         if parallelism is not None and (parallelism.cp_enabled or getattr(parallelism, "sp_enabled", False)):
             raise ValueError(
@@ -77,26 +78,41 @@ class SoFTTrainer(SFTTrainer):
                 "the single-exit loss. Disable `cp_size` / `sp_size` in the parallelism config."
             )
         target = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        settings = self.soft_settings
         self.exit_layers = add_sorted_exit_loss(
             target,
-            self.args.exit_layers,
-            self.args.exit_loss_weights,
+            settings.exit_layers,
+            settings.exit_loss_weights,
             final_norm=final_norm,
-            vocab_chunk_size=self.args.exit_vocab_chunk_size,
+            vocab_chunk_size=settings.exit_vocab_chunk_size,
             token_weighting=self.args.loss_type,
             with_last_layer_metrics=True,
-            kernel=self.args.exit_loss_kernel,
+            kernel=settings.exit_loss_kernel,
         )
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict=state_dict)
+        # A PEFT adapter has no config.json to carry `soft_exit_layers`: record them beside the adapter
+        if self.args.should_save and saves_an_adapter(self.model):
+            save_adapter_exit_layers(output_dir if output_dir is not None else self.args.output_dir, self.exit_layers)
 
     def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False, num_items_in_batch=None):
         """The SoFT loss, normalised exactly like `SFTTrainer`'s; logs per-exit metrics."""
         mode = "train" if self.model.training else "eval"
         inputs["use_cache"] = False
+        if self.aux_loss_enabled:  # MoE: as in `SFTTrainer`, the forward returns the router load-balancing loss
+            inputs["output_router_logits"] = True
         outputs = model(**inputs, soft_exit_loss=True, num_items_in_batch=num_items_in_batch)
-        loss = outputs.loss
+        loss = outputs.details.loss  # the exits' loss, without the auxiliary loss
         # As in `SFTTrainer`: `num_items_in_batch` counts the tokens of every rank, and DDP averages the gradients
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        if self.aux_loss_enabled:
+            # As in `SFTTrainer`: a per-micro-batch mean, averaged over the accumulation steps when the loss is summed
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
+            aux_loss = self.accelerator.gather_for_metrics(outputs.aux_loss.detach()).mean().item()
+            self._metrics[mode]["aux_loss"].append(aux_loss)
         self._log_exit_metrics(mode, inputs, outputs)
         if return_outputs:
             # `Trainer.prediction_step` wants logits: recompute them with the model's ordinary forward

@@ -65,6 +65,24 @@ def test_last_exit_alone_equals_the_models_own_loss(arch):
     torch.testing.assert_close(out.loss, model(input_ids=ids, attention_mask=mask, labels=labels).loss)
 
 
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_moe_last_exit_with_router_loss_equals_the_models_own_loss(arch):
+    model = tiny_model(arch)
+    ids, mask, labels = batch(seed=1)
+    wrapper = SortedLossWrapper(model, exit_layers=[NUM_LAYERS])
+    out = wrapper(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True)
+    own = model(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True)
+    torch.testing.assert_close(out.aux_loss, own.aux_loss)
+    torch.testing.assert_close(out.loss, own.loss)
+    assert out.aux_loss > 0 and model.config.router_aux_loss_coef > 0  # the aux loss is really in both
+    # Added once, not per exit
+    two = SortedLossWrapper(model, exit_layers=[2, NUM_LAYERS])
+    out = two(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True)
+    torch.testing.assert_close(out.loss, out.details.loss + model.config.router_aux_loss_coef * own.aux_loss)
+    # Without router logits (the config's default), no aux loss
+    assert wrapper(input_ids=ids, attention_mask=mask, labels=labels).aux_loss is None
+
+
 def test_gradient_accumulation_is_exact():
     model = tiny_model("llama")
     wrapper = SortedLossWrapper(model, exit_layers=[2, 4], exit_loss_weights="linear")

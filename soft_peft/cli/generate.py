@@ -72,12 +72,13 @@ def main(argv: list[str]) -> int:
     """Run `soft-peft generate`; returns the exit status."""
     args = _parser().parse_args(argv)
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from ..checkpoints import load_causal_lm
     from ..inference import dynamic_generate, extract_submodel, frequent_token_ids, self_speculative_generate
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path).eval()
+    model = load_causal_lm(args.model_name_or_path).eval()  # a PEFT adapter folder too, with its recorded exits
     text = args.prompt.replace("\\n", "\n")
     if args.chat:
         messages = [{"role": "user", "content": text}]
