@@ -8,7 +8,7 @@ __version__ = "0.1.0.dev0"
 
 from .config import SoFTConfig
 from .evaluation import EvalSettings, evaluate_exits, judge_pairwise, run_evaluation
-from .exits import default_exit_layers, find_exit_head, parse_exit_layers, recorded_exit_layers
+from .exits import default_exit_layers, find_exit_head, find_final_norm, parse_exit_layers, recorded_exit_layers
 from .inference import dynamic_generate, extract_submodel, frequent_token_ids, self_speculative_generate
 from .loss import exit_loss_weights, sorted_exit_loss
 from .modeling import SortedExitOutput, SortedLossWrapper, add_sorted_exit_loss
@@ -28,6 +28,7 @@ __all__ = [
     "exit_loss_weights",
     "extract_submodel",
     "find_exit_head",
+    "find_final_norm",
     "frequent_token_ids",
     "judge_pairwise",
     "parse_exit_layers",

@@ -197,7 +197,7 @@ def add_sorted_exit_loss(
         model: A transformers causal LM or a PEFT model around one.
         exit_layers: See [`~soft_peft.exits.parse_exit_layers`]; ``None`` is the paper's 8 evenly spaced exits.
         exit_loss_weights_spec: See [`~soft_peft.loss.exit_loss_weights`].
-        final_norm: The final norm, for architectures where it cannot be found by name.
+        final_norm: The final norm, where [`~soft_peft.exits.find_final_norm`] cannot tell it.
         vocab_chunk_size: Vocabulary columns per projection tile of the head kernel.
         token_weighting: ``"nll"``, or ``"dft"`` for TRL's DFT loss.
         with_last_layer_metrics: Also report the last layer's token accuracy and entropy (``SFTTrainer``'s metrics),
