@@ -13,7 +13,14 @@ import importlib
 import warnings
 
 from .config import SoFTConfig
-from .exits import default_exit_layers, find_exit_head, parse_exit_layers, parse_exit_spec, recorded_exit_layers
+from .exits import (
+    default_exit_layers,
+    find_exit_head,
+    find_final_norm,
+    parse_exit_layers,
+    parse_exit_spec,
+    recorded_exit_layers,
+)
 from .inference import dynamic_generate, extract_submodel, frequent_token_ids, self_speculative_generate
 from .loss import exit_loss_weights, sorted_exit_loss
 from .modeling import SortedExitOutput, SortedLossWrapper, add_sorted_exit_loss
@@ -33,6 +40,7 @@ __all__ = [
     "exit_loss_weights",
     "extract_submodel",
     "find_exit_head",
+    "find_final_norm",
     "frequent_token_ids",
     "parse_exit_layers",
     "parse_exit_spec",

@@ -1,15 +1,21 @@
-"""[`SoFTConfig`]: TRL's `SFTConfig` plus the SoFT settings, parsable by `TrlParser` from YAML or the command line."""
+"""[`SoFTConfig`]: TRL's `SFTConfig` plus the SoFT settings, parsable by `TrlParser` from YAML or the command line.
+
+The SoFT fields live in one dataclass, [`SoFTSettings`], which `SoFTConfig` inherits. [`read_soft_settings`] reads
+them from any training arguments (a `SoFTConfig`, or a plain `SFTConfig` that gets the defaults), so `SoFTTrainer`
+never copies the user's config. A new SoFT setting is one new field of `SoFTSettings` (and its check in
+`_check_settings`): `SoFTConfig`, the command line and `read_soft_settings` pick it up.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from trl import SFTConfig
 
-from .loss import DEFAULT_VOCAB_CHUNK_SIZE, HEAD_GRAD_MODES, exit_loss_weights, validate_exit_controls
+from .loss import DEFAULT_VOCAB_CHUNK_SIZE, HEAD_GRAD_MODES, KERNELS, exit_loss_weights, validate_exit_controls
 from .schedule import ExitSchedule
 
-__all__ = ["SoFTConfig"]
+__all__ = ["SoFTConfig", "SoFTSettings", "read_soft_settings"]
 
 
 def _normalize_list_setting(value, name: str):
@@ -23,9 +29,10 @@ def _normalize_list_setting(value, name: str):
 
 
 @dataclass
-class SoFTConfig(SFTConfig):
+class SoFTSettings:
     r"""
-    Configuration of the [`SoFTTrainer`]: every [`~trl.SFTConfig`] parameter, plus:
+    The settings SoFT adds to [`~trl.SFTConfig`]; [`SoFTConfig`] inherits them. Read them from any training arguments
+    with [`read_soft_settings`].
 
     Parameters:
         exit_layers (`str` or `list[int]`, *optional*):
@@ -75,8 +82,9 @@ class SoFTConfig(SFTConfig):
     exit_loss_weights: str = field(
         default="uniform",
         metadata={
-            "help": "Per-exit loss weights: 'uniform' (paper), 'linear' (deeper exits weigh more), or one "
-            "non-negative weight per exit such as '1,1,2' (normalised to sum to 1)."
+            "help": "Per-exit loss weights: 'uniform' (paper), 'linear' (deeper exits weigh more), 'last:w' (the "
+            "last exit keeps w, the others share 1 - w), or one non-negative weight per exit such as '1,1,2' "
+            "(normalised to sum to 1)."
         },
     )
     exit_head_grad: str = field(
@@ -127,36 +135,111 @@ class SoFTConfig(SFTConfig):
     )
 
     def __post_init__(self):
-        super().__post_init__()
-        from .exits import parse_exit_spec
-
-        self.exit_layers = _normalize_list_setting(self.exit_layers, "exit_layers")
-        self.exit_loss_weights = _normalize_list_setting(self.exit_loss_weights, "exit_loss_weights") or "uniform"
-        # Only the syntax can be checked here: the range needs the model's depth (checked by the trainer, and by the
-        # training script from config.json before the weights load)
-        layers = parse_exit_spec(self.exit_layers)
-        weights = self.exit_loss_weights
-        if isinstance(weights, str) and weights.lower().startswith("last:"):
-            # The share is checked now; any number of exits fits
-            exit_loss_weights(weights, layers if isinstance(layers, list) else [1, 2])
-        elif isinstance(weights, list) or weights.lower() not in ("uniform", "linear"):
-            # Check the numbers now, and their count when the exits are explicit
-            count = (
-                len(weights)
-                if isinstance(weights, list)
-                else len([w for w in weights.replace(" ", ",").split(",") if w])
-            )
-            exit_loss_weights(weights, layers if isinstance(layers, list) else [0] * count)
-        self.exit_schedule()  # validate the schedule fields now
-        validate_exit_controls(self.exit_head_grad, self.exit_distill_weight, self.exit_distill_temperature)
-        if self.exit_vocab_chunk_size < 1:
-            raise ValueError(f"`exit_vocab_chunk_size` must be >= 1, got {self.exit_vocab_chunk_size}.")
-        if self.label_smoothing_factor > 0:
-            raise ValueError(
-                f"`label_smoothing_factor={self.label_smoothing_factor}` is not supported by SoFT: label smoothing "
-                "needs every exit's full logits, which the chunked exit loss never builds. Set it to 0."
-            )
+        _check_settings(self)
 
     def exit_schedule(self) -> ExitSchedule:
         """The [`~soft_peft.schedule.ExitSchedule`] of `exit_ramp_steps`, `exit_ramp_order` and `exit_rotation`."""
         return ExitSchedule(self.exit_ramp_steps, self.exit_ramp_order, self.exit_rotation)
+
+
+def _check_settings(settings: SoFTSettings) -> None:
+    """Normalise the SoFT fields of `settings` in place and raise `ValueError` for invalid ones."""
+    from .exits import parse_exit_spec
+
+    settings.exit_layers = _normalize_list_setting(settings.exit_layers, "exit_layers")
+    settings.exit_loss_weights = _normalize_list_setting(settings.exit_loss_weights, "exit_loss_weights") or "uniform"
+    # Only the syntax can be checked here: the range needs the model's depth (checked by the trainer, and by the
+    # training script from config.json before the weights load)
+    layers = parse_exit_spec(settings.exit_layers)
+    weights = settings.exit_loss_weights
+    if isinstance(weights, str) and weights.lower().startswith("last:"):
+        # The share is checked now; any number of exits fits
+        exit_loss_weights(weights, layers if isinstance(layers, list) else [1, 2])
+    elif isinstance(weights, list) or weights.lower() not in ("uniform", "linear"):
+        # Check the numbers now, and their count when the exits are explicit
+        count = (
+            len(weights) if isinstance(weights, list) else len([w for w in weights.replace(" ", ",").split(",") if w])
+        )
+        exit_loss_weights(weights, layers if isinstance(layers, list) else [0] * count)
+    settings.exit_schedule()  # validates the schedule fields
+    validate_exit_controls(settings.exit_head_grad, settings.exit_distill_weight, settings.exit_distill_temperature)
+    if settings.exit_vocab_chunk_size < 1:
+        raise ValueError(f"`exit_vocab_chunk_size` must be >= 1, got {settings.exit_vocab_chunk_size}.")
+    if settings.exit_loss_kernel not in KERNELS:
+        raise ValueError(f"`exit_loss_kernel` must be one of {KERNELS}, got {settings.exit_loss_kernel!r}.")
+
+
+def _refuse_label_smoothing(label_smoothing_factor: float) -> None:
+    if label_smoothing_factor > 0:
+        raise ValueError(
+            f"`label_smoothing_factor={label_smoothing_factor}` is not supported by SoFT: label smoothing "
+            "needs every exit's full logits, which the chunked exit loss never builds. Set it to 0."
+        )
+
+
+def read_soft_settings(args) -> SoFTSettings:
+    """The SoFT settings of any training arguments, checked as [`SoFTConfig`] checks them; `args` is not changed.
+
+    Args:
+        args: A [`SoFTConfig`], or any other arguments object (`SFTConfig`, a subclass of it, `TrainingArguments`):
+            each [`SoFTSettings`] field it has is read, the others get their defaults.
+
+    Returns:
+        A new [`SoFTSettings`].
+
+    Raises:
+        ValueError: for invalid SoFT settings, and for `label_smoothing_factor > 0`.
+    """
+    settings = SoFTSettings(**{f.name: getattr(args, f.name) for f in fields(SoFTSettings) if hasattr(args, f.name)})
+    _refuse_label_smoothing(getattr(args, "label_smoothing_factor", 0.0))
+    return settings
+
+
+# `SoFTSettings` first, so that its fields come after SFTConfig's (`SoFTConfig("out")` is still the output dir)
+@dataclass
+class SoFTConfig(SoFTSettings, SFTConfig):
+    r"""
+    Configuration of the [`SoFTTrainer`]: every [`~trl.SFTConfig`] parameter, plus the [`SoFTSettings`]:
+
+    Parameters:
+        exit_layers (`str` or `list[int]`, *optional*):
+            Decoder layers whose outputs are trained as sub-models ("exit k" = the hidden state after k layers, through
+            the model's final norm and shared LM head). A list, a comma-separated string `"12,16,20"`, or a slice
+            string `"start:stop:step"` (`"12:41:4"` = 12, 16, ..., 40). Defaults to the paper's 8 evenly spaced exits
+            from 30% depth to the last layer: layer `round(L * (3 + i) / 10)` for `i = 0..7`.
+        exit_loss_weights (`str` or `list[float]`, *optional*, defaults to `"uniform"`):
+            How the exits' losses are combined: `"uniform"` (the paper's mean), `"linear"` (weight proportional to
+            depth), `"last:w"` (the last exit keeps weight `w` in [0, 1], the other exits share `1 - w` equally) or
+            one non-negative weight per exit (`"1,1,2"` on the command line). Normalised to sum to 1; each exit's
+            summed token loss is divided by the same token count as `SFTTrainer`'s (`num_items_in_batch`).
+        exit_head_grad (`str`, *optional*, defaults to `"all"`):
+            `"all"`: every exit's loss updates the shared final norm and LM head (the paper). `"last"`: the early exits
+            use them without updating them (their gradient still trains the layers below), so the norm and head (with
+            a tied head, also the input embedding through it) are trained by the last exit alone.
+        exit_distill_weight (`float`, *optional*, defaults to `0.0`):
+            Self-distillation `lambda` in [0, 1]: each early exit's loss becomes `(1 - lambda) * CE + lambda * T^2 *
+            KL(p_last || p_exit)` on the labelled tokens, with the last exit's distribution detached. `0` is off;
+            when on, `exit_{k}/agreement` (top-1 agreement with the last exit) and `exit_{k}/distill_loss` are logged.
+        exit_distill_temperature (`float`, *optional*, defaults to `1.0`):
+            Temperature `T` of the distillation term (both distributions are `softmax(logits / T)`).
+        exit_vocab_chunk_size (`int`, *optional*, defaults to `32768`):
+            Vocabulary columns per tile of TRL's chunked head kernel. Lower it to cut peak memory on very large
+            vocabularies; raise it to cut kernel launches.
+        exit_loss_kernel (`str`, *optional*, defaults to `"auto"`):
+            Head kernel of the exit loss: `"trl"` (TRL's `ChunkedLogProbFunction`, Triton on CUDA/XPU), `"torch"`
+            (`soft_peft.chunked_ce`, faster without Triton) or `"auto"` (TRL's where it runs Triton, else torch).
+        exit_ramp_steps (`int`, *optional*, defaults to `0`):
+            Optimizer steps over which the early exits' weights are ramped in from 0 (the deepest exit keeps its
+            weight; weights renormalised to sum to 1, so training starts as plain SFT). 0 = no ramp.
+        exit_ramp_order (`str`, *optional*, defaults to `"deepest_first"`):
+            `"deepest_first"` (each early exit ramps in its own window, deepest first, as LayerSkip's gradual
+            curriculum) or `"all"` (every early exit ramps together).
+        exit_rotation (`int`, *optional*, defaults to `0`):
+            Train only this many early exits per step besides the deepest, in rotation (weights scaled so a full
+            cycle equals the unrotated loss). Skipped exits never reach the head, which cuts time. 0 = every exit.
+    """
+
+    def __post_init__(self):
+        SFTConfig.__post_init__(self)
+        _check_settings(self)
+        _refuse_label_smoothing(self.label_smoothing_factor)

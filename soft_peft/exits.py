@@ -14,12 +14,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import PretrainedConfig
 
 __all__ = [
     "ExitHead",
     "default_exit_layers",
     "find_exit_head",
+    "find_final_norm",
     "get_decoder_layers",
     "num_decoder_layers",
     "parse_exit_layers",
@@ -34,8 +36,6 @@ _DEFAULT_NUM_EXITS = 8
 _DEFAULT_FIRST_FRACTION = 0.3
 _DEFAULT_STEP_FRACTION = 0.1
 
-# Attribute names (on the backbone, or on its `decoder`) under which transformers keeps the final norm
-_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "final_norm", "ln_final", "norm_f")
 _LAYER_NAMES = ("layers", "h", "blocks", "block")
 
 CONFIG_KEY = "soft_exit_layers"
@@ -243,6 +243,126 @@ def get_decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+# Set on a model instance once its final norm is identified: the norm's path under the backbone
+_FINAL_NORM_CACHE = "_soft_peft_final_norm"
+# What PEFT (modules_to_save, tuners), FSDP1 and activation checkpointing wrap a module in, and where the original is
+_WRAPPED_MODULE_ATTRIBUTES = ("original_module", "base_layer", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
+def _is_norm(module: nn.Module) -> bool:
+    """A normalisation layer, possibly inside a PEFT/FSDP/checkpointing wrapper: torch's, or any class named *Norm*."""
+    inner = next((getattr(module, a) for a in _WRAPPED_MODULE_ATTRIBUTES if hasattr(module, a)), None)
+    if isinstance(inner, nn.Module):
+        return _is_norm(inner)
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)) or "norm" in type(module).__name__.lower()
+
+
+def _norm_candidates(backbone: nn.Module) -> dict[str, nn.Module]:
+    """Norm layers held directly by the backbone (or its ``decoder``), so outside the decoder layers, by path."""
+    candidates = {}
+    for prefix, owner in (("", backbone), ("decoder.", getattr(backbone, "decoder", None))):
+        if isinstance(owner, nn.Module):
+            candidates.update({prefix + name: child for name, child in owner.named_children() if _is_norm(child)})
+    return candidates
+
+
+def _parameters_unavailable(model: nn.Module) -> bool:
+    """Whether parameters are sharded (ZeRO-3, FSDP) or not materialised, so that a check forward cannot run."""
+    for parameter in model.parameters():
+        if parameter.is_meta or isinstance(parameter, DTensor) or hasattr(parameter, "ds_id"):
+            return True
+        if getattr(parameter, "_is_flat_param", False):
+            return True
+    return False
+
+
+def _norms_giving_last_hidden_state(base: nn.Module, backbone: nn.Module, candidates: dict[str, nn.Module]):
+    """Run the backbone on 3 tokens and return the candidates whose output is ``last_hidden_state``."""
+    outputs = {}
+    hooks = [
+        module.register_forward_hook(
+            lambda _module, _inputs, output, name=name: outputs.__setitem__(
+                name, output[0] if isinstance(output, tuple) else output
+            )
+        )
+        for name, module in candidates.items()
+    ]
+    embeddings = base.get_input_embeddings().weight  # (V, H)
+    input_ids = torch.arange(3, device=embeddings.device).unsqueeze(0) % embeddings.size(0)  # (1, 3)
+    try:
+        with torch.no_grad():
+            last = backbone(input_ids=input_ids, use_cache=False).last_hidden_state  # (1, 3, H)
+            projection = _find_child(backbone, ("project_out",))  # OPT projects after its final norm
+            if projection is not None:
+                outputs = {name: projection(output) for name, output in outputs.items()}
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [name for name, output in outputs.items() if torch.is_tensor(output) and torch.equal(output, last)]
+
+
+def find_final_norm(model: nn.Module) -> nn.Module | None:
+    """The final norm of a causal LM: the norm the backbone applies to the last decoder layer's output.
+
+    Found by structure, not by name: the candidates are the norm layers (torch's, or any class named *Norm*) that the
+    backbone holds outside its decoder layers. Unless the parameters are sharded (ZeRO-3, FSDP) or on the meta
+    device, the candidate is confirmed once by a 3-token forward (its output must be ``last_hidden_state``), which
+    also tells several candidates apart (BLOOM's embedding norm and ``ln_f``). The result is cached on the model
+    instance as a path, so modules that PEFT or FSDP replace later are still found.
+
+    Args:
+        model: A transformers causal LM, possibly wrapped (PEFT, DDP, DeepSpeed).
+
+    Returns:
+        The norm module, or ``None`` for models without one by design (OPT with ``do_layer_norm_before=False``).
+
+    Raises:
+        ValueError: when no candidate, or no single one, is the final norm; the message names the candidates and
+            the ``final_norm=`` argument that fixes it.
+    """
+    base = unwrap_model(model)
+    backbone = _backbone(base)
+    cached_path = getattr(base, _FINAL_NORM_CACHE, None)
+    if cached_path is not None:
+        try:
+            return backbone.get_submodule(cached_path)
+        except AttributeError:  # the module is gone since: look again
+            pass
+    candidates = _norm_candidates(backbone)
+    fix = (
+        "Pass it explicitly, e.g. `SoFTTrainer(..., final_norm=model.model.my_norm)` or "
+        "`SortedLossWrapper(model, final_norm=...)`."
+    )
+    name = type(base).__name__
+    if not candidates:
+        config = base.config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        # OPT with `do_layer_norm_before=False` has no final norm by design: its layers end normed
+        if getattr(text_config, "do_layer_norm_before", True) is False:
+            return None
+        raise ValueError(
+            f"Cannot find the final norm of {name}: its backbone `{type(backbone).__name__}` holds no norm layer "
+            f"outside its decoder layers. {fix}"
+        )
+    if _parameters_unavailable(base):
+        if len(candidates) > 1:
+            raise ValueError(
+                f"Cannot tell which of {sorted(candidates)} is the final norm of {name}: its parameters are sharded "
+                f"(ZeRO-3/FSDP) or not materialised, so no check forward can run. {fix}"
+            )
+        (path,) = candidates
+    else:
+        matches = _norms_giving_last_hidden_state(base, backbone, candidates)
+        if len(matches) != 1:
+            raise ValueError(
+                f"Cannot find the final norm of {name}: of its backbone's norm layers {sorted(candidates)}, "
+                f"{'none gives' if not matches else f'{matches} all give'} the backbone's `last_hidden_state`. {fix}"
+            )
+        (path,) = matches
+    setattr(base, _FINAL_NORM_CACHE, path)
+    return candidates[path]
+
+
 @dataclass
 class ExitHead:
     """The modules and constants that turn exit hidden states into logits.
@@ -302,14 +422,13 @@ def _logit_post_processing(text_config) -> tuple[float | None, float]:
 def find_exit_head(model: nn.Module, final_norm: nn.Module | None = None) -> ExitHead:
     """Locate the final norm, output projection and shared LM head of a causal LM, generically.
 
-    The head is ``get_output_embeddings()``; the norm is looked up on the backbone (``base_model_prefix``) under the
-    names transformers uses (``norm``, ``ln_f``, ``final_layernorm``, ``decoder.final_layer_norm``, ...). PEFT, DDP
-    and DeepSpeed wrappers are unwrapped. Look-ups are cheap, so callers redo them on each forward: FSDP and PEFT may
-    replace modules after a first look.
+    The head is ``get_output_embeddings()``; the norm is [`find_final_norm`]'s. PEFT, DDP and DeepSpeed wrappers are
+    unwrapped. Look-ups are cheap, so callers redo them on each forward: FSDP and PEFT may replace modules after a
+    first look.
 
     Args:
         model: A transformers causal LM, possibly wrapped.
-        final_norm: Pass the norm module explicitly for architectures whose final norm has another name.
+        final_norm: Pass the norm module explicitly where [`find_final_norm`] cannot tell it.
 
     Raises:
         ValueError: when the head or norm cannot be found, naming the model class and the ``final_norm`` argument.
@@ -326,16 +445,8 @@ def find_exit_head(model: nn.Module, final_norm: nn.Module | None = None) -> Exi
         )
     projection = None
     if final_norm is None:
-        final_norm = _find_child(backbone, _NORM_NAMES)
+        final_norm = find_final_norm(base)
         projection = _find_child(backbone, ("project_out",))
-        # OPT with `do_layer_norm_before=False` has no final norm by design: its layers end normed
-        post_norm = getattr(text_config, "do_layer_norm_before", True) is False
-        if final_norm is None and not post_norm:
-            raise ValueError(
-                f"Cannot find the final norm of {type(base).__name__}: looked for {_NORM_NAMES} on "
-                f"`{type(backbone).__name__}` and its `decoder`. Pass it explicitly, e.g. "
-                "`SortedLossWrapper(model, final_norm=model.model.my_norm)` or `SoFTTrainer(..., final_norm=...)`."
-            )
     softcap, scale = _logit_post_processing(text_config)
     return ExitHead(
         num_layers=num_decoder_layers(base),

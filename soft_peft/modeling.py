@@ -18,6 +18,7 @@ from torch.distributed.tensor import DTensor
 from transformers.utils import ModelOutput
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
+from .checkpoints import save_adapter_exit_layers, saves_an_adapter
 from .exits import find_exit_head, parse_exit_layers, record_exit_layers, unwrap_model
 from .loss import (
     DEFAULT_VOCAB_CHUNK_SIZE,
@@ -41,7 +42,9 @@ class SortedExitOutput(ModelOutput):
     """Output of a forward with the SoFT loss.
 
     Attributes:
-        loss: The combined (weighted mean over exits) loss.
+        loss: The combined (weighted mean over exits) loss, plus ``router_aux_loss_coef * aux_loss`` for MoE models
+            that return their router logits (as the model's own loss includes it).
+        aux_loss: The MoE router load-balancing loss (unweighted), or ``None``.
         exit_losses: ``{layer: scalar}`` mean token cross-entropy of each exit on this batch (only the exits computed
             this step: a schedule skips exits whose weight is 0, see [`~soft_peft.schedule.ExitSchedule`]).
         exit_token_accuracy: ``{layer: scalar}`` fraction of labelled tokens each exit predicts as its argmax.
@@ -56,6 +59,7 @@ class SortedExitOutput(ModelOutput):
     """
 
     loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
     exit_losses: dict[int, torch.Tensor] | None = None
     exit_token_accuracy: dict[int, torch.Tensor] | None = None
     num_tokens: torch.Tensor | None = None
@@ -81,6 +85,20 @@ def _shared_head_parameters(head) -> list[torch.Tensor]:
             "this wrapper exposes views. Use FSDP2 (`fully_shard`) or set exit_head_grad='all'."
         )
     return parameters
+
+
+def _router_aux_loss(router_logits, text_config, attention_mask, device: torch.device) -> torch.Tensor:
+    """The MoE load-balancing loss, computed as the model's own forward and TRL's fused head compute it."""
+    # Mixtral's is the function every MoE family of transformers copies (and the one TRL's fused head uses)
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    # Padding-free batches carry no attention mask: every token counts, as in the model's own forward
+    aux_loss = load_balancing_loss_func(
+        router_logits, text_config.num_experts, text_config.num_experts_per_tok, attention_mask
+    )
+    if not torch.is_tensor(aux_loss):  # a plain 0 when the backbone returned no router logits
+        return torch.zeros((), device=device)
+    return aux_loss.to(device)
 
 
 def _sorted_exit_forward(
@@ -109,12 +127,14 @@ def _sorted_exit_forward(
     else:  # without a schedule every exit is computed, zero weights included (their metrics are still logged)
         exit_layers = list(all_exit_layers)
     exit_weights = dict(zip(all_exit_layers, weights, strict=True))
-    for unsupported in ("output_router_logits",):
-        if kwargs.get(unsupported):
-            raise ValueError(
-                f"`{unsupported}=True` is not supported by the SoFT loss (MoE auxiliary losses are not combined with "
-                "the exit losses). Set `router_aux_loss_coef=0.0`."
-            )
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    # MoE: like the model's own forward, return the router logits when asked to or when the config says so
+    with_router_logits = hasattr(text_config, "output_router_logits")
+    if with_router_logits:
+        with_router_logits = kwargs.get("output_router_logits")
+        with_router_logits = text_config.output_router_logits if with_router_logits is None else with_router_logits
+        kwargs["output_router_logits"] = bool(with_router_logits)
     kwargs["use_cache"] = False
     kwargs["output_hidden_states"] = True
     backbone = getattr(model, model.base_model_prefix)
@@ -186,9 +206,14 @@ def _sorted_exit_forward(
                     kernel=settings["kernel"],
                 )
             last_num_correct, last_entropy_sum = last.exit_num_correct[0], last.last_entropy
+    loss, aux_loss = result.loss, None
+    if with_router_logits:
+        aux_loss = _router_aux_loss(outputs.router_logits, text_config, kwargs.get("attention_mask"), loss.device)
+        loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss  # once, not per exit
     accuracy_denominator = result.num_tokens.clamp(min=1)
     return SortedExitOutput(
-        loss=result.loss,
+        loss=loss,
+        aux_loss=aux_loss,
         exit_losses=dict(zip(exit_layers, result.exit_losses, strict=True)),
         exit_token_accuracy={
             k: c.float() / accuracy_denominator for k, c in zip(exit_layers, result.exit_num_correct, strict=True)
@@ -231,7 +256,7 @@ def add_sorted_exit_loss(
         model: A transformers causal LM or a PEFT model around one.
         exit_layers: See [`~soft_peft.exits.parse_exit_layers`]; ``None`` is the paper's 8 evenly spaced exits.
         exit_loss_weights_spec: See [`~soft_peft.loss.exit_loss_weights`].
-        final_norm: The final norm, for architectures where it cannot be found by name.
+        final_norm: The final norm, where [`~soft_peft.exits.find_final_norm`] cannot tell it.
         vocab_chunk_size: Vocabulary columns per projection tile of the head kernel.
         token_weighting: ``"nll"``, or ``"dft"`` for TRL's DFT loss.
         with_last_layer_metrics: Also report the last layer's token accuracy and entropy (``SFTTrainer``'s metrics),
@@ -394,8 +419,12 @@ class SortedLossWrapper(nn.Module):
         )
 
     def save_pretrained(self, save_directory, **kwargs):
-        """Save the wrapped model as a vanilla checkpoint (or a PEFT adapter), exits recorded in its config."""
-        return self.model.save_pretrained(save_directory, **kwargs)
+        """Save the wrapped model as a vanilla checkpoint with the exits in its ``config.json``, or as a PEFT adapter
+        with the exits in ``soft_peft_config.json`` beside it (see [`~soft_peft.checkpoints.load_causal_lm`])."""
+        result = self.model.save_pretrained(save_directory, **kwargs)
+        if saves_an_adapter(self.model) and kwargs.get("is_main_process", True):
+            save_adapter_exit_layers(save_directory, self.exit_layers)
+        return result
 
     def state_dict(self, *args, **kwargs):
         """The wrapped model's state dict, without a wrapper prefix."""

@@ -2,58 +2,58 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 from transformers import TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
-from .config import SoFTConfig
+from .checkpoints import save_adapter_exit_layers, saves_an_adapter
+from .config import SoFTConfig, read_soft_settings
 from .exits import unwrap_model
 from .modeling import add_sorted_exit_loss
-from .schedule import ExitSchedule
 
 __all__ = ["SoFTTrainer"]
 
+_SFT_TRAINER_SIGNATURE = inspect.signature(SFTTrainer.__init__)
 
-def _as_soft_config(args: TrainingArguments | None, model) -> SoFTConfig:
-    if isinstance(args, SoFTConfig):
-        return args
-    if args is None:
-        name = model if isinstance(model, str) else getattr(unwrap_model(model).config, "_name_or_path", "model")
-        return SoFTConfig(f"{str(name).rstrip('/').split('/')[-1] or 'model'}-SoFT")
-    # A plain `SFTConfig` / `TrainingArguments` keeps all its values and gets the SoFT defaults
-    values = args.to_dict()
-    # `to_dict` masks every `*_token` field (hub_token, but also SFTConfig's eos_token / pad_token)
-    values.update({key: getattr(args, key) for key in values if key.endswith("_token")})
-    return SoFTConfig(**values)
+
+def _default_config(model) -> SoFTConfig:
+    # As `SFTTrainer` names its default output folder after the model
+    name = model if isinstance(model, str) else getattr(unwrap_model(model).config, "_name_or_path", "model")
+    return SoFTConfig(f"{str(name).rstrip('/').split('/')[-1] or 'model'}-SoFT")
 
 
 class SoFTTrainer(SFTTrainer):
     """Sorted Fine-Tuning (SoFT, arXiv 2309.08968) as a drop-in replacement for TRL's [`~trl.SFTTrainer`].
 
     Same constructor, datasets and features as `SFTTrainer` (prompt-completion and conversational data, completion-
-    and assistant-only losses, packing and padding-free batches, gradient checkpointing, `peft_config`, evaluation),
-    but the loss is the weighted mean over `args.exit_layers` of each exit's token cross-entropy: exit k applies the
-    model's own final norm and shared LM head to the hidden state after k decoder layers. No parameter is added.
+    and assistant-only losses, packing and padding-free batches, gradient checkpointing, `peft_config`, evaluation,
+    `compute_metrics` / `preprocess_logits_for_metrics`, MoE router auxiliary losses), but the loss is the weighted
+    mean over the exits of each exit's token cross-entropy: exit k applies the model's own final norm and shared LM
+    head to the hidden state after k decoder layers. No parameter is added.
 
     Logged through `SFTTrainer`'s metrics (so every `report_to` backend gets them): `exit_{k}/loss` and
     `exit_{k}/mean_token_accuracy` for every exit, prefixed `eval_` in evaluation. `loss` stays the combined loss and
-    `mean_token_accuracy` / `entropy` the last layer's. With an exit schedule (`exit_ramp_steps`, `exit_rotation`),
-    also `exit_{k}/weight`, and an exit's loss and accuracy only on the steps that train it; with self-distillation
-    (`exit_distill_weight > 0`) also `exit_{k}/distill_loss` and `exit_{k}/agreement` (top-1 agreement with the last
-    exit) per early exit. Checkpoints are vanilla transformers models (or PEFT adapters) with `soft_exit_layers` in
-    `config.json`.
+    `mean_token_accuracy` / `entropy` the last layer's; MoE models also log `aux_loss`, as `SFTTrainer` does. With an
+    exit schedule (`exit_ramp_steps`, `exit_rotation`), also `exit_{k}/weight`, and an exit's loss and accuracy only on
+    the steps that train it; with self-distillation (`exit_distill_weight > 0`) also `exit_{k}/distill_loss` and
+    `exit_{k}/agreement` (top-1 agreement with the last exit) per early exit. Checkpoints are vanilla transformers
+    models with `soft_exit_layers` in `config.json`, or PEFT adapters with `soft_exit_layers` in
+    `soft_peft_config.json` beside `adapter_config.json`.
 
     Args:
-        model, args, ...: As for `SFTTrainer`. `args` may be a [`SoFTConfig`]; a plain `SFTConfig` is converted to one
-            with the SoFT defaults.
+        model, args, ...: As for `SFTTrainer`, positionally or by name. `args` may be a [`SoFTConfig`] or any
+            `SFTConfig` / `TrainingArguments`: it is kept as is (`trainer.args is args`), and the SoFT settings it
+            lacks take their defaults (see [`~soft_peft.config.read_soft_settings`]; the result is
+            `trainer.soft_settings`).
         final_norm (`nn.Module`, *optional*): The model's final norm, only for architectures where it is not found
             automatically.
 
     Raises:
-        ValueError: for settings that would remove what SoFT needs: `compute_loss_func`, label smoothing, MoE
-            auxiliary losses, context/sequence parallelism, or `preprocess_logits_for_metrics` / `compute_metrics`
-            (which need full logits).
+        ValueError: for settings that would remove what SoFT needs: `compute_loss_func`, label smoothing, and
+            context/sequence parallelism.
     """
 
     _tag_names = ["trl", "sft", "soft-peft"]
@@ -62,58 +62,67 @@ class SoFTTrainer(SFTTrainer):
     def __init__(
         self, model, args: SFTConfig | TrainingArguments | None = None, *positional, final_norm=None, **kwargs
     ):
-        args = _as_soft_config(args, model)
-        if kwargs.get("compute_loss_func") is not None or (len(positional) >= 4 and positional[3] is not None):
+        # Bound as `SFTTrainer` binds them, so a positional `compute_loss_func` is seen and a tokenizer is not taken
+        # for one
+        bound = _SFT_TRAINER_SIGNATURE.bind(self, model, args, *positional, **kwargs).arguments
+        if bound.get("compute_loss_func") is not None:
             raise ValueError(
                 "`compute_loss_func` is not supported by SoFTTrainer: the loss is the SoFT nested-exit loss. Tune "
                 "it with `exit_layers` / `exit_loss_weights` in SoFTConfig, or subclass and override `compute_loss`."
             )
+        if args is None:
+            args = _default_config(model)
+        self.soft_settings = read_soft_settings(args)  # before minutes are spent loading the model and data
         super().__init__(model, args, *positional, **kwargs)
-        if self.aux_loss_enabled:
-            raise ValueError(
-                "MoE router auxiliary losses are not combined with the SoFT exit losses yet. Set "
-                "`router_aux_loss_coef=0.0` in SoFTConfig."
-            )
         parallelism = self.accelerator.parallelism_config
         if parallelism is not None and (parallelism.cp_enabled or getattr(parallelism, "sp_enabled", False)):
             raise ValueError(
                 "Context/sequence parallelism is not supported by SoFTTrainer: its sharded loss reduction assumes "
                 "the single-exit loss. Disable `cp_size` / `sp_size` in the parallelism config."
             )
-        # Read with defaults: `args` may be a plain SFTConfig without the schedule fields
-        self.exit_schedule = ExitSchedule(
-            getattr(self.args, "exit_ramp_steps", 0),
-            getattr(self.args, "exit_ramp_order", "deepest_first"),
-            getattr(self.args, "exit_rotation", 0),
-        )
+        settings = self.soft_settings
+        self.exit_schedule = settings.exit_schedule()
         target = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self.exit_layers = add_sorted_exit_loss(
             target,
-            self.args.exit_layers,
-            self.args.exit_loss_weights,
+            settings.exit_layers,
+            settings.exit_loss_weights,
             final_norm=final_norm,
-            vocab_chunk_size=self.args.exit_vocab_chunk_size,
+            vocab_chunk_size=settings.exit_vocab_chunk_size,
             token_weighting=self.args.loss_type,
             with_last_layer_metrics=True,
-            kernel=self.args.exit_loss_kernel,
+            kernel=settings.exit_loss_kernel,
             schedule=self.exit_schedule,
-            # Read with defaults so that a plain SFTConfig keeps working
-            exit_head_grad=getattr(self.args, "exit_head_grad", "all"),
-            exit_distill_weight=getattr(self.args, "exit_distill_weight", 0.0),
-            exit_distill_temperature=getattr(self.args, "exit_distill_temperature", 1.0),
+            exit_head_grad=settings.exit_head_grad,
+            exit_distill_weight=settings.exit_distill_weight,
+            exit_distill_temperature=settings.exit_distill_temperature,
         )
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict=state_dict)
+        # A PEFT adapter has no config.json to carry `soft_exit_layers`: record them beside the adapter
+        if self.args.should_save and saves_an_adapter(self.model):
+            save_adapter_exit_layers(output_dir if output_dir is not None else self.args.output_dir, self.exit_layers)
 
     def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False, num_items_in_batch=None):
         """The SoFT loss, normalised exactly like `SFTTrainer`'s; logs per-exit metrics."""
         mode = "train" if self.model.training else "eval"
         inputs["use_cache"] = False
+        if self.aux_loss_enabled:  # MoE: as in `SFTTrainer`, the forward returns the router load-balancing loss
+            inputs["output_router_logits"] = True
         # The schedule follows the optimizer step: the same for every micro-batch of a step, restored on resume
         step = self.state.global_step if mode == "train" else None
         outputs = model(**inputs, soft_exit_loss=True, num_items_in_batch=num_items_in_batch, soft_exit_step=step)
-        loss = outputs.loss
+        loss = outputs.details.loss  # the exits' loss, without the auxiliary loss
         # As in `SFTTrainer`: `num_items_in_batch` counts the tokens of every rank, and DDP averages the gradients
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        if self.aux_loss_enabled:
+            # As in `SFTTrainer`: a per-micro-batch mean, averaged over the accumulation steps when the loss is summed
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
+            aux_loss = self.accelerator.gather_for_metrics(outputs.aux_loss.detach()).mean().item()
+            self._metrics[mode]["aux_loss"].append(aux_loss)
         self._log_exit_metrics(mode, inputs, outputs)
         if return_outputs:
             # `Trainer.prediction_step` wants logits: recompute them with the model's ordinary forward

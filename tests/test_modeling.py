@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import ARCHS, NUM_LAYERS, VOCAB, tiny_model
+from tiny_models import ARCHS, MOE_ARCHS, NUM_LAYERS, VOCAB, tiny_model
 from transformers import AutoModelForCausalLM
 
 from soft_peft import SortedLossWrapper
@@ -34,7 +34,7 @@ def reference_exit_losses(model, ids, mask, labels, exits):
     return losses
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + MOE_ARCHS)
 def test_loss_and_gradients_match_reference(arch):
     exits = [1, 3, NUM_LAYERS]
     model = tiny_model(arch)  # eval mode: no dropout, so two forwards are comparable
@@ -63,6 +63,24 @@ def test_last_exit_alone_equals_the_models_own_loss(arch):
     ids, mask, labels = batch(seed=1)
     out = SortedLossWrapper(model, exit_layers=[NUM_LAYERS])(input_ids=ids, attention_mask=mask, labels=labels)
     torch.testing.assert_close(out.loss, model(input_ids=ids, attention_mask=mask, labels=labels).loss)
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_moe_last_exit_with_router_loss_equals_the_models_own_loss(arch):
+    model = tiny_model(arch)
+    ids, mask, labels = batch(seed=1)
+    wrapper = SortedLossWrapper(model, exit_layers=[NUM_LAYERS])
+    out = wrapper(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True)
+    own = model(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True)
+    torch.testing.assert_close(out.aux_loss, own.aux_loss)
+    torch.testing.assert_close(out.loss, own.loss)
+    assert out.aux_loss > 0 and model.config.router_aux_loss_coef > 0  # the aux loss is really in both
+    # Added once, not per exit
+    two = SortedLossWrapper(model, exit_layers=[2, NUM_LAYERS])
+    out = two(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True)
+    torch.testing.assert_close(out.loss, out.details.loss + model.config.router_aux_loss_coef * own.aux_loss)
+    # Without router logits (the config's default), no aux loss
+    assert wrapper(input_ids=ids, attention_mask=mask, labels=labels).aux_loss is None
 
 
 def test_gradient_accumulation_is_exact():

@@ -8,17 +8,21 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
+    BloomConfig,
     CohereConfig,
     Gemma2Config,
     GPT2Config,
     GraniteConfig,
+    Lfm2Config,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     OPTConfig,
     PhiConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 VOCAB = 101  # odd on purpose (ragged vocabulary chunks); matches tiny_tokenizer()
@@ -59,10 +63,20 @@ def _config(arch: str):
         return CohereConfig(**_COMMON, num_key_value_heads=2, logit_scale=0.5)
     if arch == "granite":
         return GraniteConfig(**_COMMON, num_key_value_heads=2, logits_scaling=4.0)
+    if arch == "lfm2":  # final norm `embedding_norm`; convolution and attention layers
+        return Lfm2Config(**_COMMON, num_key_value_heads=2, layer_types=["conv", "full_attention"] * 2)
+    if arch == "bloom":  # two norms outside the layers: `word_embeddings_layernorm` and the final `ln_f`
+        return BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=NUM_LAYERS, n_head=4)
+    if arch == "qwen3_moe":
+        experts = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+        return Qwen3MoeConfig(**_COMMON, num_key_value_heads=2, head_dim=8, **experts)
+    if arch == "mixtral":
+        return MixtralConfig(**_COMMON, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
     raise ValueError(arch)
 
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gpt2", "phi", "opt", "cohere", "granite"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gpt2", "phi", "opt", "cohere", "granite", "lfm2", "bloom"]
+MOE_ARCHS = ["qwen3_moe", "mixtral"]
 # Generation tests use a representative subset to keep the suite fast
 GEN_ARCHS = ["llama", "qwen2", "gpt2"]
 

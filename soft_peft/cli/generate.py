@@ -193,8 +193,9 @@ def main(argv: list[str]) -> int:
     _check_before_loading(parser, args, facts)
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from ..checkpoints import load_causal_lm
     from ..inference import dynamic_generate, extract_submodel, frequent_token_ids, self_speculative_generate
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
@@ -204,7 +205,7 @@ def main(argv: list[str]) -> int:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     input_ids = tokenizer(text, return_tensors="pt").input_ids
     _check_prompt(parser, args, facts, input_ids.shape[1])
-    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path).eval()
+    model = load_causal_lm(args.model_name_or_path).eval()  # a PEFT adapter folder too, with its recorded exits
     generator = torch.Generator().manual_seed(args.seed)
     sampling = dict(do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p)
     vocab = None

@@ -44,11 +44,15 @@ def read_model_facts(name_or_path: str) -> ModelFacts:
     """
     from transformers import AutoConfig
 
-    source = name_or_path
+    source, adapter_exits = name_or_path, None
     adapter_config = os.path.join(name_or_path, "adapter_config.json")
     if not os.path.isfile(os.path.join(name_or_path, "config.json")) and os.path.isfile(adapter_config):
+        from ..checkpoints import read_adapter_exit_layers
+
         with open(adapter_config, encoding="utf-8") as handle:
             source = json.load(handle).get("base_model_name_or_path") or name_or_path
+        # An adapter's exits are recorded beside it (`soft_peft_config.json`), not in its base model's config
+        adapter_exits = read_adapter_exit_layers(name_or_path)
     try:
         config = AutoConfig.from_pretrained(source)
     except OSError as error:
@@ -58,7 +62,7 @@ def read_model_facts(name_or_path: str) -> ModelFacts:
     num_layers = getattr(text_config, "num_hidden_layers", None)
     if not isinstance(num_layers, int) or num_layers < 1:
         raise ValueError(f"{name_or_path}: its config has no usable `num_hidden_layers` ({num_layers!r}).")
-    recorded = getattr(config, _CONFIG_KEY, None)
+    recorded = adapter_exits if adapter_exits is not None else getattr(config, _CONFIG_KEY, None)
     max_positions = getattr(text_config, "max_position_embeddings", None)
     return ModelFacts(
         name=name_or_path,

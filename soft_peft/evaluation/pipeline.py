@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from ..checkpoints import load_causal_lm
 from ..data import DatasetFormatError
 from ..exits import num_decoder_layers, parse_exit_layers, recorded_exit_layers
 from .data import load_eval_dataset, tokenize_examples
@@ -106,11 +107,12 @@ def resolve_eval_exits(model: nn.Module, spec, name: str, fallback: list[int] | 
 
 
 def _load(name_or_path: str, dtype: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}.")
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=getattr(torch, dtype))
+    # A PEFT adapter folder loads with its base model, and its exits recorded beside it
+    model = load_causal_lm(name_or_path, dtype=getattr(torch, dtype))
     return model.eval(), AutoTokenizer.from_pretrained(name_or_path)
 
 

@@ -1,0 +1,83 @@
+"""Where a saved SoFT model keeps its trained exits, and the loader the command line uses.
+
+A full model records them as ``soft_exit_layers`` in ``config.json``. A PEFT adapter folder has no ``config.json``
+(writing one would make transformers take the folder for a full model with an embedded adapter), so the exits go to
+``soft_peft_config.json`` beside ``adapter_config.json``; [`load_causal_lm`] puts them back into the loaded model's
+config, where [`~soft_peft.exits.recorded_exit_layers`] finds them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+from torch import nn
+
+from .exits import CONFIG_KEY, record_exit_layers
+
+__all__ = [
+    "ADAPTER_EXITS_FILE",
+    "load_causal_lm",
+    "read_adapter_exit_layers",
+    "save_adapter_exit_layers",
+    "saves_an_adapter",
+]
+
+ADAPTER_EXITS_FILE = "soft_peft_config.json"
+
+
+def saves_an_adapter(model: nn.Module) -> bool:
+    """Whether ``model.save_pretrained`` writes a PEFT adapter (a `PeftModel`, or a transformers model with an adapter
+    loaded through its PEFT integration) rather than a full checkpoint with ``config.json``."""
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel) or bool(getattr(model, "_hf_peft_config_loaded", False))
+
+
+def save_adapter_exit_layers(folder: str | os.PathLike, exit_layers: Sequence[int]) -> None:
+    """Write ``{"soft_exit_layers": [...]}`` to ``folder/soft_peft_config.json`` (beside a saved adapter).
+
+    Args:
+        folder: The adapter folder (created if missing).
+        exit_layers: The trained exits.
+    """
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, ADAPTER_EXITS_FILE), "w", encoding="utf-8") as handle:
+        json.dump({CONFIG_KEY: [int(k) for k in exit_layers]}, handle, indent=2)
+        handle.write("\n")
+
+
+def read_adapter_exit_layers(folder: str | os.PathLike) -> list[int] | None:
+    """The exits recorded beside an adapter by [`save_adapter_exit_layers`], or ``None`` when there are none.
+
+    Args:
+        folder: A local folder (an adapter or any other); a Hub id or missing folder gives ``None``.
+    """
+    path = os.path.join(folder, ADAPTER_EXITS_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        layers = json.load(handle).get(CONFIG_KEY)
+    return None if layers is None else [int(k) for k in layers]
+
+
+def load_causal_lm(name_or_path: str, **kwargs) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` (full models and PEFT adapter folders alike), with the SoFT exits
+    recorded beside an adapter put into the model's config.
+
+    Args:
+        name_or_path: A model or adapter folder, or a Hub id.
+        **kwargs: Passed to ``from_pretrained`` (``dtype``, ...).
+
+    Returns:
+        The model; ``recorded_exit_layers(model)`` gives its trained exits, or ``None`` for a model not trained
+        with SoFT.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    adapter_exits = read_adapter_exit_layers(name_or_path)
+    if adapter_exits is not None:  # the adapter's exits, not those of a SoFT base model it was trained on
+        record_exit_layers(model, adapter_exits)
+    return model
