@@ -62,7 +62,9 @@ def read_model_facts(name_or_path: str) -> ModelFacts:
     num_layers = getattr(text_config, "num_hidden_layers", None)
     if not isinstance(num_layers, int) or num_layers < 1:
         raise ValueError(f"{name_or_path}: its config has no usable `num_hidden_layers` ({num_layers!r}).")
-    recorded = adapter_exits if adapter_exits is not None else getattr(config, _CONFIG_KEY, None)
+    if adapter_exits is not None:  # the base model's config, as `load_causal_lm` will give it the adapter's exits
+        setattr(config, _CONFIG_KEY, adapter_exits)
+    recorded = getattr(config, _CONFIG_KEY, None)
     max_positions = getattr(text_config, "max_position_embeddings", None)
     return ModelFacts(
         name=name_or_path,
