@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..hub import ModelNotFoundError, resolve_model_path
 from .decode_flags import add_decode_method_flags, decode_method_options, parse_ints
 
 __all__ = ["main"]
@@ -32,6 +33,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
+    try:
+        model_path = resolve_model_path(args.model_name_or_path)
+    except ModelNotFoundError as error:
+        parser.error(str(error))
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -39,8 +44,8 @@ def main(argv: list[str]) -> int:
     from ..inference.benchmark import build_methods, format_table, gsm8k_benchmark_data, run_decode_benchmark
 
     torch.set_num_threads(args.threads)
-    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
     prompts, answers, calibration = gsm8k_benchmark_data(args.data, args.num_prompts)
     vocab = frequent_token_ids(tokenizer, calibration, args.vocab_size) if args.vocab_size > 0 else None
     thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..hub import ModelNotFoundError, resolve_model_path
+
 __all__ = ["main"]
 
 
@@ -19,14 +21,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--num_layers", type=int, required=True, help="Depth of the sub-model (an exit it trained).")
     parser.add_argument("--output_dir", required=True, help="Folder to write the sub-model (and tokenizer) to.")
     args = parser.parse_args(argv)
+    try:
+        model_path = resolve_model_path(args.model_name_or_path)
+    except ModelNotFoundError as error:
+        parser.error(str(error))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..inference import extract_submodel
 
-    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path)
     submodel = extract_submodel(model, args.num_layers, copy=True)
     submodel.save_pretrained(args.output_dir)
-    AutoTokenizer.from_pretrained(args.model_name_or_path).save_pretrained(args.output_dir)
+    AutoTokenizer.from_pretrained(model_path).save_pretrained(args.output_dir)
     kept = sum(p.numel() for p in submodel.parameters()) / sum(p.numel() for p in model.parameters())
     print(f"Saved {args.num_layers}-layer sub-model ({kept:.0%} of the parameters) to {args.output_dir}")
     return 0

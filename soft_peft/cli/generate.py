@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 
+from ..hub import ModelNotFoundError, resolve_model_path
 from .decode_flags import parse_ints
 
 __all__ = ["main"]
@@ -70,14 +71,19 @@ def _read_texts(path: str) -> list[str]:
 
 def main(argv: list[str]) -> int:
     """Run `soft-peft generate`; returns the exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        model_path = resolve_model_path(args.model_name_or_path)
+    except ModelNotFoundError as error:
+        parser.error(str(error))
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..inference import dynamic_generate, extract_submodel, frequent_token_ids, self_speculative_generate
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
     text = args.prompt.replace("\\n", "\n")
     if args.chat:
         messages = [{"role": "user", "content": text}]
