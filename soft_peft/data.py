@@ -111,14 +111,15 @@ def _load_hub_dataset(name: str, config_name: str | None, split: str) -> Dataset
     try:
         return datasets.load_dataset(name, config_name, split=split)
     except ConnectionError as error:  # datasets' "Couldn't reach ... on the Hub", offline mode included
+        local = "a local JSON/JSONL file (e.g. --dataset_name data/gsm8k/train_300.jsonl)"
         if huggingface_hub.constants.HF_HUB_OFFLINE:
             reason = "HF_HUB_OFFLINE=1 is set and it is not in the datasets cache"
+            fix = f"Work offline with {local}, or load it once online to cache it"
         else:
             reason = str(error)
+            fix = f"To work offline, pass {local}, or set HF_HUB_OFFLINE=1 with the dataset already in the cache"
         raise DatasetFormatError(
-            f"{name}: no such local file or folder, and the Hub could not be reached ({reason}). To work offline, "
-            "pass a local JSON/JSONL file (e.g. --dataset_name data/gsm8k/train.jsonl), or set HF_HUB_OFFLINE=1 "
-            "with the dataset already in the datasets cache."
+            f"{name}: no such local file or folder, and the Hub could not be reached ({reason}). {fix}."
         ) from None
     except DatasetNotFoundError:
         raise DatasetFormatError(
