@@ -2,7 +2,9 @@
 its `#### N` line. Same code path and flags as `examples/alpaca.py`.
 
 ```bash
-accelerate launch examples/gsm8k.py --dataset_name ../shared/data/gsm8k/train.jsonl --output_dir runs/gsm8k-soft
+accelerate launch examples/gsm8k.py --output_dir runs/gsm8k-soft --max_steps 100
+# Offline: a local GSM8K JSONL, e.g. the 300-row sample shipped in data/
+accelerate launch examples/gsm8k.py --dataset_name data/gsm8k/train_300.jsonl --output_dir runs/gsm8k-soft
 accelerate launch --config_file recipes/accelerate/zero3.yaml examples/gsm8k.py \
     --config recipes/llama2_13b_gsm8k_zero3.yaml
 ```

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+DATA = ROOT / "data"  # small real data shipped in the repository (data/README.md)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "tools"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,7 +26,11 @@ def smollm2_path() -> Path:
 
 @pytest.fixture(scope="session")
 def gsm8k_path() -> Path:
-    path = SHARED_DATA / "gsm8k" / "train.jsonl"
-    if not path.exists():
-        pytest.fail(f"{path} is missing: the real-data tests read ../shared/data relative to the project root.")
-    return path
+    """The first 300 rows of GSM8K train, shipped in data/gsm8k."""
+    return DATA / "gsm8k" / "train_300.jsonl"
+
+
+@pytest.fixture(scope="session")
+def alpaca_seed_path() -> Path:
+    """The 175 Alpaca seed tasks, shipped in data/alpaca_seed."""
+    return DATA / "alpaca_seed" / "seed_tasks_alpaca.jsonl"

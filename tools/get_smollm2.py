@@ -5,12 +5,13 @@ dequantises it on load, and the model is rebuilt from its config without `quanti
 `save_pretrained` refuses a GGUF-flagged model. The folder is cached (default
 `~/.cache/soft_peft/smollm2-135m-instruct`, override with `SOFT_PEFT_SMOLLM2_DIR`) and never downloaded twice.
 
-    python tools/get_smollm2.py            # prints the folder
+    python tools/get_smollm2.py            # prints the folder, and only it, on stdout (logs go to stderr)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import os
 import shutil
@@ -71,7 +72,32 @@ def get_smollm2(target: Path = DEFAULT_DIR) -> Path:
     return target
 
 
-if __name__ == "__main__":
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Send everything written to stdout (Python objects and file descriptor 1 alike) to stderr meanwhile."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)  # pip subprocesses and C libraries write to the descriptor, not to sys.stdout
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the folder and nothing else on stdout, so `$(python tools/get_smollm2.py)` is the path."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("target", nargs="?", type=Path, default=DEFAULT_DIR, help=f"Folder (default {DEFAULT_DIR}).")
-    print(get_smollm2(parser.parse_args().target))
+    target = parser.parse_args(argv).target
+    # Libraries log while converting (DeepSpeed: "Setting accelerator to CPU") and some log to stdout
+    with _stdout_to_stderr():
+        folder = get_smollm2(target)
+    print(folder)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

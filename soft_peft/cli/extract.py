@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import warnings
 
+from ..hub import resolve_model_path
 from .model_checks import read_model_facts, untrained_exit_warning, warn
 
 __all__ = ["main"]
@@ -23,8 +24,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--output_dir", required=True, help="Folder to write the sub-model (and tokenizer) to.")
     args = parser.parse_args(argv)
     try:
-        facts = read_model_facts(args.model_name_or_path)
-    except ValueError as error:
+        model_path = resolve_model_path(args.model_name_or_path)
+        facts = read_model_facts(model_path)
+    except ValueError as error:  # ModelNotFoundError included
         parser.error(str(error))
     if not 1 <= args.num_layers <= facts.num_layers:
         parser.error(
@@ -36,12 +38,12 @@ def main(argv: list[str]) -> int:
 
     from ..inference import extract_submodel
 
-    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # its untrained-exit warning was already given, before loading
         submodel = extract_submodel(model, args.num_layers, copy=True)
     submodel.save_pretrained(args.output_dir)
-    AutoTokenizer.from_pretrained(args.model_name_or_path).save_pretrained(args.output_dir)
+    AutoTokenizer.from_pretrained(model_path).save_pretrained(args.output_dir)
     kept = sum(p.numel() for p in submodel.parameters()) / sum(p.numel() for p in model.parameters())
     print(f"Saved {args.num_layers}-layer sub-model ({kept:.0%} of the parameters) to {args.output_dir}")
     return 0

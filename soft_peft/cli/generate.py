@@ -19,6 +19,7 @@ import json
 import os
 import warnings
 
+from ..hub import resolve_model_path
 from .decode_flags import parse_ints
 from .model_checks import ModelFacts, positive_int, read_model_facts, untrained_exit_warning, warn
 
@@ -187,8 +188,9 @@ def main(argv: list[str]) -> int:
     if not args.prompt:
         parser.error("--prompt is empty: give the text to continue.")
     try:
-        facts = read_model_facts(args.model_name_or_path)
-    except ValueError as error:
+        model_path = resolve_model_path(args.model_name_or_path)
+        facts = read_model_facts(model_path)
+    except ValueError as error:  # ModelNotFoundError included
         parser.error(str(error))
     _check_before_loading(parser, args, facts)
 
@@ -198,14 +200,14 @@ def main(argv: list[str]) -> int:
     from ..checkpoints import load_causal_lm
     from ..inference import dynamic_generate, extract_submodel, frequent_token_ids, self_speculative_generate
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
     text = args.prompt.replace("\\n", "\n")
     if args.chat:
         messages = [{"role": "user", "content": text}]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     input_ids = tokenizer(text, return_tensors="pt").input_ids
     _check_prompt(parser, args, facts, input_ids.shape[1])
-    model = load_causal_lm(args.model_name_or_path).eval()  # a PEFT adapter folder too, with its recorded exits
+    model = load_causal_lm(model_path).eval()  # a PEFT adapter folder too, with its recorded exits
     generator = torch.Generator().manual_seed(args.seed)
     sampling = dict(do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p)
     vocab = None

@@ -11,6 +11,7 @@ from torch import nn
 from ..checkpoints import load_causal_lm
 from ..data import DatasetFormatError
 from ..exits import num_decoder_layers, parse_exit_layers, recorded_exit_layers
+from ..hub import resolve_model_path
 from .data import load_eval_dataset, tokenize_examples
 from .generation import generate_at_exits, score_generations
 from .judge import LMJudge, judge_pairwise
@@ -138,10 +139,16 @@ def run_evaluation(settings: EvalSettings) -> dict:
     wants_judge = settings.judge_model is not None or settings.judge is not None
     if wants_judge and (settings.compare_to is None or not settings.generate):
         raise ValueError("Pairwise judging compares generations of two models: it needs --compare_to and --generate.")
-    model_a, tokenizer = _load(settings.model_name_or_path, settings.dtype)
+    # Every model is checked before any loads: a missing folder or an unreachable Hub fails at once, in one line
+    paths = {
+        name: resolve_model_path(name)
+        for name in (settings.model_name_or_path, settings.compare_to, settings.judge_model)
+        if name is not None
+    }
+    model_a, tokenizer = _load(paths[settings.model_name_or_path], settings.dtype)
     models, names = [model_a], [settings.model_name_or_path]
     if settings.compare_to is not None:
-        model_b, tokenizer_b = _load(settings.compare_to, settings.dtype)
+        model_b, tokenizer_b = _load(paths[settings.compare_to], settings.dtype)
         if tokenizer_b.get_vocab() != tokenizer.get_vocab():
             raise ValueError(
                 f"{settings.compare_to} has a different tokenizer vocabulary than {settings.model_name_or_path}; "
@@ -181,7 +188,7 @@ def run_evaluation(settings: EvalSettings) -> dict:
         if wants_judge:
             judge = settings.judge
             if judge is None:
-                judge_model, judge_tokenizer = _load(settings.judge_model, settings.dtype)
+                judge_model, judge_tokenizer = _load(paths[settings.judge_model], settings.dtype)
                 judge = LMJudge(judge_model, judge_tokenizer)
             prompts = [e.prompt for e in subset]
             reference_texts = texts[1][evaluation.exit_layers[1][-1]]  # model B's last layer

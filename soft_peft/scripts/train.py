@@ -19,12 +19,14 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from datasets import Dataset
 from transformers import TrainerCallback
 from transformers.utils import is_torch_bf16_gpu_available
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
 from ..config import SoFTConfig
 from ..data import DatasetFormatError, held_out_split, load_prompt_completion
+from ..hub import ModelNotFoundError, resolve_model_path
 from ..trainer import SoFTTrainer
 from .preflight import UsageError, check_exits_against_model, check_output_dir, resolve_resume_checkpoint
 
@@ -127,10 +129,6 @@ def parse_args(
     script_args, training_args, model_args = parsed
     if not script_args.dataset_name:
         raise UsageError("no dataset: pass --dataset_name (a Hub dataset or a local JSON/JSONL file).")
-    model = model_args.model_name_or_path
-    # Hub names look like "org/name"; a path that starts like one on disk must exist
-    if model.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(model)):
-        raise UsageError(f"--model_name_or_path {model}: no such model folder.")
     return script_args, training_args, model_args
 
 
@@ -148,6 +146,24 @@ def _load_datasets(script_args: SoFTScriptArguments, training_args: SoFTConfig):
             "hold out rows for it."
         )
     return train_dataset, load_prompt_completion(name, fmt, script_args.dataset_test_split, script_args.dataset_config)
+
+
+def _check_rows_survived_truncation(trainer: SoFTTrainer, split: str, rows) -> None:
+    """Refuse, with the numbers, a dataset whose every row lost its completion to `max_length` truncation.
+
+    `SFTTrainer` drops rows left without a completion token, so such a dataset would otherwise end in a bare
+    `num_samples=0` error from the sampler.
+    """
+    prepared = trainer.train_dataset if split == "train" else trainer.eval_dataset
+    if rows is None or not isinstance(prepared, Dataset) or len(prepared) > 0:
+        return
+    args = trainer.args
+    shortest = min(len(trainer.processing_class(prompt)["input_ids"]) for prompt in rows["prompt"])
+    raise UsageError(
+        f"every one of the {len(rows)} {split} rows is longer than --max_length {args.max_length} and keeps no "
+        f"completion token after truncation (truncation_mode {args.truncation_mode}; the shortest prompt alone is "
+        f"{shortest} tokens). Raise --max_length (above {shortest}) or shorten the rows."
+    )
 
 
 class ShardingReport(TrainerCallback):
@@ -200,9 +216,14 @@ def train(
     Raises:
         UsageError: for any of the checks above.
     """
+    # A missing folder or an unreachable Hub fails here in one line, not after ~30 s of connection retries
+    try:
+        model_name_or_path = resolve_model_path(model_args.model_name_or_path, model_args.model_revision)
+    except ModelNotFoundError as error:
+        raise UsageError(f"--model_name_or_path {error}") from None
     # Everything a wrong setting would only show after the weights load and the data is tokenized, checked first
     check_exits_against_model(
-        model_args.model_name_or_path,
+        model_name_or_path,
         training_args.exit_layers,
         training_args.exit_loss_weights,
         revision=model_args.model_revision,
@@ -221,7 +242,7 @@ def train(
 
     train_dataset, eval_dataset = _load_datasets(script_args, training_args)
     trainer = SoFTTrainer(
-        model=model_args.model_name_or_path,
+        model=model_name_or_path,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
@@ -229,6 +250,8 @@ def train(
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
     )
+    _check_rows_survived_truncation(trainer, "train", train_dataset)
+    _check_rows_survived_truncation(trainer, "eval", eval_dataset)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     trainer.save_state()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import time
 
 import pytest
 import yaml
@@ -10,6 +12,7 @@ from example_runs import TINY_TRAIN_ARGS, alpaca_rows, run, save_tiny_model, ste
 
 from soft_peft.cli import main as soft_peft_main
 from soft_peft.cli.train import main as train_main
+from soft_peft.data import ALPACA_PROMPT_NO_INPUT
 from soft_peft.scripts.train import parse_args
 
 
@@ -103,7 +106,47 @@ def test_dataset_without_needed_columns(capsys, tmp_path, tiny_model_dir):
 
 def test_missing_local_model(capsys, tmp_path, alpaca_file):
     argv = ["--model_name_or_path", str(tmp_path / "no-model"), "--dataset_name", str(alpaca_file)]
-    assert "no such model folder" in error_line(capsys, argv)
+    assert "no such local folder (and not a Hub model id)" in error_line(capsys, argv)
+
+
+def test_a_relative_path_that_could_be_a_hub_id_fails_at_once_offline(capsys, alpaca_file):
+    start = time.perf_counter()
+    line = error_line(capsys, ["--model_name_or_path", "runs/nothere", "--dataset_name", str(alpaca_file)])
+    assert time.perf_counter() - start < 5.0  # not ~30 s of connection retries
+    assert line.startswith(
+        "soft-peft train: error: --model_name_or_path runs/nothere: no such local folder, and the Hub could not "
+        "be reached (HF_HUB_OFFLINE=1 is set"
+    )
+
+
+def test_malformed_json_names_the_file_and_line(capsys, tmp_path, tiny_model_dir):
+    lines = [json.dumps(row) for row in alpaca_rows(4)]
+    lines[2] = lines[2][:-1]  # line 3 loses its closing brace
+    data = tmp_path / "broken.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    argv = ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(data), "--output_dir", str(tmp_path)]
+    assert error_line(capsys, argv).startswith(f"soft-peft train: error: {data}, line 3: invalid JSON")
+
+
+def test_every_row_longer_than_max_length_is_refused_before_training(capsys, tmp_path, tiny_model_dir, alpaca_file):
+    argv = ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(alpaca_file)]
+    argv += ["--output_dir", str(tmp_path / "out"), *TINY_TRAIN_ARGS, "--max_length", "16"]
+    line = error_line(capsys, argv)
+    # The tiny tokenizer has one token per character: the shortest Alpaca prompt is the no-input template's
+    instruction = min((row["instruction"] for row in alpaca_rows() if not row["input"]), key=len)
+    shortest = len(ALPACA_PROMPT_NO_INPUT.format(instruction=instruction))
+    assert line == (
+        "soft-peft train: error: every one of the 16 train rows is longer than --max_length 16 and keeps no "
+        f"completion token after truncation (truncation_mode keep_start; the shortest prompt alone is {shortest} "
+        f"tokens). Raise --max_length (above {shortest}) or shorten the rows."
+    )
+    assert not (tmp_path / "out" / "trainer_state.json").exists()
+
+
+def test_all_completions_empty_is_refused(capsys, tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "empty.jsonl", [{**row, "output": " "} for row in alpaca_rows(4)])
+    argv = ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(data), "--output_dir", str(tmp_path)]
+    assert "all 4 completions (column 'output') are empty" in error_line(capsys, argv)
 
 
 def test_console_script_error_has_no_traceback(tmp_path, alpaca_file):

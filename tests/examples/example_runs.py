@@ -92,9 +92,13 @@ def triviaqa_rows(count: int = 16) -> list[dict]:
     return [{"question": f"Which number follows {i}?", "answer": {"value": str(i + 1)}} for i in range(count)]
 
 
-def run(args: list[str], timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-    """Run a command from the project root with offline, single-threaded settings; show its output on failure."""
+def run(
+    args: list[str], timeout: float = 600, check: bool = True, env_overrides: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run a command from the project root with offline, single-threaded settings (and `env_overrides`); show its
+    output on failure."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    env.update(env_overrides or {})
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:

@@ -53,8 +53,10 @@ def test_accelerate_config_loads_and_states_its_command(config):
 
 def test_files_named_in_docs_exist():
     documents = [*EXAMPLES.glob("*.py"), *TRAINING_RECIPES, *ACCELERATE_CONFIGS, RECIPES / "README.md"]
+    documents += [ROOT / "README.md", ROOT / "data" / "README.md"]  # data/: what a clone ships for offline use
+    named = re.compile(r"(?<![\w/])(?:examples|recipes|data)/[\w/.-]+\.(?:py|yaml|jsonl)")
     for document in documents:
-        for name in re.findall(r"(?:examples|recipes)/[\w/.-]+\.(?:py|yaml)", document.read_text()):
+        for name in named.findall(document.read_text()):
             assert (ROOT / name).exists(), f"{document.name} names {name}, which does not exist"
 
 

@@ -1,4 +1,4 @@
-"""The SmolLM2-135M CPU recipe trains the real model (local folder, local Alpaca seed data): one short step."""
+"""The SmolLM2-135M CPU recipe trains the real model (local folder, the Alpaca seed data in data/): one short step."""
 
 from __future__ import annotations
 
@@ -6,15 +6,14 @@ import json
 import math
 
 import pytest
-from example_runs import RECIPES, ROOT, exit_metrics, run_example, step_logs
+from example_runs import RECIPES, exit_metrics, run_example, step_logs
 
 pytestmark = pytest.mark.slow
 
 
-def test_smollm2_cpu_recipe_trains_the_real_model(smollm2_path, tmp_path, monkeypatch):
-    data = ROOT.parent / "shared" / "data" / "alpaca_seed" / "seed_tasks_alpaca.jsonl"
+def test_smollm2_cpu_recipe_trains_the_real_model(smollm2_path, alpaca_seed_path, tmp_path, monkeypatch):
     argv = ["--config", str(RECIPES / "smollm2_135m_alpaca_cpu.yaml"), "--model_name_or_path", str(smollm2_path)]
-    argv += ["--dataset_name", str(data), "--output_dir", str(tmp_path), "--max_steps", "1"]
+    argv += ["--dataset_name", str(alpaca_seed_path), "--output_dir", str(tmp_path), "--max_steps", "1"]
     argv += ["--per_device_train_batch_size", "2", "--max_length", "128"]  # a short step: this checks the recipe
     assert run_example("alpaca", argv, monkeypatch) == 0
 
