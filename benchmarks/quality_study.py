@@ -37,17 +37,19 @@ DATA = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 CACHE = Path.home() / ".cache" / "soft_peft" / "study"
 RESULTS = REPO / "docs" / "study"
 SPLIT_SEED = 0
-# Flags per run; {last} = the model's depth, {half} = max_steps // 2. Variants marked `controls` need the controls
-# of issue 13 part 1 (last-layer share, self-distillation); they fail at once, with the parser's message, without it
+# Flags per run; {last} = the model's depth, {half} = max_steps // 2
 RUNS = {
     "sft": "--exit_layers {last}",
     "uniform": "",
     "ramp_all": "--exit_ramp_steps {half} --exit_ramp_order all",
     "ramp_deepest": "--exit_ramp_steps {half} --exit_ramp_order deepest_first",
     "rotate2": "--exit_rotation 2",
-    "last_half": "--exit_loss_weights last:0.5",  # controls
-    "last_half_ramp": "--exit_loss_weights last:0.5 --exit_ramp_steps {half} --exit_ramp_order all",  # controls
-    "distill": "--exit_distill_weight 1.0",  # controls
+    "last_half": "--exit_loss_weights last:0.5",
+    "last_half_ramp": "--exit_loss_weights last:0.5 --exit_ramp_steps {half} --exit_ramp_order all",
+    "head_last": "--exit_head_grad last",
+    "last_half_head_last": "--exit_loss_weights last:0.5 --exit_head_grad last",
+    "distill": "--exit_distill_weight 1.0",
+    "distill_half": "--exit_distill_weight 0.5",
 }
 
 
