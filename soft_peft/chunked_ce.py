@@ -75,9 +75,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         logit_scale, softcap, chunk_size, dtype = ctx.options
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if need_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+        # Under ZeRO-3 the head is partitioned again by now: gather it before sizing its gradient after it
         with maybe_gather_lm_head_ctx(weight, bias):
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+            grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
             for start in range(0, hidden.shape[0], chunk_size):
                 end = min(start + chunk_size, hidden.shape[0])
                 block = hidden[start:end].to(dtype)

@@ -77,9 +77,10 @@ class ChunkedSelfDistillation(torch.autograd.Function):
             torch.zeros_like(s, dtype=torch.float32) if need else None
             for s, need in zip(students, need_students, strict=True)
         ]
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+        # Under ZeRO-3 the head is partitioned again by now: gather it before sizing its gradient after it
         with maybe_gather_lm_head_ctx(weight, bias):
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+            grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
             for start in range(0, teacher.shape[0], chunk_size):
                 end = min(start + chunk_size, teacher.shape[0])
                 teacher_probs, _, _ = _teacher_block(

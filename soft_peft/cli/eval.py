@@ -20,6 +20,7 @@ from types import SimpleNamespace
 
 from ..data import DatasetFormatError
 from ..evaluation.pipeline import EvalSettings, resolve_eval_exits, run_evaluation
+from ..hub import resolve_model_path
 from .model_checks import positive_int, read_model_facts
 
 __all__ = ["build_parser", "main"]
@@ -64,7 +65,9 @@ def _check_exits_before_loading(args: argparse.Namespace) -> None:
     Raises:
         ValueError: for exits outside a model's depth, or a model without recorded exits and no `--exit_layers`.
     """
-    facts = [read_model_facts(name) for name in (args.model_name_or_path, args.compare_to) if name]
+    # A missing folder or an unreachable Hub is said first, in one line (ModelNotFoundError is a ValueError)
+    names = [resolve_model_path(name) for name in (args.model_name_or_path, args.compare_to) if name]
+    facts = [read_model_facts(name) for name in names]
     # The evaluation's own resolution, given objects that carry only the configs
     models = [SimpleNamespace(config=fact.config) for fact in facts]
     fallback = facts[1].recorded_exits if len(facts) == 2 else None

@@ -18,7 +18,6 @@ COMMANDS = {
     "eval": ["--dataset_name", "data/gsm8k/train_300.jsonl", "--output_dir", "unused"],
     "generate": ["--prompt", "Question: 1+1?"],
     "extract": ["--num_layers", "2", "--output_dir", "unused"],
-    "bench": ["--data", "data/gsm8k/train_300.jsonl", "--draft_exits", "2"],
 }
 
 
@@ -50,11 +49,12 @@ def test_a_hub_id_reaches_from_pretrained_unchanged(tmp_path, monkeypatch):
 
         return from_pretrained
 
-    for auto_class in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+    for auto_class in (transformers.AutoConfig, transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
         monkeypatch.setattr(auto_class, "from_pretrained", recording(auto_class))
     argv = ["--model_name_or_path", "HuggingFaceTB/SmolLM2-135M", "--num_layers", "2"]
     assert soft_peft_main(["extract", *argv, "--output_dir", str(tmp_path / "out")]) == 0
     assert calls == [
+        ("AutoConfig", "HuggingFaceTB/SmolLM2-135M", (), {}),  # the flags are checked against it before loading
         ("AutoModelForCausalLM", "HuggingFaceTB/SmolLM2-135M", (), {}),
         ("AutoTokenizer", "HuggingFaceTB/SmolLM2-135M", (), {}),
     ]
