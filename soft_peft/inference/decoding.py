@@ -112,7 +112,7 @@ class DecodingState:
     def logits(self, hidden: torch.Tensor, subset: SubsetHead | None = None) -> torch.Tensor:
         """Exit logits of raw states ``(..., H)``: ``(..., V)``, or ``(..., K)`` on ``subset``'s ids."""
         self.head_forwards += 1
-        return self.stack.logits(hidden) if subset is None else subset.logits(hidden)
+        return self.stack.head.logits_from_raw(hidden) if subset is None else subset.logits_from_raw(hidden)
 
     def prefill(self, sampling: SamplingSettings) -> bool:
         """Run the whole prompt through every layer and write the first new tokens; ``True`` when generation ended."""

@@ -164,7 +164,7 @@ def self_speculative_generate(
     state = DecodingState(
         stack, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, extra_positions=longest_draft + 1
     )
-    subset = None if draft_vocab is None else SubsetHead(stack, draft_vocab)
+    subset = None if draft_vocab is None else SubsetHead(stack.head, draft_vocab)
     drafter = ExitDrafter(
         state, [*early_draft_exits, draft_exit], sampling, num_draft_tokens, max_draft_tokens, draft_stop_threshold,
         subset,
