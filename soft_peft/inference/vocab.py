@@ -5,6 +5,11 @@ reading of about eight decoder layers). Most generated tokens come from a small 
 only drafts or pre-checks can score that part alone, as frequency-ranked speculative sampling (FR-Spec) and dynamic
 vocabulary pruning for early exit do. Nothing here changes what the full model decides: drafts are still verified
 with the full head, and an early exit is still confirmed with it.
+
+A *vocabulary subset* is a sorted 1-D tensor of unique token ids ([`frequent_token_ids`] builds one). The decoders take
+one under the name of the role it plays: ``self_speculative_generate(draft_vocab=...)``, the tokens the draft exit may
+propose, and ``dynamic_generate(check_vocab=...)``, the tokens the confidence pre-check scores; the CLI builds it from
+``--vocab_texts`` / ``--vocab_size`` for either. [`SubsetHead`] is the exit head restricted to one.
 """
 
 from __future__ import annotations
