@@ -2,6 +2,7 @@
 decoding, and the deprecated names of the redesign."""
 
 import importlib
+import subprocess
 import sys
 
 import pytest
@@ -156,3 +157,15 @@ def test_deprecated_names_warn_and_resolve():
     from soft_peft.exits import find_exit_head as old_find_exit_head
 
     assert OldExitHead is ExitHead and old_find_exit_head is find_exit_head
+
+
+def test_the_package_uses_no_deprecated_name_at_import():
+    code = (
+        "import sys, soft_peft, soft_peft.exits, soft_peft.inference, soft_peft.evaluation; "
+        "print('soft_peft.modeling' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-W", "error::FutureWarning", "-c", code], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
