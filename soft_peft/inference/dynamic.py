@@ -126,17 +126,17 @@ class ExitRule:
     def tokens(self, hidden: torch.Tensor, layer: int) -> torch.Tensor | None:
         """The tokens ``(B,)`` emitted at ``layer`` from its states ``(B, H)``, or ``None`` when the batch goes on."""
         if layer == self.state.stack.num_layers:
-            return self.sampling.choose(self.state.logits(hidden))[0]
+            return self.sampling.choose(self.state.logits_from_raw(hidden))[0]
         self.checks += 1
         if self.subset is not None:
             # Dropping tokens from a softmax only raises the others' shares: failing here means failing in full
-            subset_logits = self.state.logits(hidden, self.subset)
+            subset_logits = self.state.logits_from_raw(hidden, self.subset)
             if not self._passes(subset_logits, layer):
                 return None
             if self.exit_on_subset:
                 return self.subset.token_ids[self.sampling.choose(subset_logits)[0]]
         self.full_checks += 1
-        logits = self.state.logits(hidden)
+        logits = self.state.logits_from_raw(hidden)
         return self.sampling.choose(logits)[0] if self._passes(logits, layer) else None
 
     def _passes(self, logits: torch.Tensor, layer: int) -> bool:

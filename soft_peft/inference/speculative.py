@@ -176,7 +176,7 @@ def self_speculative_generate(
         proposal = drafter.propose(drafter.length())
         # Verify: carry every position up through the last layer, each from its own depth, in shared passes
         upper = proposal.lagging.advance_all(stack.num_layers, proposal.start + proposal.length, state.run)
-        new_tokens = verifier.new_tokens(proposal, state.logits(upper), active)  # (B, kept + 1)
+        new_tokens = verifier.new_tokens(proposal, state.logits_from_raw(upper), active)  # (B, kept + 1)
         kept = new_tokens.shape[1] - 1
         # Crop every layer back to x0 and the kept drafts; the last new token is the next cycle's x0
         state.crop(proposal.start + kept + 1)
