@@ -62,7 +62,7 @@ def draft_token_fn(stack: DecoderStack, subset: SubsetHead | None = None):
     """``draft(hidden (B, H)) -> token ids (B,)``, paying what a greedy draft costs: head, confidence, argmax."""
 
     def draft(hidden: torch.Tensor) -> torch.Tensor:
-        logits = stack.logits(hidden) if subset is None else subset.logits(hidden)
+        logits = stack.head.logits_from_raw(hidden) if subset is None else subset.logits_from_raw(hidden)
         exit_confidence(logits)  # what `draft_stop_threshold` reads
         tokens = logits.argmax(-1)
         return tokens if subset is None else subset.token_ids[tokens]
@@ -83,7 +83,7 @@ def cycle_timer(stack: DecoderStack, cache, context: int, draft):
         if draft_exit is None:  # a greedy step: every layer, then the head, on one position
             inputs = stack.step_inputs(None, context, 1, 1)
             hidden = stack.run_layers(stack.embed(token, inputs), 1, stack.num_layers, inputs, cache)
-            stack.logits(hidden[:, -1]).argmax(-1)
+            stack.head.logits_from_raw(hidden[:, -1]).argmax(-1)
         else:
             states = []
             for offset in range(drafts + 1):
@@ -94,7 +94,7 @@ def cycle_timer(stack: DecoderStack, cache, context: int, draft):
                 states.append(state)
             inputs = stack.step_inputs(None, context, drafts + 1, 1)
             upper = stack.run_layers(torch.cat(states, dim=1), draft_exit + 1, stack.num_layers, inputs, cache)
-            stack.logits(upper).argmax(-1)
+            stack.head.logits_from_raw(upper).argmax(-1)
         stack.crop(cache, 1, stack.num_layers, context)
         return time.perf_counter() - started
 
@@ -175,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--draft_exits must lie in 1..{stack.num_layers - 1} (got {bad}) and --max_draft be >= 1.")
     prompts, _, calibration = gsm8k_benchmark_data(args.data, args.num_prompts)
     subset = (
-        SubsetHead(stack, frequent_token_ids(tokenizer, calibration, args.vocab_size)) if args.vocab_size else None
+        SubsetHead(stack.head, frequent_token_ids(tokenizer, calibration, args.vocab_size))
+        if args.vocab_size
+        else None
     )
     draft = draft_token_fn(stack, subset)
     vocab_note = "full head" if subset is None else f"{subset.size}-token subset"

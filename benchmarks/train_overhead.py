@@ -34,22 +34,17 @@ def _naive_trainer_class():
     import torch.nn.functional as F
 
     from soft_peft import SoFTTrainer
-    from soft_peft.exits import find_exit_head, unwrap_model
+    from soft_peft.exit_head import backbone_outputs, find_exit_head
 
     class NaiveStackedTrainer(SoFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            base = unwrap_model(model)
-            head = find_exit_head(base)
+            head = find_exit_head(model)
             labels = inputs["labels"]
-            outputs = getattr(base, base.base_model_prefix)(
-                input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), output_hidden_states=True
+            outputs = backbone_outputs(
+                model, input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")
             )
-            hidden = [
-                outputs.last_hidden_state if k == head.num_layers else outputs.hidden_states[k]
-                for k in self.exit_layers
-            ]
             logits = torch.stack(
-                [head.logits(head.normalize(h, k)) for h, k in zip(hidden, self.exit_layers, strict=True)]
+                [head.logits_from_normed(head.exit_state(outputs, k)) for k in self.exit_layers]
             )  # (E, B, T, V)
             targets = labels[:, 1:].expand(len(self.exit_layers), -1, -1)  # (E, B, T-1)
             loss = F.cross_entropy(logits[:, :, :-1].flatten(0, 2).float(), targets.flatten(), ignore_index=-100)

@@ -23,9 +23,9 @@ from .exits import (
 )
 from .inference import dynamic_generate, extract_submodel, frequent_token_ids, self_speculative_generate
 from .loss import exit_loss_weights, sorted_exit_loss
-from .modeling import SortedExitOutput, SortedLossWrapper, add_sorted_exit_loss
 from .schedule import ExitSchedule, scheduled_exit_weights
 from .trainer import SoFTTrainer
+from .wrapper import SortedExitOutput, SortedLossWrapper, add_sorted_exit_loss
 
 __all__ = [
     "ExitSchedule",

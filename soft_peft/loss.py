@@ -13,6 +13,7 @@ are recomputed in backward. Two kernels do that, chosen per device (``kernel="au
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -24,9 +25,9 @@ from .chunked_ce import DEFAULT_TOKEN_CHUNK_SIZE, chunked_cross_entropy
 from .chunked_distill import DEFAULT_DISTILL_CHUNK_SIZE, chunked_self_distillation
 
 __all__ = [
+    "ExitLossTerms",
     "HEAD_GRAD_MODES",
     "KERNELS",
-    "SortedExitLoss",
     "exit_loss_weights",
     "gradient_blocked",
     "sorted_exit_loss",
@@ -163,7 +164,7 @@ def gradient_blocked(*tensors: torch.Tensor | None) -> Iterator[tuple[torch.Tens
 
 
 @dataclass
-class SortedExitLoss:
+class ExitLossTerms:
     """Result of [`sorted_exit_loss`].
 
     Attributes:
@@ -222,7 +223,7 @@ def sorted_exit_loss(
     distill_weight: float = 0.0,
     distill_temperature: float = 1.0,
     distill_chunk_size: int = DEFAULT_DISTILL_CHUNK_SIZE,
-) -> SortedExitLoss:
+) -> ExitLossTerms:
     """Weighted mean over exits of each exit's token loss, without materialising logits.
 
     With ``w_k`` the exit weights (summing to 1), ``D`` the normaliser (``num_items_in_batch``, else the ``N``
@@ -260,7 +261,7 @@ def sorted_exit_loss(
         distill_chunk_size: Tokens per ``[chunk, vocab]`` block of the distillation kernel.
 
     Returns:
-        A [`SortedExitLoss`]. With ``N == 0`` the loss is a finite, differentiable zero.
+        An [`ExitLossTerms`]. With ``N == 0`` the loss is a finite, differentiable zero.
     """
     if not exit_hidden:
         raise ValueError("sorted_exit_loss needs at least one exit.")
@@ -330,7 +331,7 @@ def sorted_exit_loss(
             kl_sums.append(kl_sum.detach())
             num_agree.append(agree[index].sum())
     last_entropy = per_exit[-1][3]
-    return SortedExitLoss(
+    return ExitLossTerms(
         loss=sum(terms[1:], terms[0]),
         exit_losses=exit_losses,
         exit_nll_sums=nll_sums,
@@ -340,3 +341,16 @@ def sorted_exit_loss(
         exit_kl_sums=kl_sums,
         exit_num_agree=num_agree,
     )
+
+
+def __getattr__(name: str):
+    # `SortedExitLoss` named a result container as if it were the loss; kept for one release
+    if name == "SortedExitLoss":
+        warnings.warn(
+            "`soft_peft.loss.SortedExitLoss` is deprecated and will be removed in the next release; it is now "
+            "`soft_peft.loss.ExitLossTerms`.",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return ExitLossTerms
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,7 +12,7 @@ from trl import SFTConfig, SFTTrainer
 from .checkpoints import save_adapter_exit_layers, saves_an_adapter
 from .config import SoFTConfig, read_soft_settings
 from .exits import unwrap_model
-from .modeling import add_sorted_exit_loss
+from .wrapper import add_sorted_exit_loss
 
 __all__ = ["SoFTTrainer"]
 

@@ -56,9 +56,9 @@ def test_last_exit_is_the_models_own_logits(arch):
     backbone = getattr(model, model.base_model_prefix)
     with torch.no_grad():
         outputs = backbone(input_ids=ids, output_hidden_states=True)
-        exit_logits = head.logits(head.normalize(outputs.last_hidden_state, NUM_LAYERS))
+        exit_logits = head.logits_from_normed(head.exit_state(outputs, NUM_LAYERS))
         torch.testing.assert_close(exit_logits, model(input_ids=ids).logits)
-        # hidden_states[-1] is already normed: normalize() must leave the last exit alone
+        # hidden_states[-1] is already normed: exit_state() must not norm the last exit again
         torch.testing.assert_close(outputs.hidden_states[-1], outputs.last_hidden_state)
 
 

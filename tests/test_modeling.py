@@ -29,7 +29,7 @@ def reference_exit_losses(model, ids, mask, labels, exits):
     losses = {}
     for k in exits:
         hidden = out.last_hidden_state if k == NUM_LAYERS else out.hidden_states[k]
-        logits = head.logits(head.normalize(hidden, k))  # (B, T, V)
+        logits = head.logits_from_normed(hidden if k == NUM_LAYERS else head.normed_from_raw(hidden))  # (B, T, V)
         losses[k] = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1))
     return losses
 
@@ -154,7 +154,7 @@ def controls_reference(model, ids, mask, labels, exits, weights, head_grad, dist
 
     def early_logits(hidden):
         if head_grad == "all":
-            return head.logits(head.normalize(hidden, 0))
+            return head.logits_from_raw(hidden)
         for module in (head.final_norm, head.output_projection):
             if module is not None:
                 detached = {name: p.detach() for name, p in module.named_parameters()}
@@ -167,7 +167,7 @@ def controls_reference(model, ids, mask, labels, exits, weights, head_grad, dist
     def flat(logits):
         return logits[:, :-1].reshape(-1, logits.size(-1))[keep]  # (N, V)
 
-    last = flat(head.logits(out.last_hidden_state))
+    last = flat(head.logits_from_normed(out.last_hidden_state))
     teacher = F.log_softmax(last.detach() / temperature, -1)
     total = weights[-1] * F.cross_entropy(last, targets[keep])
     agreement = {}

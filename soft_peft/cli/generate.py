@@ -210,14 +210,14 @@ def main(argv: list[str]) -> int:
     model = load_causal_lm(model_path).eval()  # a PEFT adapter folder too, with its recorded exits
     generator = torch.Generator().manual_seed(args.seed)
     sampling = dict(do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p)
-    vocab = None
+    vocab_subset = None
     if args.vocab_texts is not None:
-        vocab = frequent_token_ids(tokenizer, _read_texts(args.vocab_texts), args.vocab_size)
+        vocab_subset = frequent_token_ids(tokenizer, _read_texts(args.vocab_texts), args.vocab_size)
     try:
         if args.draft_exit is not None:
             out = self_speculative_generate(
                 model, input_ids, args.draft_exit, args.max_new_tokens, num_draft_tokens=args.num_draft_tokens,
-                generator=generator, draft_vocab=vocab, draft_stop_threshold=args.draft_stop_threshold,
+                generator=generator, draft_vocab=vocab_subset, draft_stop_threshold=args.draft_stop_threshold,
                 early_draft_exits=args.early_draft_exits, **sampling,
             )  # fmt: skip
             sequences, stats = out.sequences, dataclasses.asdict(out.stats)
@@ -225,11 +225,11 @@ def main(argv: list[str]) -> int:
             values = args.thresholds
             out = dynamic_generate(
                 model, input_ids, args.exit_layers, values[0] if len(values) == 1 else values, args.max_new_tokens,
-                confidence=args.confidence, kv_fill=args.kv_fill, generator=generator, check_vocab=vocab,
+                confidence=args.confidence, kv_fill=args.kv_fill, generator=generator, check_vocab=vocab_subset,
                 exit_on_subset=args.exit_on_subset, **sampling,
             )  # fmt: skip
             sequences = out.sequences
-            stats = {"average_depth": out.average_depth, "exit_layers": out.exit_layers.tolist(), "checks": out.checks}
+            stats = {"average_depth": out.average_depth, "exit_layers": out.exits_taken.tolist(), "checks": out.checks}
             stats["full_checks"] = out.full_checks
             stats["tokens_per_second"] = out.tokens_per_second
         else:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..exits import find_exit_head, num_decoder_layers, unwrap_model
+from ..exit_head import backbone_outputs, find_exit_head, num_decoder_layers
 from .data import EvalExample
 from .metrics import cosine_similarity_matrix, kl_divergence_matrix, perplexity
 
@@ -78,28 +78,19 @@ def make_batches(examples: Sequence[EvalExample], batch_size: int, pad_token_id:
 
 def _normed_exit_states(model: nn.Module, batch: dict, exit_layers: Sequence[int]) -> torch.Tensor:
     """``(E, N, H)`` normed hidden states of each exit at the positions that predict completion tokens."""
-    base = unwrap_model(model)
-    head = find_exit_head(base)
+    head = find_exit_head(model)
     device = head.lm_head.weight.device
-    backbone = getattr(base, base.base_model_prefix)
-    outputs = backbone(
-        input_ids=batch["input_ids"].to(device),
-        attention_mask=batch["attention_mask"].to(device),
-        output_hidden_states=True,
-        use_cache=False,
+    outputs = backbone_outputs(
+        model, input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
     )
     predicting = batch["completion_mask"][:, 1:].to(device)  # (B, T-1): position t predicts token t+1
-    states = []
-    for layer in exit_layers:
-        # The last exit is the backbone's output, already normed once
-        source = outputs.last_hidden_state if layer == head.num_layers else outputs.hidden_states[layer]
-        states.append(head.normalize(source[:, :-1][predicting], layer))  # (N, H)
+    states = [head.exit_state(outputs, layer, lambda state: state[:, :-1][predicting]) for layer in exit_layers]
     return torch.stack(states)  # (E, N, H)
 
 
 def _exit_log_probs(model: nn.Module, normed: torch.Tensor) -> torch.Tensor:
     """``(E, n, V)`` float32 log-probabilities of ``(E, n, H)`` normed states, with the model's logit processing."""
-    return torch.log_softmax(find_exit_head(model).logits(normed).float(), dim=-1)
+    return torch.log_softmax(find_exit_head(model).logits_from_normed(normed).float(), dim=-1)
 
 
 def evaluate_exits(

@@ -109,15 +109,15 @@ class DecodingState:
         inputs = self.stack.step_inputs(self.full_mask, start, hidden.shape[1], self.batch)
         self.stack.fill_kv(hidden, first, last, inputs, self.cache)
 
-    def logits(self, hidden: torch.Tensor, subset: SubsetHead | None = None) -> torch.Tensor:
+    def logits_from_raw(self, hidden: torch.Tensor, subset: SubsetHead | None = None) -> torch.Tensor:
         """Exit logits of raw states ``(..., H)``: ``(..., V)``, or ``(..., K)`` on ``subset``'s ids."""
         self.head_forwards += 1
-        return self.stack.logits(hidden) if subset is None else subset.logits(hidden)
+        return self.stack.head.logits_from_raw(hidden) if subset is None else subset.logits_from_raw(hidden)
 
     def prefill(self, sampling: SamplingSettings) -> bool:
         """Run the whole prompt through every layer and write the first new tokens; ``True`` when generation ended."""
         hidden = self.run(self.embed(self.writer.prompt, 0), 1, self.stack.num_layers, 0)
-        return self.writer.append(sampling.choose(self.logits(hidden[:, -1]))[0])
+        return self.writer.append(sampling.choose(self.logits_from_raw(hidden[:, -1]))[0])
 
     def crop(self, length: int) -> None:
         """Cut every layer of the cache back to ``length`` positions."""

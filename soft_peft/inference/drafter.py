@@ -171,7 +171,7 @@ class ExitDrafter:
         hidden, layer = self.state.embed(token[:, None], position), 0  # (B, 1, H)
         for exit_layer in self.exits:
             hidden, layer = lagging.advance(hidden, layer, exit_layer, position, self.state.run), exit_layer
-            logits = self.state.logits(hidden[:, -1], self.subset)
+            logits = self.state.logits_from_raw(hidden[:, -1], self.subset)
             draft, probs = self.sampling.choose(logits)
             if self.stop_threshold is None or self.state.all_unfinished(exit_confidence(logits) > self.stop_threshold):
                 if self.subset is not None:

@@ -25,6 +25,7 @@ mass outside the slice. ``thresholds=1.0`` still reproduces greedy ``generate``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -49,17 +50,30 @@ class DynamicOutput(DecodeStats):
 
     Attributes:
         sequences: ``(B, T + new_tokens)`` prompts and generated tokens, as ``generate`` returns them.
-        exit_layers: ``(new_tokens,)`` the layer each generated position exited at (the whole batch exits together).
-        average_depth: Mean of ``exit_layers``.
+        exits_taken: ``(new_tokens,)`` the layer each generated position exited at (the whole batch exits together);
+            not to be confused with the ``exit_layers`` argument, the exits that may be taken. ``.exit_layers`` is a
+            deprecated alias.
+        average_depth: Mean of ``exits_taken``.
         checks: Confidence checks at non-final exits (on the vocabulary subset when one is given).
         full_checks: Of those, the ones that ran the full-vocabulary head.
     """
 
     sequences: torch.Tensor
-    exit_layers: torch.Tensor
+    exits_taken: torch.Tensor
     average_depth: float
     checks: int = 0
     full_checks: int = 0
+
+    @property
+    def exit_layers(self) -> torch.Tensor:
+        """Deprecated alias of ``exits_taken``."""
+        warnings.warn(
+            "`DynamicOutput.exit_layers` is deprecated and will be removed in the next release; use "
+            "`DynamicOutput.exits_taken` (the exit each token took).",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return self.exits_taken
 
 
 def default_dynamic_exits(model: nn.Module, num_layers: int) -> list[int]:
@@ -112,17 +126,17 @@ class ExitRule:
     def tokens(self, hidden: torch.Tensor, layer: int) -> torch.Tensor | None:
         """The tokens ``(B,)`` emitted at ``layer`` from its states ``(B, H)``, or ``None`` when the batch goes on."""
         if layer == self.state.stack.num_layers:
-            return self.sampling.choose(self.state.logits(hidden))[0]
+            return self.sampling.choose(self.state.logits_from_raw(hidden))[0]
         self.checks += 1
         if self.subset is not None:
             # Dropping tokens from a softmax only raises the others' shares: failing here means failing in full
-            subset_logits = self.state.logits(hidden, self.subset)
+            subset_logits = self.state.logits_from_raw(hidden, self.subset)
             if not self._passes(subset_logits, layer):
                 return None
             if self.exit_on_subset:
                 return self.subset.token_ids[self.sampling.choose(subset_logits)[0]]
         self.full_checks += 1
-        logits = self.state.logits(hidden)
+        logits = self.state.logits_from_raw(hidden)
         return self.sampling.choose(logits)[0] if self._passes(logits, layer) else None
 
     def _passes(self, logits: torch.Tensor, layer: int) -> bool:
@@ -200,7 +214,7 @@ def dynamic_generate(
             head: faster but approximate (see the module doc). Needs ``check_vocab``.
 
     Returns:
-        [`DynamicOutput`] with ``.sequences``, per-token ``.exit_layers`` and ``.average_depth``.
+        [`DynamicOutput`] with ``.sequences``, per-token ``.exits_taken`` and ``.average_depth``.
 
     Raises:
         ValueError: for a threshold outside (0, 1], a threshold count that does not match the exits, an unknown
@@ -219,7 +233,7 @@ def dynamic_generate(
             "`exit_on_subset=True` needs `check_vocab`: pass the ids to decide on, e.g. "
             "`frequent_token_ids(tokenizer, training_texts)`."
         )
-    subset = None if check_vocab is None else SubsetHead(stack, check_vocab)
+    subset = None if check_vocab is None else SubsetHead(stack.head, check_vocab)
     state = DecodingState(stack, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id)
     rule = ExitRule(state, thresholds, confidence, sampling, subset, exit_on_subset)
     lagging = LaggingPositions()  # recompute mode: positions whose upper layers are not cached yet
@@ -231,7 +245,7 @@ def dynamic_generate(
     taken = torch.tensor(exits_taken[: state.writer.count])
     output = DynamicOutput(
         sequences=state.writer.sequences(),
-        exit_layers=taken,
+        exits_taken=taken,
         average_depth=float(taken.float().mean()),
         checks=rule.checks,
         full_checks=rule.full_checks,

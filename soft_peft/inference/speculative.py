@@ -164,7 +164,7 @@ def self_speculative_generate(
     state = DecodingState(
         stack, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, extra_positions=longest_draft + 1
     )
-    subset = None if draft_vocab is None else SubsetHead(stack, draft_vocab)
+    subset = None if draft_vocab is None else SubsetHead(stack.head, draft_vocab)
     drafter = ExitDrafter(
         state, [*early_draft_exits, draft_exit], sampling, num_draft_tokens, max_draft_tokens, draft_stop_threshold,
         subset,
@@ -176,7 +176,7 @@ def self_speculative_generate(
         proposal = drafter.propose(drafter.length())
         # Verify: carry every position up through the last layer, each from its own depth, in shared passes
         upper = proposal.lagging.advance_all(stack.num_layers, proposal.start + proposal.length, state.run)
-        new_tokens = verifier.new_tokens(proposal, state.logits(upper), active)  # (B, kept + 1)
+        new_tokens = verifier.new_tokens(proposal, state.logits_from_raw(upper), active)  # (B, kept + 1)
         kept = new_tokens.shape[1] - 1
         # Crop every layer back to x0 and the kept drafts; the last new token is the next cycle's x0
         state.crop(proposal.start + kept + 1)

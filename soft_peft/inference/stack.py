@@ -18,7 +18,14 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
-from ..exits import find_exit_head, get_decoder_layers, num_decoder_layers, unwrap_model
+from ..exit_head import (
+    _deprecated,
+    find_backbone,
+    find_exit_head,
+    get_decoder_layers,
+    num_decoder_layers,
+    unwrap_model,
+)
 
 __all__ = ["DecoderStack", "LaggingPositions", "StepInputs", "check_generation_inputs"]
 
@@ -100,10 +107,7 @@ class DecoderStack:
     def __init__(self, model: nn.Module):
         self.model = unwrap_model(model)
         self.config = self.model.config.get_text_config(decoder=True)
-        prefix = getattr(self.model, "base_model_prefix", "")
-        self.backbone = getattr(self.model, prefix, None) if prefix else None
-        if self.backbone is None:
-            self.backbone = self.model
+        self.backbone = find_backbone(self.model)
         if all(isinstance(getattr(self.backbone, name, None), nn.Module) for name in _LLAMA_FAMILY):
             self.family = "llama"
         elif all(isinstance(getattr(self.backbone, name, None), nn.Module) for name in _GPT2_FAMILY):
@@ -219,16 +223,14 @@ class DecoderStack:
                 layer.attn(layer.ln_1(hidden), cache=cache, attention_mask=mask, use_cache=True)
 
     def normalize(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm (and output projection) of raw hidden states ``(..., H)`` after any layer, the last too."""
-        if self.head.final_norm is not None:
-            hidden = self.head.final_norm(hidden)
-        if self.head.output_projection is not None:
-            hidden = self.head.output_projection(hidden)
-        return hidden
+        """Deprecated: use ``stack.head.normed_from_raw(raw)`` (see [`~soft_peft.exit_head.ExitHead`])."""
+        _deprecated("DecoderStack.normalize(raw)", "DecoderStack.head.normed_from_raw(raw)")
+        return self.head.normed_from_raw(hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Exit logits ``(..., V)`` of raw (un-normed) hidden states ``(..., H)`` after any layer, the last too."""
-        return self.head.logits(self.normalize(hidden))
+        """Deprecated: use ``stack.head.logits_from_raw(raw)`` (see [`~soft_peft.exit_head.ExitHead`])."""
+        _deprecated("DecoderStack.logits(raw)", "DecoderStack.head.logits_from_raw(raw)")
+        return self.head.logits_from_raw(hidden)
 
     def cache_length(self, cache: DynamicCache, layer: int) -> int:
         """Number of positions cached at decoder layer ``layer`` (1-based)."""

@@ -5,6 +5,11 @@ reading of about eight decoder layers). Most generated tokens come from a small 
 only drafts or pre-checks can score that part alone, as frequency-ranked speculative sampling (FR-Spec) and dynamic
 vocabulary pruning for early exit do. Nothing here changes what the full model decides: drafts are still verified
 with the full head, and an early exit is still confirmed with it.
+
+A *vocabulary subset* is a sorted 1-D tensor of unique token ids ([`frequent_token_ids`] builds one). The decoders take
+one under the name of the role it plays: ``self_speculative_generate(draft_vocab=...)``, the tokens the draft exit may
+propose, and ``dynamic_generate(check_vocab=...)``, the tokens the confidence pre-check scores; the CLI builds it from
+``--vocab_texts`` / ``--vocab_size`` for either. [`SubsetHead`] is the exit head restricted to one.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .stack import DecoderStack
+from ..exit_head import ExitHead
 
 __all__ = ["SubsetHead", "frequent_token_ids"]
 
@@ -67,7 +72,8 @@ class SubsetHead:
     warning: correct, but no faster.
 
     Args:
-        stack: The model's [`DecoderStack`].
+        head: The model's [`~soft_peft.exit_head.ExitHead`] (``find_exit_head(model)``). Passing a
+            [`DecoderStack`] (its ``.head`` is used) is deprecated.
         token_ids: 1-D ids in ``0..V-1``, unique (from [`frequent_token_ids`], say).
 
     Attributes:
@@ -78,9 +84,21 @@ class SubsetHead:
         ValueError: for ids that are not a non-empty 1-D integer sequence of unique in-range values.
     """
 
-    def __init__(self, stack: DecoderStack, token_ids: torch.Tensor | Sequence[int]):
-        self.stack = stack
-        lm_head = stack.head.lm_head
+    def __init__(self, head: ExitHead, token_ids: torch.Tensor | Sequence[int]):
+        if not isinstance(head, ExitHead) and isinstance(getattr(head, "head", None), ExitHead):
+            warnings.warn(
+                "`SubsetHead(stack, ids)` is deprecated and will be removed in the next release; pass the exit head: "
+                "`SubsetHead(stack.head, ids)` or `SubsetHead(find_exit_head(model), ids)`.",
+                FutureWarning,
+                stacklevel=2,
+            )
+            head = head.head
+        if not isinstance(head, ExitHead):
+            raise ValueError(
+                f"SubsetHead needs the model's ExitHead, got {type(head).__name__}; pass `find_exit_head(model)`."
+            )
+        self.head = head
+        lm_head = head.lm_head
         self.vocab_size = vocab_size = lm_head.weight.shape[0]
         ids = torch.as_tensor(token_ids)
         if ids.ndim != 1 or ids.numel() == 0 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
@@ -111,14 +129,24 @@ class SubsetHead:
         """Number of token ids in the subset."""
         return self.token_ids.numel()
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits_from_raw(self, raw: torch.Tensor) -> torch.Tensor:
         """Subset logits ``(..., K)`` of raw hidden states ``(..., H)``, column ``j`` scoring ``token_ids[j]``."""
-        normed = self.stack.normalize(hidden)
+        normed = self.head.normed_from_raw(raw)  # (..., H)
         if self.weight is None:
-            raw = self.stack.head.lm_head(normed).index_select(-1, self.token_ids)
+            scores = self.head.lm_head(normed).index_select(-1, self.token_ids)
         else:
-            raw = F.linear(normed, self.weight, self.bias)
-        return self.stack.head.post_process(raw)
+            scores = F.linear(normed, self.weight, self.bias)
+        return self.head.post_process(scores)  # (..., K)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Deprecated: use [`logits_from_raw`] (the same contract as ``ExitHead.logits_from_raw``)."""
+        warnings.warn(
+            "`SubsetHead.logits(raw)` is deprecated and will be removed in the next release; use "
+            "`SubsetHead.logits_from_raw(raw)` instead.",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return self.logits_from_raw(hidden)
 
     def to_vocab(self, values: torch.Tensor) -> torch.Tensor:
         """Scatter subset values ``(..., K)`` (probabilities, say) into zeros of the full vocabulary ``(..., V)``."""

@@ -110,7 +110,7 @@ def test_perfect_stop_replay_matches_a_reference(hits, max_draft):
 def test_draft_hits_are_the_exits_drafts_against_the_next_token(subset_ids):
     model = tiny_model("llama").eval()
     stack = DecoderStack(model)
-    subset = None if subset_ids is None else SubsetHead(stack, subset_ids)
+    subset = None if subset_ids is None else SubsetHead(stack.head, subset_ids)
     draft = speculative_ceiling.draft_token_fn(stack, subset)
     allowed = torch.full((VOCAB,), -torch.inf)
     allowed[subset_ids or slice(None)] = 0
@@ -124,7 +124,7 @@ def test_draft_hits_are_the_exits_drafts_against_the_next_token(subset_ids):
     assert sorted(hits) == [1, 3]
     assert hits[1][0] is True
     for k, row in hits.items():
-        logits = stack.logits(states[k][0])  # hidden_states[k]: the raw state after k layers (k < L)
+        logits = stack.head.logits_from_raw(states[k][0])  # hidden_states[k]: the raw state after k layers (k < L)
         drafts = (logits + allowed).argmax(-1)  # the best token the draft vocabulary allows
         assert row == [bool(drafts[t] == sequence[0, t + 1]) for t in range(3, sequence.shape[1] - 1)]
 

@@ -51,7 +51,9 @@ def test_dynamic_matches_generate_and_the_no_cache_reference(device, arch):
     stack = DecoderStack(model)
     with torch.no_grad():
         states = model(input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
-        values = torch.cat([exit_confidence(stack.logits(states[k][:, -4:]).flatten(0, 1)) for k in exits])
+        values = torch.cat(
+            [exit_confidence(stack.head.logits_from_raw(states[k][:, -4:]).flatten(0, 1)) for k in exits]
+        )
     for quantile in (0.5, 0.25, 0.1, 0.05):
         threshold = float(values.quantile(quantile))
         reference, depths = reference_dynamic(model, input_ids, attention_mask, exits, threshold, 10)
@@ -62,7 +64,7 @@ def test_dynamic_matches_generate_and_the_no_cache_reference(device, arch):
     out = dynamic_generate(
         model, input_ids, exits, threshold, max_new_tokens=10, attention_mask=attention_mask, eos_token_id=[]
     )
-    assert out.exit_layers.tolist() == depths
+    assert out.exits_taken.tolist() == depths
     assert torch.equal(out.sequences, reference)
 
 

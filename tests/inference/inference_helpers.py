@@ -48,7 +48,7 @@ def reference_dynamic(
             outputs = model(sequences, attention_mask=mask, position_ids=position_ids, output_hidden_states=True)
             depth, logits = num_layers, outputs.logits[:, -1]
             for layer, limit in zip(exits, thresholds, strict=True) if step > 0 else []:  # first token: full depth
-                exit_logits = stack.logits(outputs.hidden_states[layer][:, -1])
+                exit_logits = stack.head.logits_from_raw(outputs.hidden_states[layer][:, -1])
                 passed = exit_confidence(exit_logits, confidence) > limit
                 if check_vocab is not None:
                     on_subset = exit_confidence(exit_logits[:, check_vocab], confidence) > limit

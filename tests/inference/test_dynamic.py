@@ -22,7 +22,9 @@ def mixed_exit_threshold(model, input_ids, attention_mask, exits, max_new_tokens
     stack = DecoderStack(model)
     with torch.no_grad():
         hidden_states = model(input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
-        values = torch.cat([exit_confidence(stack.logits(hidden_states[k][:, -4:]).flatten(0, 1)) for k in exits])
+        values = torch.cat(
+            [exit_confidence(stack.head.logits_from_raw(hidden_states[k][:, -4:]).flatten(0, 1)) for k in exits]
+        )
     for quantile in (0.5, 0.25, 0.1, 0.05, 0.02):
         threshold = float(values.quantile(quantile))
         expected, depths = reference_dynamic(model, input_ids, attention_mask, exits, threshold, max_new_tokens)
@@ -51,7 +53,7 @@ def test_recompute_matches_no_cache_reference(model, batch, pads):
     out = dynamic_generate(
         model, input_ids, exits, threshold, max_new_tokens=10, attention_mask=attention_mask, eos_token_id=[]
     )
-    assert out.exit_layers.tolist() == depths
+    assert out.exits_taken.tolist() == depths
     assert torch.equal(out.sequences, expected)
     assert out.average_depth == pytest.approx(sum(depths) / len(depths))
 
@@ -75,7 +77,9 @@ def test_margin_confidence_and_per_exit_thresholds():
     with torch.no_grad():
         greedy = model.generate(input_ids, do_sample=False, max_new_tokens=12)
         states = model(greedy, output_hidden_states=True).hidden_states
-        margins = [exit_confidence(stack.logits(states[k][0, input_ids.shape[1] :]), "margin") for k in (1, 3)]
+        margins = [
+            exit_confidence(stack.head.logits_from_raw(states[k][0, input_ids.shape[1] :]), "margin") for k in (1, 3)
+        ]
     # Per-exit thresholds at quantiles of each exit's margins, until the reference's later tokens take all three depths
     for low, high in ((0.7, 0.5), (0.9, 0.5), (0.3, 0.5)):
         thresholds = [float(margins[0].quantile(low)), float(margins[1].quantile(high))]
@@ -85,7 +89,7 @@ def test_margin_confidence_and_per_exit_thresholds():
     else:
         raise AssertionError("no per-exit thresholds make the reference exit at 1, 3 and the last layer")
     out = dynamic_generate(model, input_ids, [1, 3], thresholds, max_new_tokens=12, confidence="margin")
-    assert out.exit_layers.tolist() == depths
+    assert out.exits_taken.tolist() == depths
     assert torch.equal(out.sequences, expected)
     # The same thresholds on max-probability confidence decide otherwise, so the margin was really used
     max_prob = reference_dynamic(model, input_ids, None, [1, 3], thresholds, 12)[1]

@@ -131,7 +131,12 @@ def test_greedy_with_draft_stops_matches_generate(model, batch, pads):
     # A threshold at the median of the draft exit's batch-minimum confidence along the output: some cycles stop
     with torch.no_grad():
         hidden = model(expected, output_hidden_states=True).hidden_states[2][:, input_ids.shape[1] - 1 : -1]
-        confidence = exit_confidence(DecoderStack(model).logits(hidden).flatten(0, 1)).view(batch, -1).min(0).values
+        confidence = (
+            exit_confidence(DecoderStack(model).head.logits_from_raw(hidden).flatten(0, 1))
+            .view(batch, -1)
+            .min(0)
+            .values
+        )
     for threshold in (0.0, float(confidence.median())):
         out = self_speculative_generate(
             model, input_ids, 2, 13, attention_mask=mask, num_draft_tokens=4, draft_stop_threshold=threshold
@@ -154,7 +159,7 @@ def test_greedy_with_early_draft_exits_matches_generate(model, batch, pads):
         expected = model.generate(input_ids, attention_mask=mask, do_sample=False, max_new_tokens=15)
         with torch.no_grad():
             states = model(expected, output_hidden_states=True).hidden_states
-            logits = [DecoderStack(model).logits(states[k][:, input_ids.shape[1] - 1 :]) for k in (1, 3)]
+            logits = [DecoderStack(model).head.logits_from_raw(states[k][:, input_ids.shape[1] - 1 :]) for k in (1, 3)]
         for threshold in exit_confidence(torch.cat(logits).flatten(0, 1)).unique().tolist():
             out = self_speculative_generate(
                 model, input_ids, 3, 15, attention_mask=mask, num_draft_tokens=5, draft_stop_threshold=threshold,

@@ -36,7 +36,7 @@ def test_shares_storage_and_equals_truncation(arch, num_layers):
         got = submodel(input_ids, attention_mask=attention_mask).logits
         # ... which is exit `num_layers` of the full model
         hidden = model(input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
-        exit_logits = DecoderStack(model).logits(hidden[num_layers]) if num_layers < NUM_LAYERS else None
+        exit_logits = DecoderStack(model).head.logits_from_raw(hidden[num_layers]) if num_layers < NUM_LAYERS else None
     torch.testing.assert_close(got, expected)
     if exit_logits is not None:
         torch.testing.assert_close(got, exit_logits, rtol=1e-5, atol=1e-5)

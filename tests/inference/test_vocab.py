@@ -34,10 +34,10 @@ def test_subset_head_equals_full_logits_sliced(arch):
     model = tiny_model(arch)
     stack = DecoderStack(model)
     ids = torch.tensor([0, 5, 17, 42, VOCAB - 1])
-    subset = SubsetHead(stack, ids)
+    subset = SubsetHead(stack.head, ids)
     hidden = torch.randn(2, 3, model.config.hidden_size)
     with torch.no_grad():
-        torch.testing.assert_close(subset.logits(hidden), stack.logits(hidden)[..., ids])
+        torch.testing.assert_close(subset.logits_from_raw(hidden), stack.head.logits_from_raw(hidden)[..., ids])
     probs = torch.rand(2, ids.numel())
     full = subset.to_vocab(probs)
     outside = torch.ones(VOCAB, dtype=torch.bool).index_fill_(0, ids, False)
@@ -54,12 +54,14 @@ def test_subset_head_of_an_adapted_head_warns_and_stays_correct():
     stack = DecoderStack(model)
     ids = torch.tensor([1, 2, 3])
     with pytest.warns(UserWarning, match="not a plain nn.Linear"):
-        subset = SubsetHead(stack, ids)
+        subset = SubsetHead(stack.head, ids)
     hidden = torch.randn(1, 2, base.config.hidden_size)
     with torch.no_grad():
-        torch.testing.assert_close(subset.logits(hidden), stack.logits(hidden)[..., ids])
-        base_logits = torch.nn.functional.linear(stack.normalize(hidden), stack.head.lm_head.original_module.weight)
-    assert not torch.allclose(subset.logits(hidden), base_logits[..., ids])
+        torch.testing.assert_close(subset.logits_from_raw(hidden), stack.head.logits_from_raw(hidden)[..., ids])
+        base_logits = torch.nn.functional.linear(
+            stack.head.normed_from_raw(hidden), stack.head.lm_head.original_module.weight
+        )
+    assert not torch.allclose(subset.logits_from_raw(hidden), base_logits[..., ids])
 
 
 @pytest.mark.parametrize(
@@ -69,7 +71,7 @@ def test_subset_head_of_an_adapted_head_warns_and_stays_correct():
 )  # fmt: skip
 def test_subset_head_bad_ids_raise(ids, match):
     with pytest.raises(ValueError, match=match):
-        SubsetHead(DecoderStack(tiny_model("llama")), torch.tensor(ids) if ids else ids)
+        SubsetHead(DecoderStack(tiny_model("llama")).head, torch.tensor(ids) if ids else ids)
 
 
 def _tokens_greedy_uses(model, input_ids, attention_mask, max_new_tokens):
@@ -140,7 +142,7 @@ def test_dynamic_with_check_vocab_matches_reference(model):
     exits = [1, 2, 3]
     threshold, subset, expected, depths = _subset_that_blocks_exits(model, input_ids, attention_mask, exits, 10)
     out = dynamic_generate(model, input_ids, exits, threshold, 10, attention_mask, check_vocab=subset, eos_token_id=[])
-    assert out.exit_layers.tolist() == depths
+    assert out.exits_taken.tolist() == depths
     assert torch.equal(out.sequences, expected)
     assert out.full_checks < out.checks
 
@@ -150,7 +152,7 @@ def test_dynamic_with_the_whole_vocabulary_as_subset_changes_nothing(model):
     plain = dynamic_generate(model, input_ids, [1, 2, 3], 0.03, 10, eos_token_id=[])
     subset = dynamic_generate(model, input_ids, [1, 2, 3], 0.03, 10, eos_token_id=[], check_vocab=torch.arange(VOCAB))
     assert torch.equal(plain.sequences, subset.sequences)
-    assert plain.exit_layers.tolist() == subset.exit_layers.tolist()
+    assert plain.exits_taken.tolist() == subset.exits_taken.tolist()
     assert subset.checks == plain.checks and subset.full_checks <= subset.checks
 
 
@@ -171,10 +173,10 @@ def test_dynamic_exit_on_subset_matches_reference(model):
         model, input_ids, exits, threshold, 10, attention_mask, check_vocab=subset, exit_on_subset=True,
         eos_token_id=[],
     )  # fmt: skip
-    assert out.exit_layers.tolist() == depths
+    assert out.exits_taken.tolist() == depths
     assert torch.equal(out.sequences, expected)
     assert out.full_checks == 0
-    early = out.sequences[:, input_ids.shape[1] :][:, out.exit_layers < NUM_LAYERS]
+    early = out.sequences[:, input_ids.shape[1] :][:, out.exits_taken < NUM_LAYERS]
     assert bool(torch.isin(early, subset).all())
 
 
@@ -202,6 +204,6 @@ def test_dynamic_exit_on_subset_samples_only_subset_tokens_at_early_exits(model)
         model, input_ids, [1, 2], 0.01, 12, do_sample=True, generator=torch.Generator().manual_seed(0),
         check_vocab=subset, exit_on_subset=True, eos_token_id=[],
     )  # fmt: skip
-    early = out.exit_layers < NUM_LAYERS
+    early = out.exits_taken < NUM_LAYERS
     assert bool(early.any()) and out.full_checks == 0
     assert bool(torch.isin(out.sequences[0, input_ids.shape[1] :][early], subset).all())
