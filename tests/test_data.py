@@ -4,16 +4,10 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import datasets
 import pytest
 from datasets import Dataset
-
-from soft_peft.data import DatasetFormatError, load_prompt_completion, load_raw_dataset
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "examples"))
 from example_runs import (  # noqa: E402
     TINY_TRAIN_ARGS,
     alpaca_rows,
@@ -25,6 +19,8 @@ from example_runs import (  # noqa: E402
     triviaqa_rows,
     write_jsonl,
 )
+
+from soft_peft.data import DatasetFormatError, load_prompt_completion, load_raw_dataset
 
 # Each example's default dataset, exactly as it must reach `datasets.load_dataset`
 EXAMPLE_HUB_CALLS = {

@@ -1,14 +1,8 @@
 """`benchmarks/decode_harness.py`: the decoding benchmark's methods, interleaved runs and table, with tiny settings."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from tiny_models import tiny_model, tiny_tokenizer
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from decode_harness import (  # noqa: E402
+from decode_harness import (
     MethodResult,
     build_methods,
     format_table,
@@ -16,6 +10,7 @@ from decode_harness import (  # noqa: E402
     parse_early_draft_exit_sets,
     run_decode_benchmark,
 )
+from tiny_models import tiny_model, tiny_tokenizer
 
 
 def test_benchmark_functions():

@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-
-from example_runs import ROOT, gsm8k_rows, run, save_tiny_model, write_jsonl  # noqa: E402
-from quality_report import summarize, write_report  # noqa: E402
+from example_runs import ROOT, gsm8k_rows, run, save_tiny_model, write_jsonl
+from quality_report import summarize, write_report
 
 STUDY = ROOT / "benchmarks" / "quality_study.py"
 

@@ -1,19 +1,14 @@
 """`benchmarks/speculative_ceiling.py`: its timed cycles do the work of real self-speculative cycles, and its
 perfect-stop replay counts cycles and right drafts as a plain reference does."""
 
-import sys
-from pathlib import Path
-
 import pytest
+import speculative_ceiling
 import torch
 from tiny_models import NUM_LAYERS, VOCAB, tiny_model, tiny_tokenizer
 
 from soft_peft.inference import self_speculative_generate
 from soft_peft.inference.stack import DecoderStack
 from soft_peft.inference.vocab import SubsetHead
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import speculative_ceiling  # noqa: E402
 
 
 def _count_calls(modules):

@@ -5,18 +5,13 @@ accelerate 1.15 cannot launch FSDP on CPU (it enables FSDP only for GPU-type bac
 accelerate's `fsdp2.yaml` does (`fully_shard` per decoder layer, then the root) without it. Prints "OK" on success.
 """
 
-import sys
-from pathlib import Path
-
 import torch
 import torch.distributed as dist
+from tiny_models import tiny_model  # on PYTHONPATH: test_fsdp2.py puts tests/ there
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tiny_models import tiny_model  # noqa: E402
-
-from soft_peft import add_sorted_exit_loss  # noqa: E402
+from soft_peft import add_sorted_exit_loss
 
 EXITS = [2, 4]
 

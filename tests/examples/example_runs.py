@@ -11,14 +11,11 @@ import sys
 from pathlib import Path
 
 import torch
+from tiny_models import tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 RECIPES = ROOT / "recipes"
-sys.path.insert(0, str(ROOT / "tests"))
-
-from tiny_models import tiny_model, tiny_tokenizer  # noqa: E402
-
 TINY_EXITS = "2,4"  # the tiny models have 4 layers
 # Two optimizer steps of a tiny model on CPU: what every example test trains
 TINY_TRAIN_ARGS = [

@@ -1,0 +1,57 @@
+"""[`SoFTConfig`] and [`read_soft_settings`]: the SoFT fields, their checks, and parsing from the command line."""
+
+import dataclasses
+
+import pytest
+from trl import SFTConfig, TrlParser
+
+from soft_peft import SoFTConfig
+from soft_peft.config import SoFTSettings, read_soft_settings
+
+
+def config(tmp_path, **overrides):
+    return SoFTConfig(**{"output_dir": str(tmp_path / "out"), "use_cpu": True, "bf16": False, **overrides})
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"label_smoothing_factor": 0.1}, "label_smoothing_factor"),
+        ({"exit_layers": "1,1"}, "duplicates"),
+        ({"exit_loss_weights": "1,-2"}, "negative"),
+        ({"exit_layers": "2,4", "exit_loss_weights": "1,2,3"}, "one weight per exit"),
+        ({"exit_loss_weights": "last:2"}, "share must be a number in"),
+        ({"exit_head_grad": "first"}, "exit_head_grad"),
+        ({"exit_distill_weight": 2.0}, "exit_distill_weight"),
+        ({"exit_distill_temperature": -1.0}, "exit_distill_temperature"),
+    ],
+)
+def test_bad_config_raises(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        config(tmp_path, **overrides)
+
+
+def test_config_checks_exit_syntax_without_a_depth(tmp_path):
+    with pytest.raises(ValueError, match="layers are counted from 1") as error:
+        config(tmp_path, exit_layers="0")
+    assert "1000000" not in str(error.value)
+    # an open slice's count is unknown until the depth is: the weights' count is checked by the trainer
+    assert config(tmp_path, exit_layers="9::3", exit_loss_weights="1,2").exit_layers == "9::3"
+
+
+def test_quality_controls_parse_from_the_command_line(tmp_path):
+    flags = ["--output_dir", str(tmp_path), "--use_cpu", "--exit_loss_weights", "last:0.5", "--exit_head_grad", "last"]
+    flags += ["--exit_distill_weight", "0.25", "--exit_distill_temperature", "2"]
+    (args,) = TrlParser((SoFTConfig,)).parse_args_into_dataclasses(args=flags)
+    assert (args.exit_loss_weights, args.exit_head_grad) == ("last:0.5", "last")
+    assert (args.exit_distill_weight, args.exit_distill_temperature) == (0.25, 2.0)
+
+
+def test_soft_settings_are_read_from_a_soft_config_and_default_for_a_plain_sft_config(tmp_path):
+    settings = read_soft_settings(config(tmp_path, exit_layers="2, 4", exit_loss_weights="1,3"))
+    assert (settings.exit_layers, settings.exit_loss_weights) == ("2, 4", "1,3")
+    plain = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False)
+    assert read_soft_settings(plain) == SoFTSettings()
+    # Every SoFTSettings field is a SoFTConfig field, with the same default
+    defaults = {f.name: f.default for f in dataclasses.fields(SoFTConfig)}
+    assert all(defaults[f.name] == f.default for f in dataclasses.fields(SoFTSettings))
