@@ -113,7 +113,9 @@ class SoFTTrainer(SFTTrainer):
         # The schedule follows the optimizer step: the same for every micro-batch of a step, restored on resume
         step = self.state.global_step if mode == "train" else None
         outputs = model(**inputs, soft_exit_loss=True, num_items_in_batch=num_items_in_batch, soft_exit_step=step)
-        loss = outputs.details.loss  # the exits' loss, without the auxiliary loss
+        # The exits' loss; with a router loss, without it (added below as SFTTrainer adds it). Both are top-level
+        # outputs, which ZeRO-3 hooks so that the shared head is gathered again for its gradient
+        loss = outputs.loss if outputs.aux_loss is None else outputs.loss_without_aux
         # As in `SFTTrainer`: `num_items_in_batch` counts the tokens of every rank, and DDP averages the gradients
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())

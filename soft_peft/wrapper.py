@@ -46,6 +46,10 @@ class SortedExitOutput(ModelOutput):
         loss: The combined (weighted mean over exits) loss, plus ``router_aux_loss_coef * aux_loss`` for MoE models
             that return their router logits (as the model's own loss includes it).
         aux_loss: The MoE router load-balancing loss (unweighted), or ``None``.
+        loss_without_aux: With ``aux_loss``, the exits' loss alone (``loss`` before the auxiliary term), for trainers
+            that weigh the auxiliary term themselves; else ``None``. A top-level field on purpose: ZeRO-3 hooks the
+            root module's output tensors to gather the shared head again for its gradient, and a tensor found only
+            inside ``details`` would escape those hooks.
         exit_losses: ``{layer: scalar}`` mean token cross-entropy of each exit on this batch (only the exits computed
             this step: a schedule skips exits whose weight is 0, see [`~soft_peft.schedule.ExitSchedule`]).
         exit_token_accuracy: ``{layer: scalar}`` fraction of labelled tokens each exit predicts as its argmax.
@@ -61,6 +65,7 @@ class SortedExitOutput(ModelOutput):
 
     loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
+    loss_without_aux: torch.Tensor | None = None
     exit_losses: dict[int, torch.Tensor] | None = None
     exit_token_accuracy: dict[int, torch.Tensor] | None = None
     num_tokens: torch.Tensor | None = None
@@ -198,14 +203,16 @@ def _sorted_exit_forward(
                     kernel=settings["kernel"],
                 )
             last_num_correct, last_entropy_sum = last.exit_num_correct[0], last.last_entropy
-    loss, aux_loss = result.loss, None
+    loss, aux_loss, loss_without_aux = result.loss, None, None
     if with_router_logits:
         aux_loss = _router_aux_loss(outputs.router_logits, text_config, kwargs.get("attention_mask"), loss.device)
+        loss_without_aux = loss
         loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss  # once, not per exit
     accuracy_denominator = result.num_tokens.clamp(min=1)
     return SortedExitOutput(
         loss=loss,
         aux_loss=aux_loss,
+        loss_without_aux=loss_without_aux,
         exit_losses=dict(zip(exit_layers, result.exit_losses, strict=True)),
         exit_token_accuracy={
             k: c.float() / accuracy_denominator for k, c in zip(exit_layers, result.exit_num_correct, strict=True)
