@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from test_modeling import batch, reference_exit_losses
+from test_wrapper import batch, reference_exit_losses
 from tiny_models import NUM_LAYERS, tiny_model, tiny_tokenizer
 from transformers import TrainerCallback
 
