@@ -199,44 +199,10 @@ def read_soft_settings(args) -> SoFTSettings:
 @dataclass
 class SoFTConfig(SoFTSettings, SFTConfig):
     r"""
-    Configuration of the [`SoFTTrainer`]: every [`~trl.SFTConfig`] parameter, plus the [`SoFTSettings`]:
-
-    Parameters:
-        exit_layers (`str` or `list[int]`, *optional*):
-            Decoder layers whose outputs are trained as sub-models ("exit k" = the hidden state after k layers, through
-            the model's final norm and shared LM head). A list, a comma-separated string `"12,16,20"`, or a slice
-            string `"start:stop:step"` (`"12:41:4"` = 12, 16, ..., 40). Defaults to the paper's 8 evenly spaced exits
-            from 30% depth to the last layer: layer `round(L * (3 + i) / 10)` for `i = 0..7`.
-        exit_loss_weights (`str` or `list[float]`, *optional*, defaults to `"uniform"`):
-            How the exits' losses are combined: `"uniform"` (the paper's mean), `"linear"` (weight proportional to
-            depth), `"last:w"` (the last exit keeps weight `w` in [0, 1], the other exits share `1 - w` equally) or
-            one non-negative weight per exit (`"1,1,2"` on the command line). Normalised to sum to 1; each exit's
-            summed token loss is divided by the same token count as `SFTTrainer`'s (`num_items_in_batch`).
-        exit_head_grad (`str`, *optional*, defaults to `"all"`):
-            `"all"`: every exit's loss updates the shared final norm and LM head (the paper). `"last"`: the early exits
-            use them without updating them (their gradient still trains the layers below), so the norm and head (with
-            a tied head, also the input embedding through it) are trained by the last exit alone.
-        exit_distill_weight (`float`, *optional*, defaults to `0.0`):
-            Self-distillation `lambda` in [0, 1]: each early exit's loss becomes `(1 - lambda) * CE + lambda * T^2 *
-            KL(p_last || p_exit)` on the labelled tokens, with the last exit's distribution detached. `0` is off;
-            when on, `exit_{k}/agreement` (top-1 agreement with the last exit) and `exit_{k}/distill_loss` are logged.
-        exit_distill_temperature (`float`, *optional*, defaults to `1.0`):
-            Temperature `T` of the distillation term (both distributions are `softmax(logits / T)`).
-        exit_vocab_chunk_size (`int`, *optional*, defaults to `32768`):
-            Vocabulary columns per tile of TRL's chunked head kernel. Lower it to cut peak memory on very large
-            vocabularies; raise it to cut kernel launches.
-        exit_loss_kernel (`str`, *optional*, defaults to `"auto"`):
-            Head kernel of the exit loss: `"trl"` (TRL's `ChunkedLogProbFunction`, Triton on CUDA/XPU), `"torch"`
-            (`soft_peft.chunked_ce`, faster without Triton) or `"auto"` (TRL's where it runs Triton, else torch).
-        exit_ramp_steps (`int`, *optional*, defaults to `0`):
-            Optimizer steps over which the early exits' weights are ramped in from 0 (the deepest exit keeps its
-            weight; weights renormalised to sum to 1, so training starts as plain SFT). 0 = no ramp.
-        exit_ramp_order (`str`, *optional*, defaults to `"deepest_first"`):
-            `"deepest_first"` (each early exit ramps in its own window, deepest first, as LayerSkip's gradual
-            curriculum) or `"all"` (every early exit ramps together).
-        exit_rotation (`int`, *optional*, defaults to `0`):
-            Train only this many early exits per step besides the deepest, in rotation (weights scaled so a full
-            cycle equals the unrotated loss). Skipped exits never reach the head, which cuts time. 0 = every exit.
+    Configuration of the [`SoFTTrainer`]: every [`~trl.SFTConfig`] parameter, plus the SoFT fields documented on
+    [`SoFTSettings`] (`exit_layers`, `exit_loss_weights`, `exit_head_grad`, `exit_distill_weight`,
+    `exit_distill_temperature`, `exit_vocab_chunk_size`, `exit_loss_kernel`, `exit_ramp_steps`, `exit_ramp_order`,
+    `exit_rotation`). Each is also a command-line flag and a YAML key of `TrlParser` recipes.
     """
 
     def __post_init__(self):
