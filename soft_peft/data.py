@@ -1,7 +1,10 @@
-"""Datasets of the paper (Alpaca, GSM8K, TriviaQA) as TRL prompt-completion datasets, from the Hub or local files.
+"""Datasets for training and evaluation alike: one vocabulary of row formats, from the Hub or local files.
 
-Every loader takes a Hub name or a local JSON/JSONL path, so it works on machines without Hub access. Only the
-completion is trained (TRL's completion-only loss on prompt-completion data).
+Formats ([`DATASET_FORMATS`]): TRL's own dataset types pass through as they are (``messages``, ``prompt_completion``,
+``text``); the paper's datasets are converted to prompt-completion with their templates (``alpaca``, ``gsm8k``,
+``triviaqa``); ``auto`` tells them apart by their columns ([`detect_format`]). Every loader takes a Hub name or a local
+JSON/JSONL/Parquet/CSV path, so it works on machines without Hub access. On prompt-completion data only the completion
+is trained (TRL's completion-only loss).
 """
 
 from __future__ import annotations
@@ -23,15 +26,29 @@ from .hub import looks_like_hub_id
 __all__ = [
     "ALPACA_PROMPT",
     "ALPACA_PROMPT_NO_INPUT",
+    "DATASET_FORMATS",
     "DatasetFormatError",
     "alpaca_to_prompt_completion",
+    "detect_format",
     "gsm8k_answer",
     "gsm8k_to_prompt_completion",
     "held_out_split",
-    "load_raw_dataset",
     "load_prompt_completion",
+    "load_raw_dataset",
+    "load_trl_dataset",
+    "to_trl_format",
     "triviaqa_to_prompt_completion",
 ]
+
+# TRL's dataset types, trained and scored as they are
+TRL_FORMATS = ("messages", "prompt_completion", "text")
+# The paper's datasets, converted to prompt-completion by the templates below
+CONVERTED_FORMATS = ("alpaca", "gsm8k", "triviaqa")
+DATASET_FORMATS = ("auto", *TRL_FORMATS, *CONVERTED_FORMATS)
+# The columns each TRL type needs (the converters below check their own), and for the empty-completion check the
+# column each format's completion comes from
+_FORMAT_COLUMNS = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"), "text": ("text",)}
+_COMPLETION_COLUMNS = {"prompt_completion": "completion", "alpaca": "output", "gsm8k": "answer", "triviaqa": "answer"}
 
 # The Stanford Alpaca prompt templates (tatsu-lab/stanford_alpaca, train.py)
 ALPACA_PROMPT = (
@@ -64,8 +81,6 @@ def _require_columns(dataset: Dataset, columns: Sequence[str], name: str, source
             f"{source}: a {name} dataset needs columns {list(columns)}, but {missing} are missing "
             f"(found {dataset.column_names})."
         )
-    if len(dataset) == 0:
-        raise DatasetFormatError(f"{source}: the dataset is empty.")
 
 
 def _first_json_error(path: str) -> str | None:
@@ -213,7 +228,6 @@ def triviaqa_to_prompt_completion(dataset: Dataset, source: str = "dataset") -> 
     return dataset.map(convert, remove_columns=dataset.column_names)
 
 
-_COMPLETION_COLUMNS = {"alpaca": "output", "gsm8k": "answer", "triviaqa": "answer"}
 _CONVERTERS = {
     "alpaca": alpaca_to_prompt_completion,
     "gsm8k": gsm8k_to_prompt_completion,
@@ -221,41 +235,111 @@ _CONVERTERS = {
 }
 
 
-def load_prompt_completion(
-    name_or_path: str, dataset_format: str, split: str = "train", config_name: str | None = None
-) -> Dataset:
-    """Load ``name_or_path`` and convert it from ``dataset_format`` (``alpaca``, ``gsm8k`` or ``triviaqa``).
+def detect_format(dataset: Dataset, source: str = "dataset") -> str:
+    """The row format of ``dataset`` told by its columns, one of [`DATASET_FORMATS`] other than ``auto``.
 
-    Args:
-        name_or_path: A local file or folder, or a Hub dataset id (see [`load_raw_dataset`]).
-        dataset_format: How rows become prompt-completion pairs.
-        split, config_name: The Hub split and configuration.
-
-    Returns:
-        A TRL prompt-completion dataset (``prompt`` and ``completion`` strings).
+    Checked in this order: ``messages``; ``prompt`` + ``completion``; Alpaca ``instruction`` + ``output`` (before
+    ``text``: the Hub's Alpaca also carries its rendered ``text``, and only the response should be trained);
+    ``question`` + ``answer`` (``triviaqa`` when the answer is a record with a ``value``, else ``gsm8k``); ``text``.
 
     Raises:
-        DatasetFormatError: as [`load_raw_dataset`], for missing columns, or when every completion is empty
-            (training would only teach the model to stop). Some empty completions only warn.
+        DatasetFormatError: when no format's columns are present, listing each format's columns.
     """
-    if dataset_format not in _CONVERTERS:
-        raise DatasetFormatError(f"Unknown dataset format {dataset_format!r}; expected one of {sorted(_CONVERTERS)}.")
-    raw = load_raw_dataset(name_or_path, split=split, config_name=config_name)
-    converted = _CONVERTERS[dataset_format](raw, source=name_or_path)
-    empty = sum(not completion.strip() for completion in converted["completion"])
-    column = _COMPLETION_COLUMNS[dataset_format]
-    if empty == len(converted):
+    columns = set(dataset.column_names)
+    if "messages" in columns:
+        return "messages"
+    if {"prompt", "completion"} <= columns:
+        return "prompt_completion"
+    if {"instruction", "output"} <= columns:
+        return "alpaca"
+    if {"question", "answer"} <= columns:
+        return "triviaqa" if isinstance(dataset.features.get("answer"), dict) else "gsm8k"
+    if "text" in columns:
+        return "text"
+    raise DatasetFormatError(
+        f"{source}: cannot tell the dataset format from its columns {sorted(columns)}. Expected one of: "
+        "'messages'; 'prompt' + 'completion'; Alpaca 'instruction' + 'output' (+ 'input'); 'question' + 'answer' "
+        "(GSM8K, TriviaQA); 'text'. Or pass the format (dataset_format) and rename the columns it needs."
+    )
+
+
+def to_trl_format(dataset: Dataset, dataset_format: str = "auto", source: str = "dataset") -> tuple[Dataset, str]:
+    """Bring rows of any format in [`DATASET_FORMATS`] to a TRL dataset type.
+
+    Args:
+        dataset: The raw rows.
+        dataset_format: Their format, or ``"auto"`` to detect it (see [`detect_format`]).
+        source: The dataset's name, for messages.
+
+    Returns:
+        ``(dataset, format)``: the paper's formats converted to ``prompt``/``completion``, TRL's types unchanged;
+        and the resolved format.
+
+    Raises:
+        DatasetFormatError: for an unknown format, missing columns, or when every completion is empty (training would
+            only teach the model to stop). Some empty completions only warn.
+    """
+    if dataset_format not in DATASET_FORMATS:
         raise DatasetFormatError(
-            f"{name_or_path}: all {empty} completions (column {column!r}) are empty, so training would only teach "
+            f"Unknown dataset format {dataset_format!r}; expected one of {list(DATASET_FORMATS)}."
+        )
+    if dataset_format == "auto":
+        dataset_format = detect_format(dataset, source)
+    if dataset_format in _CONVERTERS:  # each converter checks its own columns
+        dataset = _CONVERTERS[dataset_format](dataset, source=source)
+    else:
+        _require_columns(dataset, _FORMAT_COLUMNS[dataset_format], repr(dataset_format), source)
+    if dataset_format in _COMPLETION_COLUMNS:
+        _check_completions(dataset["completion"], _COMPLETION_COLUMNS[dataset_format], dataset_format, source)
+    return dataset, dataset_format
+
+
+def _check_completions(completions: list, column: str, dataset_format: str, source: str) -> None:
+    # Conversational completions (lists of messages) are left to TRL's own checks
+    empty = sum(isinstance(c, str) and not c.strip() for c in completions)
+    if empty == len(completions):
+        raise DatasetFormatError(
+            f"{source}: all {empty} completions (column {column!r}) are empty, so training would only teach "
             f"the end-of-sequence token. Check that the {dataset_format} rows carry their {column!r} text."
         )
     if empty:
         warnings.warn(
-            f"{name_or_path}: {empty} of {len(converted)} completions (column {column!r}) are empty; those rows only "
+            f"{source}: {empty} of {len(completions)} completions (column {column!r}) are empty; those rows only "
             "train the end-of-sequence token.",
-            stacklevel=2,
+            stacklevel=3,
         )
-    return converted
+
+
+def load_trl_dataset(
+    name_or_path: str, dataset_format: str = "auto", split: str = "train", config_name: str | None = None
+) -> tuple[Dataset, str]:
+    """Load ``name_or_path`` (see [`load_raw_dataset`]) and bring it to a TRL dataset type (see [`to_trl_format`]).
+
+    Training (``soft-peft train``) and evaluation (``soft-peft eval``) both load their data with it.
+
+    Returns:
+        ``(dataset, format)``, the format resolved when ``dataset_format="auto"``.
+    """
+    raw = load_raw_dataset(name_or_path, split=split, config_name=config_name)
+    return to_trl_format(raw, dataset_format, source=name_or_path)
+
+
+def load_prompt_completion(
+    name_or_path: str, dataset_format: str, split: str = "train", config_name: str | None = None
+) -> Dataset:
+    """Load one of the paper's datasets (``alpaca``, ``gsm8k`` or ``triviaqa``) as ``prompt``/``completion`` strings.
+
+    The same as ``load_trl_dataset(...)[0]`` restricted to the formats that are converted to prompt-completion.
+
+    Raises:
+        DatasetFormatError: as [`load_trl_dataset`], and for a format that is not converted.
+    """
+    if dataset_format not in CONVERTED_FORMATS:
+        raise DatasetFormatError(
+            f"Unknown dataset format {dataset_format!r} for prompt-completion conversion; expected one of "
+            f"{list(CONVERTED_FORMATS)} (load_trl_dataset takes every format)."
+        )
+    return load_trl_dataset(name_or_path, dataset_format, split, config_name)[0]
 
 
 def held_out_split(dataset: Dataset, test_size: int | float, seed: int = 0) -> tuple[Dataset, Dataset]:

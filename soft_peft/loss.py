@@ -28,6 +28,7 @@ __all__ = [
     "ExitLossTerms",
     "HEAD_GRAD_MODES",
     "KERNELS",
+    "TOKEN_WEIGHTINGS",
     "exit_loss_weights",
     "gradient_blocked",
     "sorted_exit_loss",
@@ -46,6 +47,8 @@ def _triton_runs_on(device: torch.device) -> bool:
 
 
 HEAD_GRAD_MODES = ("all", "last")
+# "dft": TRL's `loss_type="dft"`, each token's NLL times its detached probability
+TOKEN_WEIGHTINGS = ("nll", "dft")
 _LAST_SHARE_PREFIX = "last:"
 
 # Vocabulary columns per projection tile, as in TRL's fused head
@@ -269,8 +272,8 @@ def sorted_exit_loss(
     weights = [1.0 / num_exits] * num_exits if weights is None else list(weights)
     if len(weights) != num_exits:
         raise ValueError(f"Got {len(weights)} weights for {num_exits} exits.")
-    if token_weighting not in ("nll", "dft"):
-        raise ValueError(f"token_weighting must be 'nll' or 'dft', got {token_weighting!r}.")
+    if token_weighting not in TOKEN_WEIGHTINGS:
+        raise ValueError(f"token_weighting must be one of {TOKEN_WEIGHTINGS}, got {token_weighting!r}.")
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}.")
     validate_exit_controls(head_grad, distill_weight, distill_temperature)

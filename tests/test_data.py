@@ -20,7 +20,14 @@ from example_runs import (  # noqa: E402
     write_jsonl,
 )
 
-from soft_peft.data import DatasetFormatError, load_prompt_completion, load_raw_dataset
+from soft_peft.data import (
+    DatasetFormatError,
+    detect_format,
+    load_prompt_completion,
+    load_raw_dataset,
+    load_trl_dataset,
+    to_trl_format,
+)
 
 # Each example's default dataset, exactly as it must reach `datasets.load_dataset`
 EXAMPLE_HUB_CALLS = {
@@ -133,3 +140,58 @@ def test_empty_completions(tmp_path):
     empty = [{**row, "answer": "  "} for row in rows]
     with pytest.raises(DatasetFormatError, match="all 4 completions \\(column 'answer'\\) are empty"):
         load_prompt_completion(str(write_jsonl(tmp_path / "all.jsonl", empty)), "gsm8k")
+
+
+@pytest.mark.parametrize(
+    ("rows", "expected"),
+    [
+        ([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}], "messages"),
+        ([{"prompt": "2+2=", "completion": " 4"}], "prompt_completion"),
+        # The Hub's Alpaca also carries its rendered `text`: its response alone is the completion
+        ([{"instruction": "Add.", "input": "", "output": "4", "text": "Add. 4"}], "alpaca"),
+        ([{"question": "2+2?", "answer": "4\n#### 4"}], "gsm8k"),
+        ([{"question": "Capital of France?", "answer": {"value": "Paris", "aliases": ["Paris"]}}], "triviaqa"),
+        ([{"text": "plain language modelling"}], "text"),
+    ],
+)
+def test_detect_format_tells_every_format_by_its_columns(rows, expected):
+    assert detect_format(Dataset.from_list(rows)) == expected
+
+
+def test_to_trl_format_passes_trl_types_through_and_converts_the_papers():
+    rows = [{"prompt": "2+2=", "completion": " 4"}]
+    dataset, fmt = to_trl_format(Dataset.from_list(rows))
+    assert fmt == "prompt_completion" and dataset.to_list() == rows
+    converted, fmt = to_trl_format(Dataset.from_list([{"question": "Who?", "answer": {"value": "Ada"}}]))
+    assert fmt == "triviaqa" and converted.to_list() == [{"prompt": "Question: Who?\nAnswer:", "completion": " Ada"}]
+
+
+def test_unknown_or_mismatched_formats_fail_in_one_line():
+    with pytest.raises(DatasetFormatError, match="Unknown dataset format 'csv'; expected one of \\['auto'"):
+        to_trl_format(Dataset.from_list([{"text": "a"}]), "csv")
+    with pytest.raises(DatasetFormatError, match="a 'messages' dataset needs columns \\['messages'\\]"):
+        to_trl_format(Dataset.from_list([{"text": "a"}]), "messages", source="x.jsonl")
+    with pytest.raises(DatasetFormatError, match="cannot tell the dataset format from its columns \\['a', 'b'\\]"):
+        to_trl_format(Dataset.from_list([{"a": 1, "b": 2}]))
+    with pytest.raises(DatasetFormatError, match="expected one of \\['alpaca', 'gsm8k', 'triviaqa'\\]"):
+        load_prompt_completion("unused.jsonl", "text")
+
+
+def test_training_and_evaluation_load_the_same_rows(tmp_path):
+    from soft_peft.evaluation import load_eval_dataset
+
+    path = str(write_jsonl(tmp_path / "gsm8k.jsonl", gsm8k_rows(6)))
+    trained, fmt = load_trl_dataset(path)
+    evaluated, eval_fmt = load_eval_dataset(path, max_samples=4)
+    assert fmt == eval_fmt == "gsm8k"
+    assert evaluated.to_list() == trained.to_list()[:4] == load_prompt_completion(path, "gsm8k").to_list()[:4]
+
+
+def test_the_old_evaluation_data_module_warns_and_still_works():
+    import importlib
+    import sys
+
+    sys.modules.pop("soft_peft.evaluation.data", None)
+    with pytest.warns(FutureWarning, match="soft_peft.evaluation.data` is deprecated"):
+        old = importlib.import_module("soft_peft.evaluation.data")
+    assert old.detect_format is detect_format

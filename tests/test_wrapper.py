@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from tiny_models import ARCHS, MOE_ARCHS, NUM_LAYERS, VOCAB, tiny_model
 from transformers import AutoModelForCausalLM
 
-from soft_peft import SortedLossWrapper
+from soft_peft import SortedLossWrapper, add_sorted_exit_loss
 from soft_peft.exits import find_exit_head, get_decoder_layers
 
 
@@ -270,3 +270,19 @@ def test_bad_controls_raise_before_any_forward():
         SortedLossWrapper(tiny_model("llama"), exit_head_grad="none")
     with pytest.raises(ValueError, match="exit_distill_weight"):
         SortedLossWrapper(tiny_model("llama"), exit_distill_weight=-0.1)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        add_sorted_exit_loss(tiny_model("llama"), kernel="triton")
+    with pytest.raises(ValueError, match="vocab_chunk_size must be a positive integer"):
+        SortedLossWrapper(tiny_model("llama"), vocab_chunk_size=0)
+    with pytest.raises(ValueError, match="token_weighting must be one of"):
+        add_sorted_exit_loss(tiny_model("llama"), token_weighting="focal")
+
+
+def test_a_rejected_rewrap_keeps_the_previous_settings():
+    model = tiny_model("llama")
+    wrapper = SortedLossWrapper(model, exit_layers=[2, 4])
+    with pytest.raises(ValueError, match="exit_distill_weight"):
+        SortedLossWrapper(model, exit_layers=[1, 4], exit_distill_weight=2.0)
+    ids, mask, labels = batch()
+    assert set(wrapper(input_ids=ids, attention_mask=mask, labels=labels).exit_losses) == {2, 4}
+    assert model.config.soft_exit_layers == [2, 4]

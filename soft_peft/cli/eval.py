@@ -18,7 +18,7 @@ import argparse
 import sys
 from types import SimpleNamespace
 
-from ..data import DatasetFormatError
+from ..data import DATASET_FORMATS, DatasetFormatError
 from ..evaluation.pipeline import EvalSettings, resolve_eval_exits, run_evaluation
 from ..hub import resolve_model_path
 from .model_checks import positive_int, read_model_facts
@@ -34,8 +34,14 @@ def build_parser(prog: str = "soft-peft eval") -> argparse.ArgumentParser:
     parser.add_argument(
         "--dataset_name",
         required=True,
-        help="JSON/JSONL/Parquet/CSV file or Hub dataset: 'text', 'prompt'/'completion', 'messages', Alpaca "
-        "('instruction'/'output') or GSM8K ('question'/'answer') columns.",
+        help="JSON/JSONL/Parquet/CSV file or Hub dataset, in any format training takes (see --dataset_format).",
+    )
+    parser.add_argument(
+        "--dataset_format",
+        default="auto",
+        choices=DATASET_FORMATS,
+        help="Row format, as `soft-peft train` takes it; 'auto' (default) tells it by the columns: 'messages', "
+        "'prompt'/'completion', Alpaca 'instruction'/'output', 'question'/'answer' (GSM8K, TriviaQA), 'text'.",
     )
     parser.add_argument("--dataset_split", default="train")
     parser.add_argument("--dataset_config", default=None)
@@ -88,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         max_samples=args.max_samples,
         dataset_split=args.dataset_split,
         dataset_config=args.dataset_config,
+        dataset_format=args.dataset_format,
         batch_size=args.batch_size,
         max_length=args.max_length,
         token_chunk_size=args.token_chunk_size,

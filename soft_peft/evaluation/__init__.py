@@ -10,7 +10,7 @@ perplexity, token accuracy and exit-by-exit KL / cosine matrices over examples f
 import importlib
 import warnings
 
-from .data import EvalExample, load_eval_dataset, tokenize_examples
+from .examples import EvalExample, load_eval_dataset, tokenize_examples
 from .generation import ExitGenerations, generate_at_exits
 from .judge import LMJudge, PairwiseResult, judge_pairwise
 from .per_exit import ExitEvaluation, evaluate_exits
@@ -32,11 +32,11 @@ __all__ = [
 ]
 
 # Names this package exported in 0.1.0.dev0 that are internals of its modules: still importable from here for one
-# release, with a warning naming their module.
+# release, with a warning naming their module (relative to this package, or absolute).
 _MOVED = {
     "JUDGE_PROMPT": "judge",
     "cosine_similarity_matrix": "metrics",
-    "detect_format": "data",
+    "detect_format": "soft_peft.data",
     "every_fourth_layer": "pipeline",
     "exact_match": "metrics",
     "gsm8k_exact_match": "metrics",
@@ -56,7 +56,7 @@ _MOVED = {
 
 def __getattr__(name: str):
     if name in _MOVED:
-        module = f"{__name__}.{_MOVED[name]}"
+        module = _MOVED[name] if _MOVED[name].startswith("soft_peft.") else f"{__name__}.{_MOVED[name]}"
         warnings.warn(
             f"`{__name__}.{name}` is deprecated and will be removed in the next release: import it from `{module}`.",
             FutureWarning,

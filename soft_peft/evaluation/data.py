@@ -1,165 +1,19 @@
-"""Evaluation datasets: any format training takes, detected by its columns, tokenized into prompt and completion ids.
+"""Deprecated: this module is now [`soft_peft.evaluation.examples`] (tokenized evaluation examples); formats are
+told apart by [`soft_peft.data.detect_format`], shared with training.
 
-Formats (checked in this order): ``messages`` (conversational), ``prompt``/``completion`` (standard or
-conversational), ``text`` (language modelling: every token after the first is scored), Alpaca
-(``instruction``/``output``) and GSM8K (``question``/``answer``). Prompt and completion are split the way TRL's
-``SFTTrainer`` splits them: ``prompt + completion`` is tokenized whole and the completion starts where the prompt's own
-tokens diverge from it, so the model is scored in the context it was trained in.
+Importing ``soft_peft.evaluation.data`` still works for one release, with a ``FutureWarning``.
 """
 
-from __future__ import annotations
+import warnings
 
-import os
-from dataclasses import dataclass
-from pathlib import Path
-
-from datasets import Dataset
-
-from ..data import DatasetFormatError, alpaca_to_prompt_completion, gsm8k_to_prompt_completion, load_raw_dataset
+from ..data import detect_format
+from .examples import EvalExample, load_eval_dataset, tokenize_examples
 
 __all__ = ["EvalExample", "detect_format", "load_eval_dataset", "tokenize_examples"]
 
-FORMATS = ("messages", "prompt_completion", "text", "alpaca", "gsm8k")
-
-
-@dataclass
-class EvalExample:
-    """One tokenized evaluation example.
-
-    Attributes:
-        prompt_ids: Context tokens (empty for ``text`` data).
-        completion_ids: Scored tokens, ending with EOS.
-        prompt: The prompt as text (what generation is conditioned on).
-        reference: The reference completion as text (without EOS).
-    """
-
-    prompt_ids: list[int]
-    completion_ids: list[int]
-    prompt: str
-    reference: str
-
-
-def detect_format(dataset: Dataset, source: str = "dataset") -> str:
-    """The dataset's format, one of ``messages``, ``prompt_completion``, ``text``, ``alpaca``, ``gsm8k``.
-
-    Raises:
-        DatasetFormatError: when no format's columns are present, listing each format's columns.
-    """
-    columns = set(dataset.column_names)
-    if "messages" in columns:
-        return "messages"
-    if {"prompt", "completion"} <= columns:
-        return "prompt_completion"
-    if "text" in columns:
-        return "text"
-    if {"instruction", "output"} <= columns:
-        return "alpaca"
-    if {"question", "answer"} <= columns:
-        return "gsm8k"
-    raise DatasetFormatError(
-        f"{source}: cannot tell the dataset format from its columns {sorted(columns)}. Expected one of: "
-        "'messages'; 'prompt' + 'completion'; 'text'; Alpaca 'instruction' + 'output' (+ 'input'); "
-        "GSM8K 'question' + 'answer'."
-    )
-
-
-def load_eval_dataset(
-    name_or_path: str, max_samples: int | None = None, split: str = "train", config_name: str | None = None
-) -> tuple[Dataset, str]:
-    """Load a dataset (local JSON/JSONL/Parquet/CSV or Hub name) and bring Alpaca/GSM8K to prompt-completion.
-
-    Args:
-        name_or_path: Dataset file, folder or Hub name.
-        max_samples: Keep only the first ``max_samples`` rows (after conversion).
-        split, config_name: Hub split and configuration.
-
-    Returns:
-        ``(dataset, format)``: the dataset in a TRL format (``messages``, ``prompt``/``completion`` or ``text``) and
-        the detected source format.
-
-    Raises:
-        DatasetFormatError: for a missing file, an empty dataset, or unknown columns.
-    """
-    # `datasets` fails with a bare StopIteration on an empty JSON file; say what is wrong instead
-    if os.path.isfile(name_or_path) and not Path(name_or_path).read_bytes()[:4096].strip():
-        raise DatasetFormatError(f"{name_or_path}: the dataset file is empty.")
-    raw = load_raw_dataset(name_or_path, split=split, config_name=config_name)
-    dataset_format = detect_format(raw, name_or_path)
-    if dataset_format == "alpaca":
-        raw = alpaca_to_prompt_completion(raw, source=name_or_path)
-    elif dataset_format == "gsm8k":
-        raw = gsm8k_to_prompt_completion(raw, source=name_or_path)
-    if max_samples is not None:
-        if max_samples < 1:
-            raise DatasetFormatError(f"--max_samples must be >= 1, got {max_samples}.")
-        raw = raw.select(range(min(max_samples, len(raw))))
-    return raw, dataset_format
-
-
-def _render(tokenizer, row: dict, dataset_format: str) -> tuple[str, str, str, bool]:
-    """``(prompt, prompt + completion, reference, is_chat)``, rendered as the trainer renders them."""
-    if dataset_format == "messages" or (dataset_format != "text" and not isinstance(row.get("prompt"), str)):
-        messages = row["messages"] if "messages" in row and row["messages"] is not None else None
-        if messages is None:
-            prompt_messages, completion_messages = list(row["prompt"]), list(row["completion"])
-        else:
-            if not messages or messages[-1].get("role") != "assistant":
-                raise DatasetFormatError("A 'messages' row must end with an assistant message, the scored completion.")
-            prompt_messages, completion_messages = list(messages[:-1]), [messages[-1]]
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise DatasetFormatError(
-                "Conversational data needs a tokenizer with a chat template; this tokenizer has none. Set one "
-                "(`tokenizer.chat_template = ...`) or convert the data to 'prompt'/'completion' strings."
-            )
-        prompt = tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(prompt_messages + completion_messages, tokenize=False)
-        reference = " ".join(str(m.get("content", "")) for m in completion_messages)
-        return prompt, full, reference, True
-    if dataset_format == "text":
-        return "", row["text"], row["text"], False
-    return row["prompt"], row["prompt"] + row["completion"], row["completion"], False
-
-
-def tokenize_examples(dataset: Dataset, tokenizer, dataset_format: str, max_length: int | None = None) -> list:
-    """Tokenize every row into an [`EvalExample`].
-
-    Args:
-        dataset: Output of [`load_eval_dataset`].
-        tokenizer: The model's tokenizer (needs ``eos_token_id``).
-        dataset_format: The detected format.
-        max_length: Truncate prompt + completion to this many tokens (from the right), as training does.
-
-    Returns:
-        A list of [`EvalExample`], one per row with at least one scored token.
-
-    Raises:
-        DatasetFormatError: when the dataset is empty or no row keeps a scored token.
-    """
-    if len(dataset) == 0:
-        raise DatasetFormatError("The evaluation dataset is empty.")
-    if tokenizer.eos_token_id is None:
-        raise ValueError("The tokenizer has no eos_token_id; set `tokenizer.eos_token` so completions can end.")
-    examples = []
-    for row in dataset:
-        prompt, full, reference, is_chat = _render(tokenizer, row, dataset_format)
-        # Chat templates already add special tokens; plain text gets the tokenizer's defaults, as in TRL
-        full_ids = tokenizer(full, add_special_tokens=not is_chat)["input_ids"]
-        prompt_ids = tokenizer(prompt, add_special_tokens=not is_chat)["input_ids"] if prompt else []
-        start = 0
-        while start < min(len(prompt_ids), len(full_ids)) and prompt_ids[start] == full_ids[start]:
-            start += 1
-        if not full_ids or full_ids[-1] != tokenizer.eos_token_id:
-            full_ids = full_ids + [tokenizer.eos_token_id]
-        if max_length is not None:
-            full_ids = full_ids[:max_length]
-        # With no prompt, the first token has no context and is not scored
-        start = max(start, 1) if dataset_format == "text" else start
-        if start >= len(full_ids):
-            continue
-        examples.append(EvalExample(full_ids[:start], full_ids[start:], prompt, reference))
-    if not examples:
-        raise DatasetFormatError(
-            "No example has a completion token left to score (all were empty or truncated away); "
-            "check the dataset's completions or raise --max_length."
-        )
-    return examples
+warnings.warn(
+    "`soft_peft.evaluation.data` is deprecated and will be removed in the next release; import from "
+    "`soft_peft.evaluation` (or `soft_peft.data` for `detect_format`) instead.",
+    FutureWarning,
+    stacklevel=2,
+)

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..inference import extract_submodel
-from .data import EvalExample
+from .examples import EvalExample
 from .metrics import exact_match, gsm8k_exact_match, token_f1
 
 __all__ = ["ExitGenerations", "generate_at_exits", "score_generations"]

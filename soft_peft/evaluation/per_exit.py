@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..exit_head import backbone_outputs, find_exit_head, num_decoder_layers
-from .data import EvalExample
+from .examples import EvalExample
 from .metrics import cosine_similarity_matrix, kl_divergence_matrix, perplexity
 
 __all__ = ["ExitEvaluation", "evaluate_exits", "make_batches"]

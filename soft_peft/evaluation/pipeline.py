@@ -12,7 +12,7 @@ from ..checkpoints import load_causal_lm
 from ..data import DatasetFormatError
 from ..exits import num_decoder_layers, parse_exit_layers, recorded_exit_layers
 from ..hub import resolve_model_path
-from .data import load_eval_dataset, tokenize_examples
+from .examples import load_eval_dataset, tokenize_examples
 from .generation import generate_at_exits, score_generations
 from .judge import LMJudge, judge_pairwise
 from .per_exit import evaluate_exits
@@ -36,6 +36,8 @@ class EvalSettings:
             list / string accepted by [`parse_exit_layers`].
         max_samples: Evaluate the first ``max_samples`` rows only.
         dataset_split, dataset_config: Hub split and configuration.
+        dataset_format: The rows' format, one of [`~soft_peft.data.DATASET_FORMATS`] (training's vocabulary);
+            ``"auto"`` tells it by the columns.
         batch_size: Examples per forward.
         max_length: Truncate each example to this many tokens.
         token_chunk_size: Completion tokens per head pass.
@@ -56,6 +58,7 @@ class EvalSettings:
     max_samples: int | None = None
     dataset_split: str = "train"
     dataset_config: str | None = None
+    dataset_format: str = "auto"
     batch_size: int = 4
     max_length: int | None = 1024
     token_chunk_size: int = 64
@@ -162,7 +165,11 @@ def run_evaluation(settings: EvalSettings) -> dict:
     if len(models) == 2:
         exits.append(resolve_eval_exits(models[1], settings.exit_layers, names[1], fallback=exits[0]))
     dataset, dataset_format = load_eval_dataset(
-        settings.dataset_name, settings.max_samples, settings.dataset_split, settings.dataset_config
+        settings.dataset_name,
+        settings.max_samples,
+        settings.dataset_split,
+        settings.dataset_config,
+        dataset_format=settings.dataset_format,
     )
     examples = tokenize_examples(dataset, tokenizer, dataset_format, settings.max_length)
     if not examples:

@@ -25,7 +25,7 @@ from transformers.utils import is_torch_bf16_gpu_available
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
 from ..config import SoFTConfig
-from ..data import DatasetFormatError, held_out_split, load_prompt_completion
+from ..data import DATASET_FORMATS, DatasetFormatError, held_out_split, load_trl_dataset
 from ..hub import ModelNotFoundError, resolve_model_path
 from ..trainer import SoFTTrainer
 from .preflight import UsageError, check_exits_against_model, check_output_dir, resolve_resume_checkpoint
@@ -33,7 +33,6 @@ from .preflight import UsageError, check_exits_against_model, check_output_dir, 
 __all__ = ["ShardingReport", "SoFTScriptArguments", "UsageError", "main", "make_parser", "parse_args", "train"]
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M"
-DATASET_FORMATS = ("alpaca", "gsm8k", "triviaqa")
 
 
 @dataclass
@@ -41,8 +40,10 @@ class SoFTScriptArguments(ScriptArguments):
     """TRL's `ScriptArguments` (`dataset_name`, `dataset_config`, `dataset_train_split`, ...) plus:
 
     Args:
-        dataset_format (`str`, defaults to `"alpaca"`): How rows become prompt-completion pairs: `alpaca`
-            (`instruction`, `input`, `output`; Alpaca template), `gsm8k` (`question`, `answer`) or `triviaqa`.
+        dataset_format (`str`, defaults to `"auto"`): The rows' format (`soft_peft.data.DATASET_FORMATS`): TRL's
+            `messages`, `prompt_completion` or `text`, trained as `SFTTrainer` trains them; the paper's `alpaca`
+            (`instruction`, `input`, `output`; Alpaca template), `gsm8k` or `triviaqa` (`question`, `answer`),
+            converted to prompt-completion; or `auto`, told by the columns.
         eval_holdout_size (`float`, defaults to `0`): Rows of the training data held out for evaluation when
             `eval_strategy` is not `"no"`: a fraction below 1 or a count. 0 uses `dataset_test_split` instead.
         overwrite_output_dir (`bool`, defaults to `False`): Train into an `output_dir` that holds a previous run
@@ -50,8 +51,8 @@ class SoFTScriptArguments(ScriptArguments):
     """
 
     dataset_format: str = field(
-        default="alpaca",
-        metadata={"help": "Row format of the dataset.", "choices": list(DATASET_FORMATS)},
+        default="auto",
+        metadata={"help": "Row format of the dataset ('auto': told by its columns).", "choices": [*DATASET_FORMATS]},
     )
     eval_holdout_size: float = field(
         default=0.0,
@@ -134,7 +135,7 @@ def parse_args(
 
 def _load_datasets(script_args: SoFTScriptArguments, training_args: SoFTConfig):
     name, fmt = script_args.dataset_name, script_args.dataset_format
-    train_dataset = load_prompt_completion(name, fmt, script_args.dataset_train_split, script_args.dataset_config)
+    train_dataset, fmt = load_trl_dataset(name, fmt, script_args.dataset_train_split, script_args.dataset_config)
     if training_args.eval_strategy == "no":
         return train_dataset, None
     if script_args.eval_holdout_size > 0:
@@ -145,7 +146,7 @@ def _load_datasets(script_args: SoFTScriptArguments, training_args: SoFTConfig):
             f"evaluation is on but {name} is local data with one split: set --eval_holdout_size (e.g. 0.05) to "
             "hold out rows for it."
         )
-    return train_dataset, load_prompt_completion(name, fmt, script_args.dataset_test_split, script_args.dataset_config)
+    return train_dataset, load_trl_dataset(name, fmt, script_args.dataset_test_split, script_args.dataset_config)[0]
 
 
 def _check_rows_survived_truncation(trainer: SoFTTrainer, split: str, rows) -> None:
@@ -158,11 +159,14 @@ def _check_rows_survived_truncation(trainer: SoFTTrainer, split: str, rows) -> N
     if rows is None or not isinstance(prepared, Dataset) or len(prepared) > 0:
         return
     args = trainer.args
-    shortest = min(len(trainer.processing_class(prompt)["input_ids"]) for prompt in rows["prompt"])
+    detail, fix = "", "Raise --max_length or shorten the rows."
+    if "prompt" in rows.column_names and isinstance(rows[0]["prompt"], str):  # prompt-completion text
+        shortest = min(len(trainer.processing_class(prompt)["input_ids"]) for prompt in rows["prompt"])
+        detail = f"; the shortest prompt alone is {shortest} tokens"
+        fix = f"Raise --max_length (above {shortest}) or shorten the rows."
     raise UsageError(
         f"every one of the {len(rows)} {split} rows is longer than --max_length {args.max_length} and keeps no "
-        f"completion token after truncation (truncation_mode {args.truncation_mode}; the shortest prompt alone is "
-        f"{shortest} tokens). Raise --max_length (above {shortest}) or shorten the rows."
+        f"completion token after truncation (truncation_mode {args.truncation_mode}{detail}). {fix}"
     )
 
 

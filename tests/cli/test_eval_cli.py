@@ -112,6 +112,8 @@ def test_text_and_messages_datasets(models, tmp_path):
         ([], [{"foo": 1}], "cannot tell the dataset format"),
         ([], [{"question": "q"}], "cannot tell the dataset format"),
         ([], [], "empty"),
+        (["--dataset_format", "text"], None, "a 'text' dataset needs columns ['text']"),
+        (["--dataset_format", "alpaca"], None, "Alpaca dataset needs columns ['instruction', 'output']"),
     ],
 )
 def test_bad_input_gives_clear_errors(models, gsm8k_file, tmp_path, capsys, extra, rows, message):

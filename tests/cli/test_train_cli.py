@@ -54,7 +54,7 @@ def test_recipe_values_and_command_line_overrides(tmp_path, alpaca_file):
         )
     )
     script_args, training_args, model_args = parse_args(["--config", str(recipe), "--max_steps", "2"])
-    assert script_args.dataset_name == str(alpaca_file) and script_args.dataset_format == "alpaca"
+    assert script_args.dataset_name == str(alpaca_file) and script_args.dataset_format == "auto"
     assert training_args.learning_rate == 2.0e-5 and training_args.max_steps == 2  # the command line wins
     assert training_args.exit_layers == "2,4" and model_args.lora_r == 8
 
@@ -100,8 +100,30 @@ def test_missing_dataset_file(capsys, tmp_path, tiny_model_dir):
 def test_dataset_without_needed_columns(capsys, tmp_path, tiny_model_dir):
     data = write_jsonl(tmp_path / "qa.jsonl", [{"question": "2+2?", "answer": "4"}])
     argv = ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(data), "--output_dir", str(tmp_path)]
-    line = error_line(capsys, argv)
+    line = error_line(capsys, argv + ["--dataset_format", "alpaca"])
     assert "Alpaca dataset needs columns ['instruction', 'output']" in line
+
+
+def test_dataset_of_no_known_format(capsys, tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "odd.jsonl", [{"query": "2+2?", "reply": "4"}])
+    argv = ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(data), "--output_dir", str(tmp_path)]
+    line = error_line(capsys, argv)
+    assert "cannot tell the dataset format from its columns ['query', 'reply']" in line
+
+
+@pytest.mark.parametrize("dataset_format", ["text", "prompt_completion"])
+def test_trl_formats_train_as_sft_trainer_takes_them(tmp_path, tiny_model_dir, dataset_format):
+    rows = alpaca_rows()
+    if dataset_format == "text":
+        rows = [{"text": f"{row['instruction']} {row['output']}"} for row in rows]
+    else:
+        rows = [{"prompt": row["instruction"], "completion": " " + row["output"]} for row in rows]
+    data = write_jsonl(tmp_path / f"{dataset_format}.jsonl", rows)
+    output_dir = tmp_path / "out"
+    argv = ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(data), "--output_dir", str(output_dir)]
+    assert train_main([*argv, *TINY_TRAIN_ARGS]) == 0  # dataset_format "auto"
+    logs = step_logs(output_dir)
+    assert math.isfinite(logs[2]["exit_2/loss"]) and math.isfinite(logs[2]["loss"])
 
 
 def test_missing_local_model(capsys, tmp_path, alpaca_file):
