@@ -1,0 +1,40 @@
+"""`benchmarks/decode_before_after.py`: an earlier revision's decoders imported beside today's, timed interleaved,
+their tokens compared."""
+
+import subprocess
+
+import pytest
+from decode_before_after import DEFAULT_BEFORE, ROOT, _before_methods, import_revision, ratio_table
+from decode_harness import build_methods, run_decode_benchmark
+from tiny_models import tiny_model, tiny_tokenizer
+
+import soft_peft
+
+
+def _has_revision(revision: str) -> bool:
+    found = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "-q", revision], capture_output=True)
+    return found.returncode == 0
+
+
+@pytest.mark.skipif(not _has_revision(DEFAULT_BEFORE), reason="a shallow clone without the earlier revision")
+def test_earlier_decoders_run_beside_todays_and_agree_token_for_token():
+    before = import_revision(DEFAULT_BEFORE, alias="soft_peft_before_test")
+    assert before is not soft_peft and before.__file__ != soft_peft.__file__
+    model = tiny_model("llama")
+    args, kwargs = (4, [2], "adaptive", [2], [1.0, 0.5], [2]), {"modes": ["self-speculative", "dynamic"]}
+    after = build_methods(model, *args, **kwargs)
+    earlier = _before_methods("soft_peft_before_test", model, args, kwargs)
+    assert [m.setting for m in earlier] == [m.setting for m in after[1:]]  # greedy runs once
+    for method in earlier:
+        method.mode = f"before {method.mode}"
+    results = run_decode_benchmark(model, tiny_tokenizer(), ["ab", "cde"], after + earlier, (1,), warmup=False)
+    table = ratio_table(results, "before")
+    rows = [line for line in table.splitlines() if line.startswith("| 1 |")]
+    assert len(rows) == len(earlier) == 3
+    assert all(line.endswith("| yes |") for line in rows), table
+    assert "Geometric mean of after / before over 3 settings" in table
+
+
+def test_an_unknown_revision_fails_in_one_line():
+    with pytest.raises(SystemExit, match="git archive no-such-revision"):
+        import_revision("no-such-revision", alias="soft_peft_never")
