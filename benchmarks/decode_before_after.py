@@ -23,16 +23,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from decode_harness import (
-    build_methods,
-    decode_method_options,
-    emit,
-    format_table,
-    gsm8k_benchmark_data,
-    load_model,
-    run_decode_benchmark,
-)
+from decode_harness import build_methods, emit, format_table, run_decode_benchmark
 from decode_speed import parse_args as parse_decode_speed_args
+from decode_speed import prepare_run
 
 ROOT = Path(__file__).resolve().parents[1]
 # The last commit before the decoders were rebuilt around one decoding core (issue 14)
@@ -95,9 +88,6 @@ def ratio_table(results, before_label: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from soft_peft.exits import num_decoder_layers, parse_exit_layers, recorded_exit_layers
-    from soft_peft.inference import frequent_token_ids
-
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--before", default=DEFAULT_BEFORE, help="Git revision to compare with.")
@@ -105,32 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_decode_speed_args(rest)
     before_alias = "soft_peft_before"
     import_revision(known.before, before_alias)
+    run = prepare_run(args)
 
-    torch.set_num_threads(args.threads)
-    model, tokenizer, path = load_model(args.model_name_or_path, getattr(torch, args.dtype))
-    num_layers = num_decoder_layers(model)
-    recorded = recorded_exit_layers(model)
-    exits = [k for k in (recorded or parse_exit_layers(None, num_layers)) if k < num_layers]
-    draft_exits = sorted(set(args.draft_exits or [exits[round(i * (len(exits) - 1) / 3)] for i in range(4)]))
-    prompts, references, calibration = gsm8k_benchmark_data(args.data, args.num_prompts)
-    vocab = frequent_token_ids(tokenizer, calibration, args.vocab_size) if args.vocab_size else None
-    draft_length = args.num_draft_tokens if args.num_draft_tokens == "adaptive" else int(args.num_draft_tokens)
-    method_args = (
-        args.max_new_tokens,
-        draft_exits,
-        draft_length,
-        args.dynamic_exits,
-        args.thresholds,
-        args.assistant_exits or draft_exits,
-    )
-    method_kwargs = {
-        "kv_fills": tuple(args.kv_fills.split(",")),
-        "vocab": vocab,
-        "modes": [mode for mode in args.modes.split(",") if mode],
-        **decode_method_options(args),
-    }
-    after = build_methods(model, *method_args, **method_kwargs)
-    before = _before_methods(before_alias, model, method_args, method_kwargs)
+    after = build_methods(run.model, *run.method_args, **run.method_kwargs)
+    before = _before_methods(before_alias, run.model, run.method_args, run.method_kwargs)
     for method in before:
         method.mode = f"before {method.mode}"
     # Interleaved: each of our settings is timed right before its earlier implementation, batch by batch
@@ -141,21 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         if (method.mode, method.setting) in by_setting:
             methods.append(by_setting.pop((method.mode, method.setting)))
     methods.extend(by_setting.values())  # settings only the earlier revision has (none expected)
-    results = run_decode_benchmark(model, tokenizer, prompts, methods, args.batch_sizes)
+    results = run_decode_benchmark(run.model, run.tokenizer, run.prompts, methods, args.batch_sizes)
 
     command = "python benchmarks/decode_before_after.py " + " ".join(argv)
-    header = [
-        f"Model: `{path}` ({num_layers} layers, SoFT exits {recorded or 'not recorded: untrained'}).",
-        f"Before: `{known.before}`; after: this tree. Prompts: {len(prompts)} GSM8K held-out, "
-        f"max_new_tokens={args.max_new_tokens}, {args.dtype}, torch threads={args.threads}.",
-        f"Command: `{command.strip()}`",
-        "",
-        ratio_table(results, "before"),
-        "",
-        "All methods:",
-        "",
-    ]
-    emit(header, format_table(results, tokenizer, references), args.output)
+    header = run.header(args, command)
+    header[-1:-1] = [f"Before: `{known.before}`; after: this tree.", "", ratio_table(results, "before"), "", "All:"]
+    emit(header, format_table(results, run.tokenizer, run.references), args.output)
     return 0
 
 

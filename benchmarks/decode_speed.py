@@ -17,6 +17,7 @@ import argparse
 import os
 import platform
 import sys
+from dataclasses import dataclass
 
 import torch
 from decode_harness import (
@@ -77,11 +78,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclass
+class DecodeRun:
+    """What one `decode_speed.py` run decodes, and with which methods' settings.
+
+    Attributes:
+        model, tokenizer, path: The loaded model (``path``: where it came from).
+        num_layers, recorded: Its depth and recorded SoFT exits (``None`` when untrained).
+        prompts, references: GSM8K held-out prompts and reference completions.
+        vocab: The frequent-token subset, or ``None`` for the full head.
+        method_args, method_kwargs: ``build_methods(model, *method_args, **method_kwargs)``.
+    """
+
+    model: torch.nn.Module
+    tokenizer: object
+    path: str
+    num_layers: int
+    recorded: list[int] | None
+    prompts: list[str]
+    references: list[str]
+    vocab: torch.Tensor | None
+    method_args: tuple
+    method_kwargs: dict
+
+    def header(self, args: argparse.Namespace, command: str) -> list[str]:
+        """The report's first lines: model, prompts, vocabulary subset, machine and the command."""
+        vocab = "none (full head)" if self.vocab is None else f"{self.vocab.numel()} ids"
+        return [
+            f"Model: `{self.path}` ({self.num_layers} layers, SoFT exits "
+            f"{self.recorded or 'not recorded: untrained'}).",
+            f"Prompts: {len(self.prompts)} GSM8K held-out, max_new_tokens={args.max_new_tokens}, {args.dtype}, "
+            f"torch threads={args.threads}.",
+            f"Vocabulary subset: {vocab} for drafting and confidence pre-checks, counted on the training completions.",
+            f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}.",
+            f"Command: `{command.strip()}`",
+            "",
+        ]
+
+
+def prepare_run(args: argparse.Namespace) -> DecodeRun:
+    """Load the model and prompts of a run and resolve its draft exits, as `decode_speed.py` runs them."""
     from soft_peft.exits import num_decoder_layers, parse_exit_layers, recorded_exit_layers
     from soft_peft.inference import frequent_token_ids
 
-    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tokenizer, path = load_model(args.model_name_or_path, getattr(torch, args.dtype))
     num_layers = num_decoder_layers(model)
@@ -89,36 +128,35 @@ def main(argv: list[str] | None = None) -> int:
     exits = [k for k in (recorded or parse_exit_layers(None, num_layers)) if k < num_layers]
     draft_exits = args.draft_exits or [exits[round(i * (len(exits) - 1) / 3)] for i in range(4)]
     draft_exits = sorted(set(draft_exits))
-    assistant_exits = args.assistant_exits or draft_exits
     draft_length = args.num_draft_tokens if args.num_draft_tokens == "adaptive" else int(args.num_draft_tokens)
-    prompts, answers, calibration = gsm8k_benchmark_data(args.data, args.num_prompts)
+    prompts, references, calibration = gsm8k_benchmark_data(args.data, args.num_prompts)
     vocab = frequent_token_ids(tokenizer, calibration, args.vocab_size) if args.vocab_size else None
-    methods = build_methods(
-        model,
+    method_args = (
         args.max_new_tokens,
         draft_exits,
         draft_length,
         args.dynamic_exits,
         args.thresholds,
-        assistant_exits,
-        kv_fills=tuple(args.kv_fills.split(",")),
-        vocab=vocab,
-        modes=[mode for mode in args.modes.split(",") if mode],
-        **decode_method_options(args),
+        args.assistant_exits or draft_exits,
     )
-    results = run_decode_benchmark(model, tokenizer, prompts, methods, args.batch_sizes)
+    method_kwargs = {
+        "kv_fills": tuple(args.kv_fills.split(",")),
+        "vocab": vocab,
+        "modes": [mode for mode in args.modes.split(",") if mode],
+        **decode_method_options(args),
+    }
+    return DecodeRun(
+        model, tokenizer, path, num_layers, recorded, prompts, references, vocab, method_args, method_kwargs
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    run = prepare_run(args)
+    methods = build_methods(run.model, *run.method_args, **run.method_kwargs)
+    results = run_decode_benchmark(run.model, run.tokenizer, run.prompts, methods, args.batch_sizes)
     command = "python benchmarks/decode_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    header = [
-        f"Model: `{path}` ({num_layers} layers, SoFT exits {recorded or 'not recorded: untrained'}).",
-        f"Prompts: {len(prompts)} GSM8K held-out, max_new_tokens={args.max_new_tokens}, {args.dtype}, "
-        f"torch threads={args.threads}.",
-        f"Vocabulary subset: {'none (full head)' if vocab is None else f'{vocab.numel()} ids'} for drafting and "
-        "confidence pre-checks, counted on the training completions.",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}.",
-        f"Command: `{command.strip()}`",
-        "",
-    ]
-    emit(header, format_table(results, tokenizer, answers), args.output)
+    emit(run.header(args, command), format_table(results, run.tokenizer, run.references), args.output)
     return 0
 
 
