@@ -35,6 +35,25 @@ def _logits(hidden, weight, bias, scale, softcap, dtype):
     return tanh * softcap, tanh
 
 
+def _backward_through_head(grad, tanh, scale, block, weight, dtype, grad_weight, grad_bias, need_hidden):
+    """Chain ``d loss / d logits`` of one block back through [`_logits`]: accumulate the head's gradients in place and
+    return the block's hidden-state gradient (``None`` when not needed).
+
+    ``grad`` is ``(n, V)`` float32 and is overwritten; the GEMMs run in ``dtype``, as the forward's did, and accumulate
+    into the float32 ``grad_weight`` / ``grad_bias``.
+    """
+    if tanh is not None:  # d (c tanh(z / c)) / dz
+        grad.mul_(1 - tanh * tanh)
+    if scale != 1.0:
+        grad.mul_(scale)
+    if grad_bias is not None:
+        grad_bias.add_(grad.sum(0))
+    grad = grad.to(dtype)
+    if grad_weight is not None:
+        grad_weight.add_(grad.t() @ block)
+    return grad @ weight.to(dtype) if need_hidden else None
+
+
 class ChunkedCrossEntropy(torch.autograd.Function):
     """Per-token NLL and top-1 hit of ``hidden @ weight.T (+ bias)``, never holding more than one ``[chunk, V]`` block.
 
@@ -87,17 +106,11 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 grad = logits.sub_(lse[start:end, None]).exp_()
                 grad.scatter_add_(1, targets[start:end, None], grad.new_full((end - start, 1), -1.0))
                 grad.mul_(grad_nll[start:end, None])
-                if tanh is not None:
-                    grad.mul_(1 - tanh * tanh)
-                if logit_scale != 1.0:
-                    grad.mul_(logit_scale)
-                if grad_bias is not None:
-                    grad_bias.add_(grad.sum(0))
-                grad = grad.to(dtype)  # the gradient GEMMs run in the forward's dtype, accumulated in fp32
+                block_grad = _backward_through_head(
+                    grad, tanh, logit_scale, block, weight, dtype, grad_weight, grad_bias, grad_hidden is not None
+                )
                 if grad_hidden is not None:
-                    grad_hidden[start:end] = grad @ weight.to(dtype)
-                if grad_weight is not None:
-                    grad_weight.add_(grad.t() @ block)
+                    grad_hidden[start:end] = block_grad
         return (
             None if grad_hidden is None else grad_hidden.to(hidden.dtype),
             None if grad_weight is None else grad_weight.to(weight.dtype),

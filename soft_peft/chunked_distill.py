@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from .chunked_ce import _logits
+from .chunked_ce import _backward_through_head, _logits
 
 __all__ = ["ChunkedSelfDistillation", "chunked_self_distillation"]
 
@@ -92,17 +92,12 @@ class ChunkedSelfDistillation(torch.autograd.Function):
                     # d KL / d z = (p_s - p_t) / T, scaled by the incoming gradient
                     grad = logits.div_(temperature).sub_(student_lse[index, start:end, None]).exp_()
                     grad.sub_(teacher_probs).mul_(grad_kl[index, start:end, None] / temperature)
-                    if tanh is not None:
-                        grad.mul_(1 - tanh * tanh)
-                    if logit_scale != 1.0:
-                        grad.mul_(logit_scale)
-                    if grad_bias is not None:
-                        grad_bias.add_(grad.sum(0))
-                    grad = grad.to(dtype)  # GEMMs in the forward's dtype, accumulated in fp32
-                    if grad_students[index] is not None:
-                        grad_students[index][start:end] = grad @ weight.to(dtype)
-                    if grad_weight is not None:
-                        grad_weight.add_(grad.t() @ block)
+                    need_hidden = grad_students[index] is not None
+                    block_grad = _backward_through_head(
+                        grad, tanh, logit_scale, block, weight, dtype, grad_weight, grad_bias, need_hidden
+                    )
+                    if need_hidden:
+                        grad_students[index][start:end] = block_grad
         return (
             None,
             None if grad_weight is None else grad_weight.to(weight.dtype),

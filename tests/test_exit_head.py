@@ -9,6 +9,7 @@ import pytest
 import torch
 from tiny_models import ARCHS, NUM_LAYERS, VOCAB, tiny_model
 
+import soft_peft.exit_forward
 import soft_peft.wrapper
 from soft_peft import SortedLossWrapper
 from soft_peft.evaluation.per_exit import _normed_exit_states
@@ -39,8 +40,8 @@ def wrapper_normed_states(model, ids, exits, monkeypatch):
         seen.extend(h.detach() for h in exit_hidden)
         return real_loss(exit_hidden, *args, **kwargs)
 
-    real_loss = soft_peft.wrapper.sorted_exit_loss
-    monkeypatch.setattr(soft_peft.wrapper, "sorted_exit_loss", recording_loss)
+    real_loss = soft_peft.exit_forward.sorted_exit_loss
+    monkeypatch.setattr(soft_peft.exit_forward, "sorted_exit_loss", recording_loss)
     SortedLossWrapper(model, exit_layers=exits)(input_ids=ids, labels=ids)
     batch, length = ids.shape
     return torch.stack(seen).view(len(exits), batch, length - 1, -1)

@@ -10,12 +10,12 @@ from test_wrapper import batch, reference_exit_losses
 from tiny_models import NUM_LAYERS, tiny_model, tiny_tokenizer
 from transformers import TrainerCallback
 
+import soft_peft.exit_forward
 import soft_peft.loss
-import soft_peft.wrapper
 from soft_peft import ExitSchedule, SoFTConfig, SoFTTrainer, SortedLossWrapper, scheduled_exit_weights
 
 UNIFORM4 = [0.25] * 4
-REAL_LOSS = soft_peft.wrapper.sorted_exit_loss
+REAL_LOSS = soft_peft.exit_forward.sorted_exit_loss
 EXITS = [1, 2, 3, NUM_LAYERS]
 
 
@@ -164,7 +164,7 @@ def train_recording(monkeypatch, output_dir, resume=None, callbacks=(), **overri
         calls.append((len(exit_hidden), list(kwargs["weights"])))
         return REAL_LOSS(exit_hidden, *args, **kwargs)
 
-    monkeypatch.setattr(soft_peft.wrapper, "sorted_exit_loss", recording_loss)
+    monkeypatch.setattr(soft_peft.exit_forward, "sorted_exit_loss", recording_loss)
     values = dict(
         output_dir=str(output_dir),
         max_steps=4,
