@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speculative_ceiling import cycle_timer, draft_token_fn  # noqa: E402
+from decode_harness import parse_ints  # noqa: E402
+from speculative_ceiling import all_accepted_table, cycle_timer, draft_token_fn  # noqa: E402
 
-from soft_peft.cli.decode_flags import parse_ints  # noqa: E402
 from soft_peft.inference import DecoderStack  # noqa: E402
 
 SHAPES = {
@@ -106,7 +106,6 @@ def main(argv: list[str] | None = None) -> int:
     seconds = {entry: statistics.median(values) for entry, values in samples.items()}
     greedy_token = statistics.median(greedy)
 
-    lengths = range(1, args.max_draft + 1)
     device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU"
     lines = [
         f"Random-init `{args.shape}` ({stack.num_layers} layers, vocab {config.vocab_size}), {args.dtype}, "
@@ -115,17 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         f"One greedy token: {greedy_token * 1e3:.2f} ms with `generate`, {seconds[(None,)] * 1e3:.2f} ms as one step "
         "of the layer-wise stack.",
         "",
-        "Speed-up over `generate` if every draft is accepted, by draft length g (cycle ms in brackets):",
-        "",
-        "| draft exit | " + " | ".join(f"g={g}" for g in lengths) + " |",
-        "|---" * (len(lengths) + 1) + "|",
+        *all_accepted_table(seconds, greedy_token, args.draft_exits, args.max_draft, ms_digits=2),
     ]
-    for k in args.draft_exits:
-        cells = [
-            f"{(g + 1) * greedy_token / seconds[(k, g, False)]:.2f} ({seconds[(k, g, False)] * 1e3:.2f})"
-            for g in lengths
-        ]
-        lines.append(f"| {k} | " + " | ".join(cells) + " |")
     report = "\n".join(lines)
     print(report)
     if args.output:

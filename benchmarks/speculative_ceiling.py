@@ -151,6 +151,32 @@ def perfect_stop_seconds(hits: list[bool], max_draft: int, cycle_seconds) -> tup
     return seconds, tokens, cycles
 
 
+def all_accepted_table(seconds: dict, greedy_token: float, draft_exits, max_draft: int, ms_digits: int = 0) -> list:
+    """Markdown lines: the speed-up over `generate` if every draft is accepted, by draft exit and draft length ``g``
+    (``(g + 1)`` tokens per cycle), with each cycle's milliseconds in brackets.
+
+    Args:
+        seconds: ``{(draft_exit, g, False): cycle seconds}`` as [`cycle_timer`] entries are timed.
+        greedy_token: Seconds per token of greedy ``generate``.
+        draft_exits, max_draft: The table's rows and its columns ``g = 1..max_draft``.
+        ms_digits: Decimals of the milliseconds.
+    """
+    lengths = range(1, max_draft + 1)
+    lines = [
+        "Speed-up over `generate` if every draft is accepted, by draft length g (cycle ms in brackets):",
+        "",
+        "| draft exit | " + " | ".join(f"g={g}" for g in lengths) + " |",
+        "|---" * (len(lengths) + 1) + "|",
+    ]
+    for k in draft_exits:
+        cells = [
+            f"{(g + 1) * greedy_token / seconds[(k, g, False)]:.2f} ({seconds[(k, g, False)] * 1e3:.{ms_digits}f})"
+            for g in lengths
+        ]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _median_times(timer, entries, rounds: int, greedy_token) -> tuple[dict, float]:
     # Every entry and one greedy-token measurement per round, so all medians come from the same stretch of time
     samples, greedy = {entry: [] for entry in entries}, []
@@ -206,7 +232,6 @@ def main(argv: list[str] | None = None) -> int:
             totals[k] = [sum(pair) for pair in zip(totals[k], [*replay, sum(row), len(row)], strict=True)]
 
     command = "python benchmarks/speculative_ceiling.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    lengths = range(1, args.max_draft + 1)
     lines = [
         f"Model: `{path}` ({stack.num_layers} layers), fp32, torch threads={args.threads}, drafts on the "
         f"{vocab_note}; cycles timed at {args.context} cached positions, median of {args.rounds} interleaved rounds.",
@@ -215,17 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}.",
         f"Command: `{command.strip()}`",
         "",
-        "Speed-up over `generate` if every draft is accepted, by draft length g (cycle ms in brackets):",
-        "",
-        "| draft exit | " + " | ".join(f"g={g}" for g in lengths) + " |",
-        "|---" * (len(lengths) + 1) + "|",
+        *all_accepted_table(seconds, greedy_token, args.draft_exits, args.max_draft, ms_digits=0),
     ]
-    for k in args.draft_exits:
-        cells = [
-            f"{(g + 1) * greedy_token / seconds[(k, g, False)]:.2f} ({seconds[(k, g, False)] * 1e3:.0f})"
-            for g in lengths
-        ]
-        lines.append(f"| {k} | " + " | ".join(cells) + " |")
     if prompts:
         lines += [
             "",
