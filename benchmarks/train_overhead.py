@@ -1,10 +1,14 @@
 """Training cost of SoFT against TRL's SFTTrainer and a naive stacked-logits multi-exit loss, measured side by side.
 
     python benchmarks/train_overhead.py --model_name_or_path "$(python tools/get_smollm2.py)" --steps 4
+    python benchmarks/train_overhead.py --model_name_or_path ... --modes sft soft --rounds 3 \
+        --variant last_half="--exit_loss_weights last:0.5" --variant head_last="--exit_head_grad last"
 
 Each mode runs in its own subprocess (so peak RSS is its own), on the same GSM8K prompt-completion batches (batch 4,
-max_length 256, gradient checkpointing as TRL defaults). Prints a markdown table: median step time, peak RSS, ratios
-to SFT, and the FLOP-model bound of the extra exits.
+max_length 256, gradient checkpointing as TRL defaults). A `--variant NAME="FLAGS"` is SoFT with those `SoFTConfig`
+flags (the quality controls). With `--rounds R` the modes run R times in turn and each mode's median step over the
+rounds is reported, so a changing load on a shared machine falls on every mode alike. Prints a markdown table: median
+step time, peak RSS, ratios to SFT, and the FLOP-model bound of the extra exits.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -82,6 +87,8 @@ def run_mode(args) -> dict:
     )
     if args.mode == "sft":
         trainer_cls, config = SFTTrainer, SFTConfig(**common)
+    elif args.soft_flags:  # a variant: SoFT with the user's SoFTConfig flags, parsed as the command line parses them
+        trainer_cls, config = SoFTTrainer, _soft_config_from_flags(common, args.soft_flags)
     else:
         trainer_cls = _naive_trainer_class() if args.mode == "naive" else SoFTTrainer
         # soft_last: SoFT's kernel on the last layer only, i.e. SFT's loss; isolates the cost of the extra exits
@@ -121,6 +128,27 @@ def run_mode(args) -> dict:
     }
 
 
+def _soft_config_from_flags(common: dict, flags: str):
+    """``SoFTConfig(**common)`` with ``flags`` (``"--exit_loss_weights last:0.5 ..."``) parsed as TrlParser would."""
+    from transformers import HfArgumentParser
+
+    from soft_peft import SoFTConfig
+
+    argv = [part for key, value in common.items() for part in (f"--{key}", str(value))]
+    (config,) = HfArgumentParser(SoFTConfig).parse_args_into_dataclasses(args=argv + shlex.split(flags))
+    return config
+
+
+def parse_variant(text: str) -> tuple[str, str]:
+    """``'last_half=--exit_loss_weights last:0.5'`` -> ``("last_half", "--exit_loss_weights last:0.5")``."""
+    name, separator, flags = text.partition("=")
+    if not separator or not name.strip() or name.strip() in MODES or not flags.strip().startswith("--"):
+        raise argparse.ArgumentTypeError(
+            f'expected NAME="--flag value ..." with a new name (not one of {MODES}), got {text!r}'
+        )
+    return name.strip(), flags.strip()
+
+
 def step_flops(run: dict, scored_positions: int) -> float:
     """FLOP model of one training step.
 
@@ -145,27 +173,51 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--fp32", action="store_true", help="Disable TRL's default bf16 autocast.")
     parser.add_argument("--output", type=Path, help="Also write the markdown table here.")
+    parser.add_argument(
+        "--variant",
+        type=parse_variant,
+        action="append",
+        default=[],
+        metavar='NAME="--flag value ..."',
+        help="Also time SoFT with these SoFTConfig flags (repeatable).",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="Run every mode this many times, in turn.")
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # internal: run one mode in this process
+    parser.add_argument("--soft_flags", default="", help=argparse.SUPPRESS)  # internal: a variant's flags
     args = parser.parse_args(argv)
     if args.mode:
         print("RESULT " + json.dumps(run_mode(args)), flush=True)
         return 0
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
 
+    # name -> (mode of the child process, SoFTConfig flags)
+    runs = {mode: (mode, "") for mode in args.modes} | {name: ("soft", flags) for name, flags in args.variant}
+    per_round: dict[str, list[dict]] = {name: [] for name in runs}
+    for round_index in range(args.rounds):
+        for name, (mode, flags) in runs.items():
+            command = [sys.executable, __file__, "--mode", mode, "--model_name_or_path", args.model_name_or_path]
+            command += ["--dataset", str(args.dataset), "--steps", str(args.steps)]
+            command += (["--fp32"] if args.fp32 else []) + (["--soft_flags", flags] if flags else [])
+            print(f"running {name} (round {round_index + 1}/{args.rounds}) ...", file=sys.stderr, flush=True)
+            done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+            line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                sys.stderr.write(done.stdout[-3000:] + done.stderr[-3000:])
+                raise SystemExit(f"mode {name} failed")
+            per_round[name].append(json.loads(line[len("RESULT ") :]))
     results = {}
-    for mode in args.modes:
-        command = [sys.executable, __file__, "--mode", mode, "--model_name_or_path", args.model_name_or_path]
-        command += ["--dataset", str(args.dataset), "--steps", str(args.steps)] + (["--fp32"] if args.fp32 else [])
-        print(f"running {mode} ...", file=sys.stderr, flush=True)
-        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-        line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if line is None:
-            sys.stderr.write(done.stdout[-3000:] + done.stderr[-3000:])
-            raise SystemExit(f"mode {mode} failed")
-        results[mode] = json.loads(line[len("RESULT ") :])
+    for name, rounds in per_round.items():
+        results[name] = {
+            **rounds[0],
+            "median_step_s": statistics.median(r["median_step_s"] for r in rounds),
+            "peak_rss_gb": statistics.median(r["peak_rss_gb"] for r in rounds),
+        }
 
     sft = results.get("sft")
     rows = [
-        "| mode | median step (s) | peak RSS (GB) | time / SFT | peak RSS / SFT |",
+        f"| mode | median step (s){' over rounds' if args.rounds > 1 else ''} | peak RSS (GB) | time / SFT "
+        "| peak RSS / SFT |",
         "|---|---|---|---|---|",
     ]
     for mode, r in results.items():
@@ -174,7 +226,7 @@ def main(argv=None) -> int:
         rows.append(
             f"| {mode} | {r['median_step_s']:.2f} | {r['peak_rss_gb']:.2f} | {time_ratio:.2f}x | {mem_ratio:.2f}x |"
         )
-    lines = rows
+    lines = rows + [f"\nVariant `{name}`: SoFT with `{flags}`." for name, flags in args.variant]
     if "soft" in results:
         soft = results["soft"]
         lines += [
