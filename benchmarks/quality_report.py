@@ -10,7 +10,10 @@ import os
 import statistics
 from pathlib import Path
 
-__all__ = ["summarize", "write_report"]
+__all__ = ["RESULTS_BLOCK", "extract_block", "splice_block", "summarize", "write_report"]
+
+# The study's summary inside docs/results.md, which `replicate.py report` rewrites around it
+RESULTS_BLOCK = ("<!-- quality-study:begin -->", "<!-- quality-study:end -->")
 
 # Targets of issue 13 for the best variant at equal steps, each against SFT's run
 TARGETS = {
@@ -92,15 +95,11 @@ def _fmt(value, digits=3):
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def _group_section(steps: int, group: dict[str, dict], output: Path, results_dir: Path) -> list[str]:
-    sft = group.get("sft")
-    summaries = {run: summarize(result, sft) for run, result in group.items()}
-    lines = [f"## {steps} steps", ""]
-    if sft is None:
-        lines += ["SFT has no result at this step count yet: no ratios, no plot.", ""]
+def _headline_table(summaries: dict[str, dict]) -> list[str]:
+    """One row per run: the last layer, the middle exit and the shallow exit's agreement against SFT, time, memory."""
     any_summary = next(iter(summaries.values()))
-    mid, shallow, last = any_summary["mid"], any_summary["shallow"], any_summary["last"]
-    lines += [
+    mid, shallow = any_summary["mid"], any_summary["shallow"]
+    lines = [
         f"| run | last CE | ×SFT | last acc | exit {mid} CE | ×SFT exit {mid} | mean exit CE | exit {shallow} "
         "agree | s/step | ×SFT | peak RSS (GB) | ×SFT | targets met |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -113,6 +112,17 @@ def _group_section(steps: int, group: dict[str, dict], output: Path, results_dir
             f"{_fmt(s['peak_rss_gb'], 2)} | {_fmt(s.get('memory_vs_sft'), 2)} | "
             f"{s['targets_met'] if 'targets_met' in s else '–'}/{len(TARGETS)} |"
         )
+    return lines
+
+
+def _group_section(steps: int, group: dict[str, dict], output: Path, results_dir: Path) -> list[str]:
+    sft = group.get("sft")
+    summaries = {run: summarize(result, sft) for run, result in group.items()}
+    lines = [f"## {steps} steps", ""]
+    if sft is None:
+        lines += ["SFT has no result at this step count yet: no ratios, no plot.", ""]
+    last = next(iter(summaries.values()))["last"]
+    lines += _headline_table(summaries)
     exits = sorted(int(k) for k in next(iter(group.values()))["exits"])
     lines += [
         "",
@@ -135,13 +145,56 @@ def _group_section(steps: int, group: dict[str, dict], output: Path, results_dir
     return [*lines, "```", ""]
 
 
-def write_report(results_dir: Path, output: Path, repo: Path) -> None:
+def extract_block(text: str) -> str | None:
+    """The study's block of a docs/results.md text (markers included), or ``None``."""
+    begin, end = RESULTS_BLOCK
+    start, stop = text.find(begin), text.find(end)
+    return None if start < 0 or stop < start else text[start : stop + len(end)]
+
+
+def splice_block(text: str, block: str) -> str:
+    """``text`` with its study block replaced by ``block``; without one, ``block`` goes after the title line."""
+    old = extract_block(text)
+    if old is not None:
+        return text.replace(old, block)
+    title, _, rest = text.partition("\n")
+    return f"{title}\n\n{block}\n{rest}"
+
+
+def _results_block(by_steps: dict[int, dict[str, dict]], results_md: Path, output: Path, results_dir: Path) -> str:
+    """The summary for docs/results.md: the headline table at the largest step count SFT has run, and its plot."""
+    with_sft = [steps for steps, group in by_steps.items() if "sft" in group]
+    begin, end = RESULTS_BLOCK
+    lines = [begin, "", "## Quality study: the SoFT controls against SFT at equal budget", ""]
+    if not with_sft:
+        return "\n".join([*lines, "No SFT result yet.", "", end])
+    steps = max(with_sft)
+    group = by_steps[steps]
+    summaries = {run: summarize(result, group["sft"]) for run, result in group.items()}
+    plot = Path(os.path.relpath(results_dir / f"frontier_{steps}.png", results_md.parent))
+    report = os.path.relpath(output, results_md.parent)
+    lines += [
+        f"{len(group)} runs of {steps} steps each (SmolLM2-135M-Instruct, GSM8K), held-out answer CE against SFT's. "
+        f"Per-exit tables, every step count and the exact commands: [{output.name}]({report}) (written with this "
+        "block by `python benchmarks/quality_study.py report`).",
+        "",
+        *_headline_table(summaries),
+        "",
+        f"![frontier at {steps} steps]({plot})",
+        "",
+        end,
+    ]
+    return "\n".join(lines)
+
+
+def write_report(results_dir: Path, output: Path, repo: Path, results_md: Path | None = None) -> None:
     """Write the study's markdown report (and one frontier plot per step count) from `results_dir/*.json`.
 
     Args:
         results_dir: Folder of the per-run JSON files.
         output: The markdown file to write.
         repo: Repository root (for the commands shown).
+        results_md: Also put the headline table in this file (docs/results.md), between `RESULTS_BLOCK`'s markers.
 
     Raises:
         SystemExit: when there is no result to report.
@@ -182,3 +235,8 @@ def write_report(results_dir: Path, output: Path, repo: Path) -> None:
         lines += _group_section(steps, by_steps[steps], Path(output), Path(results_dir))
     Path(output).write_text("\n".join(lines))
     print(f"[study] report written to {output}")
+    if results_md is not None:
+        block = _results_block(by_steps, Path(results_md), Path(output), Path(results_dir))
+        existing = Path(results_md).read_text() if Path(results_md).exists() else "# Results\n"
+        Path(results_md).write_text(splice_block(existing, block))
+        print(f"[study] summary written to {results_md}")

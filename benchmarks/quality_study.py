@@ -4,7 +4,7 @@ and GSM8K, per exit, against SFT. Resumable across sessions; results are small J
     python benchmarks/quality_study.py list                                   # the runs and their flags
     OMP_NUM_THREADS=1 python benchmarks/quality_study.py run --max_steps 100 --runs sft,uniform --core 0
     python benchmarks/quality_study.py run --max_steps 100 --runs ramp_all,rotate2 --core 1   # a second process
-    python benchmarks/quality_study.py report                                 # docs/quality_study.md + plots
+    python benchmarks/quality_study.py report               # docs/quality_study.md + plots, summary in docs/results.md
 
 Every run trains `recipes/smollm2_135m_gsm8k_soft.yaml` (batch 4, max_length 256, lr 1e-4 cosine, seed 0 and the same
 data order for all) through `soft_peft.scripts.train` (the code path of `examples/gsm8k.py`) in a child process pinned
@@ -261,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache_dir", default=str(CACHE), help="Checkpoints and the data split.")
     parser.add_argument("--results_dir", default=str(RESULTS), help="Per-run result JSON files (committed).")
     parser.add_argument("--output", default=str(REPO / "docs" / "quality_study.md"), help="Report (`report`).")
+    parser.add_argument(
+        "--results_md", default=str(REPO / "docs" / "results.md"), help="Summary block goes here (`report`)."
+    )
     parser.add_argument("--dry-run", action="store_true", help="Print each run's training command; run nothing.")
     args = parser.parse_args(argv)
     runs = dict(RUNS)
@@ -276,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         from quality_report import write_report
 
-        write_report(Path(args.results_dir), Path(args.output), REPO)
+        write_report(Path(args.results_dir), Path(args.output), REPO, results_md=Path(args.results_md))
         return 0
     selected = list(runs) if args.runs == "all" else [r.strip() for r in args.runs.split(",") if r.strip()]
     unknown = [r for r in selected if r not in runs]

@@ -50,7 +50,11 @@ def test_interrupted_run_resumes_finished_run_is_skipped_and_report_is_written(t
     assert "finished, skipped" in skipped.stdout and "training" not in skipped.stdout
 
     report = tmp_path / "report.md"
-    write_report(tmp_path / "results", report, ROOT)
+    results_md = tmp_path / "results.md"
+    results_md.write_text("# Results\nThe replication.\n")
+    write_report(tmp_path / "results", report, ROOT, results_md=results_md)
+    summary = results_md.read_text()
+    assert "| sft | " in summary and "frontier_2.png" in summary and summary.endswith("The replication.\n")
     text = report.read_text()
     assert (
         "| sft | " in text and "--exit_layers 4" in text and (tmp_path / "results" / "frontier_2.png").stat().st_size
@@ -85,3 +89,18 @@ def test_summary_ratios_against_sft():
     assert summary["mean_exit_ce"] == 4.0 and summary["shallow_agreement"] == 0.8
     assert summary["time_vs_sft"] == 1.4 and summary["memory_vs_sft"] == 4.1 / 4.0
     assert summary["targets_met"] == 4  # all but the last layer (1.04x > 1.03x)
+
+
+def test_results_md_gets_one_summary_block_that_survives_both_reports():
+    from quality_report import RESULTS_BLOCK, extract_block, splice_block
+
+    begin, end = RESULTS_BLOCK
+    replication = "# Results\nReplication text.\n"
+    first = splice_block(replication, f"{begin}\nstudy v1\n{end}")
+    assert first == f"# Results\n\n{begin}\nstudy v1\n{end}\nReplication text.\n"
+    second = splice_block(first, f"{begin}\nstudy v2\n{end}")  # the study's report again: replaced, not stacked
+    assert second.count(begin) == 1 and "study v2" in second and "study v1" not in second
+    # replicate.py rewrites the file and keeps the block it finds
+    regenerated = splice_block("# Results\nNew replication.\n", extract_block(second))
+    assert "study v2" in regenerated and "New replication." in regenerated
+    assert extract_block("no block here") is None
