@@ -288,7 +288,16 @@ def to_trl_format(dataset: Dataset, dataset_format: str = "auto", source: str = 
     if dataset_format in _CONVERTERS:  # each converter checks its own columns
         dataset = _CONVERTERS[dataset_format](dataset, source=source)
     else:
-        _require_columns(dataset, _FORMAT_COLUMNS[dataset_format], repr(dataset_format), source)
+        try:
+            _require_columns(dataset, _FORMAT_COLUMNS[dataset_format], repr(dataset_format), source)
+        except DatasetFormatError as error:
+            try:
+                guess = detect_format(dataset, source)
+            except DatasetFormatError:
+                raise error from None
+            raise DatasetFormatError(
+                f"{error} Its columns are {guess!r} data: pass that format, or 'auto' to tell it by the columns."
+            ) from None
     if dataset_format in _COMPLETION_COLUMNS:
         _check_completions(dataset["completion"], _COMPLETION_COLUMNS[dataset_format], dataset_format, source)
     return dataset, dataset_format

@@ -171,6 +171,12 @@ def test_unknown_or_mismatched_formats_fail_in_one_line():
         to_trl_format(Dataset.from_list([{"text": "a"}]), "csv")
     with pytest.raises(DatasetFormatError, match="a 'messages' dataset needs columns \\['messages'\\]"):
         to_trl_format(Dataset.from_list([{"text": "a"}]), "messages", source="x.jsonl")
+    with pytest.raises(DatasetFormatError, match="Its columns are 'text' data: pass that format, or 'auto'"):
+        to_trl_format(Dataset.from_list([{"text": "a"}]), "messages", source="x.jsonl")
+    with pytest.raises(
+        DatasetFormatError, match="needs columns \\['text'\\], but \\['text'\\] are missing \\(found \\['a'\\]\\)\\.$"
+    ):
+        to_trl_format(Dataset.from_list([{"a": 1}]), "text")
     with pytest.raises(DatasetFormatError, match="cannot tell the dataset format from its columns \\['a', 'b'\\]"):
         to_trl_format(Dataset.from_list([{"a": 1, "b": 2}]))
     with pytest.raises(DatasetFormatError, match="expected one of \\['alpaca', 'gsm8k', 'triviaqa'\\]"):
