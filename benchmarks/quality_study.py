@@ -45,6 +45,9 @@ RUNS = {
     "ramp_deepest": "--exit_ramp_steps {half} --exit_ramp_order deepest_first",
     "rotate2": "--exit_rotation 2",
     "last_half": "--exit_loss_weights last:0.5",
+    # head_last changed almost nothing at 100 steps (the cost is in the shared layers): more weight on the last exit
+    "last_75": "--exit_loss_weights last:0.75",
+    "last_90": "--exit_loss_weights last:0.9",
     "last_half_ramp": "--exit_loss_weights last:0.5 --exit_ramp_steps {half} --exit_ramp_order all",
     "head_last": "--exit_head_grad last",
     "last_half_head_last": "--exit_loss_weights last:0.5 --exit_head_grad last",
