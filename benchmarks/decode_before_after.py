@@ -35,9 +35,10 @@ OUR_MODES = ("self-speculative", "dynamic")
 
 def import_revision(revision: str, alias: str = "soft_peft_before"):
     """Import ``soft_peft`` as it was at git ``revision``, as the package ``alias`` (its imports are relative)."""
-    archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", revision, "soft_peft"], capture_output=True, check=False
-    )
+    try:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "soft_peft"], capture_output=True)
+    except OSError as error:
+        raise SystemExit(f"decode_before_after.py: needs git to extract {revision}: {error}") from None
     if archive.returncode != 0:
         raise SystemExit(f"decode_before_after.py: git archive {revision}: {archive.stderr.decode().strip()}")
     folder = Path(tempfile.mkdtemp(prefix=f"{alias}_"))
