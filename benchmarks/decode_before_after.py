@@ -14,6 +14,7 @@ Greedy `generate` and `assistant_early_exit` are transformers' code in both tree
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import io
 import subprocess
@@ -50,14 +51,13 @@ def import_revision(revision: str, alias: str = "soft_peft_before"):
 
 
 def _before_methods(package_alias: str, model, method_args: tuple, method_kwargs: dict) -> list:
-    """The earlier revision's decoders with the same settings (its own harness built them then)."""
+    """The earlier revision's decoders with the same settings, built by that revision's own harness while it was in
+    the library, else by today's harness driving that revision's decoders."""
     try:
-        harness = importlib.import_module(f"{package_alias}.inference.benchmark")
-        old_build = harness.build_methods
-    except ImportError:  # a revision after the harness left the library: drive its decoders with today's harness
-        import decode_harness
-
-        old_build = decode_harness.build_methods
+        old_build = importlib.import_module(f"{package_alias}.inference.benchmark").build_methods
+    except ImportError:  # a revision after the harness left the library
+        old_decoders = importlib.import_module(f"{package_alias}.inference")
+        old_build = functools.partial(build_methods, decoders=old_decoders)
     methods = old_build(model, *method_args, **method_kwargs)
     return [m for m in methods if m.mode in OUR_MODES]
 

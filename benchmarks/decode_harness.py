@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+import soft_peft.inference
 from soft_peft.data import held_out_split, load_prompt_completion
 from soft_peft.evaluation.metrics import gsm8k_exact_match
-from soft_peft.inference import dynamic_generate, self_speculative_generate
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = Path.home() / ".cache" / "soft_peft" / "runs" / "gsm8k-soft-450"
@@ -95,6 +95,7 @@ def build_methods(
     dynamic_rules: Sequence[str] = ("exact",),
     draft_stop_thresholds: Sequence[float | None] = (None,),
     early_draft_exit_sets: Sequence[Sequence[int]] = ((),),
+    decoders=None,
 ) -> list[DecodeMethod]:
     """The methods to compare: greedy first (the reference), then every requested setting.
 
@@ -117,12 +118,15 @@ def build_methods(
             no confidence stop).
         early_draft_exit_sets: ``early_draft_exits`` settings to run every draft exit with a stop threshold with;
             exits at or above the draft exit are dropped, and settings left empty run only once.
+        decoders: A module with ``self_speculative_generate`` and ``dynamic_generate``; default
+            ``soft_peft.inference`` (`decode_before_after.py` passes an earlier revision's).
     """
     bad_rules = set(dynamic_rules) - {"exact", "subset"}
     if bad_rules or not dynamic_rules:
         raise ValueError(f"`dynamic_rules` takes 'exact' and/or 'subset', got {list(dynamic_rules)}.")
     if "subset" in dynamic_rules and vocab is None:
         raise ValueError("The 'subset' dynamic rule needs `vocab`: the subset the early exits decide on.")
+    decoders = soft_peft.inference if decoders is None else decoders
     common = dict(do_sample=False, max_new_tokens=max_new_tokens)
 
     def greedy(input_ids, attention_mask):
@@ -130,7 +134,7 @@ def build_methods(
 
     def speculative(draft_exit, stop, early=()):
         def run(input_ids, attention_mask):
-            out = self_speculative_generate(
+            out = decoders.self_speculative_generate(
                 model, input_ids, draft_exit, max_new_tokens, attention_mask, num_draft_tokens=num_draft_tokens,
                 draft_vocab=vocab, draft_stop_threshold=stop, early_draft_exits=early,
             )  # fmt: skip
@@ -140,7 +144,7 @@ def build_methods(
 
     def dynamic(threshold, kv_fill, exit_on_subset=False):
         def run(input_ids, attention_mask):
-            out = dynamic_generate(
+            out = decoders.dynamic_generate(
                 model, input_ids, dynamic_exits, threshold, max_new_tokens, attention_mask, kv_fill=kv_fill,
                 check_vocab=vocab, exit_on_subset=exit_on_subset,
             )  # fmt: skip

@@ -74,13 +74,23 @@ class DatasetFormatError(ValueError):
     """A dataset is missing, empty, or lacks the columns a format needs."""
 
 
-def _require_columns(dataset: Dataset, columns: Sequence[str], name: str, source: str) -> None:
+def _require_columns(
+    dataset: Dataset, columns: Sequence[str], name: str, source: str, suggest_format: bool = False
+) -> None:
     missing = [c for c in columns if c not in dataset.column_names]
-    if missing:
-        raise DatasetFormatError(
-            f"{source}: a {name} dataset needs columns {list(columns)}, but {missing} are missing "
-            f"(found {dataset.column_names})."
-        )
+    if not missing:
+        return
+    message = (
+        f"{source}: a {name} dataset needs columns {list(columns)}, but {missing} are missing "
+        f"(found {dataset.column_names})."
+    )
+    if suggest_format:  # name the format the columns do match, if any
+        try:
+            message += f" Its columns are {detect_format(dataset)!r} data: pass that format, or 'auto' to tell it by "
+            message += "the columns."
+        except DatasetFormatError:
+            pass
+    raise DatasetFormatError(message)
 
 
 def _first_json_error(path: str) -> str | None:
@@ -288,16 +298,7 @@ def to_trl_format(dataset: Dataset, dataset_format: str = "auto", source: str = 
     if dataset_format in _CONVERTERS:  # each converter checks its own columns
         dataset = _CONVERTERS[dataset_format](dataset, source=source)
     else:
-        try:
-            _require_columns(dataset, _FORMAT_COLUMNS[dataset_format], repr(dataset_format), source)
-        except DatasetFormatError as error:
-            try:
-                guess = detect_format(dataset, source)
-            except DatasetFormatError:
-                raise error from None
-            raise DatasetFormatError(
-                f"{error} Its columns are {guess!r} data: pass that format, or 'auto' to tell it by the columns."
-            ) from None
+        _require_columns(dataset, _FORMAT_COLUMNS[dataset_format], repr(dataset_format), source, suggest_format=True)
     if dataset_format in _COMPLETION_COLUMNS:
         _check_completions(dataset["completion"], _COMPLETION_COLUMNS[dataset_format], dataset_format, source)
     return dataset, dataset_format

@@ -42,3 +42,21 @@ def test_earlier_decoders_run_beside_todays_and_agree_token_for_token():
 def test_an_unknown_revision_fails_in_one_line():
     with pytest.raises(SystemExit, match="git archive no-such-revision"):
         import_revision("no-such-revision", alias="soft_peft_never")
+
+
+@pytest.mark.skipif(not _has_revision("HEAD"), reason="not a git checkout")
+def test_a_revision_without_the_old_harness_runs_its_own_decoders(monkeypatch):
+    before = import_revision("HEAD", alias="soft_peft_head_test")
+    calls = []
+    real = before.inference.dynamic_generate
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(before.inference, "dynamic_generate", counted)
+    model = tiny_model("llama")
+    args, kwargs = (4, [2], "adaptive", [2], [0.5], [2]), {"modes": ["dynamic"]}
+    (method,) = _before_methods("soft_peft_head_test", model, args, kwargs)
+    method.run(tiny_tokenizer()(["ab"], return_tensors="pt").input_ids, None)
+    assert calls == [1]  # that revision's decoder ran, not today's
