@@ -13,12 +13,14 @@ soft-peft train --config recipes/smollm2_135m_alpaca_cpu.yaml --dataset_name dat
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch.distributed as dist
 from datasets import Dataset
 from transformers import TrainerCallback
 from transformers.utils import is_torch_bf16_gpu_available
@@ -30,7 +32,16 @@ from ..hub import ModelNotFoundError, resolve_model_path
 from ..trainer import SoFTTrainer
 from .preflight import UsageError, check_exits_against_model, check_output_dir, resolve_resume_checkpoint
 
-__all__ = ["ShardingReport", "SoFTScriptArguments", "UsageError", "main", "make_parser", "parse_args", "train"]
+__all__ = [
+    "ShardingReport",
+    "SoFTScriptArguments",
+    "UsageError",
+    "end_run",
+    "main",
+    "make_parser",
+    "parse_args",
+    "train",
+]
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M"
 
@@ -215,7 +226,8 @@ def train(
     checkpoint (alone or `true`: the latest one that has its `trainer_state.json`).
 
     Returns:
-        The trainer, after training and saving.
+        The trainer, after training and saving. End it with `trainer.end()` once nothing else needs the other
+        processes (as `Trainer.end` says); [`main`] does.
 
     Raises:
         UsageError: for any of the checks above.
@@ -262,12 +274,29 @@ def train(
     trainer.accelerator.print(f"[soft-peft] exits {trainer.exit_layers}; model saved to {training_args.output_dir}")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
-    trainer.end()
     return trainer
 
 
+def end_run(trainer: SoFTTrainer) -> None:
+    """Finish the trackers and destroy the process group (`trainer.end()`); after a gloo run, also end the process.
+
+    Why the process ends here: gloo's worker threads outlive `destroy_process_group` (DeepSpeed's parameters still
+    hold the groups), and tearing them down during interpreter finalization can abort a run that trained and saved
+    (SIGABRT, "terminate called without an active exception"; pytorch/pytorch#179291). Seen once in CI with ZeRO-3
+    on 2 CPU processes. So the exit handlers (trackers, logging) run now, while the interpreter is whole, and the
+    process exits with status 0 without finalizing. Runs without gloo (NCCL, one process) return normally.
+    """
+    uses_gloo = dist.is_available() and dist.is_initialized() and "gloo" in str(dist.get_backend())
+    trainer.end()
+    if uses_gloo:
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
 def main(argv: Sequence[str] | None = None, prog: str | None = None, **defaults) -> int:
-    """Parse, train and save; user errors (flags, recipe, data) print one line and return 2.
+    """Parse, train, save and end the run ([`end_run`]); user errors (flags, recipe, data) print one line and return 2.
 
     Args:
         argv: Arguments (default `sys.argv[1:]`).
@@ -279,8 +308,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, **defaults)
         if any(arg in ("-h", "--help") for arg in (argv if argv is not None else sys.argv[1:])):
             make_parser(prog, **defaults).print_help()
             return 0
-        train(*parse_args(argv, prog, **defaults))
+        trainer = train(*parse_args(argv, prog, **defaults))
     except (UsageError, DatasetFormatError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
+    end_run(trainer)
     return 0
