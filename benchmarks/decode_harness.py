@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -95,7 +96,7 @@ def build_methods(
     dynamic_rules: Sequence[str] = ("exact",),
     draft_stop_thresholds: Sequence[float | None] = (None,),
     early_draft_exit_sets: Sequence[Sequence[int]] = ((),),
-    decoders=None,
+    decoders: ModuleType = soft_peft.inference,
 ) -> list[DecodeMethod]:
     """The methods to compare: greedy first (the reference), then every requested setting.
 
@@ -118,15 +119,14 @@ def build_methods(
             no confidence stop).
         early_draft_exit_sets: ``early_draft_exits`` settings to run every draft exit with a stop threshold with;
             exits at or above the draft exit are dropped, and settings left empty run only once.
-        decoders: A module with ``self_speculative_generate`` and ``dynamic_generate``; default
-            ``soft_peft.inference`` (`decode_before_after.py` passes an earlier revision's).
+        decoders: A module with ``self_speculative_generate`` and ``dynamic_generate``; `decode_before_after.py`
+            passes an earlier revision's.
     """
     bad_rules = set(dynamic_rules) - {"exact", "subset"}
     if bad_rules or not dynamic_rules:
         raise ValueError(f"`dynamic_rules` takes 'exact' and/or 'subset', got {list(dynamic_rules)}.")
     if "subset" in dynamic_rules and vocab is None:
         raise ValueError("The 'subset' dynamic rule needs `vocab`: the subset the early exits decide on.")
-    decoders = soft_peft.inference if decoders is None else decoders
     common = dict(do_sample=False, max_new_tokens=max_new_tokens)
 
     def greedy(input_ids, attention_mask):
