@@ -262,20 +262,21 @@ def _agreement(rows: list[list[int]], reference: list[list[int]]) -> tuple[float
     return exact, same / max(sum(len(ref) for ref in reference), 1)
 
 
-def format_table(results: Sequence[MethodResult], tokenizer, references: Sequence[str | None]) -> str:
-    """A markdown table: speed, ratios to greedy (and to the fastest ``assistant_early_exit`` setting), acceptance,
-    depth, quality.
+def summary_rows(results: Sequence[MethodResult], tokenizer, references: Sequence[str | None]) -> list[dict]:
+    """One dict per result: speed, ratios to greedy (and to the fastest ``assistant_early_exit`` setting),
+    acceptance, average exit depth and quality against greedy at the same batch size.
 
     Args:
-        results: From [`run_decode_benchmark`].
+        results: From [`run_decode_benchmark`]; the first of each batch size is the greedy reference.
         tokenizer: Decodes outputs for the GSM8K answer check.
         references: Reference GSM8K completions (ending in ``#### N``), one per prompt; ``None`` counts as wrong.
+
+    Returns:
+        Dicts with ``batch``, ``mode``, ``setting``, ``tokens_per_second``, ``vs_greedy``, ``vs_assistant``,
+        ``acceptance``, ``avg_depth`` (``None`` where they do not apply), ``exact_match``, ``tokens_equal_greedy``
+        and ``gsm8k_accuracy``.
     """
-    lines = [
-        "| batch | mode | setting | tokens/s | x greedy | x fastest assistant_early_exit | acceptance | avg depth "
-        "| exact match | tokens = greedy | GSM8K acc |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    rows = []
     for result in results:
         same_batch = [r for r in results if r.batch_size == result.batch_size]
         greedy = same_batch[0]
@@ -289,18 +290,45 @@ def format_table(results: Sequence[MethodResult], tokenizer, references: Sequenc
             for row, reference in zip(result.outputs, references, strict=True)
         ]
         counters = result.counters
-        acceptance = f"{counters['accepted'] / counters['drafted']:.2f}" if counters.get("drafted") else "-"
-        depth = f"{counters['depth_sum'] / counters['steps']:.1f}" if counters.get("steps") else "-"
-        versus_assisted = (
-            f"{result.tokens_per_second / assisted.tokens_per_second:.2f}"
-            if assisted and result is not assisted
-            else "-"
+        rows.append(
+            {
+                "batch": result.batch_size,
+                "mode": result.mode,
+                "setting": result.setting,
+                "tokens_per_second": result.tokens_per_second,
+                "vs_greedy": result.tokens_per_second / greedy.tokens_per_second,
+                "vs_assistant": (
+                    result.tokens_per_second / assisted.tokens_per_second
+                    if assisted and result is not assisted
+                    else None
+                ),
+                "acceptance": counters["accepted"] / counters["drafted"] if counters.get("drafted") else None,
+                "avg_depth": counters["depth_sum"] / counters["steps"] if counters.get("steps") else None,
+                "exact_match": exact,
+                "tokens_equal_greedy": agree,
+                "gsm8k_accuracy": sum(correct) / len(correct),
+            }
         )
+    return rows
+
+
+def format_table(results: Sequence[MethodResult], tokenizer, references: Sequence[str | None]) -> str:
+    """[`summary_rows`] as a markdown table."""
+
+    def fixed(value, digits):
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    lines = [
+        "| batch | mode | setting | tokens/s | x greedy | x fastest assistant_early_exit | acceptance | avg depth "
+        "| exact match | tokens = greedy | GSM8K acc |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in summary_rows(results, tokenizer, references):
         lines.append(
-            f"| {result.batch_size} | {result.mode} | {result.setting} | {result.tokens_per_second:.1f} "
-            f"| {result.tokens_per_second / greedy.tokens_per_second:.2f} | {versus_assisted} | {acceptance} "
-            f"| {depth} "
-            f"| {exact:.2f} | {agree:.3f} | {sum(correct) / len(correct):.2f} |"
+            f"| {row['batch']} | {row['mode']} | {row['setting']} | {row['tokens_per_second']:.1f} "
+            f"| {row['vs_greedy']:.2f} | {fixed(row['vs_assistant'], 2)} | {fixed(row['acceptance'], 2)} "
+            f"| {fixed(row['avg_depth'], 1)} "
+            f"| {row['exact_match']:.2f} | {row['tokens_equal_greedy']:.3f} | {row['gsm8k_accuracy']:.2f} |"
         )
     return "\n".join(lines)
 

@@ -14,10 +14,12 @@ Timing is interleaved batch by batch across methods, in one process, so the rati
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from decode_harness import (
@@ -33,6 +35,7 @@ from decode_harness import (
     load_model,
     parse_ints,
     run_decode_benchmark,
+    summary_rows,
 )
 
 
@@ -75,6 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="Model weights' dtype.")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared CPU).")
     parser.add_argument("--output", default=None, help="Also write the markdown table to this file.")
+    parser.add_argument("--json", default=None, help="Also write the table's rows (and the command) to this file.")
     return parser.parse_args(argv)
 
 
@@ -157,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     results = run_decode_benchmark(run.model, run.tokenizer, run.prompts, methods, args.batch_sizes)
     command = "python benchmarks/decode_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
     emit(run.header(args, command), format_table(results, run.tokenizer, run.references), args.output)
+    if args.json:
+        rows = summary_rows(results, run.tokenizer, run.references)
+        summary = {"model": run.path, "num_prompts": len(run.prompts), "command": command.strip(), "rows": rows}
+        Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
     return 0
 
 

@@ -127,6 +127,75 @@ def _headline_table(summaries: dict[str, dict]) -> list[str]:
     return lines
 
 
+# What a dynamic-exit cell shows besides its speed: (label, row key, digits)
+DYNAMIC_DETAILS = (("depth", "avg_depth", 1), ("= greedy", "tokens_equal_greedy", 2), ("acc", "gsm8k_accuracy", 2))
+
+
+def _decode_table(decoded: dict[str, dict]) -> list[str]:
+    """One row per decoded run (batch 1): greedy speed and accuracy, the fastest self-speculative setting (exact by
+    construction), dynamic exits at the strictest threshold and at the fastest setting, and `assistant_early_exit`."""
+
+    def best(rows, mode):
+        return max((r for r in rows if r["mode"] == mode), key=lambda r: r["vs_greedy"], default=None)
+
+    def strictest(rows):  # the highest threshold: the dynamic setting closest to greedy
+        dynamic = [r for r in rows if r["mode"] == "dynamic"]
+        return max(dynamic, key=lambda r: (float(r["setting"].split()[1].rstrip(",")), r["vs_greedy"]), default=None)
+
+    def cell(row, *extra):
+        if row is None:
+            return "–"
+        details = [row["setting"].split(",")[0], *(f"{name} {_fmt(row[key], digits)}" for name, key, digits in extra)]
+        return f"{row['vs_greedy']:.2f}× ({'; '.join(details)})"
+
+    lines = [
+        "| run | greedy tok/s | greedy GSM8K acc | self-speculative, fastest | dynamic, strictest threshold "
+        "| dynamic, fastest | assistant_early_exit, fastest |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run, summary in decoded.items():
+        rows = [r for r in summary["rows"] if r["batch"] == 1]
+        greedy = rows[0]
+        lines.append(
+            f"| {run} | {greedy['tokens_per_second']:.1f} | {greedy['gsm8k_accuracy']:.2f} "
+            f"| {cell(best(rows, 'self-speculative'), ('acceptance', 'acceptance', 2))} "
+            f"| {cell(strictest(rows), *DYNAMIC_DETAILS)} | {cell(best(rows, 'dynamic'), *DYNAMIC_DETAILS)} "
+            f"| {cell(best(rows, 'assistant_early_exit'))} |"
+        )
+    return lines
+
+
+def _decode_section(steps: int, group: dict[str, dict], results_dir: Path, output: Path) -> list[str]:
+    """The decoding speed of the runs `quality_study.py decode` has measured at this step count (none: no lines)."""
+    decoded = {}
+    for run in group:
+        path = results_dir / f"{run}-{steps}.decode.json"
+        if path.exists():
+            decoded[run] = json.loads(path.read_text())
+    if not decoded:
+        return []
+    any_summary = next(iter(decoded.values()))
+    lines = [
+        f"Decoding on these checkpoints (`benchmarks/decode_speed.py`, batch 1, {any_summary['num_prompts']} "
+        "held-out prompts, one pinned thread; speed × greedy `generate` of the same checkpoint in the same process; "
+        "`= greedy`: share of tokens equal to greedy's, `acc`: GSM8K answer accuracy). Full tables: "
+        + ", ".join(
+            f"[{run}]({os.path.relpath(results_dir / f'{run}-{steps}.decode.md', output.parent)})" for run in decoded
+        )
+        + ".",
+        "",
+        *_decode_table(decoded),
+        "",
+        "Decoding commands (`quality_study.py decode` runs them in a pinned child process):",
+        "",
+        "```bash",
+        *(summary["command"] for summary in decoded.values()),
+        "```",
+        "",
+    ]
+    return lines
+
+
 def _group_section(steps: int, group: dict[str, dict], output: Path, results_dir: Path) -> list[str]:
     sft = group.get("sft")
     summaries = {run: summarize(result, sft) for run, result in group.items()}
@@ -154,7 +223,7 @@ def _group_section(steps: int, group: dict[str, dict], output: Path, results_dir
         lines += ["", f"![frontier at {steps} steps]({os.path.relpath(plot, output.parent)})"]
     lines += ["", "Training commands (run by the study in a pinned child process):", "", "```bash"]
     lines += [f"{result['command']}" for result in group.values()]
-    return [*lines, "```", ""]
+    return [*lines, "```", "", *_decode_section(steps, group, results_dir, output)]
 
 
 def extract_block(text: str) -> str | None:
@@ -211,7 +280,9 @@ def write_report(results_dir: Path, output: Path, repo: Path, results_md: Path |
     Raises:
         SystemExit: when there is no result to report.
     """
-    results = [json.loads(p.read_text()) for p in sorted(Path(results_dir).glob("*.json"))]
+    # `<run>-<steps>.decode.json` files hold decoding rows, not runs
+    paths = [p for p in sorted(Path(results_dir).glob("*.json")) if not p.name.endswith(".decode.json")]
+    results = [json.loads(p.read_text()) for p in paths]
     if not results:
         raise SystemExit(f"no results in {results_dir}: run `python benchmarks/quality_study.py run` first.")
     by_steps: dict[int, dict[str, dict]] = {}
@@ -239,6 +310,7 @@ def write_report(results_dir: Path, output: Path, repo: Path, results_md: Path |
         "python benchmarks/quality_study.py run --max_steps 100 --core 1 \\",
         "    --runs rotate2,last_half,last_half_ramp,distill",
         "python benchmarks/quality_study.py run --max_steps 400 --runs sft,uniform,<best variants> --core 0",
+        "python benchmarks/quality_study.py decode --max_steps 400 --runs sft,uniform,<best variants> --core 0",
         "python benchmarks/quality_study.py report",
         "```",
         "",

@@ -4,6 +4,7 @@ and GSM8K, per exit, against SFT. Resumable across sessions; results are small J
     python benchmarks/quality_study.py list                                   # the runs and their flags
     OMP_NUM_THREADS=1 python benchmarks/quality_study.py run --max_steps 100 --runs sft,uniform --core 0
     python benchmarks/quality_study.py run --max_steps 100 --runs ramp_all,rotate2 --core 1   # a second process
+    python benchmarks/quality_study.py decode --max_steps 400 --runs sft,uniform --core 0   # decode_speed.py on each
     python benchmarks/quality_study.py report               # docs/quality_study.md + plots, summary in docs/results.md
 
 Every run trains `recipes/smollm2_135m_gsm8k_soft.yaml` (batch 4, max_length 256, lr 1e-4 cosine, seed 0 and the same
@@ -15,7 +16,9 @@ to one core (`OMP_NUM_THREADS=1 taskset -c CORE`), plus the run's own flags; any
 Per run, `<cache>/<run>-<steps>/` holds the checkpoints: an interrupted run resumes from its latest complete one; a
 run whose `<results>/<run>-<steps>.json` exists is skipped. Each result holds, per exit, held-out CE, token accuracy
 and top-1 agreement with the last layer (`soft_peft.evaluation.evaluate_exits`), and the run's median training
-seconds/step (timed per step, not counting start-up) and peak RSS (the training process's `ru_maxrss`).
+seconds/step (timed per step, not counting start-up) and peak RSS (the training process's `ru_maxrss`). `decode` runs
+`benchmarks/decode_speed.py` on finished runs' checkpoints, every run with the same exits and prompts (the first 16 of
+the same held-out split), and keeps its rows in `<results>/<run>-<steps>.decode.json`.
 """
 
 from __future__ import annotations
@@ -186,6 +189,49 @@ def run_one(args, run: str, template: str) -> str:
     return "done"
 
 
+def _decode_flags(depth: int) -> list[str]:
+    """The study's decoding settings: every run's checkpoint decodes with the same exits (the SoFT runs' early ones),
+    whatever it recorded, so SFT's checkpoint is measured with the exits SoFT trained."""
+    early = _default_exits(depth)[:-1]
+    return [
+        *("--draft_exits", ",".join(map(str, early[::2][:3])), "--dynamic_exits", ",".join(map(str, early))),
+        *("--num_prompts", "16", "--max_new_tokens", "128", "--batch_sizes", "1", "--threads", "1"),
+    ]
+
+
+def decode_one(args, run: str) -> str:
+    """`benchmarks/decode_speed.py` on one finished run's checkpoint; returns "done", "skipped", "missing",
+    "busy" or "failed". Writes `<results>/<run>-<steps>.decode.json` (rows) and `.decode.md` (the table)."""
+    name = f"{run}-{args.max_steps}"
+    results, run_dir = Path(args.results_dir), Path(args.cache_dir) / name
+    decoded = results / f"{name}.decode.json"
+    if decoded.exists():
+        print(f"[study] {name}: decoded, skipped")
+        return "skipped"
+    if not (results / f"{name}.json").exists() or not (run_dir / "config.json").exists():
+        print(f"[study] {name}: not trained yet (run `quality_study.py run --runs {run}` first), skipped")
+        return "missing"
+    lock = open(run_dir / ".lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"[study] {name}: busy in another process, skipped")
+        return "busy"
+    flags = _decode_flags(_model_depth(str(run_dir))) + shlex.split(args.decode_flags)  # the user's flags win
+    outputs = ["--output", str(results / f"{name}.decode.md"), "--json", str(decoded)]
+    command = [sys.executable, str(REPO / "benchmarks" / "decode_speed.py"), "--model_name_or_path", str(run_dir)]
+    print(f"[study] {name}: decoding", flush=True)
+    code, _ = _child([*command, "--data", str(args.data), *flags, *outputs], args.core, run_dir / "study.log")
+    if code != 0:
+        print(f"[study] {name}: decoding failed (exit {code}); see {run_dir / 'study.log'}", file=sys.stderr)
+        return "failed"
+    summary = json.loads(decoded.read_text())
+    summary["command"] = shlex.join(_portable(shlex.split(summary["command"]), args))
+    decoded.write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"[study] {name}: decoded, {decoded}")
+    return "done"
+
+
 def _portable(argv: list[str], args) -> list[str]:
     """The training command with machine paths replaced by the commands that produce them."""
     home = str(Path.home())
@@ -249,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "_eval":
         return _eval_child(*argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["run", "report", "list"])
+    parser.add_argument("command", choices=["run", "decode", "report", "list"])
     parser.add_argument("--runs", default="all", help="Comma-separated run names, or 'all' (see `list`).")
     parser.add_argument("--variant", action="append", default=[], help='Add a run: NAME="--flag value ...".')
     parser.add_argument("--max_steps", type=int, default=100, help="Steps per run: 100 to screen, >= 400 final.")
@@ -266,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=str(REPO / "docs" / "quality_study.md"), help="Report (`report`).")
     parser.add_argument(
         "--results_md", default=str(REPO / "docs" / "results.md"), help="Summary block goes here (`report`)."
+    )
+    parser.add_argument(
+        "--decode_flags", default="", help='`decode`: extra decode_speed.py flags, e.g. "--num_prompts 32".'
     )
     parser.add_argument("--dry-run", action="store_true", help="Print each run's training command; run nothing.")
     args = parser.parse_args(argv)
@@ -302,7 +351,10 @@ def main(argv: list[str] | None = None) -> int:
             command = _train_argv(args, flags, train_file, run_dir, depth)
             print(f"{run}: python examples/gsm8k.py {shlex.join(command)}")
         return 0
-    outcomes = {run: run_one(args, run, runs[run]) for run in selected}
+    if args.command == "decode":
+        outcomes = {run: decode_one(args, run) for run in selected}
+    else:
+        outcomes = {run: run_one(args, run, runs[run]) for run in selected}
     print("[study] " + ", ".join(f"{run}: {outcome}" for run, outcome in outcomes.items()))
     return 1 if "failed" in outcomes.values() else 0
 

@@ -13,13 +13,13 @@ from quality_report import summarize, write_report
 STUDY = ROOT / "benchmarks" / "quality_study.py"
 
 
-def study(tmp_path: Path, *extra: str, check: bool = False):
+def study(tmp_path: Path, *extra: str, check: bool = False, command: str = "run"):
     tiny = [
         "--model", str(tmp_path / "model"), "--data", str(tmp_path / "rows.jsonl"), "--held_out", "4",
         "--eval_rows", "4", "--max_steps", "2", "--save_steps", "1", "--batch_size", "2", "--max_length", "64",
         "--cache_dir", str(tmp_path / "cache"), "--results_dir", str(tmp_path / "results"), "--core", "-1",
     ]  # fmt: skip
-    return run(["python", str(STUDY), "run", *tiny, *extra], check=check)
+    return run(["python", str(STUDY), command, *tiny, *extra], check=check)
 
 
 def test_interrupted_run_resumes_finished_run_is_skipped_and_report_is_written(tmp_path):
@@ -104,3 +104,49 @@ def test_results_md_gets_one_summary_block_that_survives_both_reports():
     regenerated = splice_block("# Results\nNew replication.\n", extract_block(second))
     assert "study v2" in regenerated and "New replication." in regenerated
     assert extract_block("no block here") is None
+
+
+def _finished_run(tmp_path: Path, name: str, flags: list[str]) -> None:
+    """A run as `run` leaves it, without training: the checkpoint in the cache and a result JSON."""
+    save_tiny_model(tmp_path / "cache" / f"{name}-2")
+    exits = {
+        str(k): {"loss": 1.0, "token_accuracy": 0.5, "agreement_with_last": 0.5, "kl_to_last": 0.1}
+        for k in range(1, 5)
+    }
+    result = {"run": name, "flags": flags, "max_steps": 2, "command": "python examples/gsm8k.py", "exits": exits}
+    result |= {"seconds_per_step": 1.0, "peak_rss_gb": 1.0, "eval_rows": 4, "eval_tokens": 40}
+    (tmp_path / "results").mkdir(exist_ok=True)
+    (tmp_path / "results" / f"{name}-2.json").write_text(json.dumps(result))
+
+
+def test_decode_measures_finished_runs_with_the_same_exits_and_the_report_shows_it(tmp_path):
+    save_tiny_model(tmp_path / "model")
+    write_jsonl(tmp_path / "rows.jsonl", gsm8k_rows(210))  # decode_speed.py holds out 200 rows
+    decode = ["--decode_flags", "--num_prompts 2 --max_new_tokens 4 --vocab_size 0 --draft_stop_thresholds none"]
+
+    early = study(tmp_path, "--runs", "uniform", *decode, command="decode")
+    assert early.returncode == 0 and "uniform-2: not trained yet" in early.stdout
+
+    _finished_run(tmp_path, "sft", ["--exit_layers", "4"])
+    _finished_run(tmp_path, "uniform", [])
+    first = study(tmp_path, "--runs", "sft,uniform", *decode, check=True, command="decode")
+    assert "sft-2: decoded" in first.stdout and "uniform-2: decoded" in first.stdout
+    for run_name in ("sft", "uniform"):
+        decoded = json.loads((tmp_path / "results" / f"{run_name}-2.decode.json").read_text())
+        # Every checkpoint decodes with the SoFT runs' early exits, whatever it recorded
+        assert "--draft_exits 1,3 --dynamic_exits 1,2,3" in decoded["command"]
+        assert str(Path.home()) not in decoded["command"]
+        assert decoded["num_prompts"] == 2 and decoded["rows"][0]["mode"] == "greedy"
+        speculative = [r for r in decoded["rows"] if r["mode"] == "self-speculative"]
+        assert [r["setting"].split(",")[0] for r in speculative] == ["draft exit 1", "draft exit 3"]
+        assert all(r["exact_match"] == 1.0 and 0 <= r["acceptance"] <= 1 for r in speculative)  # exact decoding
+    again = study(tmp_path, "--runs", "sft", *decode, check=True, command="decode")
+    assert "sft-2: decoded, skipped" in again.stdout
+
+    report = tmp_path / "report.md"
+    write_report(tmp_path / "results", report, ROOT)
+    text = report.read_text()
+    assert "| run | greedy tok/s |" in text and "[uniform](results/uniform-2.decode.md)" in text
+    row = next(line for line in text.splitlines() if line.startswith("| uniform | ") and "draft exit" in line)
+    assert "acceptance" in row and "threshold" in row and "k=" in row
+    assert text.count("## 2 steps") == 1  # decode files are not read as runs
