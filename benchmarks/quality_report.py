@@ -243,13 +243,15 @@ def splice_block(text: str, block: str) -> str:
 
 
 def _results_block(by_steps: dict[int, dict[str, dict]], results_md: Path, output: Path, results_dir: Path) -> str:
-    """The summary for docs/results.md: the headline table at the largest step count SFT has run, and its plot."""
+    """The summary for docs/results.md: the headline table at the largest step count SFT and a SoFT run have both
+    run, and its plot."""
     with_sft = [steps for steps, group in by_steps.items() if "sft" in group]
     begin, end = RESULTS_BLOCK
     lines = [begin, "", "## Quality study: the SoFT controls against SFT at equal budget", ""]
     if not with_sft:
         return "\n".join([*lines, "No SFT result yet.", "", end])
-    steps = max(with_sft)
+    # SFT alone compares nothing: its step count waits until a SoFT run has finished beside it
+    steps = max(with_sft, key=lambda s: (len(by_steps[s]) > 1, s))
     group = by_steps[steps]
     summaries = {run: summarize(result, group["sft"]) for run, result in group.items()}
     plot = Path(os.path.relpath(results_dir / f"frontier_{steps}.png", results_md.parent))

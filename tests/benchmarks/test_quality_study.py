@@ -150,3 +150,17 @@ def test_decode_measures_finished_runs_with_the_same_exits_and_the_report_shows_
     row = next(line for line in text.splitlines() if line.startswith("| uniform | ") and "draft exit" in line)
     assert "acceptance" in row and "threshold" in row and "k=" in row
     assert text.count("## 2 steps") == 1  # decode files are not read as runs
+
+
+def test_results_md_summarizes_the_largest_step_count_where_sft_has_company(tmp_path):
+    from quality_report import _results_block
+
+    def group(*runs):
+        return {run: {"run": run, "max_steps": 0, "exits": {"1": {"loss": 1.0, "agreement_with_last": 1.0,
+                "token_accuracy": 1.0}}, "seconds_per_step": 1.0, "peak_rss_gb": 1.0} for run in runs}  # fmt: skip
+
+    by_steps = {100: group("sft", "uniform"), 400: group("sft")}
+    block = _results_block(by_steps, tmp_path / "results.md", tmp_path / "report.md", tmp_path)
+    assert "2 runs of 100 steps" in block and "frontier_100.png" in block
+    by_steps[400] = group("sft", "uniform")
+    assert "2 runs of 400 steps" in _results_block(by_steps, tmp_path / "results.md", tmp_path / "report.md", tmp_path)
