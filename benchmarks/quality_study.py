@@ -170,7 +170,9 @@ def run_one(args, run: str, template: str) -> str:
     if code != 0:
         print(f"[study] {name}: evaluation failed (exit {code}); see {log}", file=sys.stderr)
         return "failed"
-    steps = [json.loads(line) for line in (run_dir / "step_times.jsonl").read_text().splitlines()]
+    # Steps past the checkpoint a run resumed from were timed twice: keep the run that went on to the end
+    records = [json.loads(line) for line in (run_dir / "step_times.jsonl").read_text().splitlines()]
+    steps = list({record["step"]: record for record in records}.values())
     # The first step of each process pays one-off costs (allocations, lazy inits): left out of the median
     timed = [s["seconds"] for s in steps if not s["first_in_process"]] or [s["seconds"] for s in steps]
     state = json.loads((run_dir / "trainer_state.json").read_text())
