@@ -175,7 +175,7 @@ def _decode_section(steps: int, group: dict[str, dict], results_dir: Path, outpu
     if not decoded:
         return []
     any_summary = next(iter(decoded.values()))
-    lines = [
+    return [
         f"Decoding on these checkpoints (`benchmarks/decode_speed.py`, batch 1, {any_summary['num_prompts']} "
         "held-out prompts, one pinned thread; speed × greedy `generate` of the same checkpoint in the same process; "
         "`= greedy`: share of tokens equal to greedy's, `acc`: GSM8K answer accuracy). Full tables: "
@@ -193,7 +193,6 @@ def _decode_section(steps: int, group: dict[str, dict], results_dir: Path, outpu
         "```",
         "",
     ]
-    return lines
 
 
 def _group_section(steps: int, group: dict[str, dict], output: Path, results_dir: Path) -> list[str]:

@@ -129,6 +129,18 @@ def _default_exits(depth: int) -> list[int]:
     return default_exit_layers(depth)
 
 
+def _lock_run(run_dir: Path):
+    """An exclusive lock on a run's folder (an open file: the lock lasts while it is referenced), or ``None`` when
+    another process holds it. The kernel releases it when this process dies, so a crash leaves no stale lock."""
+    lock = open(run_dir / ".lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        return None
+    return lock
+
+
 def run_one(args, run: str, template: str) -> str:
     """Train (or resume) and evaluate one run; returns "done", "skipped", "busy" or "failed"."""
     depth = _model_depth(args.model)
@@ -143,10 +155,8 @@ def run_one(args, run: str, template: str) -> str:
         return "skipped"
     train_file, held_out = _prepare_split(args)
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock = open(run_dir / ".lock", "w")
-    try:  # released by the kernel when this process dies, so a crash leaves no stale lock
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    lock = _lock_run(run_dir)  # held until this function returns
+    if lock is None:
         print(f"[study] {name}: running in another process, skipped")
         return "busy"
     log, segments = run_dir / "study.log", run_dir / "segments.jsonl"
@@ -216,10 +226,8 @@ def decode_one(args, run: str) -> str:
     if not (results / f"{name}.json").exists() or not (run_dir / "config.json").exists():
         print(f"[study] {name}: not trained yet (run `quality_study.py run --runs {run}` first), skipped")
         return "missing"
-    lock = open(run_dir / ".lock", "w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    lock = _lock_run(run_dir)  # held until this function returns
+    if lock is None:
         print(f"[study] {name}: busy in another process, skipped")
         return "busy"
     flags = _decode_flags(_model_depth(str(run_dir))) + shlex.split(args.decode_flags)  # the user's flags win
