@@ -245,31 +245,30 @@ def splice_block(text: str, block: str) -> str:
 
 
 def _results_block(by_steps: dict[int, dict[str, dict]], results_md: Path, output: Path, results_dir: Path) -> str:
-    """The summary for docs/results.md: the headline table at the largest step count SFT and a SoFT run have both
-    run, and its plot."""
-    with_sft = [steps for steps, group in by_steps.items() if "sft" in group]
+    """The summary for docs/results.md: for every step count where SFT and a SoFT run have both run, largest first
+    (the final runs, then the screen), the headline table and its frontier plot."""
     begin, end = RESULTS_BLOCK
     lines = [begin, "", "## Quality study: the SoFT controls against SFT at equal budget", ""]
-    if not with_sft:
-        return "\n".join([*lines, "No SFT result yet.", "", end])
     # SFT alone compares nothing: its step count waits until a SoFT run has finished beside it
-    steps = max(with_sft, key=lambda s: (len(by_steps[s]) > 1, s))
-    group = by_steps[steps]
-    summaries = {run: summarize(result, group["sft"]) for run, result in group.items()}
-    plot = Path(os.path.relpath(results_dir / f"frontier_{steps}.png", results_md.parent))
+    compared = sorted((s for s, group in by_steps.items() if "sft" in group and len(group) > 1), reverse=True)
+    if not compared:
+        return "\n".join([*lines, "No SFT result with a SoFT run beside it yet.", "", end])
     report = os.path.relpath(output, results_md.parent)
     lines += [
-        f"{len(group)} runs of {steps} steps each (SmolLM2-135M-Instruct, GSM8K), held-out answer CE against SFT's. "
-        f"Per-exit tables, every step count and the exact commands: [{output.name}]({report}) (written with this "
-        "block by `python benchmarks/quality_study.py report`).",
+        f"SmolLM2-135M-Instruct on GSM8K, held-out answer CE against SFT's at equal steps. Per-exit tables, decoding "
+        f"speed, every step count and the exact commands: [{output.name}]({report}) (written with this block by "
+        "`python benchmarks/quality_study.py report`).",
         "",
-        *_headline_table(summaries),
-        "",
-        f"![frontier at {steps} steps]({plot})",
-        "",
-        end,
     ]
-    return "\n".join(lines)
+    for steps in compared:
+        group = by_steps[steps]
+        summaries = {run: summarize(result, group["sft"]) for run, result in group.items()}
+        plot = Path(os.path.relpath(results_dir / f"frontier_{steps}.png", results_md.parent))
+        role = "" if len(compared) == 1 else " (final runs)" if steps == compared[0] else " (screen)"
+        heading = f"### {steps} steps{role}"
+        lines += [heading, "", f"{len(group)} runs of {steps} steps each.", "", *_headline_table(summaries), ""]
+        lines += [f"![frontier at {steps} steps]({plot})", ""]
+    return "\n".join([*lines, end])
 
 
 def write_report(results_dir: Path, output: Path, repo: Path, results_md: Path | None = None) -> None:

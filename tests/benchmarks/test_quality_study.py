@@ -152,15 +152,23 @@ def test_decode_measures_finished_runs_with_the_same_exits_and_the_report_shows_
     assert text.count("## 2 steps") == 1  # decode files are not read as runs
 
 
-def test_results_md_summarizes_the_largest_step_count_where_sft_has_company(tmp_path):
+def test_results_md_summarizes_every_step_count_where_sft_has_company_largest_first(tmp_path):
     from quality_report import _results_block
 
     def group(*runs):
         return {run: {"run": run, "max_steps": 0, "exits": {"1": {"loss": 1.0, "agreement_with_last": 1.0,
                 "token_accuracy": 1.0}}, "seconds_per_step": 1.0, "peak_rss_gb": 1.0} for run in runs}  # fmt: skip
 
-    by_steps = {100: group("sft", "uniform"), 400: group("sft")}
-    block = _results_block(by_steps, tmp_path / "results.md", tmp_path / "report.md", tmp_path)
-    assert "2 runs of 100 steps" in block and "frontier_100.png" in block
-    by_steps[400] = group("sft", "uniform")
-    assert "2 runs of 400 steps" in _results_block(by_steps, tmp_path / "results.md", tmp_path / "report.md", tmp_path)
+    def block(by_steps):
+        return _results_block(by_steps, tmp_path / "results.md", tmp_path / "report.md", tmp_path)
+
+    assert "No SFT result" in block({100: group("sft"), 400: group("uniform")})
+    by_steps = {100: group("sft", "uniform", "last_75"), 400: group("sft")}
+    text = block(by_steps)
+    assert "### 100 steps\n" in text and "3 runs of 100 steps" in text and "frontier_100.png" in text
+    assert "400 steps" not in text  # SFT alone at 400 compares nothing yet
+    by_steps[400] = group("sft", "last_75")
+    text = block(by_steps)
+    final, screen = text.index("### 400 steps (final runs)"), text.index("### 100 steps (screen)")
+    assert final < screen and "frontier_400.png" in text[final:screen] and "frontier_100.png" in text[screen:]
+    assert text[final:screen].count("| last_75 |") == 1 and "| uniform |" not in text[final:screen]
