@@ -11,7 +11,8 @@ data="${GSM8K_TRAIN:-../shared/data/gsm8k/train.jsonl}"
 base="$(python tools/get_smollm2.py)"
 common=(--dataset_name "$data" --per_device_train_batch_size 4 --max_length 256 --learning_rate 1e-4
         --logging_steps 10 --save_strategy no --use_cpu true --eval_holdout_size 200 --eval_strategy steps
-        --eval_steps 100000 --report_to none)
+        --eval_steps 100000 --report_to none
+        --exit_loss_weights uniform)  # as it was made: the paper's loss, soft-peft's default before last:0.75
 [ -f "$runs/gsm8k-soft-150/config.json" ] ||
     python examples/gsm8k.py --model_name_or_path "$base" --output_dir "$runs/gsm8k-soft-150" --max_steps 150 "${common[@]}"
 [ -f "$runs/gsm8k-soft-450/config.json" ] ||

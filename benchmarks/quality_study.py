@@ -17,7 +17,7 @@ Per run, `<cache>/<run>-<steps>/` holds the checkpoints: an interrupted run resu
 run whose `<results>/<run>-<steps>.json` exists is skipped. Each result holds, per exit, held-out CE, token accuracy
 and top-1 agreement with the last layer (`soft_peft.evaluation.evaluate_exits`), and the run's median training
 seconds/step (timed per step, not counting start-up) and peak RSS (the training process's `ru_maxrss`). `decode` runs
-`benchmarks/decode_speed.py` on finished runs' checkpoints, every run with the same exits and prompts (the first 16 of
+`benchmarks/decode_speed.py` on finished runs' checkpoints, every run with the same exits and prompts (the first 8 of
 the same held-out split), and keeps its rows in `<results>/<run>-<steps>.decode.json`.
 """
 
@@ -207,9 +207,12 @@ def _decode_flags(depth: int) -> list[str]:
     """The study's decoding settings: every run's checkpoint decodes with the same exits (the SoFT runs' early ones),
     whatever it recorded, so SFT's checkpoint is measured with the exits SoFT trained."""
     early = _default_exits(depth)[:-1]
+    # Only what the study compares (SoFT's own decoders, each run's recommended settings): at 16 prompts and every
+    # mode decode_speed.py took ~6 min per prompt on a core shared with tests: 1.5 h per checkpoint
     return [
         *("--draft_exits", ",".join(map(str, early[::2][:3])), "--dynamic_exits", ",".join(map(str, early))),
-        *("--num_prompts", "16", "--max_new_tokens", "128", "--batch_sizes", "1", "--threads", "1"),
+        *("--num_prompts", "8", "--max_new_tokens", "128", "--batch_sizes", "1", "--threads", "1"),
+        *("--modes", "self-speculative,dynamic", "--thresholds", "0.9,0.5", "--kv_fills", "recompute"),
         *("--draft_stop_thresholds", "0.5"),  # the recommended setting; without a stop costs a second run per exit
     ]
 

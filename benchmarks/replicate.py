@@ -97,7 +97,8 @@ def train_one(trainer_name: str, args: argparse.Namespace) -> Path:
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
-    config = SoFTConfig(**common) if trainer_name == "soft" else SFTConfig(**common)
+    # The paper's loss (mean over exits), not soft-peft's default: this script replicates the paper
+    config = SoFTConfig(**common, exit_loss_weights="uniform") if trainer_name == "soft" else SFTConfig(**common)
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(base)

@@ -12,7 +12,14 @@ from dataclasses import dataclass, field, fields
 
 from trl import SFTConfig
 
-from .loss import DEFAULT_VOCAB_CHUNK_SIZE, HEAD_GRAD_MODES, KERNELS, exit_loss_weights, validate_exit_controls
+from .loss import (
+    DEFAULT_EXIT_LOSS_WEIGHTS,
+    DEFAULT_VOCAB_CHUNK_SIZE,
+    HEAD_GRAD_MODES,
+    KERNELS,
+    exit_loss_weights,
+    validate_exit_controls,
+)
 from .schedule import ExitSchedule
 
 __all__ = ["SoFTConfig", "SoFTSettings", "read_soft_settings"]
@@ -40,11 +47,12 @@ class SoFTSettings:
             the model's final norm and shared LM head). A list, a comma-separated string `"12,16,20"`, or a slice
             string `"start:stop:step"` (`"12:41:4"` = 12, 16, ..., 40). Defaults to the paper's 8 evenly spaced exits
             from 30% depth to the last layer: layer `round(L * (3 + i) / 10)` for `i = 0..7`.
-        exit_loss_weights (`str` or `list[float]`, *optional*, defaults to `"uniform"`):
-            How the exits' losses are combined: `"uniform"` (the paper's mean), `"linear"` (weight proportional to
-            depth), `"last:w"` (the last exit keeps weight `w` in [0, 1], the other exits share `1 - w` equally) or
-            one non-negative weight per exit (`"1,1,2"` on the command line). Normalised to sum to 1; each exit's
-            summed token loss is divided by the same token count as `SFTTrainer`'s (`num_items_in_batch`).
+        exit_loss_weights (`str` or `list[float]`, *optional*, defaults to `"last:0.75"`):
+            How the exits' losses are combined: `"last:w"` (the last exit keeps weight `w` in [0, 1], the other exits
+            share `1 - w` equally; the default `"last:0.75"` was chosen by the quality study in `docs/results.md`),
+            `"uniform"` (the paper's mean over exits), `"linear"` (weight proportional to depth) or one non-negative
+            weight per exit (`"1,1,2"` on the command line). Normalised to sum to 1; each exit's summed token loss is
+            divided by the same token count as `SFTTrainer`'s (`num_items_in_batch`).
         exit_head_grad (`str`, *optional*, defaults to `"all"`):
             `"all"`: every exit's loss updates the shared final norm and LM head (the paper). `"last"`: the early exits
             use them without updating them (their gradient still trains the layers below), so the norm and head (with
@@ -80,11 +88,11 @@ class SoFTSettings:
         },
     )
     exit_loss_weights: str = field(
-        default="uniform",
+        default=DEFAULT_EXIT_LOSS_WEIGHTS,
         metadata={
-            "help": "Per-exit loss weights: 'uniform' (paper), 'linear' (deeper exits weigh more), 'last:w' (the "
-            "last exit keeps w, the others share 1 - w), or one non-negative weight per exit such as '1,1,2' "
-            "(normalised to sum to 1)."
+            "help": "Per-exit loss weights: 'last:w' (the last exit keeps w, the others share 1 - w; default "
+            "'last:0.75'), 'uniform' (the paper), 'linear' (deeper exits weigh more), or one non-negative weight per "
+            "exit such as '1,1,2' (normalised to sum to 1)."
         },
     )
     exit_head_grad: str = field(
@@ -147,7 +155,9 @@ def _check_settings(settings: SoFTSettings) -> None:
     from .exits import parse_exit_spec
 
     settings.exit_layers = _normalize_list_setting(settings.exit_layers, "exit_layers")
-    settings.exit_loss_weights = _normalize_list_setting(settings.exit_loss_weights, "exit_loss_weights") or "uniform"
+    settings.exit_loss_weights = (
+        _normalize_list_setting(settings.exit_loss_weights, "exit_loss_weights") or DEFAULT_EXIT_LOSS_WEIGHTS
+    )
     # Only the syntax can be checked here: the range needs the model's depth (checked by the trainer, and by the
     # training script from config.json before the weights load)
     layers = parse_exit_spec(settings.exit_layers)

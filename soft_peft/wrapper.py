@@ -16,7 +16,7 @@ from .checkpoints import save_adapter_exit_layers, saves_an_adapter
 from .exit_forward import ExitLossSettings, SortedExitOutput, sorted_exit_forward
 from .exit_head import find_exit_head, unwrap_model
 from .exits import parse_exit_layers, record_exit_layers
-from .loss import DEFAULT_VOCAB_CHUNK_SIZE, exit_loss_weights
+from .loss import DEFAULT_EXIT_LOSS_WEIGHTS, DEFAULT_VOCAB_CHUNK_SIZE, exit_loss_weights
 from .schedule import ExitSchedule
 
 __all__ = ["SortedExitOutput", "SortedLossWrapper", "add_sorted_exit_loss"]
@@ -28,7 +28,7 @@ _PATCHED = "_soft_peft_exit_loss"
 def add_sorted_exit_loss(
     model: nn.Module,
     exit_layers: str | Sequence[int] | None = None,
-    exit_loss_weights_spec: str | Sequence[float] = "uniform",
+    exit_loss_weights_spec: str | Sequence[float] = DEFAULT_EXIT_LOSS_WEIGHTS,
     final_norm: nn.Module | None = None,
     vocab_chunk_size: int = DEFAULT_VOCAB_CHUNK_SIZE,
     token_weighting: str = "nll",
@@ -49,7 +49,7 @@ def add_sorted_exit_loss(
     Args:
         model: A transformers causal LM or a PEFT model around one.
         exit_layers: See [`~soft_peft.exits.parse_exit_layers`]; ``None`` is the paper's 8 evenly spaced exits.
-        exit_loss_weights_spec: See [`~soft_peft.loss.exit_loss_weights`].
+        exit_loss_weights_spec: See [`~soft_peft.loss.exit_loss_weights`]; default ``"last:0.75"``.
         final_norm: The final norm, where [`~soft_peft.exits.find_final_norm`] cannot tell it.
         vocab_chunk_size: Vocabulary columns per projection tile of the head kernel.
         token_weighting: ``"nll"``, or ``"dft"`` for TRL's DFT loss.
@@ -135,9 +135,9 @@ class SortedLossWrapper(nn.Module):
         model: A transformers causal LM, or a PEFT model around one.
         exit_layers: List of layers, ``"12,16,20"`` or ``"start:stop:step"``; ``None`` is the paper's 8 evenly spaced
             exits from ~30% depth to the last layer (see [`~soft_peft.exits.default_exit_layers`]).
-        exit_loss_weights: ``"uniform"`` (paper), ``"linear"`` (deeper exits weigh more), ``"last:w"`` (the last exit
-            keeps weight ``w``, the others share ``1 - w``) or one weight per exit; normalised to sum to 1 (see
-            [`~soft_peft.loss.exit_loss_weights`]).
+        exit_loss_weights: ``"last:w"`` (the last exit keeps weight ``w``, the others share ``1 - w``; default
+            ``"last:0.75"``, chosen by the quality study), ``"uniform"`` (the paper), ``"linear"`` (deeper exits weigh
+            more) or one weight per exit; normalised to sum to 1 (see [`~soft_peft.loss.exit_loss_weights`]).
         final_norm: The final norm module, only for architectures where it cannot be found automatically.
         vocab_chunk_size: Vocabulary columns per head tile (memory/speed knob).
         schedule: An [`~soft_peft.schedule.ExitSchedule`] (exits ramped in, or a rotation of the early exits). Then
@@ -164,7 +164,7 @@ class SortedLossWrapper(nn.Module):
         self,
         model: nn.Module,
         exit_layers: str | Sequence[int] | None = None,
-        exit_loss_weights: str | Sequence[float] = "uniform",
+        exit_loss_weights: str | Sequence[float] = DEFAULT_EXIT_LOSS_WEIGHTS,
         final_norm: nn.Module | None = None,
         vocab_chunk_size: int = DEFAULT_VOCAB_CHUNK_SIZE,
         schedule: ExitSchedule | None = None,

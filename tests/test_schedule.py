@@ -17,6 +17,7 @@ from soft_peft import ExitSchedule, SoFTConfig, SoFTTrainer, SortedLossWrapper, 
 UNIFORM4 = [0.25] * 4
 REAL_LOSS = soft_peft.exit_forward.sorted_exit_loss
 EXITS = [1, 2, 3, NUM_LAYERS]
+DEFAULT4 = [1 / 12, 1 / 12, 1 / 12, 3 / 4]  # the default "last:0.75" on EXITS: the early exits share 1/4
 
 
 @pytest.mark.parametrize(
@@ -199,7 +200,7 @@ def test_trainer_follows_the_global_step_under_accumulation_and_logs_weights(tmp
     calls, logs = train_recording(monkeypatch, tmp_path / "run")
     assert len(calls) == 8  # 4 steps x 2 micro-batches
     for step in range(4):
-        expected = scheduled_exit_weights(UNIFORM4, step, ExitSchedule(ramp_steps=3, ramp_order="all", rotation=1))
+        expected = scheduled_exit_weights(DEFAULT4, step, ExitSchedule(ramp_steps=3, ramp_order="all", rotation=1))
         # Both micro-batches of one optimizer step: the same active exits and weights
         assert calls[2 * step] == calls[2 * step + 1] == (2, pytest.approx([w for w in expected if w > 0]))
         entry = logs[step + 1]
@@ -229,5 +230,5 @@ def test_default_config_logs_no_weights_and_trains_every_exit(tmp_path, monkeypa
     calls, logs = train_recording(
         monkeypatch, tmp_path / "run", exit_ramp_steps=0, exit_rotation=0, max_steps=2, save_strategy="no"
     )
-    assert calls == [(4, UNIFORM4)] * 4
+    assert calls == [(4, pytest.approx(DEFAULT4))] * 4
     assert not any(key.endswith("/weight") for entry in logs.values() for key in entry)

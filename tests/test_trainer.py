@@ -159,7 +159,8 @@ def test_packing_and_padding_free_log_the_per_sequence_losses_and_tokens(tmp_pat
     for k, (exit_loss, accuracy) in reference.items():
         assert metrics[f"exit_{k}/loss"] == [pytest.approx(exit_loss, rel=1e-5)]
         assert metrics[f"exit_{k}/mean_token_accuracy"] == [pytest.approx(accuracy, abs=1e-6)]
-    assert loss.item() == pytest.approx(sum(exit_loss for exit_loss, _ in reference.values()) / 2, rel=1e-5)
+    # The default weights ("last:0.75"): the last exit 3/4, the one early exit 1/4
+    assert loss.item() == pytest.approx(0.25 * reference[2][0] + 0.75 * reference[NUM_LAYERS][0], rel=1e-5)
     assert metrics["num_tokens"] == [batch["position_ids"].size(1)]
 
 

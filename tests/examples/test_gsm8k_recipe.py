@@ -1,21 +1,32 @@
-"""recipes/smollm2_135m_gsm8k_soft.yaml (the quality study's recipe) parses, `--exit_layers 30` turns it into the SFT
-baseline with everything else equal, and it trains at any --max_steps (tiny model, 2 steps)."""
+"""The GSM8K recipes: `smollm2_135m_gsm8k_soft.yaml` (the quality study's base: the paper's loss) and
+`smollm2_135m_gsm8k_recommended.yaml` (the settings the study recommends). Each parses, `--exit_layers 30` turns it
+into its SFT baseline with everything else equal (and with the last exit alone the loss is plain SFT's), and it trains
+at any --max_steps (tiny model, 2 steps)."""
 
 from __future__ import annotations
 
-from example_runs import RECIPES, gsm8k_rows, run_example, save_tiny_model, step_logs, write_jsonl
+import sys
+from pathlib import Path
+
+import pytest
+from example_runs import RECIPES, ROOT, gsm8k_rows, run_example, save_tiny_model, step_logs, write_jsonl
 
 from soft_peft.exits import parse_exit_layers
+from soft_peft.loss import DEFAULT_EXIT_LOSS_WEIGHTS, exit_loss_weights
 from soft_peft.scripts.train import parse_args
 
-RECIPE = RECIPES / "smollm2_135m_gsm8k_soft.yaml"
+BASE = RECIPES / "smollm2_135m_gsm8k_soft.yaml"
+RECOMMENDED = RECIPES / "smollm2_135m_gsm8k_recommended.yaml"
+SMOLLM2_EXITS = [9, 12, 15, 18, 21, 24, 27, 30]
 
 
-def test_recipe_parses_and_exit_layers_30_is_the_sft_baseline():
-    soft_script, soft, soft_model = parse_args(["--config", str(RECIPE)])
-    sft_script, sft, sft_model = parse_args(["--config", str(RECIPE), "--exit_layers", "30"])
-    assert soft.exit_layers == [9, 12, 15, 18, 21, 24, 27, 30] and soft.exit_loss_weights == "uniform"
-    assert parse_exit_layers(sft.exit_layers, 30) == [30]
+@pytest.mark.parametrize("recipe, weights", [(BASE, "uniform"), (RECOMMENDED, "last:0.75")])
+def test_recipe_parses_and_exit_layers_30_is_the_sft_baseline(recipe, weights):
+    soft_script, soft, soft_model = parse_args(["--config", str(recipe)])
+    sft_script, sft, sft_model = parse_args(["--config", str(recipe), "--exit_layers", "30"])
+    assert soft.exit_layers == SMOLLM2_EXITS and soft.exit_loss_weights == weights
+    sft_exits = parse_exit_layers(sft.exit_layers, 30)
+    assert sft_exits == [30] and exit_loss_weights(sft.exit_loss_weights, sft_exits) == [1.0]  # plain SFT's loss
     assert (soft.max_steps, soft.per_device_train_batch_size, soft.max_length) == (400, 4, 256)
     assert (soft.learning_rate, soft.seed, soft.data_seed, soft.lr_scheduler_type.value) == (1e-4, 0, 0, "cosine")
     # The curriculum is off, and nothing but the exits differs between the two runs
@@ -26,10 +37,26 @@ def test_recipe_parses_and_exit_layers_30_is_the_sft_baseline():
     assert soft_script.dataset_format == "gsm8k"
 
 
-def test_recipe_trains_a_tiny_model_at_any_max_steps(tmp_path, monkeypatch):
+def test_the_recommended_recipe_is_the_studys_measured_run_and_the_library_default():
+    """What the recipe recommends is what the study measured (its base recipe plus the `last_75` run's flags) and
+    what `SoFTConfig` does by default."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from quality_study import RUNS
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    _, measured, _ = parse_args(["--config", str(BASE), *RUNS["last_75"].split()])
+    _, recommended, _ = parse_args(["--config", str(RECOMMENDED)])
+    differing = {k for k, v in recommended.to_dict().items() if measured.to_dict()[k] != v}
+    assert differing == {"output_dir"}
+    assert recommended.exit_loss_weights == DEFAULT_EXIT_LOSS_WEIGHTS
+
+
+@pytest.mark.parametrize("recipe", [BASE, RECOMMENDED], ids=["base", "recommended"])
+def test_recipe_trains_a_tiny_model_at_any_max_steps(tmp_path, monkeypatch, recipe):
     model = save_tiny_model(tmp_path / "tiny")
     data = write_jsonl(tmp_path / "gsm8k.jsonl", gsm8k_rows())
-    argv = ["--config", str(RECIPE), "--model_name_or_path", str(model), "--dataset_name", str(data)]
+    argv = ["--config", str(recipe), "--model_name_or_path", str(model), "--dataset_name", str(data)]
     argv += ["--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--logging_steps", "1", "--max_length", "64"]
     argv += ["--exit_layers", "1,2,4", "--exit_rotation", "1"]
     assert run_example("gsm8k", argv, monkeypatch) == 0
@@ -38,4 +65,14 @@ def test_recipe_trains_a_tiny_model_at_any_max_steps(tmp_path, monkeypatch):
     # One of the two early exits per step, in turn; the last layer every step
     assert {"exit_1/loss", "exit_4/loss"} <= set(logs[1]) and "exit_2/loss" not in logs[1]
     assert {"exit_2/loss", "exit_4/loss"} <= set(logs[2]) and "exit_1/loss" not in logs[2]
-    assert [logs[2][f"exit_{k}/weight"] for k in (1, 2, 4)] == [0.0, 2 / 3, 1 / 3]
+    # The rotated exit carries the early exits' whole share: 2/3 under uniform weights, 1/4 under last:0.75
+    early, last = (2 / 3, 1 / 3) if recipe == BASE else (0.25, 0.75)
+    assert [logs[2][f"exit_{k}/weight"] for k in (1, 2, 4)] == pytest.approx([0.0, early, last])
+    for step, active in ((1, 1), (2, 2)):
+        expected = early * logs[step][f"exit_{active}/loss"] + last * logs[step]["exit_4/loss"]
+        assert logs[step]["loss"] == pytest.approx(expected, rel=1e-3)
+
+
+def test_recipes_are_listed_in_the_recipes_readme():
+    text = (RECIPES / "README.md").read_text()
+    assert all(Path(recipe).name in text for recipe in (BASE, RECOMMENDED))
