@@ -43,7 +43,7 @@ SPLIT_SEED = 0
 # Flags per run; {last} = the model's depth, {half} = max_steps // 2
 RUNS = {
     "sft": "--exit_layers {last}",
-    "uniform": "",
+    "uniform": "",  # the base recipe as is: the paper's uniform loss (soft-peft's default is last:0.75)
     "ramp_all": "--exit_ramp_steps {half} --exit_ramp_order all",
     "ramp_deepest": "--exit_ramp_steps {half} --exit_ramp_order deepest_first",
     "rotate2": "--exit_rotation 2",
@@ -208,7 +208,7 @@ def _decode_flags(depth: int) -> list[str]:
     whatever it recorded, so SFT's checkpoint is measured with the exits SoFT trained."""
     early = _default_exits(depth)[:-1]
     # Only what the study compares (SoFT's own decoders, each run's recommended settings): at 16 prompts and every
-    # mode decode_speed.py took ~6 min per prompt on a core shared with tests: 1.5 h per checkpoint
+    # mode decode_speed.py took 6 min for its first prompt on a core shared with tests: ~1.5 h per checkpoint
     return [
         *("--draft_exits", ",".join(map(str, early[::2][:3])), "--dynamic_exits", ",".join(map(str, early))),
         *("--num_prompts", "8", "--max_new_tokens", "128", "--batch_sizes", "1", "--threads", "1"),
