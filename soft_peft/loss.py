@@ -101,7 +101,7 @@ def exit_loss_weights(spec: str | Sequence[float], exit_layers: Sequence[int]) -
     if len(raw) != len(exit_layers):
         raise ValueError(
             f"exit_loss_weights has {len(raw)} values but there are {len(exit_layers)} exits {list(exit_layers)}: "
-            "give one weight per exit, or 'uniform' / 'linear'."
+            "give one weight per exit, or a scheme: 'last:0.75' (the default), 'uniform' or 'linear'."
         )
     if any(w < 0 or w != w for w in raw):
         raise ValueError(f"exit_loss_weights={raw} has a negative or NaN weight; weights must be >= 0.")
