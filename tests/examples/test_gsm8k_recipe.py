@@ -5,11 +5,8 @@ at any --max_steps (tiny model, 2 steps)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-from example_runs import RECIPES, ROOT, gsm8k_rows, run_example, save_tiny_model, step_logs, write_jsonl
+from example_runs import RECIPES, gsm8k_rows, run_example, save_tiny_model, step_logs, write_jsonl
 
 from soft_peft.exits import parse_exit_layers
 from soft_peft.loss import DEFAULT_EXIT_LOSS_WEIGHTS, exit_loss_weights
@@ -40,11 +37,8 @@ def test_recipe_parses_and_exit_layers_30_is_the_sft_baseline(recipe, weights):
 def test_the_recommended_recipe_is_the_studys_measured_run_and_the_library_default():
     """What the recipe recommends is what the study measured (its base recipe plus the `last_75` run's flags) and
     what `SoFTConfig` does by default."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from quality_study import RUNS
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    from quality_study import RUNS  # benchmarks/ is on pytest's pythonpath
+
     _, measured, _ = parse_args(["--config", str(BASE), *RUNS["last_75"].split()])
     _, recommended, _ = parse_args(["--config", str(RECOMMENDED)])
     differing = {k for k, v in recommended.to_dict().items() if measured.to_dict()[k] != v}
@@ -71,8 +65,3 @@ def test_recipe_trains_a_tiny_model_at_any_max_steps(tmp_path, monkeypatch, reci
     for step, active in ((1, 1), (2, 2)):
         expected = early * logs[step][f"exit_{active}/loss"] + last * logs[step]["exit_4/loss"]
         assert logs[step]["loss"] == pytest.approx(expected, rel=1e-3)
-
-
-def test_recipes_are_listed_in_the_recipes_readme():
-    text = (RECIPES / "README.md").read_text()
-    assert all(Path(recipe).name in text for recipe in (BASE, RECOMMENDED))

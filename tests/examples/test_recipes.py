@@ -51,6 +51,11 @@ def test_accelerate_config_loads_and_states_its_command(config):
         assert settings["fsdp_config"]["fsdp_state_dict_type"] == "FULL_STATE_DICT"
 
 
+def test_every_training_recipe_is_listed_in_the_recipes_readme():
+    text = (RECIPES / "README.md").read_text()
+    assert [recipe.name for recipe in TRAINING_RECIPES if f"`{recipe.name}`" not in text] == []
+
+
 def test_files_named_in_docs_exist():
     documents = [*EXAMPLES.glob("*.py"), *TRAINING_RECIPES, *ACCELERATE_CONFIGS, RECIPES / "README.md"]
     documents += [ROOT / "README.md", ROOT / "data" / "README.md"]  # data/: what a clone ships for offline use
