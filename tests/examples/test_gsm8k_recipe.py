@@ -10,6 +10,7 @@ from example_runs import RECIPES, gsm8k_rows, run_example, save_tiny_model, step
 
 from soft_peft.exits import parse_exit_layers
 from soft_peft.loss import DEFAULT_EXIT_LOSS_WEIGHTS, exit_loss_weights
+from soft_peft.schedule import scheduled_exit_weights
 from soft_peft.scripts.train import parse_args
 
 BASE = RECIPES / "smollm2_135m_gsm8k_soft.yaml"
@@ -17,29 +18,31 @@ RECOMMENDED = RECIPES / "smollm2_135m_gsm8k_recommended.yaml"
 SMOLLM2_EXITS = [9, 12, 15, 18, 21, 24, 27, 30]
 
 
-@pytest.mark.parametrize("recipe, weights", [(BASE, "uniform"), (RECOMMENDED, "last:0.75")])
-def test_recipe_parses_and_exit_layers_30_is_the_sft_baseline(recipe, weights):
+@pytest.mark.parametrize("recipe, weights, rotation", [(BASE, "uniform", 0), (RECOMMENDED, "last:0.75", 2)])
+def test_recipe_parses_and_exit_layers_30_is_the_sft_baseline(recipe, weights, rotation):
     soft_script, soft, soft_model = parse_args(["--config", str(recipe)])
     sft_script, sft, sft_model = parse_args(["--config", str(recipe), "--exit_layers", "30"])
     assert soft.exit_layers == SMOLLM2_EXITS and soft.exit_loss_weights == weights
     sft_exits = parse_exit_layers(sft.exit_layers, 30)
     assert sft_exits == [30] and exit_loss_weights(sft.exit_loss_weights, sft_exits) == [1.0]  # plain SFT's loss
+    # ... at every step: the schedule has no early exit to ramp or rotate
+    assert all(scheduled_exit_weights([1.0], step, sft.exit_schedule()) == [1.0] for step in range(8))
     assert (soft.max_steps, soft.per_device_train_batch_size, soft.max_length) == (400, 4, 256)
     assert (soft.learning_rate, soft.seed, soft.data_seed, soft.lr_scheduler_type.value) == (1e-4, 0, 0, "cosine")
-    # The curriculum is off, and nothing but the exits differs between the two runs
-    assert (soft.exit_ramp_steps, soft.exit_rotation) == (0, 0)
+    # No ramp; the recommended recipe rotates; nothing but the exits differs between the two runs
+    assert (soft.exit_ramp_steps, soft.exit_rotation) == (0, rotation)
     differing = {k for k, v in soft.to_dict().items() if sft.to_dict()[k] != v}
     assert differing == {"exit_layers"}
     assert soft_script == sft_script and soft_model == sft_model
     assert soft_script.dataset_format == "gsm8k"
 
 
-def test_the_recommended_recipe_is_the_studys_measured_run_and_the_library_default():
-    """What the recipe recommends is what the study measured (its base recipe plus the `last_75` run's flags) and
-    what `SoFTConfig` does by default."""
+def test_the_recommended_recipe_is_the_studys_measured_run():
+    """What the recipe recommends is what the study measured (its base recipe plus the `last_75_rotate2` run's
+    flags), with `SoFTConfig`'s default loss weights."""
     from quality_study import RUNS  # benchmarks/ is on pytest's pythonpath
 
-    _, measured, _ = parse_args(["--config", str(BASE), *RUNS["last_75"].split()])
+    _, measured, _ = parse_args(["--config", str(BASE), *RUNS["last_75_rotate2"].split()])
     _, recommended, _ = parse_args(["--config", str(RECOMMENDED)])
     differing = {k for k, v in recommended.to_dict().items() if measured.to_dict()[k] != v}
     assert differing == {"output_dir"}
