@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +76,14 @@ class ExitLossSettings:
         validate_exit_controls(self.head_grad, self.distill_weight, self.distill_temperature)
         if self.schedule is not None:
             scheduled_exit_weights(list(self.weights), 0, self.schedule)  # fail now on a schedule that trains nothing
+            num_early = len(self.exit_layers) - 1
+            if 0 < num_early <= self.schedule.rotation:  # with no early exit (plain SFT) there is nothing to rotate
+                warnings.warn(
+                    f"exit_rotation={self.schedule.rotation} is not below the {num_early} early exits of "
+                    f"{list(self.exit_layers)}, so every exit trains every step (no rotation). Use an exit_rotation "
+                    f"below {num_early}, or 0 for every exit every step.",
+                    stacklevel=2,
+                )
 
 
 @dataclass

@@ -71,10 +71,14 @@ class _SpecError(ValueError):
 
 
 def _invalid(message: str, num_layers: int) -> ValueError:
-    example = ",".join(str(k) for k in default_exit_layers(num_layers))
+    default = default_exit_layers(num_layers)
+    gaps = {b - a for a, b in zip(default, default[1:])}
+    # The slice that spells the default when it is evenly spaced (most depths), else every layer from its first exit
+    step, meaning = (gaps.pop(), "the same exits") if len(gaps) == 1 else (1, f"every layer from {default[0]}")
     return ValueError(
         f"{message} The model has {num_layers} decoder layers, so exits must be distinct integers in 1..{num_layers}, "
-        f"e.g. exit_layers=[{example}] or the slice string '{default_exit_layers(num_layers)[0]}:{num_layers + 1}:1'."
+        f"e.g. exit_layers=[{','.join(map(str, default))}] or the slice string "
+        f"'{default[0]}:{num_layers + 1}:{step}' ({meaning})."
     )
 
 

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 from tiny_models import ARCHS, MOE_ARCHS, NUM_LAYERS, VOCAB, tiny_model
@@ -155,3 +157,15 @@ def test_open_slice_ends_at_the_depth():
     assert parse_exit_layers("9::3", 30) == [9, 12, 15, 18, 21, 24, 27, 30]
     with pytest.raises(ValueError, match="selects no layer. The model has 4 decoder layers"):
         parse_exit_layers("9::3", 4)
+
+
+@pytest.mark.parametrize("num_layers", [30, 40, 32])
+def test_an_out_of_range_exit_suggests_a_slice_that_parses(num_layers):
+    with pytest.raises(ValueError, match="outside") as raised:
+        parse_exit_layers([num_layers + 1], num_layers)
+    suggested, meaning = re.search(r"slice string '([\d:]+)' \(([^)]+)\)", str(raised.value)).groups()
+    layers = parse_exit_layers(suggested, num_layers)
+    if meaning == "the same exits":
+        assert layers == default_exit_layers(num_layers)
+    else:  # 32 layers: the default is not evenly spaced
+        assert layers == list(range(default_exit_layers(num_layers)[0], num_layers + 1))

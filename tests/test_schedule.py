@@ -79,6 +79,14 @@ def test_bad_schedules_raise(make, message):
         make()
 
 
+def test_a_rotation_with_nothing_to_rotate_warns_unless_the_last_exit_is_alone(recwarn):
+    with pytest.warns(UserWarning, match=r"exit_rotation=3 is not below the 3 early exits of \[1, 2, 3, 4\]"):
+        SortedLossWrapper(tiny_model(), [1, 2, 3, 4], schedule=ExitSchedule(rotation=3))
+    SortedLossWrapper(tiny_model(), [1, 2, 3, 4], schedule=ExitSchedule(rotation=2))  # rotates: no warning
+    SortedLossWrapper(tiny_model(), [NUM_LAYERS], schedule=ExitSchedule(rotation=2))  # plain SFT: no warning
+    assert not [w for w in recwarn if "exit_rotation" in str(w.message)]
+
+
 def test_training_forward_without_a_step_raises():
     wrapper = SortedLossWrapper(tiny_model(), EXITS, schedule=ExitSchedule(rotation=1)).train()
     ids, mask, labels = batch()
