@@ -74,15 +74,10 @@ def _plot_frontier(group: dict[str, dict], summaries: dict[str, dict], path: Pat
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     mid = next(iter(summaries.values()))["mid"]
-    placed: list[tuple[float, float]] = []
-    for run, summary in sorted(summaries.items(), key=lambda item: item[1]["last_ce_vs_sft"]):
-        x, y = summary["last_ce_vs_sft"], summary["mid_ce"]
+    points = {run: (summary["last_ce_vs_sft"], summary["mid_ce"]) for run, summary in summaries.items()}
+    for run, (x, y) in points.items():
         style = {"sft": ("s", "tab:red"), "uniform": ("D", "tab:blue")}.get(run, ("o", "tab:gray"))
         axes.scatter(x, y, marker=style[0], color=style[1], zorder=3)
-        # A label that would sit on a neighbour's goes below its point instead
-        crowded = any(abs(x - px) < 0.04 and abs(y / py - 1) < 0.15 for px, py in placed)
-        axes.annotate(run, (x, y), textcoords="offset points", xytext=(5, -11 if crowded else 4), fontsize=8)
-        placed.append((x, y))
     last_bound, mid_bound = TARGETS["last_ce_vs_sft"][1], TARGETS["mid_ce_vs_sft"][1]
     axes.axvline(last_bound, color="tab:green", linestyle=":", linewidth=1,
                  label=f"target: last layer <= {last_bound:.2f}x SFT")  # fmt: skip
@@ -100,7 +95,42 @@ def _plot_frontier(group: dict[str, dict], summaries: dict[str, dict], path: Pat
     axes.legend(fontsize=8)
     axes.grid(alpha=0.3)
     figure.tight_layout()
+    _label_points(figure, axes, points)  # after the layout: labels are placed in display space
     figure.savefig(path, dpi=120)
+
+
+def _label_points(figure, axes, points: dict[str, tuple[float, float]]) -> None:
+    """Label each point beside it: of the places around it (nearest first), the first whose label stays inside the
+    axes and covers no other label or point, else the one covering the fewest; the screen's runs crowd together."""
+    from matplotlib.transforms import Bbox
+
+    renderer = figure.canvas.get_renderer()
+    inside = axes.get_window_extent(renderer)
+    centres = {run: axes.transData.transform(xy) for run, xy in points.items()}
+    markers = {run: Bbox.from_extents(cx - 5, cy - 5, cx + 5, cy + 5) for run, (cx, cy) in centres.items()}
+    # Nearest first; a thin line ties each label to its point, which matters where runs crowd together
+    sides = [(dx, dy) for dy in (8, -16, 20, -28) for dx in (12, -12, 28, -28)]
+    line = {"arrowstyle": "-", "linewidth": 0.7, "color": "0.35", "shrinkA": 1, "shrinkB": 3}
+    placed: list = []
+    for run, xy in sorted(points.items(), key=lambda item: item[1]):
+        others = [box for other, box in markers.items() if other != run] + placed
+        best = None
+        for dx, dy in sides:
+            align = "left" if dx > 0 else "right"
+            label = axes.annotate(run, xy, textcoords="offset points", xytext=(dx, dy), ha=align, fontsize=8,
+                                  arrowprops=line)  # fmt: skip
+            box = label.get_window_extent(renderer)
+            outside = not (inside.contains(box.x0, box.y0) and inside.contains(box.x1, box.y1))
+            cost = (outside, sum(box.overlaps(other) for other in others))
+            if best is None or cost < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (cost, label, box)
+            else:
+                label.remove()
+            if cost == (False, 0):
+                break
+        placed.append(best[2])
 
 
 def _fmt(value, digits=3):
@@ -132,6 +162,18 @@ def _headline_table(summaries: dict[str, dict]) -> list[str]:
 
 # What a dynamic-exit cell shows besides its speed: (label, row key, digits)
 DYNAMIC_DETAILS = (("depth", "avg_depth", 1), ("= greedy", "tokens_equal_greedy", 2), ("acc", "gsm8k_accuracy", 2))
+
+
+def _reproduce_commands(by_steps: dict[int, dict[str, dict]], results_dir: Path) -> list[str]:
+    """The study commands that recreate exactly the reported runs and decodings, one line per step count."""
+    lines = []
+    for steps, group in sorted(by_steps.items()):
+        lines.append(f"python benchmarks/quality_study.py run --max_steps {steps} --runs {','.join(group)} --core 0")
+        decoded = [run for run in group if (results_dir / f"{run}-{steps}.decode.json").exists()]
+        if decoded:
+            runs = ",".join(decoded)
+            lines.append(f"python benchmarks/quality_study.py decode --max_steps {steps} --runs {runs} --core 0")
+    return lines
 
 
 def _decode_table(decoded: dict[str, dict]) -> list[str]:
@@ -308,14 +350,11 @@ def write_report(results_dir: Path, output: Path, repo: Path, results_md: Path |
         "of one pinned single-thread process (start-up excluded); memory the training process's peak RSS. The CPU is "
         "shared: compare times within one table.",
         "",
-        "Reproduce (one process per core; finished runs are skipped, interrupted ones resume):",
+        "Reproduce every run below (one process per core: split a `--runs` list over `--core 0` and `--core 1`; "
+        "finished runs are skipped, interrupted ones resume):",
         "",
         "```bash",
-        "python benchmarks/quality_study.py run --max_steps 100 --runs sft,uniform,ramp_all,ramp_deepest --core 0",
-        "python benchmarks/quality_study.py run --max_steps 100 --core 1 \\",
-        "    --runs rotate2,last_half,last_half_ramp,distill",
-        "python benchmarks/quality_study.py run --max_steps 400 --runs sft,uniform,<best variants> --core 0",
-        "python benchmarks/quality_study.py decode --max_steps 400 --runs sft,uniform,<best variants> --core 0",
+        *_reproduce_commands(by_steps, Path(results_dir)),
         "python benchmarks/quality_study.py report",
         "```",
         "",

@@ -60,6 +60,7 @@ def test_interrupted_run_resumes_finished_run_is_skipped_and_report_is_written(t
         "| sft | " in text and "--exit_layers 4" in text and (tmp_path / "results" / "frontier_2.png").stat().st_size
     )
     assert summarize(saved, saved)["last_ce_vs_sft"] == 1.0
+    assert "quality_study.py run --max_steps 2 --runs sft --core 0" in text and "quality_study.py decode" not in text
 
 
 def test_dry_run_prints_each_runs_command_with_its_flags_last(tmp_path):
@@ -150,6 +151,9 @@ def test_decode_measures_finished_runs_with_the_same_exits_and_the_report_shows_
     row = next(line for line in text.splitlines() if line.startswith("| uniform | ") and "draft exit" in line)
     assert "acceptance" in row and "threshold" in row and row.count("|") == 7  # no assistant_early_exit column
     assert text.count("## 2 steps") == 1  # decode files are not read as runs
+    # The reproduce block names exactly the runs and decodings reported
+    assert "quality_study.py run --max_steps 2 --runs sft,uniform --core 0\n" in text
+    assert "quality_study.py decode --max_steps 2 --runs sft,uniform --core 0\n" in text
 
 
 def test_results_md_summarizes_every_step_count_where_sft_has_company_largest_first(tmp_path):
