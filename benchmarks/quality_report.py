@@ -287,6 +287,32 @@ def splice_block(text: str, block: str) -> str:
     return f"{title}\n\n{block}\n{rest}"
 
 
+def _target_verdicts(summaries: dict[str, dict]) -> list[str]:
+    """One line per target: which SoFT runs meet it, or plainly none and how close the nearest run gets."""
+    soft = {run: summary for run, summary in summaries.items() if run != "sft"}
+    if not soft:
+        return []
+    any_summary = next(iter(soft.values()))
+    names = {
+        "last_ce_vs_sft": ("last-layer CE", "x SFT's"),
+        "mid_ce_vs_sft": (f"exit {any_summary['mid']} CE", "x SFT's"),
+        "shallow_agreement": (f"exit {any_summary['shallow']} agreement with the last layer", ""),
+        "time_vs_sft": ("s/step", "x SFT's"),
+        "memory_vs_sft": ("peak RSS", "x SFT's"),
+    }
+    lines = ["Targets for the SoFT runs:", ""]
+    for key, (op, bound) in TARGETS.items():
+        name, unit = names[key]
+        meets = [run for run, s in soft.items() if (s[key] <= bound if op == "<=" else s[key] >= bound)]
+        if meets:
+            found = ", ".join(f"{run} ({soft[run][key]:.3f})" for run in meets)
+        else:
+            nearest = (min if op == "<=" else max)(soft, key=lambda run: soft[run][key])
+            found = f"**none**; the nearest is {nearest} at {soft[nearest][key]:.3f}"
+        lines.append(f"- {name} {op} {bound}{unit}: {found}")
+    return [*lines, ""]
+
+
 def _results_block(by_steps: dict[int, dict[str, dict]], results_md: Path, output: Path, results_dir: Path) -> str:
     """The summary for docs/results.md: for every step count where SFT and a SoFT run have both run, largest first
     (the final runs, then the screen), the headline table and its frontier plot."""
@@ -311,6 +337,7 @@ def _results_block(by_steps: dict[int, dict[str, dict]], results_md: Path, outpu
         role = "" if len(compared) == 1 else " (final runs)" if steps == compared[0] else " (screen)"
         heading = f"### {steps} steps{role}"
         lines += [heading, "", f"{len(group)} runs of {steps} steps each.", "", *_headline_table(summaries), ""]
+        lines += _target_verdicts(summaries)
         lines += [f"![frontier at {steps} steps]({plot})", ""]
     return "\n".join([*lines, end])
 

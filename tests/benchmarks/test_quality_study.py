@@ -177,3 +177,26 @@ def test_results_md_summarizes_every_step_count_where_sft_has_company_largest_fi
     final, screen = text.index("### 400 steps (final runs)"), text.index("### 100 steps (screen)")
     assert final < screen and "frontier_400.png" in text[final:screen] and "frontier_100.png" in text[screen:]
     assert text[final:screen].count("| last_75 |") == 1 and "| uniform |" not in text[final:screen]
+
+
+def test_results_md_says_plainly_which_runs_meet_each_target_and_how_close_the_nearest_gets(tmp_path):
+    from quality_report import _results_block
+
+    def result(run, last, mid, agree, seconds, rss):
+        exits = {"9": {"loss": mid, "agreement_with_last": agree, "token_accuracy": 0.5},
+                 "15": {"loss": mid, "agreement_with_last": agree, "token_accuracy": 0.5},
+                 "30": {"loss": last, "agreement_with_last": 1.0, "token_accuracy": 0.8}}  # fmt: skip
+        return {"run": run, "max_steps": 4, "exits": exits, "seconds_per_step": seconds, "peak_rss_gb": rss}
+
+    group = {
+        "sft": result("sft", 1.0, 10.0, 0.1, 10.0, 3.0),
+        "a": result("a", 1.02, 2.0, 0.5, 20.0, 3.0),  # meets the last layer (1.02x), exit 15 (0.2x), memory
+        "b": result("b", 1.10, 4.0, 0.6, 12.0, 3.3),  # meets only the time target (1.2x)
+    }
+    text = _results_block({4: group}, tmp_path / "results.md", tmp_path / "report.md", tmp_path)
+    lines = {line.split(":")[0]: line for line in text.splitlines() if line.startswith("- ")}
+    assert lines["- last-layer CE <= 1.03x SFT's"].endswith(": a (1.020)")
+    assert lines["- exit 15 CE <= 0.3x SFT's"].endswith(": a (0.200)")
+    assert lines["- exit 9 agreement with the last layer >= 0.75"].endswith("**none**; the nearest is b at 0.600")
+    assert lines["- s/step <= 1.5x SFT's"].endswith(": b (1.200)")
+    assert lines["- peak RSS <= 1.05x SFT's"].endswith(": a (1.000)")
