@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from itertools import pairwise
 
 from torch import nn
 
@@ -72,7 +73,7 @@ class _SpecError(ValueError):
 
 def _invalid(message: str, num_layers: int) -> ValueError:
     default = default_exit_layers(num_layers)
-    gaps = {b - a for a, b in zip(default, default[1:])}
+    gaps = {b - a for a, b in pairwise(default)}
     # The slice that spells the default when it is evenly spaced (most depths), else every layer from its first exit
     step, meaning = (gaps.pop(), "the same exits") if len(gaps) == 1 else (1, f"every layer from {default[0]}")
     return ValueError(
