@@ -25,6 +25,12 @@ TARGETS = {
 }
 
 
+def _meets(summary: dict, key: str) -> bool:
+    """Whether a run's summary meets the target `TARGETS[key]`."""
+    op, bound = TARGETS[key]
+    return summary[key] <= bound if op == "<=" else summary[key] >= bound
+
+
 def summarize(result: dict, sft: dict | None) -> dict:
     """One run's headline numbers; ratios against `sft` (``None`` when SFT has no result yet).
 
@@ -59,9 +65,7 @@ def summarize(result: dict, sft: dict | None) -> dict:
         summary["mid_ce_vs_sft"] = summary["mid_ce"] / sft_exits[mid]["loss"]
         summary["time_vs_sft"] = summary["seconds_per_step"] / sft["seconds_per_step"]
         summary["memory_vs_sft"] = summary["peak_rss_gb"] / sft["peak_rss_gb"]
-        summary["targets_met"] = sum(
-            (summary[key] <= bound) if op == "<=" else (summary[key] >= bound) for key, (op, bound) in TARGETS.items()
-        )
+        summary["targets_met"] = sum(_meets(summary, key) for key in TARGETS)
     return summary
 
 
@@ -111,25 +115,26 @@ def _label_points(figure, axes, points: dict[str, tuple[float, float]]) -> None:
     # Nearest first; a thin line ties each label to its point, which matters where runs crowd together
     sides = [(dx, dy) for dy in (8, -16, 20, -28) for dx in (12, -12, 28, -28)]
     line = {"arrowstyle": "-", "linewidth": 0.7, "color": "0.35", "shrinkA": 1, "shrinkB": 3}
+
+    def label(run, xy, dx, dy):
+        return axes.annotate(run, xy, textcoords="offset points", xytext=(dx, dy), ha="left" if dx > 0 else "right",
+                             fontsize=8, arrowprops=line)  # fmt: skip
+
     placed: list = []
     for run, xy in sorted(points.items(), key=lambda item: item[1]):
         others = [box for other, box in markers.items() if other != run] + placed
         best = None
-        for dx, dy in sides:
-            align = "left" if dx > 0 else "right"
-            label = axes.annotate(run, xy, textcoords="offset points", xytext=(dx, dy), ha=align, fontsize=8,
-                                  arrowprops=line)  # fmt: skip
-            box = label.get_window_extent(renderer)
+        for side in sides:
+            trial = label(run, xy, *side)
+            box = trial.get_window_extent(renderer)
+            trial.remove()
             outside = not (inside.contains(box.x0, box.y0) and inside.contains(box.x1, box.y1))
             cost = (outside, sum(box.overlaps(other) for other in others))
             if best is None or cost < best[0]:
-                if best is not None:
-                    best[1].remove()
-                best = (cost, label, box)
-            else:
-                label.remove()
+                best = (cost, side, box)
             if cost == (False, 0):
                 break
+        label(run, xy, *best[1])
         placed.append(best[2])
 
 
@@ -303,7 +308,7 @@ def _target_verdicts(summaries: dict[str, dict]) -> list[str]:
     lines = ["Targets for the SoFT runs:", ""]
     for key, (op, bound) in TARGETS.items():
         name, unit = names[key]
-        meets = [run for run, s in soft.items() if (s[key] <= bound if op == "<=" else s[key] >= bound)]
+        meets = [run for run, summary in soft.items() if _meets(summary, key)]
         if meets:
             found = ", ".join(f"{run} ({soft[run][key]:.3f})" for run in meets)
         else:

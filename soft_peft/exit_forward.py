@@ -77,7 +77,8 @@ class ExitLossSettings:
         if self.schedule is not None:
             scheduled_exit_weights(list(self.weights), 0, self.schedule)  # fail now on a schedule that trains nothing
             num_early = len(self.exit_layers) - 1
-            if 0 < num_early <= self.schedule.rotation:  # with no early exit (plain SFT) there is nothing to rotate
+            # A rotation that rotates nothing is a mistake, except with no early exit at all (plain SFT)
+            if self.schedule.rotation and num_early and not self.schedule.rotates(num_early):
                 warnings.warn(
                     f"exit_rotation={self.schedule.rotation} is not below the {num_early} early exits of "
                     f"{list(self.exit_layers)}, so every exit trains every step (no rotation). Use an exit_rotation "

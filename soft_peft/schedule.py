@@ -56,6 +56,11 @@ class ExitSchedule:
         if self.rotation < 0:
             raise ValueError(f"exit_rotation must be >= 0 (0 = every exit every step), got {self.rotation}.")
 
+    def rotates(self, num_early: int) -> bool:
+        """True when the rotation trains fewer than all ``num_early`` early exits per step (below that, every exit
+        trains every step)."""
+        return 0 < self.rotation < num_early
+
     @property
     def is_constant(self) -> bool:
         """True when the schedule never changes the base weights (the default)."""
@@ -106,7 +111,7 @@ def scheduled_exit_weights(weights: Sequence[float], step: int, schedule: ExitSc
             "is never ramped, so give it a positive weight in exit_loss_weights, or set exit_ramp_steps=0."
         )
     ramped = [w / total for w in ramped]
-    if schedule.rotation == 0 or schedule.rotation >= num_early:
+    if not schedule.rotates(num_early):
         return ramped
     active = {(step * schedule.rotation + m) % num_early for m in range(schedule.rotation)}
     scale = num_early / schedule.rotation
