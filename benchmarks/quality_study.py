@@ -40,7 +40,7 @@ DATA = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 CACHE = Path.home() / ".cache" / "soft_peft" / "study"
 RESULTS = REPO / "docs" / "study"
 SPLIT_SEED = 0
-# Flags per run; {last} = the model's depth, {half} = max_steps // 2
+# Flags per run; {last} = the model's depth, {stop} = depth + 1 (a slice over every layer), {half} = max_steps // 2
 RUNS = {
     "sft": "--exit_layers {last}",
     "uniform": "",  # the base recipe as is: the paper's uniform loss (soft-peft's default is last:0.75)
@@ -58,6 +58,13 @@ RUNS = {
     "distill_half": "--exit_distill_weight 0.5",
     # At 100 steps: last_75's full-model quality (1.084x SFT) at rotate2's step time (1.44x SFT)
     "last_75_rotate2": "--exit_loss_weights last:0.75 --exit_rotation 2",
+    # Issue 23's candidates, each the recommended recipe (last_75_rotate2) plus one flag, or LayerSkip's recipe
+    "rec_distill_quarter": "--exit_loss_weights last:0.75 --exit_rotation 2 --exit_distill_weight 0.25",
+    "rec_late_half": "--exit_loss_weights last:0.75 --exit_rotation 2 --exit_start_steps {half}",
+    "rec_layerdrop": "--exit_loss_weights last:0.75 --exit_rotation 2 --layer_dropout 0.1",
+    "layerdrop": "--exit_layers {last} --layer_dropout 0.1",  # layer dropout alone: SFT's loss, no early exit
+    # recipes/smollm2_135m_gsm8k_layerskip.yaml: every layer an exit, 1 in rotation, 1:1 with the last, dropout 0.1
+    "layerskip": "--exit_layers 1:{stop} --exit_loss_weights last:0.5 --exit_rotation 1 --layer_dropout 0.1",
 }
 
 
@@ -67,7 +74,7 @@ def _model_depth(model: str) -> int:
 
 
 def _run_flags(template: str, depth: int, max_steps: int) -> list[str]:
-    return shlex.split(template.format(last=depth, half=max(1, max_steps // 2)))
+    return shlex.split(template.format(last=depth, stop=depth + 1, half=max(1, max_steps // 2)))
 
 
 def _prepare_split(args) -> tuple[Path, Path]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 
 from trl import SFTConfig
 
+from .layer_dropout import LAYER_DROPOUT_SCALES, LayerDropout
 from .loss import (
     DEFAULT_EXIT_LOSS_WEIGHTS,
     DEFAULT_VOCAB_CHUNK_SIZE,
@@ -78,6 +79,18 @@ class SoFTSettings:
         exit_rotation (`int`, *optional*, defaults to `0`):
             Train only this many early exits per step besides the deepest, in rotation (weights scaled so a full
             cycle equals the unrotated loss). Skipped exits never reach the head, which cuts time. 0 = every exit.
+        exit_start_steps (`int`, *optional*, defaults to `0`):
+            Late start: the first `exit_start_steps` optimizer steps train the deepest exit alone (plain SFT), then the
+            early exits join (a ramp and a rotation count from there). 0 = every exit from the first step.
+        layer_dropout (`float`, *optional*, defaults to `0.0`):
+            LayerSkip's layer dropout: the largest probability `p_max` in [0, 1) that a sample skips a decoder layer
+            in a training forward (the layer is the identity for it). 0 = off. Never active in evaluation or decoding.
+        layer_dropout_scale (`str`, *optional*, defaults to `"exp"`):
+            How the drop probability grows with depth: `"exp"` (LayerSkip's, `p_max * (2 ** (l / (L - 1)) - 1)` for
+            layer index `l`), `"linear"` (`p_max * l / (L - 1)`) or `"constant"` (`p_max` for every layer).
+        layer_dropout_ramp_steps (`int`, *optional*, defaults to `0`):
+            Optimizer steps over which the drop probability rises from 0 to its full value (LayerSkip's exponential
+            time curriculum); 0 = the full probability from the first step.
     """
 
     exit_layers: str | None = field(
@@ -141,13 +154,42 @@ class SoFTSettings:
         default=0,
         metadata={"help": "Early exits trained per step besides the deepest, in rotation (0 = all, every step)."},
     )
+    exit_start_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Steps of plain SFT (the deepest exit alone) before the early exits join (0 = from the start)."
+        },
+    )
+    layer_dropout: float = field(
+        default=0.0,
+        metadata={
+            "help": "LayerSkip's layer dropout: largest probability in [0, 1) that a training sample skips a decoder "
+            "layer (rising with depth, see layer_dropout_scale). 0 = off."
+        },
+    )
+    layer_dropout_scale: str = field(
+        default="exp",
+        metadata={
+            "help": "Layer dropout over depth: 'exp' (LayerSkip's), 'linear' or 'constant'.",
+            "choices": list(LAYER_DROPOUT_SCALES),
+        },
+    )
+    layer_dropout_ramp_steps: int = field(
+        default=0,
+        metadata={"help": "Steps over which the layer dropout rises to its full rate (0 = full rate from the start)."},
+    )
 
     def __post_init__(self):
         _check_settings(self)
 
     def exit_schedule(self) -> ExitSchedule:
         """The [`~soft_peft.schedule.ExitSchedule`] of `exit_ramp_steps`, `exit_ramp_order` and `exit_rotation`."""
-        return ExitSchedule(self.exit_ramp_steps, self.exit_ramp_order, self.exit_rotation)
+        return ExitSchedule(self.exit_ramp_steps, self.exit_ramp_order, self.exit_rotation, self.exit_start_steps)
+
+    def layer_dropout_settings(self) -> LayerDropout:
+        """The [`~soft_peft.layer_dropout.LayerDropout`] of `layer_dropout`, `layer_dropout_scale` and
+        `layer_dropout_ramp_steps`."""
+        return LayerDropout(self.layer_dropout, self.layer_dropout_scale, self.layer_dropout_ramp_steps)
 
 
 def _check_settings(settings: SoFTSettings) -> None:
@@ -172,6 +214,7 @@ def _check_settings(settings: SoFTSettings) -> None:
         )
         exit_loss_weights(weights, layers if isinstance(layers, list) else [0] * count)
     settings.exit_schedule()  # validates the schedule fields
+    settings.layer_dropout_settings()  # and the layer dropout's
     validate_exit_controls(settings.exit_head_grad, settings.exit_distill_weight, settings.exit_distill_temperature)
     if settings.exit_vocab_chunk_size < 1:
         raise ValueError(f"`exit_vocab_chunk_size` must be >= 1, got {settings.exit_vocab_chunk_size}.")
@@ -212,7 +255,8 @@ class SoFTConfig(SoFTSettings, SFTConfig):
     Configuration of the [`SoFTTrainer`]: every [`~trl.SFTConfig`] parameter, plus the SoFT fields documented on
     [`SoFTSettings`] (`exit_layers`, `exit_loss_weights`, `exit_head_grad`, `exit_distill_weight`,
     `exit_distill_temperature`, `exit_vocab_chunk_size`, `exit_loss_kernel`, `exit_ramp_steps`, `exit_ramp_order`,
-    `exit_rotation`). Each is also a command-line flag and a YAML key of `TrlParser` recipes.
+    `exit_rotation`, `exit_start_steps`, `layer_dropout`, `layer_dropout_scale`, `layer_dropout_ramp_steps`). Each is
+    also a command-line flag and a YAML key of `TrlParser` recipes.
     """
 
     def __post_init__(self):

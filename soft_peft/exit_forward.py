@@ -18,6 +18,7 @@ from transformers.utils import ModelOutput
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from .exit_head import backbone_outputs, find_exit_head
+from .layer_dropout import LayerDropout, layer_dropout_state
 from .loss import (
     DEFAULT_VOCAB_CHUNK_SIZE,
     KERNELS,
@@ -50,6 +51,7 @@ class ExitLossSettings:
         head_grad: ``"all"`` or ``"last"``: which exits update the shared final norm and head.
         distill_weight: Weight of the self-distillation term in ``[0, 1]``.
         distill_temperature: Its temperature, ``> 0``.
+        layer_dropout: [`~soft_peft.layer_dropout.LayerDropout`] for training forwards, or ``None`` (off).
     """
 
     exit_layers: tuple[int, ...]
@@ -63,6 +65,7 @@ class ExitLossSettings:
     head_grad: str = "all"
     distill_weight: float = 0.0
     distill_temperature: float = 1.0
+    layer_dropout: LayerDropout | None = None
 
     def __post_init__(self):
         if len(self.weights) != len(self.exit_layers):
@@ -156,6 +159,23 @@ def _router_aux_loss(router_logits, text_config, attention_mask, device: torch.d
     return aux_loss.to(device)
 
 
+def _draw_layer_dropout(model: nn.Module, layer_dropout: LayerDropout | None, labels: torch.Tensor, step) -> None:
+    """Draw this forward's layer dropout masks (training only), or clear them (evaluation: nothing is dropped)."""
+    state = layer_dropout_state(model)
+    if state is None:
+        return
+    if layer_dropout is None or not layer_dropout.enabled or not model.training:
+        state.clear()
+        return
+    if step is None and layer_dropout.ramp_steps:
+        raise ValueError(
+            "This model's layer dropout ramps over optimizer steps, so a training forward needs the step: pass "
+            "`soft_exit_step=step` (or `step=` to SortedLossWrapper), the number of optimizer steps taken."
+        )
+    rates = layer_dropout.layer_rates(state.num_layers, step or 0)
+    state.draw(rates, labels.shape[0], labels.device, layer_dropout.seed, step)  # (B,) per layer: one per row
+
+
 def sorted_exit_forward(
     model: nn.Module,
     args: tuple,
@@ -175,6 +195,7 @@ def sorted_exit_forward(
             "This model has an exit schedule, so a training forward needs the optimizer step: pass "
             "`soft_exit_step=step` (or `step=` to SortedLossWrapper), the number of optimizer steps taken."
         )
+    _draw_layer_dropout(model, settings.layer_dropout, labels if shift_labels is None else shift_labels, step)
     if scheduled and step is not None:
         weights = scheduled_exit_weights(weights, step, schedule)
         # A scheduled 0 never reaches the head; the deepest exit always does (it carries the last-layer metrics)

@@ -5,7 +5,12 @@ needs no state of its own: a run resumed from a checkpoint restores ``state.glob
 and every micro-batch of one optimizer step (gradient accumulation) gets the same weights.
 
 The deepest exit (normally the model's last layer) is always trained at its full base weight. The other ("early")
-exits are changed in two ways, applied in this order:
+exits are changed in three ways, applied in this order:
+
+* **Late start** (``start_steps > 0``): for the first ``start_steps`` steps the early exits have weight 0 and the
+  loss is plain SFT on the deepest exit; from step ``start_steps`` on they train (published early-exit results report
+  that training the backbone first and the exits after beats training both jointly from the start). A ramp then
+  starts counting at ``start_steps``.
 
 * **Ramp** (``ramp_steps > 0``): each early exit's weight is multiplied by a factor that grows linearly from 0 to 1.
   ``ramp_order="all"`` ramps every early exit over steps ``[0, ramp_steps)``; ``"deepest_first"`` (as LayerSkip's
@@ -39,7 +44,8 @@ class ExitSchedule:
     """How the exit weights change over optimizer steps (see the module docstring).
 
     Attributes:
-        ramp_steps: Steps over which the early exits are ramped in; 0 = no ramp.
+        start_steps: Steps of plain SFT (early exits at weight 0) before the early exits start; 0 = from the start.
+        ramp_steps: Steps over which the early exits are ramped in (after ``start_steps``); 0 = no ramp.
         ramp_order: ``"deepest_first"`` (one exit after the other, deepest first) or ``"all"`` (all together).
         rotation: Early exits active per step besides the deepest exit; 0 = all of them every step.
     """
@@ -47,8 +53,11 @@ class ExitSchedule:
     ramp_steps: int = 0
     ramp_order: str = "deepest_first"
     rotation: int = 0
+    start_steps: int = 0
 
     def __post_init__(self):
+        if self.start_steps < 0:
+            raise ValueError(f"exit_start_steps must be >= 0 (0 = exits from the first step), got {self.start_steps}.")
         if self.ramp_steps < 0:
             raise ValueError(f"exit_ramp_steps must be >= 0 (0 = no ramp), got {self.ramp_steps}.")
         if self.ramp_order not in RAMP_ORDERS:
@@ -64,7 +73,7 @@ class ExitSchedule:
     @property
     def is_constant(self) -> bool:
         """True when the schedule never changes the base weights (the default)."""
-        return self.ramp_steps == 0 and self.rotation == 0
+        return self.ramp_steps == 0 and self.rotation == 0 and self.start_steps == 0
 
 
 def _ramp_factor(early_rank: int, num_early: int, step: int, schedule: ExitSchedule) -> float:
@@ -101,6 +110,9 @@ def scheduled_exit_weights(weights: Sequence[float], step: int, schedule: ExitSc
     num_early = len(weights) - 1
     if schedule is None or schedule.is_constant or num_early == 0:
         return weights
+    if step < schedule.start_steps:  # late start: plain SFT on the deepest exit
+        return [0.0] * num_early + [1.0]
+    step -= schedule.start_steps  # the ramp and the rotation count from the start of the exits
     # Early exits ranked from the deepest (rank 0, index num_early - 1) to the shallowest (index 0)
     ramped = [w * _ramp_factor(num_early - 1 - i, num_early, step, schedule) for i, w in enumerate(weights[:-1])]
     ramped.append(weights[-1])

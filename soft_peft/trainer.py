@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import torch
@@ -96,6 +97,7 @@ class SoFTTrainer(SFTTrainer):
             exit_head_grad=settings.exit_head_grad,
             exit_distill_weight=settings.exit_distill_weight,
             exit_distill_temperature=settings.exit_distill_temperature,
+            layer_dropout=dataclasses.replace(settings.layer_dropout_settings(), seed=self.args.seed),
         )
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

@@ -16,6 +16,7 @@ from .checkpoints import save_adapter_exit_layers, saves_an_adapter
 from .exit_forward import ExitLossSettings, SortedExitOutput, sorted_exit_forward
 from .exit_head import find_exit_head, unwrap_model
 from .exits import parse_exit_layers, record_exit_layers
+from .layer_dropout import LayerDropout, install_layer_dropout, layer_dropout_state
 from .loss import DEFAULT_EXIT_LOSS_WEIGHTS, DEFAULT_VOCAB_CHUNK_SIZE, exit_loss_weights
 from .schedule import ExitSchedule
 
@@ -38,6 +39,7 @@ def add_sorted_exit_loss(
     exit_head_grad: str = "all",
     exit_distill_weight: float = 0.0,
     exit_distill_temperature: float = 1.0,
+    layer_dropout: LayerDropout | None = None,
 ) -> list[int]:
     """Give a causal LM instance the SoFT loss: ``model(..., labels=y, soft_exit_loss=True)`` returns a
     [`SortedExitOutput`].
@@ -66,6 +68,8 @@ def add_sorted_exit_loss(
             lambda * T^2 * KL(p_last || p_exit)`` on the labelled tokens, the last exit detached (see
             [`~soft_peft.loss.sorted_exit_loss`]); ``0`` (default) is off.
         exit_distill_temperature: ``T > 0`` of the distillation term.
+        layer_dropout: A [`~soft_peft.layer_dropout.LayerDropout`] (LayerSkip's per-sample stochastic depth) for the
+            training forwards; ``None`` or rate 0 (default) is off, and leaves the layers untouched.
 
     Returns:
         The resolved exit layers, ascending.
@@ -85,7 +89,10 @@ def add_sorted_exit_loss(
         head_grad=exit_head_grad,
         distill_weight=float(exit_distill_weight),
         distill_temperature=float(exit_distill_temperature),
+        layer_dropout=layer_dropout,
     )
+    if layer_dropout is not None and layer_dropout.enabled:
+        install_layer_dropout(base)
     record_exit_layers(base, layers)
     already_wrapped = getattr(base, _PATCHED, None) is not None
     setattr(base, _PATCHED, settings)  # the forward reads it at every call: a second call only updates it
@@ -105,6 +112,9 @@ def add_sorted_exit_loss(
         **kwargs,
     ):
         if not soft_exit_loss:
+            dropout_state = layer_dropout_state(base)
+            if dropout_state is not None:  # a plain forward (generate, evaluation) never drops a layer
+                dropout_state.clear()
             extra = {"labels": labels, "shift_labels": shift_labels, "num_items_in_batch": num_items_in_batch}
             return previous_forward(*args, **kwargs, **{k: v for k, v in extra.items() if v is not None})
         if labels is None and shift_labels is None:
@@ -149,6 +159,9 @@ class SortedLossWrapper(nn.Module):
             ``(1 - lambda) * CE + lambda * T^2 * KL(p_last || p_exit)``, ``p_last`` detached; the output then carries
             ``exit_agreement``.
         exit_distill_temperature: ``T > 0`` of the distillation term (default 1).
+        layer_dropout: A [`~soft_peft.layer_dropout.LayerDropout`]: in training forwards each sample skips decoder
+            layer ``l`` with a probability rising with depth (LayerSkip); ``None`` (default) is off. With
+            ``ramp_steps`` pass ``step=`` as for a schedule.
 
     Example:
         ```python
@@ -171,6 +184,7 @@ class SortedLossWrapper(nn.Module):
         exit_head_grad: str = "all",
         exit_distill_weight: float = 0.0,
         exit_distill_temperature: float = 1.0,
+        layer_dropout: LayerDropout | None = None,
     ):
         super().__init__()
         self.model = model
@@ -184,6 +198,7 @@ class SortedLossWrapper(nn.Module):
             exit_head_grad=exit_head_grad,
             exit_distill_weight=exit_distill_weight,
             exit_distill_temperature=exit_distill_temperature,
+            layer_dropout=layer_dropout,
         )
 
     @property

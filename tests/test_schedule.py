@@ -39,6 +39,13 @@ DEFAULT4 = [1 / 12, 1 / 12, 1 / 12, 3 / 4]  # the default "last:0.75" on EXITS: 
         (ExitSchedule(rotation=3), 1, UNIFORM4),  # every early exit: no rotation
         # Both: the ramp first (factor 2/4: [.2, .2, .2, .4]), then the rotation (exit 2 active, x3)
         (ExitSchedule(ramp_steps=4, ramp_order="all", rotation=1), 1, [0, 0.6, 0, 0.4]),
+        # Late start: plain SFT before step 3, then the base weights
+        (ExitSchedule(start_steps=3), 0, [0, 0, 0, 1]),
+        (ExitSchedule(start_steps=3), 2, [0, 0, 0, 1]),
+        (ExitSchedule(start_steps=3), 3, UNIFORM4),
+        # ... and the ramp and the rotation count from the start: step 4 is their step 1
+        (ExitSchedule(ramp_steps=4, ramp_order="all", rotation=1, start_steps=3), 4, [0, 0.6, 0, 0.4]),
+        (ExitSchedule(rotation=1, start_steps=2), 2, [0.75, 0, 0, 0.25]),
     ],
 )
 def test_scheduled_weights_by_hand(schedule, step, expected):
@@ -67,6 +74,8 @@ def test_constant_schedule_and_single_exit_keep_the_weights():
         (lambda: ExitSchedule(ramp_steps=-1), "exit_ramp_steps"),
         (lambda: ExitSchedule(ramp_order="shallow"), "exit_ramp_order"),
         (lambda: ExitSchedule(rotation=-2), "exit_rotation"),
+        (lambda: ExitSchedule(start_steps=-1), "exit_start_steps"),
+        (lambda: SoFTConfig("out", exit_start_steps=-5, use_cpu=True, bf16=False), "exit_start_steps"),
         (lambda: scheduled_exit_weights(UNIFORM4, -1, ExitSchedule(rotation=1)), "step must be >= 0"),
         # The deepest exit at weight 0 and the first exits to ramp in at weight 0: nothing to train at step 0
         (lambda: scheduled_exit_weights([1.0, 0.0, 0.0], 0, ExitSchedule(ramp_steps=4)), "deepest exit"),

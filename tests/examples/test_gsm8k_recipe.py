@@ -15,6 +15,7 @@ from soft_peft.scripts.train import parse_args
 
 BASE = RECIPES / "smollm2_135m_gsm8k_soft.yaml"
 RECOMMENDED = RECIPES / "smollm2_135m_gsm8k_recommended.yaml"
+LAYERSKIP = RECIPES / "smollm2_135m_gsm8k_layerskip.yaml"
 SMOLLM2_EXITS = [9, 12, 15, 18, 21, 24, 27, 30]
 
 
@@ -49,7 +50,23 @@ def test_the_recommended_recipe_is_the_studys_measured_run():
     assert recommended.exit_loss_weights == DEFAULT_EXIT_LOSS_WEIGHTS
 
 
-@pytest.mark.parametrize("recipe", [BASE, RECOMMENDED], ids=["base", "recommended"])
+def test_the_layerskip_recipe_is_the_studys_run_and_its_baseline_is_sft():
+    """LayerSkip's recipe is the study's `layerskip` run (its base recipe plus the run's flags); with
+    `--exit_layers 30 --layer_dropout 0` only the last exit trains, without dropout: plain SFT."""
+    from quality_study import RUNS
+
+    _, measured, _ = parse_args(["--config", str(BASE), *RUNS["layerskip"].format(stop=31).split()])
+    _, layerskip, _ = parse_args(["--config", str(LAYERSKIP)])
+    differing = {k for k, v in layerskip.to_dict().items() if measured.to_dict()[k] != v}
+    assert differing == {"output_dir"}
+    assert parse_exit_layers(layerskip.exit_layers, 30) == list(range(1, 31))
+    assert layerskip.layer_dropout_settings().layer_rates(30, 0)[-1] == pytest.approx(0.1)
+    _, sft, _ = parse_args(["--config", str(LAYERSKIP), "--exit_layers", "30", "--layer_dropout", "0"])
+    assert exit_loss_weights(sft.exit_loss_weights, parse_exit_layers(sft.exit_layers, 30)) == [1.0]
+    assert not sft.layer_dropout_settings().enabled
+
+
+@pytest.mark.parametrize("recipe", [BASE, RECOMMENDED, LAYERSKIP], ids=["base", "recommended", "layerskip"])
 def test_recipe_trains_a_tiny_model_at_any_max_steps(tmp_path, monkeypatch, recipe):
     model = save_tiny_model(tmp_path / "tiny")
     data = write_jsonl(tmp_path / "gsm8k.jsonl", gsm8k_rows())
@@ -63,7 +80,7 @@ def test_recipe_trains_a_tiny_model_at_any_max_steps(tmp_path, monkeypatch, reci
     assert {"exit_1/loss", "exit_4/loss"} <= set(logs[1]) and "exit_2/loss" not in logs[1]
     assert {"exit_2/loss", "exit_4/loss"} <= set(logs[2]) and "exit_1/loss" not in logs[2]
     # The rotated exit carries the early exits' whole share: 2/3 under uniform weights, 1/4 under last:0.75
-    early, last = (2 / 3, 1 / 3) if recipe == BASE else (0.25, 0.75)
+    early, last = {BASE: (2 / 3, 1 / 3), RECOMMENDED: (0.25, 0.75), LAYERSKIP: (0.5, 0.5)}[recipe]
     assert [logs[2][f"exit_{k}/weight"] for k in (1, 2, 4)] == pytest.approx([0.0, early, last])
     for step, active in ((1, 1), (2, 2)):
         expected = early * logs[step][f"exit_{active}/loss"] + last * logs[step]["exit_4/loss"]
