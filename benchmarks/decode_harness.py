@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 import soft_peft.inference
 from soft_peft.data import held_out_split, load_prompt_completion
 from soft_peft.evaluation.metrics import gsm8k_exact_match
+from soft_peft.exit_head import num_decoder_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = Path.home() / ".cache" / "soft_peft" / "runs" / "gsm8k-soft-450"
@@ -128,6 +129,7 @@ def build_methods(
     if "subset" in dynamic_rules and vocab is None:
         raise ValueError("The 'subset' dynamic rule needs `vocab`: the subset the early exits decide on.")
     common = dict(do_sample=False, max_new_tokens=max_new_tokens)
+    num_layers = num_decoder_layers(model)
 
     def greedy(input_ids, attention_mask):
         return model.generate(input_ids, attention_mask=attention_mask, **common), {}
@@ -138,7 +140,10 @@ def build_methods(
                 model, input_ids, draft_exit, max_new_tokens, attention_mask, num_draft_tokens=num_draft_tokens,
                 draft_vocab=vocab, draft_stop_threshold=stop, early_draft_exits=early,
             )  # fmt: skip
-            return out.sequences, {"drafted": out.stats.drafted, "accepted": out.stats.accepted}
+            # Draft cost in full forwards: each drafted token runs its exit's share of the layers
+            draft_cost = sum(count * exit / num_layers for exit, count in out.stats.drafts_by_exit.items())
+            counters = {"drafted": out.stats.drafted, "accepted": out.stats.accepted, "cycles": out.stats.cycles}
+            return out.sequences, {**counters, "draft_cost": draft_cost}
 
         return run
 
@@ -262,6 +267,17 @@ def _agreement(rows: list[list[int]], reference: list[list[int]]) -> tuple[float
     return exact, same / max(sum(len(ref) for ref in reference), 1)
 
 
+def projected_speedup(counters: dict) -> float | None:
+    """Self-speculative decoding's speedup over greedy under an accelerator cost model, from measured counters: a
+    verify pass costs one forward whatever the number of drafted tokens (batch 1 on a GPU is memory-bound), and a
+    draft token from exit ``k`` of ``L`` costs ``k / L`` of a forward. A cycle emits its accepted drafts plus the
+    verifier's own token, where greedy emits one token per forward:
+    ``(accepted + cycles) / (draft_cost + cycles)``. A projection, not a measurement; ``None`` without cycles."""
+    if not counters.get("cycles"):
+        return None
+    return (counters["accepted"] + counters["cycles"]) / (counters["draft_cost"] + counters["cycles"])
+
+
 def summary_rows(results: Sequence[MethodResult], tokenizer, references: Sequence[str | None]) -> list[dict]:
     """One dict per result: speed, ratios to greedy (and to the fastest ``assistant_early_exit`` setting),
     acceptance, average exit depth and quality against greedy at the same batch size.
@@ -273,8 +289,8 @@ def summary_rows(results: Sequence[MethodResult], tokenizer, references: Sequenc
 
     Returns:
         Dicts with ``batch``, ``mode``, ``setting``, ``tokens_per_second``, ``vs_greedy``, ``vs_assistant``,
-        ``acceptance``, ``avg_depth`` (``None`` where they do not apply), ``exact_match``, ``tokens_equal_greedy``
-        and ``gsm8k_accuracy``.
+        ``acceptance``, ``avg_depth``, ``accepted_per_cycle``, ``projected_speedup`` (``None`` where they do not
+        apply), ``exact_match``, ``tokens_equal_greedy`` and ``gsm8k_accuracy``.
     """
     rows = []
     for result in results:
@@ -304,6 +320,8 @@ def summary_rows(results: Sequence[MethodResult], tokenizer, references: Sequenc
                 ),
                 "acceptance": counters["accepted"] / counters["drafted"] if counters.get("drafted") else None,
                 "avg_depth": counters["depth_sum"] / counters["steps"] if counters.get("steps") else None,
+                "accepted_per_cycle": counters["accepted"] / counters["cycles"] if counters.get("cycles") else None,
+                "projected_speedup": projected_speedup(counters),
                 "exact_match": exact,
                 "tokens_equal_greedy": agree,
                 "gsm8k_accuracy": sum(correct) / len(correct),

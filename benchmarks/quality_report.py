@@ -216,6 +216,36 @@ def _decode_table(decoded: dict[str, dict]) -> list[str]:
     return lines
 
 
+def _drafting_table(decoded: dict[str, dict]) -> list[str]:
+    """Per run and draft exit (batch 1): acceptance, accepted tokens per verify cycle, the CPU speedup measured and the
+    accelerator speedup projected from the same counters (see `decode_harness.projected_speedup`). Results decoded
+    before the cycle counters existed show no drafting rows."""
+    lines = [
+        "| run | draft exit | acceptance | accepted / verify cycle | × greedy, measured (CPU) "
+        "| × greedy, projected (accelerator) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for run, summary in decoded.items():
+        for row in summary["rows"]:
+            if row["batch"] != 1 or row["mode"] != "self-speculative" or row.get("accepted_per_cycle") is None:
+                continue
+            exit_name = row["setting"].split(",")[0].removeprefix("draft exit ")
+            lines.append(
+                f"| {run} | {exit_name} | {_fmt(row['acceptance'], 2)} | {_fmt(row['accepted_per_cycle'], 2)} "
+                f"| {row['vs_greedy']:.2f} | {_fmt(row['projected_speedup'], 2)} |"
+            )
+    if len(lines) == 2:
+        return []
+    return [
+        "Drafting per exit. The projection assumes an accelerator at batch 1, where a verify pass costs one forward "
+        "whatever the number of drafted tokens and a draft from exit k of L costs k/L of a forward: "
+        "(accepted + cycles) / (draft cost + cycles), from the measured counters. It is not a measurement.",
+        "",
+        *lines,
+        "",
+    ]
+
+
 def _decode_section(steps: int, group: dict[str, dict], results_dir: Path, output: Path) -> list[str]:
     """The decoding speed of the runs `quality_study.py decode` has measured at this step count (none: no lines)."""
     decoded = {}
@@ -237,6 +267,7 @@ def _decode_section(steps: int, group: dict[str, dict], results_dir: Path, outpu
         "",
         *_decode_table(decoded),
         "",
+        *_drafting_table(decoded),
         "Decoding commands (`quality_study.py decode` runs them in a pinned child process):",
         "",
         "```bash",

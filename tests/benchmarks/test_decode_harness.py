@@ -8,7 +8,9 @@ from decode_harness import (
     format_table,
     parse_draft_stop_thresholds,
     parse_early_draft_exit_sets,
+    projected_speedup,
     run_decode_benchmark,
+    summary_rows,
 )
 from tiny_models import tiny_model, tiny_tokenizer
 
@@ -23,6 +25,20 @@ def test_benchmark_functions():
     for line in table.splitlines()[2:]:
         assert "| 1.00 | 1.000 |" in line, line
     assert torch.is_tensor(methods[0].run(torch.tensor([[5, 6]]), None)[0])
+
+
+def test_projected_speedup_by_hand_and_from_a_real_run():
+    # 10 cycles, 30 drafts from exit 1 of 4 (cost 30 / 4 forwards), 24 accepted: 34 tokens for 17.5 forwards
+    assert projected_speedup({"cycles": 10, "accepted": 24, "draft_cost": 7.5}) == pytest.approx(34 / 17.5)
+    assert projected_speedup({}) is None  # greedy and dynamic rows have no cycles
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    methods = build_methods(model, 6, [2], "adaptive", None, [], [], modes=["self-speculative"])
+    results = run_decode_benchmark(model, tokenizer, ["ab"], methods, batch_sizes=(1,), warmup=False)
+    greedy, speculative = summary_rows(results, tokenizer, [None])
+    assert greedy["accepted_per_cycle"] is None and greedy["projected_speedup"] is None
+    counters = results[1].counters
+    assert counters["cycles"] > 0 and counters["draft_cost"] == pytest.approx(counters["drafted"] * 2 / 4)
+    assert speculative["accepted_per_cycle"] == pytest.approx(counters["accepted"] / counters["cycles"])
 
 
 def test_benchmark_methods_take_a_vocabulary_and_a_mode_filter():

@@ -150,6 +150,12 @@ def test_decode_measures_finished_runs_with_the_same_exits_and_the_report_shows_
     assert "| run | greedy tok/s |" in text and "[uniform](results/uniform-2.decode.md)" in text
     row = next(line for line in text.splitlines() if line.startswith("| uniform | ") and "draft exit" in line)
     assert "acceptance" in row and "threshold" in row and row.count("|") == 7  # no assistant_early_exit column
+    # Per draft exit: acceptance, accepted tokens per verify cycle and the labelled accelerator projection
+    assert "× greedy, projected (accelerator)" in text and "It is not a measurement." in text
+    drafting = [
+        line for line in text.splitlines() if line.startswith("| uniform | 1 |") or line.startswith("| uniform | 3 |")
+    ]
+    assert len(drafting) == 2 and all(line.count("|") == 7 for line in drafting)
     assert text.count("## 2 steps") == 1  # decode files are not read as runs
     # The reproduce block names exactly the runs and decodings reported
     assert "quality_study.py run --max_steps 2 --runs sft,uniform --core 0\n" in text
