@@ -10,6 +10,8 @@ import os
 import statistics
 from pathlib import Path
 
+from quality_curves import curve_section
+
 __all__ = ["RESULTS_BLOCK", "extract_block", "splice_block", "summarize", "write_report"]
 
 # The study's summary inside docs/results.md, which `replicate.py report` rewrites around it
@@ -106,6 +108,7 @@ def _plot_frontier(group: dict[str, dict], summaries: dict[str, dict], path: Pat
 def _label_points(figure, axes, points: dict[str, tuple[float, float]]) -> None:
     """Label each point beside it: of the places around it (nearest first), the first whose label stays inside the
     axes and covers no other label or point, else the one covering the fewest; the screen's runs crowd together."""
+    from matplotlib.text import Text
     from matplotlib.transforms import Bbox
 
     renderer = figure.canvas.get_renderer()
@@ -113,7 +116,7 @@ def _label_points(figure, axes, points: dict[str, tuple[float, float]]) -> None:
     centres = {run: axes.transData.transform(xy) for run, xy in points.items()}
     markers = {run: Bbox.from_extents(cx - 5, cy - 5, cx + 5, cy + 5) for run, (cx, cy) in centres.items()}
     # Nearest first; a thin line ties each label to its point, which matters where runs crowd together
-    sides = [(dx, dy) for dy in (8, -16, 20, -28) for dx in (12, -12, 28, -28)]
+    sides = [(dx, dy) for dy in (8, -16, 20, -28, 36, -44, 52, -60) for dx in (12, -12, 28, -28, 56, -56)]
     line = {"arrowstyle": "-", "linewidth": 0.7, "color": "0.35", "shrinkA": 1, "shrinkB": 3}
 
     def label(run, xy, dx, dy):
@@ -126,7 +129,10 @@ def _label_points(figure, axes, points: dict[str, tuple[float, float]]) -> None:
         best = None
         for side in sides:
             trial = label(run, xy, *side)
-            box = trial.get_window_extent(renderer)
+            # The text alone (placed first): an annotation's own extent also spans its leader line, which covers its
+            # point and its neighbours
+            trial.update_positions(renderer)
+            box = Text.get_window_extent(trial, renderer)
             trial.remove()
             outside = not (inside.contains(box.x0, box.y0) and inside.contains(box.x1, box.y1))
             cost = (outside, sum(box.overlaps(other) for other in others))
@@ -302,6 +308,8 @@ def _group_section(steps: int, group: dict[str, dict], output: Path, results_dir
         plot = results_dir / f"frontier_{steps}.png"
         _plot_frontier(group, summaries, plot)
         lines += ["", f"![frontier at {steps} steps]({os.path.relpath(plot, output.parent)})"]
+    curves = curve_section(group, steps, output, results_dir)
+    lines += ["", *curves] if curves else []
     lines += ["", "Training commands (run by the study in a pinned child process):", "", "```bash"]
     lines += [f"{result['command']}" for result in group.values()]
     return [*lines, "```", "", *_decode_section(steps, group, results_dir, output)]

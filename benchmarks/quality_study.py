@@ -28,6 +28,7 @@ import fcntl
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -173,6 +174,7 @@ def run_one(args, run: str, template: str) -> str:
         resume = ["--resume_from_checkpoint", str(checkpoint)] if checkpoint else []
         print(f"[study] {name}: training" + (f", resuming from {checkpoint.name}" if checkpoint else ""), flush=True)
         started = time.time()
+        os.environ["SOFT_PEFT_STUDY_CURVE_EVERY"] = str(args.curve_every)  # read by the child's on_save
         code, rss = _child([sys.executable, __file__, "_train", str(run_dir), *argv, *resume], args.core, log)
         with open(segments, "a") as out:
             segment = {"resumed_from": checkpoint.name if checkpoint else None, "exit_code": code}
@@ -186,6 +188,11 @@ def run_one(args, run: str, template: str) -> str:
     code, _ = _child([sys.executable, __file__, "_eval", *eval_argv], args.core, log)
     if code != 0:
         print(f"[study] {name}: evaluation failed (exit {code}); see {log}", file=sys.stderr)
+        return "failed"
+    try:
+        curve = _curve(args, run_dir, held_out, exits, log)
+    except RuntimeError as error:
+        print(f"[study] {name}: {error}", file=sys.stderr)
         return "failed"
     # Steps past the checkpoint a run resumed from were timed twice: keep the run that went on to the end
     records = [json.loads(line) for line in (run_dir / "step_times.jsonl").read_text().splitlines()]
@@ -204,6 +211,8 @@ def run_one(args, run: str, template: str) -> str:
         "final_train_loss": train_losses[-1] if train_losses else None,
         **json.loads(evaluation.read_text()),
     }
+    if curve is not None:  # the final model closes the curve
+        result["curve"] = {**curve, str(args.max_steps): result["exits"]}
     result_path.parent.mkdir(parents=True, exist_ok=True)
     result_path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"[study] {name}: done, {result_path}")
@@ -261,6 +270,36 @@ def _portable(argv: list[str], args) -> list[str]:
     return [a.replace(str(REPO) + "/", "").replace(home, "~") for a in argv]
 
 
+def _snapshot(checkpoint: Path, run_dir: Path, step: int) -> None:
+    """Keep the model of `checkpoint` as `<run>/curve/step-<step>` for the learning curve: hard links (no copy), which
+    outlive the checkpoint's rotation. Written under a temporary name, so a kill never leaves half a snapshot."""
+    target = run_dir / "curve" / f"step-{step}"
+    if target.exists():
+        return
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    for path in checkpoint.iterdir():
+        if path.is_file() and not path.name.startswith(("optimizer", "scheduler", "rng_state", "training_args")):
+            os.link(path, partial / path.name)
+    partial.rename(target)
+
+
+def _curve(args, run_dir: Path, held_out: Path, exits: str, log: Path) -> dict[str, dict] | None:
+    """Per-exit metrics of every kept snapshot (`--curve_every`), evaluated once each; None when none was kept."""
+    snapshots = sorted((run_dir / "curve").glob("step-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
+    curve = {}
+    for snapshot in snapshots:
+        evaluation = snapshot / "eval.json"
+        if not evaluation.exists():
+            argv = [str(snapshot), str(held_out), str(args.eval_rows), str(args.max_length), exits, str(evaluation)]
+            code, _ = _child([sys.executable, __file__, "_eval", *argv], args.core, log)
+            if code != 0:
+                raise RuntimeError(f"evaluation of {snapshot} failed (exit {code}); see {log}")
+        curve[snapshot.name.split("-")[1]] = json.loads(evaluation.read_text())["exits"]
+    return curve or None
+
+
 def _train_child(run_dir: str, argv: list[str]) -> int:
     """Child: train with a per-step timer (appended to step_times.jsonl, so it survives an interruption)."""
     from transformers import TrainerCallback
@@ -281,6 +320,9 @@ def _train_child(run_dir: str, argv: list[str]) -> int:
             self.first = False
 
         def on_save(self, args, state, control, **kwargs):
+            every = int(os.environ.get("SOFT_PEFT_STUDY_CURVE_EVERY", "0"))
+            if every and state.global_step % every == 0:
+                _snapshot(Path(args.output_dir) / f"checkpoint-{state.global_step}", Path(run_dir), state.global_step)
             # Tests interrupt a run here, right after a complete checkpoint, as a kill would
             if state.global_step == int(os.environ.get("SOFT_PEFT_STUDY_STOP_AFTER_SAVE", "-1")):
                 os._exit(3)
@@ -330,6 +372,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--max_length", type=int, default=256)
     parser.add_argument("--save_steps", type=int, default=25, help="Checkpoint interval (resume granularity).")
+    parser.add_argument(
+        "--curve_every",
+        type=int,
+        default=0,
+        help="Keep the model every N steps (a multiple of --save_steps) and evaluate each: the report draws the "
+        "ratios to SFT as curves over steps. 0 = only the final model.",
+    )
     parser.add_argument("--cache_dir", default=str(CACHE), help="Checkpoints and the data split.")
     parser.add_argument("--results_dir", default=str(RESULTS), help="Per-run result JSON files (committed).")
     parser.add_argument("--output", default=str(REPO / "docs" / "quality_study.md"), help="Report (`report`).")
@@ -341,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--dry-run", action="store_true", help="Print each run's training command; run nothing.")
     args = parser.parse_args(argv)
+    if args.curve_every < 0 or (args.curve_every and args.curve_every % args.save_steps):
+        parser.error(f"--curve_every {args.curve_every} must be 0 or a multiple of --save_steps {args.save_steps}.")
     runs = dict(RUNS)
     for spec in args.variant:
         name, _, flags = spec.partition("=")

@@ -206,3 +206,33 @@ def test_results_md_says_plainly_which_runs_meet_each_target_and_how_close_the_n
     assert lines["- exit 9 agreement with the last layer >= 0.75"].endswith("**none**; the nearest is b at 0.600")
     assert lines["- s/step <= 1.5x SFT's"].endswith(": b (1.200)")
     assert lines["- peak RSS <= 1.05x SFT's"].endswith(": a (1.000)")
+
+
+def test_curve_every_keeps_and_evaluates_snapshots_across_an_interruption_and_the_report_draws_them(tmp_path):
+    save_tiny_model(tmp_path / "model")
+    write_jsonl(tmp_path / "rows.jsonl", gsm8k_rows(20))
+    bad = study(tmp_path, "--runs", "sft", "--curve_every", "3", "--save_steps", "2")
+    assert bad.returncode == 2 and "must be 0 or a multiple of --save_steps 2" in bad.stderr
+
+    os.environ["SOFT_PEFT_STUDY_STOP_AFTER_SAVE"] = "1"  # killed right after checkpoint-1 and its snapshot
+    try:
+        assert study(tmp_path, "--runs", "sft", "--curve_every", "1").returncode == 1
+    finally:
+        del os.environ["SOFT_PEFT_STUDY_STOP_AFTER_SAVE"]
+    assert (tmp_path / "cache" / "sft-2" / "curve" / "step-1" / "model.safetensors").exists()
+    study(tmp_path, "--runs", "sft,uniform", "--curve_every", "1", check=True)
+    results = {run: json.loads((tmp_path / "results" / f"{run}-2.json").read_text()) for run in ("sft", "uniform")}
+    for result in results.values():
+        assert sorted(result["curve"]) == ["1", "2"] and result["curve"]["2"] == result["exits"]
+        assert result["curve"]["1"] != result["curve"]["2"]  # another model: trained one step less
+
+    report = tmp_path / "report.md"
+    write_report(tmp_path / "results", report, ROOT)
+    text = report.read_text()
+    row = next(
+        line for line in text.splitlines() if line.startswith("| uniform | ") and "/" in line and "step" not in line
+    )
+    sft, uniform = results["sft"]["curve"], results["uniform"]["curve"]
+    expected = uniform["1"]["4"]["loss"] / sft["1"]["4"]["loss"]
+    assert f"{expected:.3f} / " in row
+    assert "| run | step 1 | step 2 |" in text and (tmp_path / "results" / "curves_2.png").stat().st_size
