@@ -6,6 +6,8 @@ and GSM8K, per exit, against SFT. Resumable across sessions; results are small J
     python benchmarks/quality_study.py run --max_steps 100 --runs ramp_all,rotate2 --core 1   # a second process
     python benchmarks/quality_study.py decode --max_steps 400 --runs sft,uniform --core 0   # decode_speed.py on each
     python benchmarks/quality_study.py report               # docs/quality_study.md + plots, summary in docs/results.md
+    # One epoch of the 7,273 training rows at batch 4, the model kept and evaluated every 250 steps (learning curves)
+    python benchmarks/quality_study.py run --max_steps 1819 --curve_every 250 --runs sft,last_75_rotate2 --core 0
 
 Every run trains `recipes/smollm2_135m_gsm8k_soft.yaml` (batch 4, max_length 256, lr 1e-4 cosine, seed 0 and the same
 data order for all) through `soft_peft.scripts.train` (the code path of `examples/gsm8k.py`) in a child process pinned
