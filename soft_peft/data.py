@@ -21,6 +21,7 @@ import huggingface_hub
 from datasets import Dataset
 from datasets.exceptions import DatasetGenerationError, DatasetNotFoundError
 
+from .data_rows import DatasetFormatError, check_one_format_per_row, check_row_types
 from .hub import looks_like_hub_id
 
 __all__ = [
@@ -66,25 +67,8 @@ GSM8K_PROMPT = "Question: {question}\nAnswer:"
 TRIVIAQA_PROMPT = "Question: {question}\nAnswer:"
 ANSWER_SEPARATOR = " "
 
-# What each format's columns hold in every row (a conversational prompt or completion is a list of messages; an
-# Alpaca row may have no `input`; a TriviaQA answer may be a record with its `value`): anything else, a null or a
-# number, fails only after the model has loaded (inside TRL's tokenization), so it is refused here
-_ROW_TYPES = {
-    "prompt_completion": {"prompt": (str, list), "completion": (str, list)},
-    "messages": {"messages": (list,)},
-    "text": {"text": (str,)},
-    "alpaca": {"instruction": (str,), "output": (str,), "input": (str, type(None))},
-    "gsm8k": {"question": (str,), "answer": (str,)},
-    "triviaqa": {"question": (str,), "answer": (str, dict)},
-}
-_TYPE_NAMES = {str: "string", list: "list of messages", dict: "record", type(None): "null"}
-
 _GSM8K_ANSWER = re.compile(r"####\s*([-+]?[\d,]*\.?\d+)")
 _LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-class DatasetFormatError(ValueError):
-    """A dataset is missing, empty, or lacks the columns a format needs."""
 
 
 def _require_columns(
@@ -286,53 +270,6 @@ def detect_format(dataset: Dataset, source: str = "dataset") -> str:
     )
 
 
-def _first_row_with(dataset: Dataset, columns: Sequence[str]) -> int | None:
-    """Index of the first row where any of ``columns`` is not null, or ``None``."""
-    present = [c for c in columns if c in dataset.column_names]
-    for index, row in enumerate(zip(*(dataset[c] for c in present), strict=True)):
-        if any(value is not None for value in row):
-            return index
-    return None
-
-
-def _check_one_format_per_row(dataset: Dataset, source: str) -> None:
-    """Refuse rows that mix conversational ``messages`` with ``prompt``/``completion`` rows, naming the first of each.
-
-    A JSON file with both kinds of rows loads as one table whose rows lack the other kind's columns (nulls), and
-    TRL would fail on the first such row after the model has loaded.
-    """
-    if "messages" not in dataset.column_names or not {"prompt", "completion"} & set(dataset.column_names):
-        return
-    chat, pair = _first_row_with(dataset, ["messages"]), _first_row_with(dataset, ["prompt", "completion"])
-    if chat is None or pair is None:
-        return
-    kinds = sorted([(chat, "'messages'"), (pair, "'prompt'/'completion'")])
-    shown = ", ".join(f"row {index + 1} has {columns}" for index, columns in kinds)
-    raise DatasetFormatError(
-        f"{source}: rows mix formats: {shown}. Use "
-        "one format per dataset: rewrite one kind as the other (a prompt-completion pair is the messages "
-        "[user: prompt, assistant: completion]) or split them into two files."
-    )
-
-
-def _check_row_types(dataset: Dataset, dataset_format: str, source: str) -> None:
-    """Refuse the first row whose field is null or of the wrong type (a number for a completion), naming the row."""
-    for column, allowed in _ROW_TYPES[dataset_format].items():
-        if column not in dataset.column_names:
-            continue  # a missing required column is reported by the column checks
-        arrow = dataset.data.column(column)
-        if str in allowed and arrow.null_count == 0 and str(arrow.type) in ("string", "large_string"):
-            continue  # every row is a string: nothing to look at row by row
-        for index, value in enumerate(dataset[column]):
-            if not isinstance(value, allowed):
-                shown = "null" if value is None else f"{value!r} (of type {type(value).__name__})"
-                expected = " or ".join(_TYPE_NAMES[kind] for kind in allowed)
-                raise DatasetFormatError(
-                    f"{source}, row {index + 1}: {column!r} is {shown}, but {dataset_format} rows need a {expected} "
-                    "there. Fix or remove that row."
-                )
-
-
 def to_trl_format(dataset: Dataset, dataset_format: str = "auto", source: str = "dataset") -> tuple[Dataset, str]:
     """Bring rows of any format in [`DATASET_FORMATS`] to a TRL dataset type.
 
@@ -354,10 +291,10 @@ def to_trl_format(dataset: Dataset, dataset_format: str = "auto", source: str = 
         raise DatasetFormatError(
             f"Unknown dataset format {dataset_format!r}; expected one of {list(DATASET_FORMATS)}."
         )
-    _check_one_format_per_row(dataset, source)
+    check_one_format_per_row(dataset, source)
     if dataset_format == "auto":
         dataset_format = detect_format(dataset, source)
-    _check_row_types(dataset, dataset_format, source)
+    check_row_types(dataset, dataset_format, source)
     if dataset_format in _CONVERTERS:  # each converter checks its own columns
         dataset = _CONVERTERS[dataset_format](dataset, source=source)
     else:
