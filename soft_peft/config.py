@@ -50,11 +50,13 @@ class SoFTSettings:
             string `"start:stop:step"` (`"12:41:4"` = 12, 16, ..., 40). Defaults to the paper's 8 evenly spaced exits
             from 30% depth to the last layer: layer `round(L * (3 + i) / 10)` for `i = 0..7`.
         exit_loss_weights (`str` or `list[float]`, *optional*, defaults to `"last:0.75"`):
-            How the exits' losses are combined: `"last:w"` (the last exit keeps weight `w` in [0, 1], the other exits
+            How the exits' losses are combined: `"last:w"` (the last exit keeps weight `w` in (0, 1], the other exits
             share `1 - w` equally; the default `"last:0.75"` was chosen by the quality study in `docs/results.md`),
-            `"uniform"` (the paper's mean over exits), `"linear"` (weight proportional to depth) or one non-negative
-            weight per exit (`"1,1,2"` on the command line). Normalised to sum to 1; each exit's summed token loss is
-            divided by the same token count as `SFTTrainer`'s (`num_items_in_batch`).
+            `"uniform"` (the paper's mean over exits), `"linear"` (weight proportional to depth) or one finite,
+            non-negative weight per exit (`"1,1,2"` on the command line), in the order `exit_layers` lists them
+            (`exit_layers="30,9"` with `"1,0"` trains exit 30). Normalised to sum to 1; each exit's summed token
+            loss is divided by the same token count as `SFTTrainer`'s (`num_items_in_batch`). Only the exits with a
+            weight above 0 are recorded as trained.
         exit_head_grad (`str`, *optional*, defaults to `"all"`):
             `"all"`: every exit's loss updates the shared final norm and LM head (the paper). `"last"`: the early exits
             use them without updating them (their gradient still trains the layers below), so the norm and head (with
@@ -94,7 +96,7 @@ class SoFTSettings:
         metadata={
             "help": "Per-exit loss weights: 'last:w' (the last exit keeps w, the others share 1 - w; default "
             "'last:0.75'), 'uniform' (the paper), 'linear' (deeper exits weigh more), or one non-negative weight per "
-            "exit such as '1,1,2' (normalised to sum to 1)."
+            "exit such as '1,1,2', in the order exit_layers lists them (normalised to sum to 1)."
         },
     )
     exit_head_grad: str = field(

@@ -167,12 +167,13 @@ class SortedLossWrapper(nn.Module):
     ``config.json``, which plain ``AutoModelForCausalLM.from_pretrained`` reloads.
 
     Args:
-        model: A transformers causal LM, or a PEFT model around one.
+        model: A decoder-only transformers causal LM, or a PEFT model around one (an encoder-decoder is refused).
         exit_layers: List of layers, ``"12,16,20"`` or ``"start:stop:step"``; ``None`` is the paper's 8 evenly spaced
             exits from ~30% depth to the last layer (see [`~soft_peft.exits.default_exit_layers`]).
         exit_loss_weights: ``"last:w"`` (the last exit keeps weight ``w``, the others share ``1 - w``; default
             ``"last:0.75"``, chosen by the quality study), ``"uniform"`` (the paper), ``"linear"`` (deeper exits weigh
-            more) or one weight per exit; normalised to sum to 1 (see [`~soft_peft.loss.exit_loss_weights`]).
+            more) or one weight per exit, in the order ``exit_layers`` lists them; normalised to sum to 1 (see
+            [`~soft_peft.loss.exit_loss_weights`]). Only exits with a weight above 0 are recorded as trained.
         final_norm: The final norm module, only for architectures where it cannot be found automatically.
         vocab_chunk_size: Vocabulary columns per head tile (memory/speed knob).
         schedule: An [`~soft_peft.schedule.ExitSchedule`] (exits ramped in, or a rotation of the early exits). Then
