@@ -8,6 +8,7 @@ never copies the user's config. A new SoFT setting is one new field of `SoFTSett
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 
 from trl import SFTConfig
@@ -19,11 +20,12 @@ from .loss import (
     HEAD_GRAD_MODES,
     KERNELS,
     exit_loss_weights,
+    parse_exit_loss_weights,
     validate_exit_controls,
 )
 from .schedule import ExitSchedule
 
-__all__ = ["SoFTConfig", "SoFTSettings", "read_soft_settings"]
+__all__ = ["SoFTConfig", "SoFTSettings", "check_training_numbers", "read_soft_settings"]
 
 
 def _normalize_list_setting(value, name: str):
@@ -49,11 +51,13 @@ class SoFTSettings:
             string `"start:stop:step"` (`"12:41:4"` = 12, 16, ..., 40). Defaults to the paper's 8 evenly spaced exits
             from 30% depth to the last layer: layer `round(L * (3 + i) / 10)` for `i = 0..7`.
         exit_loss_weights (`str` or `list[float]`, *optional*, defaults to `"last:0.75"`):
-            How the exits' losses are combined: `"last:w"` (the last exit keeps weight `w` in [0, 1], the other exits
+            How the exits' losses are combined: `"last:w"` (the last exit keeps weight `w` in (0, 1], the other exits
             share `1 - w` equally; the default `"last:0.75"` was chosen by the quality study in `docs/results.md`),
-            `"uniform"` (the paper's mean over exits), `"linear"` (weight proportional to depth) or one non-negative
-            weight per exit (`"1,1,2"` on the command line). Normalised to sum to 1; each exit's summed token loss is
-            divided by the same token count as `SFTTrainer`'s (`num_items_in_batch`).
+            `"uniform"` (the paper's mean over exits), `"linear"` (weight proportional to depth) or one finite,
+            non-negative weight per exit (`"1,1,2"` on the command line), in the order `exit_layers` lists them
+            (`exit_layers="30,9"` with `"1,0"` trains exit 30). Normalised to sum to 1; each exit's summed token
+            loss is divided by the same token count as `SFTTrainer`'s (`num_items_in_batch`). Only the exits with a
+            weight above 0 are recorded as trained.
         exit_head_grad (`str`, *optional*, defaults to `"all"`):
             `"all"`: every exit's loss updates the shared final norm and LM head (the paper). `"last"`: the early exits
             use them without updating them (their gradient still trains the layers below), so the norm and head (with
@@ -105,7 +109,7 @@ class SoFTSettings:
         metadata={
             "help": "Per-exit loss weights: 'last:w' (the last exit keeps w, the others share 1 - w; default "
             "'last:0.75'), 'uniform' (the paper), 'linear' (deeper exits weigh more), or one non-negative weight per "
-            "exit such as '1,1,2' (normalised to sum to 1)."
+            "exit such as '1,1,2', in the order exit_layers lists them (normalised to sum to 1)."
         },
     )
     exit_head_grad: str = field(
@@ -203,16 +207,9 @@ def _check_settings(settings: SoFTSettings) -> None:
     # Only the syntax can be checked here: the range needs the model's depth (checked by the trainer, and by the
     # training script from config.json before the weights load)
     layers = parse_exit_spec(settings.exit_layers)
-    weights = settings.exit_loss_weights
-    if isinstance(weights, str) and weights.lower().startswith("last:"):
-        # The share is checked now; any number of exits fits
-        exit_loss_weights(weights, layers if isinstance(layers, list) else [1, 2])
-    elif isinstance(weights, list) or weights.lower() not in ("uniform", "linear"):
-        # Check the numbers now, and their count when the exits are explicit
-        count = (
-            len(weights) if isinstance(weights, list) else len([w for w in weights.replace(" ", ",").split(",") if w])
-        )
-        exit_loss_weights(weights, layers if isinstance(layers, list) else [0] * count)
+    weights = parse_exit_loss_weights(settings.exit_loss_weights)
+    if isinstance(weights, list) and isinstance(layers, list):  # explicit on both sides: their counts must agree
+        exit_loss_weights(weights, layers)
     settings.exit_schedule()  # validates the schedule fields
     settings.layer_dropout_settings()  # and the layer dropout's
     validate_exit_controls(settings.exit_head_grad, settings.exit_distill_weight, settings.exit_distill_temperature)
@@ -220,6 +217,66 @@ def _check_settings(settings: SoFTSettings) -> None:
         raise ValueError(f"`exit_vocab_chunk_size` must be >= 1, got {settings.exit_vocab_chunk_size}.")
     if settings.exit_loss_kernel not in KERNELS:
         raise ValueError(f"`exit_loss_kernel` must be one of {KERNELS}, got {settings.exit_loss_kernel!r}.")
+
+
+def _is_number_at_least(value, low: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value >= low
+
+
+def check_training_numbers(args) -> None:
+    """Refuse the numeric `TrainingArguments` values that torch or the training loop would reject (or silently turn
+    into a run that trains nothing) only after the model has loaded: batch sizes, accumulation, learning rate, the
+    optimizer's betas, epsilon and weight decay, step counts and intervals, data workers and `max_length`.
+
+    Args:
+        args: Any training arguments (`SoFTConfig`, `SFTConfig`, `TrainingArguments`); absent fields are skipped.
+
+    Raises:
+        ValueError: for the first value out of range, naming it, its valid range and the value to use.
+    """
+
+    def value(name):
+        return getattr(args, name, None)
+
+    def refuse(name, rule):
+        raise ValueError(f"{name}={value(name)!r} is out of range: {rule}.")
+
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if value(name) is not None and not (_is_number_at_least(value(name), 1) and int(value(name)) == value(name)):
+            refuse(name, "it must be an integer >= 1")
+    if value("eval_accumulation_steps") is not None and not _is_number_at_least(value("eval_accumulation_steps"), 1):
+        refuse("eval_accumulation_steps", "it must be >= 1, or unset to accumulate the whole evaluation")
+    for name, rule in (
+        ("learning_rate", "it must be a finite number >= 0, such as 2e-5"),
+        ("weight_decay", "it must be a finite number >= 0 (0 = none)"),
+        ("adam_epsilon", "it must be a finite number >= 0, such as 1e-8"),
+    ):
+        if value(name) is not None and not _is_number_at_least(value(name), 0):
+            refuse(name, rule)
+    for name in ("adam_beta1", "adam_beta2"):
+        beta = value(name)
+        if beta is not None and not (_is_number_at_least(beta, 0) and beta < 1):
+            refuse(name, "it must be in [0, 1), such as 0.9 for adam_beta1 and 0.999 for adam_beta2")
+    max_steps = value("max_steps")
+    if max_steps is not None and max_steps < 0 and max_steps != -1:
+        refuse("max_steps", "it must be a number of optimizer steps >= 1, or -1 to train num_train_epochs")
+    epochs = value("num_train_epochs")
+    if (
+        (max_steps is None or max_steps <= 0)
+        and epochs is not None
+        and not (_is_number_at_least(epochs, 0) and epochs > 0)
+    ):
+        refuse("num_train_epochs", "with max_steps unset (-1) it must be > 0, or the run would train no step")
+    if value("dataloader_num_workers") is not None and not _is_number_at_least(value("dataloader_num_workers"), 0):
+        refuse("dataloader_num_workers", "it must be an integer >= 0 (0 = load in the main process)")
+    if value("max_length") is not None and not _is_number_at_least(value("max_length"), 1):
+        refuse("max_length", "it must be a number of tokens >= 1, or None for no truncation")
+    for name, strategy in (("save_steps", "save_strategy"), ("eval_steps", "eval_strategy")):
+        if str(value(strategy)).lower().endswith("steps") and value(name) is not None:
+            if not (isinstance(value(name), (int, float)) and value(name) > 0):
+                refuse(
+                    name, f"with {strategy}='steps' it must be > 0 (a step count, or a fraction of the run below 1)"
+                )
 
 
 def _refuse_label_smoothing(label_smoothing_factor: float) -> None:
@@ -241,10 +298,12 @@ def read_soft_settings(args) -> SoFTSettings:
         A new [`SoFTSettings`].
 
     Raises:
-        ValueError: for invalid SoFT settings, and for `label_smoothing_factor > 0`.
+        ValueError: for invalid SoFT settings, `label_smoothing_factor > 0`, and the out-of-range numbers of
+            [`check_training_numbers`].
     """
     settings = SoFTSettings(**{f.name: getattr(args, f.name) for f in fields(SoFTSettings) if hasattr(args, f.name)})
     _refuse_label_smoothing(getattr(args, "label_smoothing_factor", 0.0))
+    check_training_numbers(args)
     return settings
 
 
@@ -263,3 +322,4 @@ class SoFTConfig(SoFTSettings, SFTConfig):
         SFTConfig.__post_init__(self)
         _check_settings(self)
         _refuse_label_smoothing(self.label_smoothing_factor)
+        check_training_numbers(self)

@@ -21,6 +21,7 @@ import huggingface_hub
 from datasets import Dataset
 from datasets.exceptions import DatasetGenerationError, DatasetNotFoundError
 
+from .data_rows import DatasetFormatError, check_one_format_per_row, check_row_types
 from .hub import looks_like_hub_id
 
 __all__ = [
@@ -68,10 +69,6 @@ ANSWER_SEPARATOR = " "
 
 _GSM8K_ANSWER = re.compile(r"####\s*([-+]?[\d,]*\.?\d+)")
 _LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-class DatasetFormatError(ValueError):
-    """A dataset is missing, empty, or lacks the columns a format needs."""
 
 
 def _require_columns(
@@ -286,15 +283,18 @@ def to_trl_format(dataset: Dataset, dataset_format: str = "auto", source: str = 
         and the resolved format.
 
     Raises:
-        DatasetFormatError: for an unknown format, missing columns, or when every completion is empty (training would
-            only teach the model to stop). Some empty completions only warn.
+        DatasetFormatError: for an unknown format, missing columns, rows that mix ``messages`` with
+            ``prompt``/``completion``, a null or mistyped field (naming the row, counted from 1), or when every
+            completion is empty (training would only teach the model to stop). Some empty completions only warn.
     """
     if dataset_format not in DATASET_FORMATS:
         raise DatasetFormatError(
             f"Unknown dataset format {dataset_format!r}; expected one of {list(DATASET_FORMATS)}."
         )
+    check_one_format_per_row(dataset, source)
     if dataset_format == "auto":
         dataset_format = detect_format(dataset, source)
+    check_row_types(dataset, dataset_format, source)
     if dataset_format in _CONVERTERS:  # each converter checks its own columns
         dataset = _CONVERTERS[dataset_format](dataset, source=source)
     else:

@@ -331,10 +331,17 @@ def find_exit_head(model: nn.Module, final_norm: nn.Module | None = None) -> Exi
         final_norm: Pass the norm module explicitly where [`find_final_norm`] cannot tell it.
 
     Raises:
-        ValueError: when the head or norm cannot be found, naming the model class and the ``final_norm`` argument.
+        ValueError: for an encoder-decoder model, and when the head or norm cannot be found, naming the model class
+            and the ``final_norm`` argument.
     """
     base = unwrap_model(model)
     config = base.config
+    if getattr(config, "is_encoder_decoder", False):  # its decoder reads an encoder: no prefix is a sub-model alone
+        raise ValueError(
+            f"{type(base).__name__} is an encoder-decoder model (config.is_encoder_decoder=True); SoFT needs a "
+            "decoder-only causal LM (`AutoModelForCausalLM`, e.g. Llama, Qwen, SmolLM2), whose every prefix of "
+            "layers is a language model of its own."
+        )
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     backbone = find_backbone(base)
     lm_head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None

@@ -25,6 +25,7 @@ from .exit_head import (
 __all__ = [
     "ExitHead",
     "default_exit_layers",
+    "exit_layers_as_written",
     "find_backbone",
     "find_exit_head",
     "find_final_norm",
@@ -121,7 +122,7 @@ def _parse_syntax(spec: str | Sequence[int]) -> list[int] | slice:
     bad = [k for k in layers if k < 1]
     if bad:
         raise _SpecError(f"exit_layers has {bad}, but layers are counted from 1 (exit k follows the k-th layer).")
-    return sorted(layers)
+    return layers  # as written: explicit exit weights follow this order
 
 
 def parse_exit_spec(spec: str | Sequence[int] | None) -> list[int] | slice | None:
@@ -143,12 +144,13 @@ def parse_exit_spec(spec: str | Sequence[int] | None) -> list[int] | slice | Non
     if spec is None:
         return None
     try:
-        return _parse_syntax(spec)
+        parsed = _parse_syntax(spec)
     except _SpecError as error:
         raise ValueError(
             f"{error} Exits are distinct layer numbers from 1 to the model's depth, e.g. exit_layers='9,12,15' or "
             "the slice '9::3' (every 3rd layer from 9 to the last)."
         ) from None
+    return parsed if isinstance(parsed, slice) else sorted(parsed)
 
 
 def parse_exit_layers(spec: str | Sequence[int] | None, num_layers: int) -> list[int]:
@@ -166,6 +168,21 @@ def parse_exit_layers(spec: str | Sequence[int] | None, num_layers: int) -> list
     Raises:
         ValueError: for non-integers, duplicates, or layers outside ``1..num_layers``, naming the depth and a valid
             example.
+    """
+    return sorted(exit_layers_as_written(spec, num_layers))
+
+
+def exit_layers_as_written(spec: str | Sequence[int] | None, num_layers: int) -> list[int]:
+    """As [`parse_exit_layers`], but in the order the user wrote them (the order explicit exit weights follow).
+
+    Args:
+        spec, num_layers: As for [`parse_exit_layers`].
+
+    Returns:
+        The exits of a list or comma-separated string in their given order; a slice or the default, ascending.
+
+    Raises:
+        ValueError: as [`parse_exit_layers`].
     """
     if spec is None:
         return default_exit_layers(num_layers)

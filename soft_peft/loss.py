@@ -13,6 +13,7 @@ are recomputed in backward. Two kernels do that, chosen per device (``kernel="au
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ __all__ = [
     "TOKEN_WEIGHTINGS",
     "exit_loss_weights",
     "gradient_blocked",
+    "parse_exit_loss_weights",
     "sorted_exit_loss",
     "validate_exit_controls",
 ]
@@ -60,7 +62,62 @@ DEFAULT_EXIT_LOSS_WEIGHTS = "last:0.75"
 DEFAULT_VOCAB_CHUNK_SIZE = 32768
 
 
-def exit_loss_weights(spec: str | Sequence[float], exit_layers: Sequence[int]) -> list[float]:
+_WEIGHT_SCHEMES = ("uniform", "linear")
+
+
+def parse_exit_loss_weights(spec: str | Sequence[float]) -> str | list[float]:
+    """Check an ``exit_loss_weights`` setting without knowing the exits: the one parser of the setting.
+
+    Args:
+        spec: As for [`exit_loss_weights`].
+
+    Returns:
+        The scheme, lower-cased (``"uniform"``, ``"linear"`` or ``"last:w"``), or the explicit weights as floats.
+
+    Raises:
+        ValueError: for an unknown name, a ``last:`` share outside ``(0, 1]``, a weight that is not a number, negative,
+            NaN or infinite, or explicit weights whose sum is 0 or overflows.
+    """
+    if isinstance(spec, str):
+        name = spec.strip().lower()
+        if name in _WEIGHT_SCHEMES:
+            return name
+        if name.startswith(_LAST_SHARE_PREFIX):
+            _last_share(name[len(_LAST_SHARE_PREFIX) :], spec)
+            return name
+        try:
+            raw = [float(w) for w in name.replace(" ", ",").split(",") if w]
+        except ValueError:
+            raise ValueError(
+                f"exit_loss_weights={spec!r} is not 'uniform', 'linear', 'last:w' (such as 'last:0.5') or a "
+                "list of numbers such as '1,1,2'."
+            ) from None
+    else:
+        try:
+            raw = [float(w) for w in spec]
+        except (TypeError, ValueError):
+            raise ValueError(f"exit_loss_weights={list(spec)!r} holds a value that is not a number.") from None
+    if not raw:
+        raise ValueError(f"exit_loss_weights={spec!r} gives no weight; give one number per exit, such as '1,1,2'.")
+    if not all(math.isfinite(w) and w >= 0 for w in raw):
+        raise ValueError(
+            f"exit_loss_weights={raw} has a negative, NaN or infinite weight; each weight must be a finite number "
+            ">= 0 (they are normalised to sum to 1, so '1,1,2' is enough)."
+        )
+    total = sum(raw)
+    if not math.isfinite(total):  # e.g. 1e308 + 1e308: normalising would give NaN or 0 weights
+        raise ValueError(
+            f"exit_loss_weights={raw} sums to {total}, which overflows; use smaller numbers (they are normalised "
+            "to sum to 1, so '1,1,2' is enough)."
+        )
+    if total <= 0:
+        raise ValueError(f"exit_loss_weights={raw} sums to {total}; at least one weight must be positive.")
+    return raw
+
+
+def exit_loss_weights(
+    spec: str | Sequence[float], exit_layers: Sequence[int], written_order: Sequence[int] | None = None
+) -> list[float]:
     """Normalised per-exit loss weights.
 
     Every scheme is normalised to sum to 1, so that [`sorted_exit_loss`] is a weighted *mean* of the exits' losses:
@@ -68,58 +125,65 @@ def exit_loss_weights(spec: str | Sequence[float], exit_layers: Sequence[int]) -
 
     Args:
         spec: ``"uniform"`` (the paper: the mean over exits), ``"linear"`` (weight proportional to the exit's depth,
-            so deeper exits weigh more), ``"last:w"`` with ``0 <= w <= 1`` (the last exit keeps weight ``w``, the
+            so deeper exits weigh more), ``"last:w"`` with ``0 < w <= 1`` (the deepest exit keeps weight ``w``, the
             other exits share ``1 - w`` equally; ``"last:0.5"`` puts half the loss on the last exit whatever the
             number of exits; with a single exit its weight is 1), a comma-separated string ``"1,1,2"`` or a list
-            with one non-negative weight per exit.
+            with one finite, non-negative weight per exit.
         exit_layers: The exits, ascending.
+        written_order: The same exits in the order the user wrote them, which explicit weights follow
+            (``exit_layers=[30, 9]`` with weights ``[1, 0]`` gives exit 30 the weight 1). Default: ascending.
 
     Returns:
-        Weights summing to 1, one per exit.
+        Weights summing to 1, one per exit of ``exit_layers`` (ascending).
 
     Raises:
-        ValueError: for an unknown name, a wrong count, a negative weight or a zero sum.
+        ValueError: as [`parse_exit_loss_weights`], and for a count that is not one weight per exit.
     """
-    if isinstance(spec, str):
-        name = spec.strip().lower()
-        if name == "uniform":
-            raw = [1.0] * len(exit_layers)
-        elif name == "linear":
-            raw = [float(k) for k in exit_layers]
-        elif name.startswith(_LAST_SHARE_PREFIX):
-            raw = _last_share_weights(name[len(_LAST_SHARE_PREFIX) :], len(exit_layers), spec)
-        else:
-            try:
-                raw = [float(w) for w in name.replace(" ", ",").split(",") if w]
-            except ValueError:
-                raise ValueError(
-                    f"exit_loss_weights={spec!r} is not 'uniform', 'linear', 'last:w' (such as 'last:0.5') or a "
-                    "list of numbers such as '1,1,2'."
-                ) from None
+    parsed = parse_exit_loss_weights(spec)
+    if parsed == "uniform":
+        raw = [1.0] * len(exit_layers)
+    elif parsed == "linear":
+        raw = [float(k) for k in exit_layers]
+    elif isinstance(parsed, str):  # "last:w"
+        raw = _last_share_weights(_last_share(parsed[len(_LAST_SHARE_PREFIX) :], spec), len(exit_layers))
     else:
-        raw = [float(w) for w in spec]
-    if len(raw) != len(exit_layers):
-        raise ValueError(
-            f"exit_loss_weights has {len(raw)} values but there are {len(exit_layers)} exits {list(exit_layers)}: "
-            "give one weight per exit, or a scheme: 'last:0.75' (the default), 'uniform' or 'linear'."
-        )
-    if any(w < 0 or w != w for w in raw):
-        raise ValueError(f"exit_loss_weights={raw} has a negative or NaN weight; weights must be >= 0.")
+        if len(parsed) != len(exit_layers):
+            raise ValueError(
+                f"exit_loss_weights has {len(parsed)} values but there are {len(exit_layers)} exits "
+                f"{list(written_order or exit_layers)}: give one weight per exit, or a scheme: 'last:0.75' (the "
+                "default), 'uniform' or 'linear'."
+            )
+        if written_order is not None:
+            if sorted(written_order) != list(exit_layers):
+                raise ValueError(f"written_order {list(written_order)} is not an order of {list(exit_layers)}.")
+            by_layer = dict(zip(written_order, parsed, strict=True))
+            parsed = [by_layer[k] for k in exit_layers]
+        raw = parsed
     total = sum(raw)
-    if total <= 0:
-        raise ValueError(f"exit_loss_weights={raw} sums to {total}; at least one weight must be positive.")
     return [w / total for w in raw]
 
 
-def _last_share_weights(text: str, num_exits: int, spec) -> list[float]:
+def _last_share(text: str, spec) -> float:
     try:
         share = float(text)
     except ValueError:
         share = float("nan")
     if not 0.0 <= share <= 1.0:  # also rejects NaN
         raise ValueError(
-            f"exit_loss_weights={spec!r}: the last exit's share must be a number in [0, 1], such as 'last:0.5'."
+            f"exit_loss_weights={spec!r}: the last exit's share must be a number in (0, 1], such as 'last:0.5'."
         )
+    if share == 0.0:
+        # Refused rather than followed: 'last:w' is the scheme that protects the full model, and a share of 0 leaves
+        # it untrained, almost always a slip. Explicit weights remain the deliberate way to write it
+        raise ValueError(
+            f"exit_loss_weights={spec!r} gives the last exit (the full model) weight 0, so it would not be trained. "
+            "Use a share above 0 such as 'last:0.75'; to leave it untrained on purpose, give one weight per exit "
+            "ending in 0, such as '1,1,0'."
+        )
+    return share
+
+
+def _last_share_weights(share: float, num_exits: int) -> list[float]:
     if num_exits == 1:
         return [1.0]  # a single exit is plain SFT whatever the share
     return [(1.0 - share) / (num_exits - 1)] * (num_exits - 1) + [share]

@@ -8,14 +8,17 @@ import inspect
 import torch
 from torch import nn
 from transformers import TrainingArguments
+from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
 
 from .checkpoints import save_adapter_exit_layers, saves_an_adapter
 from .config import SoFTConfig, read_soft_settings
-from .exits import unwrap_model
-from .wrapper import add_sorted_exit_loss
+from .exits import recorded_exit_layers, unwrap_model
+from .wrapper import add_sorted_exit_loss, exit_loss_weights_of
 
 __all__ = ["SoFTTrainer"]
+
+logger = logging.get_logger(__name__)
 
 _SFT_TRAINER_SIGNATURE = inspect.signature(SFTTrainer.__init__)
 
@@ -39,10 +42,11 @@ class SoFTTrainer(SFTTrainer):
     `exit_{k}/mean_token_accuracy` for every exit, prefixed `eval_` in evaluation. `loss` stays the combined loss and
     `mean_token_accuracy` / `entropy` the last layer's; MoE models also log `aux_loss`, as `SFTTrainer` does. With an
     exit schedule (`exit_ramp_steps`, `exit_rotation`), also `exit_{k}/weight`, and an exit's loss and accuracy only on
-    the steps that train it; with self-distillation (`exit_distill_weight > 0`) also `exit_{k}/distill_loss` and
-    `exit_{k}/agreement` (top-1 agreement with the last exit) per early exit. Checkpoints are vanilla transformers
-    models with `soft_exit_layers` in `config.json`, or PEFT adapters with `soft_exit_layers` in
-    `soft_peft_config.json` beside `adapter_config.json`.
+    the steps that train it; without one, `exit_{k}/weight` once, in the first training log (the weights also go to
+    `transformers.logging` at info level). With self-distillation (`exit_distill_weight > 0`) also
+    `exit_{k}/distill_loss` and `exit_{k}/agreement` (top-1 agreement with the last exit) per early exit.
+    Checkpoints are vanilla transformers models with the trained exits (weight above 0) as `soft_exit_layers` in
+    `config.json`, or PEFT adapters with `soft_exit_layers` in `soft_peft_config.json` beside `adapter_config.json`.
 
     Args:
         model, args, ...: As for `SFTTrainer`, positionally or by name. `args` may be a [`SoFTConfig`] or any
@@ -99,12 +103,25 @@ class SoFTTrainer(SFTTrainer):
             exit_distill_temperature=settings.exit_distill_temperature,
             layer_dropout=dataclasses.replace(settings.layer_dropout_settings(), seed=self.args.seed),
         )
+        self._report_exit_weights(target)
+
+    def _report_exit_weights(self, model: nn.Module) -> None:
+        # The weights the loss really uses (explicit ones reordered to the sorted exits, schemes resolved), shown once
+        # where the user looks: the log, and the first logged training step of every `report_to` backend. A schedule
+        # logs `exit_{k}/weight` at every step already
+        weights = exit_loss_weights_of(model)
+        shown = ", ".join(f"exit {k}: {w:.4g}" for k, w in weights.items())
+        logger.info(f"SoFT exit loss weights ({self.soft_settings.exit_loss_weights}): {shown}")
+        if self.exit_schedule.is_constant:
+            for layer, weight in weights.items():
+                self._metrics["train"][f"exit_{layer}/weight"].append(weight)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict=state_dict)
         # A PEFT adapter has no config.json to carry `soft_exit_layers`: record them beside the adapter
         if self.args.should_save and saves_an_adapter(self.model):
-            save_adapter_exit_layers(output_dir if output_dir is not None else self.args.output_dir, self.exit_layers)
+            folder = output_dir if output_dir is not None else self.args.output_dir
+            save_adapter_exit_layers(folder, recorded_exit_layers(self.model))  # the exits trained (weight above 0)
 
     def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False, num_items_in_batch=None):
         """The SoFT loss, normalised exactly like `SFTTrainer`'s; logs per-exit metrics."""

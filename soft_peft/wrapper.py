@@ -8,6 +8,7 @@ forward, where their parameters are gathered. Calling ``lm_head`` from outside t
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Sequence
 
 from torch import nn
@@ -15,12 +16,12 @@ from torch import nn
 from .checkpoints import save_adapter_exit_layers, saves_an_adapter
 from .exit_forward import ExitLossSettings, SortedExitOutput, sorted_exit_forward
 from .exit_head import find_exit_head, unwrap_model
-from .exits import parse_exit_layers, record_exit_layers
+from .exits import exit_layers_as_written, record_exit_layers, recorded_exit_layers
 from .layer_dropout import LayerDropout, install_layer_dropout, layer_dropout_state
 from .loss import DEFAULT_EXIT_LOSS_WEIGHTS, DEFAULT_VOCAB_CHUNK_SIZE, exit_loss_weights
 from .schedule import ExitSchedule
 
-__all__ = ["SortedExitOutput", "SortedLossWrapper", "add_sorted_exit_loss"]
+__all__ = ["SortedExitOutput", "SortedLossWrapper", "add_sorted_exit_loss", "exit_loss_weights_of"]
 
 # The settings of a model whose forward already carries the SoFT loss; also marks it, so it is never wrapped twice
 _PATCHED = "_soft_peft_exit_loss"
@@ -45,13 +46,15 @@ def add_sorted_exit_loss(
     [`SortedExitOutput`].
 
     Only this instance's ``forward`` is wrapped; without ``soft_exit_loss=True`` it calls the previous forward, so
-    generation, TRL's fused head and PEFT are unchanged. The exits are recorded as ``soft_exit_layers`` in the config.
+    generation, TRL's fused head and PEFT are unchanged. The exits trained (those whose weight is above 0) are
+    recorded as ``soft_exit_layers`` in the config.
     Calling it again updates the settings rather than wrapping twice.
 
     Args:
         model: A transformers causal LM or a PEFT model around one.
         exit_layers: See [`~soft_peft.exits.parse_exit_layers`]; ``None`` is the paper's 8 evenly spaced exits.
-        exit_loss_weights_spec: See [`~soft_peft.loss.exit_loss_weights`]; default ``"last:0.75"``.
+        exit_loss_weights_spec: See [`~soft_peft.loss.exit_loss_weights`]; default ``"last:0.75"``. Explicit
+            weights follow the exits in the order given (``exit_layers=[30, 9]``, weights ``[1, 0]``: exit 30 gets 1).
         final_norm: The final norm, where [`~soft_peft.exits.find_final_norm`] cannot tell it.
         vocab_chunk_size: Vocabulary columns per projection tile of the head kernel.
         token_weighting: ``"nll"``, or ``"dft"`` for TRL's DFT loss.
@@ -72,14 +75,21 @@ def add_sorted_exit_loss(
             training forwards; ``None`` or rate 0 (default) is off, and leaves the layers untouched.
 
     Returns:
-        The resolved exit layers, ascending.
+        The resolved exit layers, ascending (zero-weight ones included; they are computed but not recorded).
+
+    Raises:
+        ValueError: for an encoder-decoder model or one whose head or norm cannot be found, and for invalid exits or
+            weights.
     """
     base = unwrap_model(model)
     head = find_exit_head(base, final_norm=final_norm)  # fail now, not at the first step
-    layers = parse_exit_layers(exit_layers, head.num_layers)
+    written = exit_layers_as_written(exit_layers, head.num_layers)
+    layers = sorted(written)
+    # Explicit weights follow the exits in the order the user wrote them, not the sorted order the loss runs in
+    weights = exit_loss_weights(exit_loss_weights_spec, layers, written_order=written)
     settings = ExitLossSettings(  # checks every value before the model is touched
         exit_layers=tuple(layers),
-        weights=tuple(exit_loss_weights(exit_loss_weights_spec, layers)),
+        weights=tuple(weights),
         final_norm=final_norm,
         vocab_chunk_size=vocab_chunk_size,
         token_weighting=token_weighting,
@@ -93,7 +103,14 @@ def add_sorted_exit_loss(
     )
     if layer_dropout is not None and layer_dropout.enabled:
         install_layer_dropout(base)
-    record_exit_layers(base, layers)
+    if weights[-1] == 0:
+        warnings.warn(
+            f"exit_loss_weights gives the deepest exit, layer {layers[-1]}, weight 0: it is not trained, and only "
+            f"exits {[k for k, w in zip(layers, weights, strict=True) if w > 0]} are recorded as trained.",
+            stacklevel=2,
+        )
+    # Only the exits the loss trains are recorded: a later `soft-peft generate --exit_layer` on another one warns
+    record_exit_layers(base, [k for k, w in zip(layers, weights, strict=True) if w > 0])
     already_wrapped = getattr(base, _PATCHED, None) is not None
     setattr(base, _PATCHED, settings)  # the forward reads it at every call: a second call only updates it
     if already_wrapped:
@@ -127,6 +144,24 @@ def add_sorted_exit_loss(
     return layers
 
 
+def exit_loss_weights_of(model: nn.Module) -> dict[int, float]:
+    """The base weight of each exit of a model given the SoFT loss by [`add_sorted_exit_loss`].
+
+    Args:
+        model: The model (possibly wrapped by PEFT, DDP or DeepSpeed).
+
+    Returns:
+        ``{layer: weight}``, ascending layers, weights summing to 1 (before any schedule).
+
+    Raises:
+        ValueError: when the model has no SoFT loss.
+    """
+    settings = getattr(unwrap_model(model), _PATCHED, None)
+    if settings is None:
+        raise ValueError(f"{type(model).__name__} has no SoFT loss: call `add_sorted_exit_loss` on it first.")
+    return dict(zip(settings.exit_layers, settings.weights, strict=True))
+
+
 class SortedLossWrapper(nn.Module):
     """Attach the SoFT nested-exit loss to any transformers causal LM.
 
@@ -142,12 +177,13 @@ class SortedLossWrapper(nn.Module):
     ``config.json``, which plain ``AutoModelForCausalLM.from_pretrained`` reloads.
 
     Args:
-        model: A transformers causal LM, or a PEFT model around one.
+        model: A decoder-only transformers causal LM, or a PEFT model around one (an encoder-decoder is refused).
         exit_layers: List of layers, ``"12,16,20"`` or ``"start:stop:step"``; ``None`` is the paper's 8 evenly spaced
             exits from ~30% depth to the last layer (see [`~soft_peft.exits.default_exit_layers`]).
         exit_loss_weights: ``"last:w"`` (the last exit keeps weight ``w``, the others share ``1 - w``; default
             ``"last:0.75"``, chosen by the quality study), ``"uniform"`` (the paper), ``"linear"`` (deeper exits weigh
-            more) or one weight per exit; normalised to sum to 1 (see [`~soft_peft.loss.exit_loss_weights`]).
+            more) or one weight per exit, in the order ``exit_layers`` lists them; normalised to sum to 1 (see
+            [`~soft_peft.loss.exit_loss_weights`]). Only exits with a weight above 0 are recorded as trained.
         final_norm: The final norm module, only for architectures where it cannot be found automatically.
         vocab_chunk_size: Vocabulary columns per head tile (memory/speed knob).
         schedule: An [`~soft_peft.schedule.ExitSchedule`] (exits ramped in, or a rotation of the early exits). Then
@@ -225,7 +261,7 @@ class SortedLossWrapper(nn.Module):
         with the exits in ``soft_peft_config.json`` beside it (see [`~soft_peft.checkpoints.load_causal_lm`])."""
         result = self.model.save_pretrained(save_directory, **kwargs)
         if saves_an_adapter(self.model) and kwargs.get("is_main_process", True):
-            save_adapter_exit_layers(save_directory, self.exit_layers)
+            save_adapter_exit_layers(save_directory, recorded_exit_layers(self.model))
         return result
 
     def state_dict(self, *args, **kwargs):

@@ -24,11 +24,45 @@ def config(tmp_path, **overrides):
         ({"exit_head_grad": "first"}, "exit_head_grad"),
         ({"exit_distill_weight": 2.0}, "exit_distill_weight"),
         ({"exit_distill_temperature": -1.0}, "exit_distill_temperature"),
+        ({"exit_loss_weights": "inf,1"}, "infinite"),
+        ({"exit_loss_weights": "1e308,1e308,1"}, "overflows"),
+        ({"exit_loss_weights": "last:0"}, "weight 0"),
+        # TrainingArguments values torch or the loop would reject only after the model loads
+        ({"per_device_train_batch_size": 0}, "per_device_train_batch_size=0 is out of range"),
+        ({"per_device_eval_batch_size": 0}, "per_device_eval_batch_size=0"),
+        ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps=0"),
+        ({"learning_rate": -1.0}, "learning_rate=-1.0"),
+        ({"learning_rate": float("nan")}, "learning_rate=nan"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+        ({"adam_beta1": 1.5}, "adam_beta1"),
+        ({"adam_beta2": -0.1}, "adam_beta2"),
+        ({"adam_epsilon": -1.0}, "adam_epsilon"),
+        ({"max_steps": -5}, "max_steps=-5 .* or -1 to train num_train_epochs"),
+        ({"num_train_epochs": 0}, "num_train_epochs=0 .* would train no step"),
+        ({"dataloader_num_workers": -1}, "dataloader_num_workers"),
+        ({"max_length": 0}, "max_length=0"),
+        ({"save_strategy": "steps", "save_steps": 0}, "save_steps=0"),
+        ({"eval_accumulation_steps": 0}, "eval_accumulation_steps=0"),
     ],
 )
 def test_bad_config_raises(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         config(tmp_path, **overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"max_steps": -1}, {"max_steps": 0, "num_train_epochs": 1}, {"max_steps": 3, "num_train_epochs": 0}, {}],
+)
+def test_training_numbers_in_range_pass(tmp_path, overrides):
+    config(tmp_path, learning_rate=0.0, **overrides)
+
+
+def test_training_numbers_are_checked_for_any_arguments_the_trainer_gets(tmp_path):
+    # A plain SFTConfig reaches SoFTTrainer through `read_soft_settings`, before the model loads
+    plain = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, per_device_train_batch_size=0)
+    with pytest.raises(ValueError, match="per_device_train_batch_size=0 is out of range: it must be an integer >= 1"):
+        read_soft_settings(plain)
 
 
 def test_config_checks_exit_syntax_without_a_depth(tmp_path):

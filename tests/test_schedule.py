@@ -243,9 +243,12 @@ def test_resume_from_a_checkpoint_replays_the_schedule_exactly(tmp_path, monkeyp
         }
 
 
-def test_default_config_logs_no_weights_and_trains_every_exit(tmp_path, monkeypatch):
+def test_default_config_logs_its_weights_once_and_trains_every_exit(tmp_path, monkeypatch):
     calls, logs = train_recording(
         monkeypatch, tmp_path / "run", exit_ramp_steps=0, exit_rotation=0, max_steps=2, save_strategy="no"
     )
     assert calls == [(4, pytest.approx(DEFAULT4))] * 4
-    assert not any(key.endswith("/weight") for entry in logs.values() for key in entry)
+    # The constant weights are reported once, in the first training log, not at every step
+    first = min(logs)
+    assert [logs[first][f"exit_{k}/weight"] for k in EXITS] == pytest.approx(DEFAULT4)
+    assert not any(key.endswith("/weight") for step, entry in logs.items() if step != first for key in entry)

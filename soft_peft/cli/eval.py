@@ -22,6 +22,7 @@ from ..data import DATASET_FORMATS, DatasetFormatError
 from ..evaluation.pipeline import EvalSettings, resolve_eval_exits, run_evaluation
 from ..hub import resolve_model_path
 from .model_checks import positive_int, read_model_facts
+from .model_files import check_tokenizer_files, check_weight_files
 
 __all__ = ["build_parser", "main"]
 
@@ -74,6 +75,9 @@ def _check_exits_before_loading(args: argparse.Namespace) -> None:
     # A missing folder or an unreachable Hub is said first, in one line (ModelNotFoundError is a ValueError)
     names = [resolve_model_path(name) for name in (args.model_name_or_path, args.compare_to) if name]
     facts = [read_model_facts(name) for name in names]
+    for name in names:  # the evaluation loads each model's own tokenizer
+        check_weight_files(name)
+        check_tokenizer_files(name, flag=None)
     # The evaluation's own resolution, given objects that carry only the configs
     models = [SimpleNamespace(config=fact.config) for fact in facts]
     fallback = facts[1].recorded_exits if len(facts) == 2 else None

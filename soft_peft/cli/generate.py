@@ -22,6 +22,7 @@ import warnings
 from ..hub import resolve_model_path
 from .decode_flags import parse_ints
 from .model_checks import ModelFacts, positive_int, read_model_facts, untrained_exit_warning, warn
+from .model_files import check_tokenizer_files, check_weight_files
 
 __all__ = ["main"]
 
@@ -48,6 +49,10 @@ def _draft_length(text: str) -> str | int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="soft-peft generate", description=__doc__.split("\n")[0])
     parser.add_argument("--model_name_or_path", required=True, help="A local HF folder or Hub name.")
+    parser.add_argument(
+        "--tokenizer_name_or_path",
+        help="The tokenizer's folder or Hub name, when the model folder has none (default: the model's own).",
+    )
     parser.add_argument("--prompt", required=True, help="Prompt text (use --chat to wrap it in the chat template).")
     parser.add_argument("--chat", action="store_true", help="Apply the tokenizer's chat template to the prompt.")
     parser.add_argument("--max_new_tokens", type=positive_int, default=128)
@@ -190,6 +195,9 @@ def main(argv: list[str]) -> int:
     try:
         model_path = resolve_model_path(args.model_name_or_path)
         facts = read_model_facts(model_path)
+        check_weight_files(model_path)
+        if args.tokenizer_name_or_path is None:
+            check_tokenizer_files(model_path)
     except ValueError as error:  # ModelNotFoundError included
         parser.error(str(error))
     _check_before_loading(parser, args, facts)
@@ -200,7 +208,7 @@ def main(argv: list[str]) -> int:
     from ..checkpoints import load_causal_lm
     from ..inference import dynamic_generate, extract_submodel, frequent_token_ids, self_speculative_generate
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name_or_path or model_path)
     text = args.prompt.replace("\\n", "\n")
     if args.chat:
         messages = [{"role": "user", "content": text}]

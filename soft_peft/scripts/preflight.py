@@ -9,12 +9,14 @@ import os
 from transformers import AutoConfig
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 
+from ..cli.model_files import check_tokenizer_files, check_weight_files
 from ..exits import num_decoder_layers, parse_exit_layers
 from ..loss import exit_loss_weights
 
 __all__ = [
     "UsageError",
     "check_exits_against_model",
+    "check_model_files",
     "check_output_dir",
     "finished_run_files",
     "latest_complete_checkpoint",
@@ -60,8 +62,8 @@ def check_exits_against_model(
         The exits, ascending.
 
     Raises:
-        UsageError: when the config cannot be read, or the exits or weights do not fit the model, naming its depth
-            and a valid example.
+        UsageError: when the config cannot be read, the model is an encoder-decoder, or the exits or weights do not
+            fit the model, naming its depth and a valid example.
     """
     try:
         config = AutoConfig.from_pretrained(model_name_or_path, revision=revision, trust_remote_code=trust_remote_code)
@@ -69,12 +71,32 @@ def check_exits_against_model(
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         message = f"--model_name_or_path {model_name_or_path}: cannot read its config.json ({reason})"
         raise UsageError(message) from error
+    if getattr(config, "is_encoder_decoder", False):
+        raise UsageError(
+            f"--model_name_or_path {model_name_or_path}: a {type(config).__name__} is an encoder-decoder model; SoFT "
+            "needs a decoder-only causal LM (e.g. Llama, Qwen, SmolLM2), whose every prefix of layers is a model."
+        )
     try:
         layers = parse_exit_layers(exit_layers, num_decoder_layers(config))
         exit_loss_weights(weights_spec, layers)
     except ValueError as error:
         raise UsageError(f"{model_name_or_path}: {error}") from error
     return layers
+
+
+def check_model_files(model_name_or_path: str, tokenizer_name_or_path: str | None = None) -> None:
+    """Refuse a local model folder with a truncated or unreadable weights file, or without a tokenizer when none is
+    passed (``--tokenizer_name_or_path``); a Hub model is not checked.
+
+    Raises:
+        UsageError: naming the file, or saying the folder has no tokenizer and how to pass one.
+    """
+    try:
+        check_weight_files(model_name_or_path)
+        if tokenizer_name_or_path is None:
+            check_tokenizer_files(model_name_or_path)
+    except ValueError as error:
+        raise UsageError(f"--model_name_or_path {error}") from None
 
 
 def finished_run_files(output_dir: str) -> list[str]:

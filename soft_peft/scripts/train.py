@@ -30,7 +30,14 @@ from ..config import SoFTConfig
 from ..data import DATASET_FORMATS, DatasetFormatError, held_out_split, load_trl_dataset
 from ..hub import ModelNotFoundError, resolve_model_path
 from ..trainer import SoFTTrainer
-from .preflight import UsageError, check_exits_against_model, check_output_dir, resolve_resume_checkpoint
+from ..wrapper import exit_loss_weights_of
+from .preflight import (
+    UsageError,
+    check_exits_against_model,
+    check_model_files,
+    check_output_dir,
+    resolve_resume_checkpoint,
+)
 
 __all__ = [
     "ShardingReport",
@@ -75,6 +82,12 @@ class SoFTScriptArguments(ScriptArguments):
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Train into an output_dir that holds a previous run (refused otherwise)."},
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "The tokenizer's folder or Hub name, when the model folder has none (default: the model's)."
+        },
     )
 
 
@@ -142,6 +155,19 @@ def parse_args(
     if not script_args.dataset_name:
         raise UsageError("no dataset: pass --dataset_name (a Hub dataset or a local JSON/JSONL file).")
     return script_args, training_args, model_args
+
+
+def _tokenizer(name_or_path: str | None):
+    """The tokenizer given by `--tokenizer_name_or_path`, or `None` for the model's own (loaded by `SFTTrainer`)."""
+    if name_or_path is None:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"--tokenizer_name_or_path {name_or_path}: cannot load a tokenizer ({reason}).") from None
 
 
 def _load_datasets(script_args: SoFTScriptArguments, training_args: SoFTConfig):
@@ -245,6 +271,7 @@ def train(
         revision=model_args.model_revision,
         trust_remote_code=training_args.trust_remote_code,
     )
+    check_model_files(model_name_or_path, script_args.tokenizer_name_or_path)
     resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     check_output_dir(training_args.output_dir, script_args.overwrite_output_dir, resuming=resume is not None)
     model_init_kwargs = dict(
@@ -265,9 +292,12 @@ def train(
         callbacks=[ShardingReport(), *(callbacks or [])],
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
+        processing_class=_tokenizer(script_args.tokenizer_name_or_path),
     )
     _check_rows_survived_truncation(trainer, "train", train_dataset)
     _check_rows_survived_truncation(trainer, "eval", eval_dataset)
+    weights = ", ".join(f"{layer}: {weight:.4g}" for layer, weight in exit_loss_weights_of(trainer.model).items())
+    trainer.accelerator.print(f"[soft-peft] exit loss weights ({training_args.exit_loss_weights}): {weights}")
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     trainer.save_state()
@@ -310,7 +340,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, **defaults)
             return 0
         trainer = train(*parse_args(argv, prog, **defaults))
     except (UsageError, DatasetFormatError) as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
+        # Every process of a launch finds the same error: one line is enough (the others exit with the same code)
+        if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
+            print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
     end_run(trainer)
     return 0
