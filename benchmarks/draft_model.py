@@ -7,9 +7,9 @@ STANDALONE run) and with `assistant_early_exit` (the same weights, a separate dr
 
 Speed, acceptance (accepted / drafted tokens) and exactness against greedy `generate` come from one process, the
 methods interleaved prompt by prompt (batch 1: transformers' assisted generation decodes one sequence). Peak memory
-is measured per method in a fresh process decoding one prompt: the RSS once the model (and the separate draft model)
-is loaded, and the peak RSS while decoding (the transient peak of loading is reset first), so that what one method
-allocated cannot hide another's.
+is measured per method in a fresh process decoding one prompt: the RSS once the model (and the separate draft
+model) is loaded and its weights touched by a short forward, and the peak RSS while decoding (the transient peak of
+loading is reset first), so that what one method allocated cannot hide another's.
 """
 
 from __future__ import annotations
@@ -173,6 +173,10 @@ def memory_probe(args: argparse.Namespace) -> None:
     prompts, _, _ = gsm8k_benchmark_data(args.data, 1)
     method = next(m for m in methods_for(model, drafts, args) if m.mode == mode)
     input_ids = tokenizer(prompts[:1], return_tensors="pt").input_ids
+    # A short forward of each model first: safetensors weights are memory-mapped and only count once touched
+    with torch.no_grad():
+        for warm in [model, *(d for d in drafts.values() if d is not None)]:
+            warm(input_ids[:, :8])
     gc.collect()
     loaded = _status_mb("VmRSS")
     # Reset the peak to the current RSS (Linux clear_refs "5"), so the transient peak of loading is not counted
