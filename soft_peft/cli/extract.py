@@ -172,7 +172,7 @@ def main(argv: list[str]) -> int:
     folders = {k: os.path.join(args.output_dir, f"{k}-layers") if family else args.output_dir for k in layers}
     with staged_folder(args.output_dir) as staging:
         for k in layers:
-            folder = staging if len(layers) == 1 else os.path.join(staging, f"{k}-layers")
+            folder = os.path.join(staging, f"{k}-layers") if family else staging
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # its untrained-exit warning was already given
                 submodel = extract_submodel(model, k)  # shares the source's weights: nothing copied in memory
