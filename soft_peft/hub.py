@@ -11,7 +11,7 @@ import os
 import re
 import sys
 
-__all__ = ["ModelNotFoundError", "looks_like_hub_id", "resolve_model_path"]
+__all__ = ["ModelNotFoundError", "looks_like_hub_id", "push_folders_to_hub", "resolve_model_path"]
 
 # "name" or "namespace/name" as the Hub accepts them; anything else can only be a local path
 _HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
@@ -83,3 +83,29 @@ def resolve_model_path(name_or_path: str, revision: str | None = None) -> str:
             f"{error}). Pass a local model folder, or set HF_HUB_OFFLINE=1 to use a copy in the Hugging Face cache."
         ) from None
     return name_or_path
+
+
+def push_folders_to_hub(
+    folders: dict[str, str], private: bool | None = None, token: str | None = None, commit_message: str | None = None
+) -> list[str]:
+    """Upload each saved model folder to its own Hub repository (created if missing), one commit per repository.
+
+    Args:
+        folders: ``{repo_id: folder}``: a sub-model, or a family of them (one repository per exit).
+        private: Create missing repositories private (``None``: the Hub's default).
+        token: A Hub token (``None``: the one from ``hf auth login`` or ``HF_TOKEN``).
+        commit_message: The commit message (default: ``"Upload <folder name> with soft-peft"``).
+
+    Returns:
+        The repositories' URLs, in the order given.
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    urls = []
+    for repo_id, folder in folders.items():
+        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        message = commit_message or f"Upload {os.path.basename(os.path.normpath(folder))} with soft-peft"
+        api.upload_folder(repo_id=url.repo_id, folder_path=folder, commit_message=message, repo_type="model")
+        urls.append(str(url))
+    return urls

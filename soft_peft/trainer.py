@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 
 import torch
 from torch import nn
@@ -13,7 +14,8 @@ from trl import SFTConfig, SFTTrainer
 
 from .checkpoints import save_adapter_exit_layers, saves_an_adapter
 from .config import SoFTConfig, read_soft_settings
-from .exits import recorded_exit_layers, unwrap_model
+from .exits import num_decoder_layers, recorded_exit_layers, unwrap_model
+from .model_card import add_soft_section, card_metadata
 from .wrapper import add_sorted_exit_loss, exit_loss_weights_of
 
 __all__ = ["SoFTTrainer"]
@@ -122,6 +124,23 @@ class SoFTTrainer(SFTTrainer):
         if self.args.should_save and saves_an_adapter(self.model):
             folder = output_dir if output_dir is not None else self.args.output_dir
             save_adapter_exit_layers(folder, recorded_exit_layers(self.model))  # the exits trained (weight above 0)
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's model card, then the SoFT section: depth, parameters, base model, licence and exits trained."""
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        readme = os.path.join(self.args.output_dir, "README.md")
+        if not self.is_world_process_zero() or not os.path.isfile(readme):
+            return
+        base = unwrap_model(self.model)
+        base_model = getattr(base.config, "_name_or_path", None) or None
+        license = card_metadata(base_model).get("license") if base_model and os.path.isdir(base_model) else None
+        # ZeRO-3 partitions parameters (numel 0 here): `ds_numel` is the full size
+        parameters = sum(getattr(p, "ds_numel", p.numel()) for p in base.parameters())
+        add_soft_section(
+            readme, license, num_layers=num_decoder_layers(base), num_parameters=parameters,
+            source=model_name or os.path.basename(os.path.normpath(self.args.output_dir)), base_model=base_model,
+            exits_trained=recorded_exit_layers(self.model),  # the exits trained (weight above 0)
+        )  # fmt: skip
 
     def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False, num_items_in_batch=None):
         """The SoFT loss, normalised exactly like `SFTTrainer`'s; logs per-exit metrics."""

@@ -1,49 +1,214 @@
-"""`soft-peft extract`: save the standalone sub-model of a SoFT checkpoint's first N layers.
+"""`soft-peft extract`: save a SoFT checkpoint's exit as a standalone model, ready to serve as a draft model.
 
     soft-peft extract --model_name_or_path RUN --num_layers 15 --output_dir RUN-15L
+    soft-peft extract --model_name_or_path RUN --num_layers 9,15,21 --output_dir RUN-exits   # one folder per exit
+    soft-peft extract --model_name_or_path RUN --num_layers 15 --output_dir RUN-15L --push_to_hub --hub_model_id me/x
 
-The folder reloads with plain `AutoModelForCausalLM.from_pretrained`; the tokenizer is saved alongside.
+Each folder is a plain transformers model (reloaded by `AutoModelForCausalLM.from_pretrained`, its logits those of
+exit N of the source), with the source's tokenizer and a model card (README.md). A LoRA adapter folder is merged
+into its base model first. The command prints the transformers, vLLM and SGLang invocations that serve the exit as
+the source's draft model. The output folder must be new or empty (`--overwrite_output_dir` replaces it), and is
+never the model being read.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
 import warnings
 
-from ..hub import resolve_model_path
-from .model_checks import read_model_facts, untrained_exit_warning, warn
+from ..hub import looks_like_hub_id, resolve_model_path
+from .decode_flags import parse_ints
+from .export_folder import check_export_folder, staged_folder
+from .model_checks import positive_int, read_model_facts, untrained_exit_warning, warn
 
 __all__ = ["main"]
 
 
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="soft-peft extract", description=__doc__.split("\n")[0])
+    parser.add_argument("--model_name_or_path", required=True, help="A model or LoRA adapter folder, or Hub name.")
+    parser.add_argument(
+        "--num_layers",
+        type=parse_ints,
+        required=True,
+        help="Depth of the sub-model (an exit it trained), or several ('9,15,21'): one folder per exit.",
+    )
+    parser.add_argument("--output_dir", required=True, help="Folder to write the sub-model(s) to; new or empty.")
+    parser.add_argument(
+        "--overwrite_output_dir", action="store_true", help="Replace the contents of a non-empty --output_dir."
+    )
+    parser.add_argument(
+        "--num_speculative_tokens", type=positive_int, default=5, help="Drafts per step in the printed vLLM/SGLang."
+    )
+    parser.add_argument("--license", default=None, help="Licence for the model card (default: the source's card's).")
+    parser.add_argument(
+        "--eval_results", default=None, help="A `soft-peft eval` metrics.json (or its folder) for the model card."
+    )
+    parser.add_argument("--push_to_hub", action="store_true", help="Upload each sub-model to its own Hub repository.")
+    parser.add_argument(
+        "--hub_model_id",
+        default=None,
+        help="Repository id (default: --output_dir's name); with several exits, '<id>-<N>-layers' each.",
+    )
+    parser.add_argument("--hub_private_repo", action="store_true", default=None, help="Create private repositories.")
+    parser.add_argument("--hub_token", default=None, help="Hub token (default: `hf auth login`'s).")
+    return parser
+
+
+def _adapter_base(model_path: str) -> str | None:
+    """The base model of a LoRA adapter folder, or ``None`` for a full model."""
+    adapter_config = os.path.join(model_path, "adapter_config.json")
+    if os.path.isfile(os.path.join(model_path, "config.json")) or not os.path.isfile(adapter_config):
+        return None
+    with open(adapter_config, encoding="utf-8") as handle:
+        return json.load(handle).get("base_model_name_or_path") or None
+
+
+def _load_tokenizer(parser: argparse.ArgumentParser, sources: list[str]):
+    """The first tokenizer found in ``sources`` (a draft model must share its target's tokenizer)."""
+    from transformers import AutoTokenizer
+
+    reasons = []
+    for source in sources:
+        try:
+            return AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError, TypeError) as error:
+            reasons.append(f"{source}: {str(error).strip().splitlines()[0] if str(error).strip() else error!r}")
+    parser.error(
+        f"no tokenizer could be loaded ({'; '.join(reasons)}); a sub-model is exported with its source's tokenizer. "
+        "Save the tokenizer into the model folder (`tokenizer.save_pretrained(FOLDER)`) and run again."
+    )
+
+
+def _repo_ids(args: argparse.Namespace, layers: list[int]) -> dict[int, str]:
+    base = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+    return {k: base if len(layers) == 1 else f"{base}-{k}-layers" for k in layers}
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace, facts, sources: list[str]) -> list[int]:
+    """Every flag the config and the file system can judge, before the model loads; returns the exits to extract."""
+    layers = args.num_layers
+    if not layers:
+        parser.error("--num_layers is empty: give a depth such as 15, or several such as 9,15.")
+    if len(set(layers)) != len(layers):
+        parser.error(f"--num_layers {','.join(map(str, layers))}: each depth once.")
+    bad = [k for k in layers if not 1 <= k <= facts.num_layers]
+    if bad:
+        parser.error(
+            f"--num_layers {','.join(map(str, bad))}: must be in 1..{facts.num_layers} ({facts.name} has "
+            f"{facts.num_layers} layers)."
+        )
+    reason = check_export_folder(args.output_dir, sources, args.overwrite_output_dir)
+    if reason:
+        parser.error(reason)
+    if args.push_to_hub:
+        bad_ids = [repo for repo in _repo_ids(args, layers).values() if not looks_like_hub_id(repo)]
+        if bad_ids:
+            parser.error(f"--hub_model_id: {bad_ids[0]!r} is not a Hub repository id ('name' or 'namespace/name').")
+    elif args.hub_model_id or args.hub_private_repo or args.hub_token:
+        parser.error("--hub_model_id, --hub_private_repo and --hub_token need --push_to_hub.")
+    warn(parser.prog, untrained_exit_warning(facts, layers, "--num_layers"))
+    return sorted(layers)
+
+
+def _load_merged(model_path: str, adapter_base: str | None):
+    """The source as a plain transformers model in its own dtype; a LoRA adapter merged into its base model."""
+    from transformers import AutoModelForCausalLM
+
+    from ..checkpoints import read_adapter_exit_layers
+    from ..exits import record_exit_layers
+
+    if adapter_base is None:
+        return AutoModelForCausalLM.from_pretrained(model_path, dtype="auto").eval()
+    from peft import AutoPeftModelForCausalLM
+
+    print(f"Merging the adapter {model_path} into its base model {adapter_base}", file=sys.stderr)
+    model = AutoPeftModelForCausalLM.from_pretrained(model_path, dtype="auto").merge_and_unload().eval()
+    exits = read_adapter_exit_layers(model_path)
+    if exits is not None:  # the adapter's exits, not those of a SoFT base model it was trained on
+        record_exit_layers(model, exits)
+    return model
+
+
 def main(argv: list[str]) -> int:
     """Run `soft-peft extract`; returns the exit status (2, with one line on stderr, for unusable flags)."""
-    parser = argparse.ArgumentParser(prog="soft-peft extract", description=__doc__.split("\n")[0])
-    parser.add_argument("--model_name_or_path", required=True, help="A local HF folder or Hub name.")
-    parser.add_argument("--num_layers", type=int, required=True, help="Depth of the sub-model (an exit it trained).")
-    parser.add_argument("--output_dir", required=True, help="Folder to write the sub-model (and tokenizer) to.")
+    parser = _parser()
     args = parser.parse_args(argv)
     try:
         model_path = resolve_model_path(args.model_name_or_path)
         facts = read_model_facts(model_path)
     except ValueError as error:  # ModelNotFoundError included
         parser.error(str(error))
-    if not 1 <= args.num_layers <= facts.num_layers:
-        parser.error(
-            f"--num_layers {args.num_layers}: must be in 1..{facts.num_layers} ({facts.name} has {facts.num_layers} "
-            "layers)."
-        )
-    warn(parser.prog, untrained_exit_warning(facts, [args.num_layers], "--num_layers"))
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    adapter_base = _adapter_base(model_path)
+    sources = [model_path] + ([adapter_base] if adapter_base else [])
+    layers = _check(parser, args, facts, sources)
+    from ..model_card import card_metadata, load_eval_metrics
 
+    eval_metrics = None
+    if args.eval_results is not None:
+        try:
+            eval_metrics = load_eval_metrics(args.eval_results)
+        except ValueError as error:
+            parser.error(f"--eval_results {error}")
+    tokenizer = _load_tokenizer(parser, sources)
+
+    from ..exits import num_decoder_layers, recorded_exit_layers
+    from ..hub import push_folders_to_hub
     from ..inference import extract_submodel
+    from ..model_card import write_model_card
+    from ..serving import draft_model_invocations
 
-    model = AutoModelForCausalLM.from_pretrained(model_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # its untrained-exit warning was already given, before loading
-        submodel = extract_submodel(model, args.num_layers, copy=True)
-    submodel.save_pretrained(args.output_dir)
-    AutoTokenizer.from_pretrained(model_path).save_pretrained(args.output_dir)
-    kept = sum(p.numel() for p in submodel.parameters()) / sum(p.numel() for p in model.parameters())
-    print(f"Saved {args.num_layers}-layer sub-model ({kept:.0%} of the parameters) to {args.output_dir}")
+    model = _load_merged(model_path, adapter_base)
+    exits_trained = recorded_exit_layers(model)
+    source_cards = [card_metadata(s) for s in sources if os.path.isdir(s)]
+    license = args.license or next((c["license"] for c in source_cards if c.get("license")), None)
+    base_model = adapter_base or next((c["base_model"] for c in source_cards if c.get("base_model")), None)
+    total = model.num_parameters()
+    repo_ids = _repo_ids(args, layers)
+    family = len(layers) > 1
+    folders = {k: os.path.join(args.output_dir, f"{k}-layers") if family else args.output_dir for k in layers}
+    with staged_folder(args.output_dir) as staging:
+        for k in layers:
+            folder = os.path.join(staging, f"{k}-layers") if family else staging
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # its untrained-exit warning was already given
+                submodel = extract_submodel(model, k)  # shares the source's weights: nothing copied in memory
+            submodel.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            draft = repo_ids[k] if args.push_to_hub else folders[k]
+            write_model_card(
+                folder, f"{os.path.basename(os.path.normpath(folders[k]))}: exit {k} of {args.model_name_or_path}",
+                license, base_model, num_layers=k, num_parameters=submodel.num_parameters(),
+                source=args.model_name_or_path, exits_trained=exits_trained,
+                source_layers=num_decoder_layers(model), source_parameters=total, eval_metrics=eval_metrics,
+                invocations=draft_model_invocations(args.model_name_or_path, draft, args.num_speculative_tokens),
+            )  # fmt: skip
+    for k in layers:
+        print(f"Saved the {k}-layer sub-model ({extract_submodel(model, k).num_parameters() / total:.0%} of the "
+              f"parameters), its tokenizer and model card to {folders[k]}")  # fmt: skip
+    if args.push_to_hub:
+        urls = push_folders_to_hub(
+            {repo_ids[k]: folders[k] for k in layers}, private=args.hub_private_repo, token=args.hub_token
+        )
+        print("Pushed to " + ", ".join(urls))
+    _print_invocations(args, layers, folders, repo_ids, adapter_base)
     return 0
+
+
+def _print_invocations(args, layers, folders, repo_ids, adapter_base) -> None:
+    from ..serving import draft_model_invocations
+
+    k = layers[-1]  # the deepest extracted exit: the best-accepted drafts
+    draft = repo_ids[k] if args.push_to_hub else folders[k]
+    snippets = draft_model_invocations(args.model_name_or_path, draft, args.num_speculative_tokens)
+    print(f"\nServe exit {k} as the draft model of {args.model_name_or_path} (speculative decoding):")
+    for engine, text in snippets.items():
+        print(f"\n# {engine}\n{text}")
+    if adapter_base:
+        print(
+            f"\n# vLLM and SGLang take a full model as the target: serve {args.model_name_or_path} merged into "
+            f"{adapter_base} (peft's `merge_and_unload()` then `save_pretrained`)."
+        )

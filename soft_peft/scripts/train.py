@@ -301,6 +301,8 @@ def train(
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     trainer.save_state()
+    # The card (TRL's, with the SoFT section) beside the final model too, not only in checkpoints and pushes
+    trainer.create_model_card(model_name=os.path.basename(os.path.normpath(training_args.output_dir)))
     trainer.accelerator.print(f"[soft-peft] exits {trainer.exit_layers}; model saved to {training_args.output_dir}")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)

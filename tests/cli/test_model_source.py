@@ -57,6 +57,6 @@ def test_a_hub_id_reaches_from_pretrained_unchanged(tmp_path, monkeypatch):
     assert soft_peft_main(["extract", *argv, "--output_dir", str(tmp_path / "out")]) == 0
     assert calls == [
         ("AutoConfig", "HuggingFaceTB/SmolLM2-135M", (), {}),  # the flags are checked against it before loading
-        ("AutoModelForCausalLM", "HuggingFaceTB/SmolLM2-135M", (), {}),
-        ("AutoTokenizer", "HuggingFaceTB/SmolLM2-135M", (), {}),
+        ("AutoTokenizer", "HuggingFaceTB/SmolLM2-135M", (), {}),  # a draft model needs it: checked before loading
+        ("AutoModelForCausalLM", "HuggingFaceTB/SmolLM2-135M", (), {"dtype": "auto"}),  # the checkpoint's own dtype
     ]

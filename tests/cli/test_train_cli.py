@@ -65,6 +65,9 @@ def test_train_from_recipe(tmp_path, tiny_model_dir, alpaca_file):
     output_dir = tmp_path / "out"
     assert train_main(["--config", str(recipe), "--output_dir", str(output_dir), *TINY_TRAIN_ARGS]) == 0
     assert math.isfinite(step_logs(output_dir)[2]["exit_2/loss"])
+    # The final save has its model card: TRL's, with the SoFT section
+    card = (output_dir / "README.md").read_text()
+    assert "## Sorted Fine-Tuning (SoFT)" in card and "| SoFT exits trained |" in card and "soft-peft" in card
 
 
 def test_unknown_flag(capsys, alpaca_file):
