@@ -55,11 +55,14 @@ def tiny_args(per_device_batch: int = 2, steps: int = 2) -> list[str]:
     return args
 
 
-def accelerate_launch(config: str, script: Path, argv: list[str], timeout: float = 600):
-    """`accelerate launch` with a shipped config in recipes/accelerate, 2 CPU processes."""
+def accelerate_launch(
+    config: str, script: Path, argv: list[str], timeout: float = 600, env: dict[str, str] | None = None
+):
+    """`accelerate launch` with a shipped config in recipes/accelerate, 2 CPU processes (`env`: added variables)."""
     launch = ["accelerate", "launch", "--config_file", str(RECIPES / "accelerate" / f"{config}.yaml"), *CPU_LAUNCH]
     launch += ["--main_process_port", str(free_port())]
-    return run([*launch, str(script), *argv, *CPU_SCRIPT_ARGS[config]], timeout=timeout, check=False)
+    command = [*launch, str(script), *argv, *CPU_SCRIPT_ARGS[config]]
+    return run(command, timeout=timeout, check=False, env_overrides=env)
 
 
 def save_tiny_model(path: Path, arch: str = "llama") -> Path:

@@ -25,7 +25,15 @@ def header(path) -> str:
 
 
 def test_every_launch_config_is_shipped():
-    assert {p.stem for p in ACCELERATE_CONFIGS} == {"single", "ddp", "zero3", "zero3_offload", "fsdp2"}
+    assert {p.stem for p in ACCELERATE_CONFIGS} == {
+        "single",
+        "ddp",
+        "zero3",
+        "zero3_offload",
+        "fsdp2",
+        "zero3_multinode",
+        "fsdp2_multinode",
+    }
 
 
 @pytest.mark.parametrize("recipe", TRAINING_RECIPES, ids=lambda p: p.stem)
@@ -49,6 +57,10 @@ def test_accelerate_config_loads_and_states_its_command(config):
     if settings["distributed_type"] == "FSDP":
         assert settings["fsdp_config"]["fsdp_version"] == 2
         assert settings["fsdp_config"]["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    if settings["num_machines"] > 1:  # one launch per node: the header says which flags differ between them
+        assert "--machine_rank" in header(config) and "--main_process_ip" in header(config)
+        if "deepspeed_config" in settings:  # torchrun on every node: no pdsh, hostfile or ssh between nodes
+            assert settings["deepspeed_config"]["deepspeed_multinode_launcher"] == "standard"
 
 
 def test_every_training_recipe_is_listed_in_the_recipes_readme():
@@ -58,8 +70,9 @@ def test_every_training_recipe_is_listed_in_the_recipes_readme():
 
 def test_files_named_in_docs_exist():
     documents = [*EXAMPLES.glob("*.py"), *TRAINING_RECIPES, *ACCELERATE_CONFIGS, RECIPES / "README.md"]
+    documents += [*RECIPES.glob("slurm/*.sbatch")]
     documents += [ROOT / "README.md", ROOT / "data" / "README.md"]  # data/: what a clone ships for offline use
-    named = re.compile(r"(?<![\w/])(?:examples|recipes|data)/[\w/.-]+\.(?:py|yaml|jsonl)")
+    named = re.compile(r"(?<![\w/])(?:examples|recipes|data)/[\w/.-]+\.(?:py|yaml|jsonl|sbatch)")
     for document in documents:
         for name in named.findall(document.read_text()):
             assert (ROOT / name).exists(), f"{document.name} names {name}, which does not exist"
