@@ -7,7 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs="${SOFT_PEFT_RUNS:-$HOME/.cache/soft_peft/runs}"
-data="${GSM8K_TRAIN:-../shared/data/gsm8k/train.jsonl}"
+# GSM8K train from the Hub, or a local copy of it: GSM8K_TRAIN=/path/to/train.jsonl bash benchmarks/decode_checkpoint.sh
+data="${GSM8K_TRAIN:-openai/gsm8k}"
 base="$(python tools/get_smollm2.py)"
 common=(--dataset_name "$data" --per_device_train_batch_size 4 --max_length 256 --learning_rate 1e-4
         --logging_steps 10 --save_strategy no --use_cpu true --eval_holdout_size 200 --eval_strategy steps

@@ -9,6 +9,7 @@ answer check. Also here: the shared model loading, report writing and command-li
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -28,7 +29,8 @@ from soft_peft.exit_head import num_decoder_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = Path.home() / ".cache" / "soft_peft" / "runs" / "gsm8k-soft-450"
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+# GSM8K train from the Hub by default; `--data FILE` reads a local copy (JSONL with question/answer)
+DEFAULT_DATA = "openai/gsm8k"
 
 MODES = ("self-speculative", "dynamic", "assistant_early_exit")
 
@@ -195,14 +197,16 @@ def build_methods(
 
 
 def gsm8k_benchmark_data(path: str, num_prompts: int) -> tuple[list[str], list[str], list[str]]:
-    """Benchmark inputs from a GSM8K JSONL: the shared held-out split's prompts and references, and the training side.
+    """Benchmark inputs from GSM8K train (`openai/gsm8k` or a local JSONL copy): the study's held-out split's prompts
+    and references, and the training side.
 
     Returns:
         ``(prompts, references, train_completions)``: the first ``num_prompts`` prompts of
         ``held_out_split(test_size=200, seed=0)`` with their reference completions (ending in ``#### N``), and every
         completion outside that split (calibration text for ``frequent_token_ids``).
     """
-    train, held_out = held_out_split(load_prompt_completion(path, "gsm8k"), test_size=200, seed=0)
+    config = None if os.path.exists(os.path.expanduser(path)) else "main"  # the Hub dataset's configuration
+    train, held_out = held_out_split(load_prompt_completion(path, "gsm8k", config_name=config), test_size=200, seed=0)
     rows = held_out.select(range(min(num_prompts, len(held_out))))
     return list(rows["prompt"]), list(rows["completion"]), list(train["completion"])
 

@@ -49,7 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--model_name_or_path", default=str(DEFAULT_MODEL), help="HF folder (default: SoFT GSM8K run)."
     )
     parser.add_argument(
-        "--data", default=str(DEFAULT_DATA), help="GSM8K train.jsonl; prompts come from its held-out split."
+        "--data",
+        default=str(DEFAULT_DATA),
+        help="GSM8K train: openai/gsm8k (default) or a local JSONL; prompts come from its held-out split.",
     )
     parser.add_argument("--num_prompts", type=int, default=4, help="Held-out prompts to decode.")
     parser.add_argument("--max_new_tokens", type=int, default=64)

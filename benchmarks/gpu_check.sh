@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The GPU check of issue 15, in one run that fits 8 minutes on one H200: versions, the CUDA tests, SoFT's training
 # cost against SFTTrainer on random-init Llama-3-8B / LLaMA-2-13B shapes, and the decoding mechanics on a 1B shape.
-# Results land as files in $OUT (the device tool's folder), --out DIR, or gpu_check_out/.
+# Results land as files in $OUT when it is set, --out DIR, or gpu_check_out/.
 #
-#   bash benchmarks/gpu_wheels.sh                                   # here, once: trl, datasets, deepspeed wheels
-#   run(command="bash benchmarks/gpu_check.sh --wheels .gpu_wheels", carry=[".gpu_wheels"], timeout_s=540)
-#   bash benchmarks/gpu_check.sh --dry-run                          # CPU, tiny shapes, this machine's packages
+#   bash benchmarks/gpu_wheels.sh                       # on a networked machine, once: trl, datasets, deepspeed wheels
+#   bash benchmarks/gpu_check.sh --wheels .gpu_wheels   # copy the repository and the wheels to a GPU machine, run this
+#   bash benchmarks/gpu_check.sh --dry-run              # CPU, tiny shapes, this machine's packages
 #
-# Files (at most 8, as the device tool returns): summary.md (each stage's status and time), versions.txt,
+# Files (at most 8, few enough to copy back at once): summary.md (each stage's status and time), versions.txt,
 # cuda_tests.log, train_cost.md + train_cost.jsonl, decode_cost.md, gpu_check.log (everything printed).
 # Exit status 0 when every stage passed.
 set -uo pipefail

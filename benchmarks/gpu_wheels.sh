@@ -8,8 +8,8 @@
 # pure-Python needs are downloaded as Python 3.12 / manylinux x86-64 wheels; DeepSpeed ships only a source archive, so
 # it is built here into a pure-Python wheel (DS_BUILD_OPS=0: no op is compiled; ZeRO-3 needs none).
 #
-# Then run the check on the device with this folder carried (benchmarks/README.md, "GPU check"):
-#   run(command="bash benchmarks/gpu_check.sh --wheels .gpu_wheels", carry=[".gpu_wheels"], timeout_s=540)
+# Then copy the repository and this folder to a GPU machine and run there (benchmarks/README.md, "GPU check"):
+#   bash benchmarks/gpu_check.sh --wheels .gpu_wheels
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR="${1:-.gpu_wheels}"

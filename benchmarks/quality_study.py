@@ -12,7 +12,7 @@ and GSM8K, per exit, against SFT. Resumable across sessions; results are small J
 Every run trains `recipes/smollm2_135m_gsm8k_soft.yaml` (batch 4, max_length 256, lr 1e-4 cosine, seed 0 and the same
 data order for all) through `soft_peft.scripts.train` (the code path of `examples/gsm8k.py`) in a child process pinned
 to one core (`OMP_NUM_THREADS=1 taskset -c CORE`), plus the run's own flags; any SoFTConfig flag passes through
-(`--variant NAME="--exit_loss_weights last:0.5"`). Data: GSM8K train (`--data`) split once with
+(`--variant NAME="--exit_loss_weights last:0.5"`). Data: GSM8K train (`openai/gsm8k`, or `--data FILE`) split once with
 `held_out_split(rows, test_size=200, seed=0)` (the split of docs/results.md), written to `<cache>/data/`.
 
 Per run, `<cache>/<run>-<steps>/` holds the checkpoints: an interrupted run resumes from its latest complete one; a
@@ -39,7 +39,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "smollm2_135m_gsm8k_soft.yaml"
-DATA = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+# The Hub dataset by default; `--data FILE` for a local copy of its train split (JSONL with question/answer)
+DATA = "openai/gsm8k"
 CACHE = Path.home() / ".cache" / "soft_peft" / "study"
 RESULTS = REPO / "docs" / "study"
 SPLIT_SEED = 0
@@ -84,12 +85,16 @@ def _prepare_split(args) -> tuple[Path, Path]:
     """The fixed train / held-out split of `--data`, written once as JSONL (raw GSM8K rows)."""
     folder = Path(args.cache_dir) / "data"
     train, held_out, meta = folder / "train.jsonl", folder / "held_out.jsonl", folder / "split.json"
-    expected = {"source": str(Path(args.data).resolve()), "held_out": args.held_out, "seed": SPLIT_SEED}
+    local = Path(args.data).expanduser()
+    source = str(local.resolve()) if local.exists() else args.data  # a local copy, or the Hub id
+    expected = {"source": source, "held_out": args.held_out, "seed": SPLIT_SEED}
     if meta.exists() and json.loads(meta.read_text()) == expected:
         return train, held_out
     from soft_peft.data import held_out_split, load_raw_dataset
 
-    train_rows, held_rows = held_out_split(load_raw_dataset(args.data), args.held_out, seed=SPLIT_SEED)
+    train_rows, held_rows = held_out_split(
+        load_raw_dataset(args.data, config_name=None if local.exists() else "main"), args.held_out, seed=SPLIT_SEED
+    )
     folder.mkdir(parents=True, exist_ok=True)
     train_rows.to_json(str(train), lines=True)
     held_rows.to_json(str(held_out), lines=True)
@@ -368,7 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_steps", type=int, default=100, help="Steps per run: 100 to screen, >= 400 final.")
     parser.add_argument("--core", type=int, default=0, help="CPU core of the child processes (-1: not pinned).")
     parser.add_argument("--model", default=None, help="Model folder (default: python tools/get_smollm2.py).")
-    parser.add_argument("--data", default=str(DATA), help="GSM8K train rows (JSONL with question/answer).")
+    parser.add_argument(
+        "--data", default=DATA, help="GSM8K train: openai/gsm8k (default) or a local JSONL with question/answer."
+    )
     parser.add_argument("--held_out", type=int, default=200, help="Rows held out (fixed split, seed 0).")
     parser.add_argument("--eval_rows", type=int, default=200, help="Held-out rows evaluated per run.")
     parser.add_argument("--batch_size", type=int, default=4)

@@ -12,7 +12,7 @@ benchmarks/replicate.py train --max_steps 2` then `eval --eval_samples 2 --gener
 (`report` always writes docs/results.md). Defaults: 20 steps x batch 4 x max_length 256, lr 2e-4 (cosine, 1 warm-up
 step), seed 0, fp32, no gradient checkpointing; eval on the first 32 held-out rows, generation on 2 questions.
 
-Setup: GSM8K train (`../shared/data/gsm8k/train.jsonl`, 7473 rows) as prompt-completion, split with
+Setup: GSM8K train (`openai/gsm8k` from the Hub, or `--data FILE`, 7473 rows) as prompt-completion, split with
 `held_out_split(dataset, test_size=200, seed=0)`: 7273 training rows, 200 held out. SFT (TRL `SFTTrainer`) and SoFT
 (`SoFTTrainer`, default 8 exits 9,12,...,30) share data, steps, hyper-parameters and seed. Checkpoints (plain HF
 folders with the tokenizer) and a `train_stats.json` (wall time, peak RSS, loss history) go to
@@ -34,7 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
-DATA = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+# The Hub dataset by default; `--data FILE` for a local copy of its train split (JSONL with question/answer)
+DATA = "openai/gsm8k"
 RUNS = Path(os.environ.get("SOFT_PEFT_RUNS_DIR", Path.home() / ".cache" / "soft_peft" / "runs" / "gsm8k"))
 EVAL_DIR = RUNS / "eval"
 DOCS = REPO / "docs"
@@ -43,11 +44,13 @@ SPLIT_SEED = 0
 TRAINERS = ("soft", "sft")  # SoFT first: another benchmark reads its checkpoint
 
 
-def load_split():
-    """The shared GSM8K split: ``(train, held_out)`` prompt-completion datasets (7273 / 200 rows)."""
+def load_split(data: str = DATA):
+    """The study's GSM8K split of ``data`` (a Hub id or a local file): ``(train, held_out)`` prompt-completion datasets
+    (7273 / 200 rows for the full train split)."""
     from soft_peft.data import held_out_split, load_prompt_completion
 
-    dataset = load_prompt_completion(str(DATA), "gsm8k")
+    config = None if os.path.exists(os.path.expanduser(data)) else "main"  # the Hub dataset's configuration
+    dataset = load_prompt_completion(data, "gsm8k", config_name=config)
     return held_out_split(dataset, test_size=HELD_OUT_SIZE, seed=SPLIT_SEED)
 
 
@@ -73,7 +76,7 @@ def train_one(trainer_name: str, args: argparse.Namespace) -> Path:
     torch.set_flush_denormal(True)
     started = time.perf_counter()
     base = str(get_smollm2())
-    train, _ = load_split()
+    train, _ = load_split(args.data)
     target = RUNS / trainer_name
     work = RUNS / f"{trainer_name}.work"
     common = dict(
@@ -117,7 +120,8 @@ def train_one(trainer_name: str, args: argparse.Namespace) -> Path:
         "exit_layers": getattr(trainer, "exit_layers", None),
         "train_rows": len(train),
         "held_out_rows": HELD_OUT_SIZE,
-        "split": f"held_out_split(load_prompt_completion('{DATA.name}', 'gsm8k'), test_size=200, seed=0)",
+        "split": f"held_out_split(load_prompt_completion({os.path.basename(args.data)!r}, 'gsm8k'), test_size=200, "
+        "seed=0)",
         "max_steps": args.max_steps,
         "per_device_train_batch_size": args.batch_size,
         "max_length": args.max_length,
@@ -168,9 +172,10 @@ def _budget_flags(args: argparse.Namespace) -> list[str]:
     ]
 
 
-def write_held_out() -> Path:
-    """Write the 200 held-out rows as prompt-completion JSONL (what `soft-peft eval` reads); returns its path."""
-    _, held_out = load_split()
+def write_held_out(data: str = DATA) -> Path:
+    """Write the 200 held-out rows of ``data`` as prompt-completion JSONL (what `soft-peft eval` reads); returns its
+    path."""
+    _, held_out = load_split(data)
     path = RUNS / "held_out.jsonl"
     RUNS.mkdir(parents=True, exist_ok=True)
     # Several eval steps may run at once: write aside and rename, so none reads a half-written file
@@ -211,7 +216,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Run the study's evaluations (`--evals` selects some), each as `soft-peft eval` in this process."""
     from soft_peft.cli import main as soft_peft_main
 
-    write_held_out()
+    write_held_out(args.data)
     commands = eval_commands(args)
     for name in args.evals.split(","):
         print("+ soft-peft eval " + " ".join(commands[name]), flush=True)
@@ -292,7 +297,7 @@ def render_results(args, stats, base_exits, soft, sft, pair, generated) -> str:
         "## Setup",
         "",
         "- Base model: SmolLM2-135M-Instruct (30 layers, tied head), `python tools/get_smollm2.py`.",
-        f"- Data: GSM8K train, `../shared/data/gsm8k/train.jsonl`, as prompt-completion "
+        "- Data: GSM8K train (`openai/gsm8k`, `main`; `--data FILE` reads a local copy), as prompt-completion "
         "(`Question: ...\\nAnswer: ` → the worked answer with its `#### N` line), split with "
         f"`held_out_split(dataset, test_size=200, seed=0)`: {soft_stats['train_rows']} training rows, 200 held out "
         "(written to `~/.cache/soft_peft/runs/gsm8k/held_out.jsonl`).",
@@ -486,6 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=False,
         help="Recompute activations in backward (less memory, ~25%% more compute). Off in the documented run.",
+    )
+    parser.add_argument(
+        "--data", default=DATA, help="GSM8K train: the Hub dataset (default) or a local JSONL with question/answer."
     )
     parser.add_argument("--trainers", default=",".join(TRAINERS), help="Comma-separated subset of soft,sft.")
     parser.add_argument("--only", choices=TRAINERS, help=argparse.SUPPRESS)

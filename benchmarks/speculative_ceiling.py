@@ -43,7 +43,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--model_name_or_path", default=str(DEFAULT_MODEL), help="HF folder (default: SoFT GSM8K run)."
     )
-    parser.add_argument("--data", default=str(DEFAULT_DATA), help="GSM8K train.jsonl: held-out prompts, draft vocab.")
+    parser.add_argument(
+        "--data",
+        default=str(DEFAULT_DATA),
+        help="GSM8K train (openai/gsm8k or a local JSONL): held-out prompts, draft vocab.",
+    )
     parser.add_argument("--draft_exits", type=parse_ints, default=[9, 12, 15, 21])
     parser.add_argument("--max_draft", type=int, default=8, help="Longest draft timed (and per perfect-stop cycle).")
     parser.add_argument("--num_prompts", type=int, default=8, help="Held-out prompts for the perfect-stop bound.")

@@ -11,21 +11,47 @@ __version__ = "0.1.0.dev0"
 
 import importlib
 import warnings
+from typing import TYPE_CHECKING
 
-from .config import SoFTConfig
-from .exits import (
-    default_exit_layers,
-    find_exit_head,
-    find_final_norm,
-    parse_exit_layers,
-    parse_exit_spec,
-    recorded_exit_layers,
-)
-from .inference import dynamic_generate, extract_submodel, frequent_token_ids, self_speculative_generate
-from .loss import exit_loss_weights, sorted_exit_loss
-from .schedule import ExitSchedule, scheduled_exit_weights
-from .trainer import SoFTTrainer
-from .wrapper import SortedExitOutput, SortedLossWrapper, add_sorted_exit_loss
+# Each top-level name and the module that defines it. They load on first use (PEP 562), so that `soft-peft --help`
+# and `--version` answer without importing torch and transformers; `from soft_peft import X` is unchanged.
+_LAZY = {
+    "SoFTConfig": ".config",
+    "default_exit_layers": ".exits",
+    "find_exit_head": ".exits",
+    "find_final_norm": ".exits",
+    "parse_exit_layers": ".exits",
+    "parse_exit_spec": ".exits",
+    "recorded_exit_layers": ".exits",
+    "dynamic_generate": ".inference",
+    "extract_submodel": ".inference",
+    "frequent_token_ids": ".inference",
+    "self_speculative_generate": ".inference",
+    "exit_loss_weights": ".loss",
+    "sorted_exit_loss": ".loss",
+    "ExitSchedule": ".schedule",
+    "scheduled_exit_weights": ".schedule",
+    "SoFTTrainer": ".trainer",
+    "SortedExitOutput": ".wrapper",
+    "SortedLossWrapper": ".wrapper",
+    "add_sorted_exit_loss": ".wrapper",
+}
+
+if TYPE_CHECKING:  # what type checkers and IDEs see
+    from .config import SoFTConfig
+    from .exits import (
+        default_exit_layers,
+        find_exit_head,
+        find_final_norm,
+        parse_exit_layers,
+        parse_exit_spec,
+        recorded_exit_layers,
+    )
+    from .inference import dynamic_generate, extract_submodel, frequent_token_ids, self_speculative_generate
+    from .loss import exit_loss_weights, sorted_exit_loss
+    from .schedule import ExitSchedule, scheduled_exit_weights
+    from .trainer import SoFTTrainer
+    from .wrapper import SortedExitOutput, SortedLossWrapper, add_sorted_exit_loss
 
 __all__ = [
     "ExitSchedule",
@@ -56,6 +82,10 @@ _MOVED_TO_EVALUATION = ("EvalSettings", "evaluate_exits", "judge_pairwise", "run
 
 
 def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
     if name in _MOVED_TO_EVALUATION:
         warnings.warn(
             f"`soft_peft.{name}` is deprecated and will be removed in the next release: import it from "
@@ -65,3 +95,7 @@ def __getattr__(name: str):
         )
         return getattr(importlib.import_module(".evaluation", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -124,8 +124,9 @@ def _load_local_file(path: str) -> Dataset:
             raise DatasetFormatError(f"{path}: the dataset file is empty.")
     try:
         return datasets.load_dataset(builder, data_files=path, split="train")
-    except DatasetGenerationError as error:
-        # pyarrow names neither the file nor the line of a syntax error: find it
+    except (DatasetGenerationError, ValueError) as error:
+        # pyarrow names neither the file nor the line of a syntax error: find it. datasets 4.x raises the JSON
+        # parser's bare ValueError (while it infers the columns), 5.x a DatasetGenerationError; other errors re-raise
         location = _first_json_error(path) if builder == "json" else None
         if location is None:
             raise

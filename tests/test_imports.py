@@ -71,3 +71,22 @@ def test_plots_leave_the_users_matplotlib_backend_alone(tmp_path):
     )
     assert backend == "svg"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_import_and_the_cli_help_and_version_load_neither_torch_nor_transformers():
+    loaded = _run(
+        "import sys, contextlib, io, soft_peft; from soft_peft.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    codes = main(['--help']), main(['--version'])\n"
+        "print(codes, sorted(m for m in ('torch', 'transformers', 'trl') if m in sys.modules))"
+    )
+    assert loaded == "(0, 0) []"
+
+
+def test_each_top_level_name_loads_from_the_module_that_defines_it():
+    import importlib
+
+    assert set(soft_peft.__all__) == set(soft_peft._LAZY) | {"__version__"}
+    for name, module in soft_peft._LAZY.items():
+        assert getattr(soft_peft, name) is getattr(importlib.import_module(module, "soft_peft"), name)
+    assert set(soft_peft.__all__) <= set(dir(soft_peft))

@@ -1,6 +1,7 @@
 """The `soft-peft` command: `soft-peft <subcommand> [options]`, in the manner of `trl sft`.
 
-Each subcommand lives in its own module `soft_peft.cli.<name>` exposing `main(argv: list[str]) -> int`.
+Each subcommand lives in its own module `soft_peft.cli.<name>` exposing `main(argv: list[str]) -> int`, imported only
+when it runs: `soft-peft --help` and `--version` import neither torch nor transformers (benchmarks/cli_startup.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ SUBCOMMANDS = {
     "eval": "Per-exit evaluation (loss, perplexity, accuracy, similarity to the last layer) with a report and plots.",
     "generate": "Generate with a sub-model, self-speculative decoding or confidence-based early exit.",
     "extract": "Save a standalone sub-model of the first N layers.",
+    "recipes": "List, locate (for `accelerate launch --config_file`) and copy the shipped recipes.",
 }
 
 

@@ -26,6 +26,7 @@ from transformers import TrainerCallback
 from transformers.utils import is_torch_bf16_gpu_available
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
+from ..cli.recipes import resolve_config
 from ..config import SoFTConfig
 from ..data import DATASET_FORMATS, DatasetFormatError, held_out_split, load_trl_dataset
 from ..hub import ModelNotFoundError, resolve_model_path
@@ -136,9 +137,12 @@ def parse_args(
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" in argv:
         index = argv.index("--config")
-        if index + 1 >= len(argv) or not os.path.isfile(argv[index + 1]):
-            given = argv[index + 1] if index + 1 < len(argv) else "nothing"
-            raise UsageError(f"--config expects a YAML recipe file, got {given!r} (no such file).")
+        if index + 1 >= len(argv):
+            raise UsageError("--config expects a YAML recipe file or the name of a shipped recipe, got nothing.")
+        try:  # a file as given, else a recipe shipped with soft-peft (`--config smollm2_135m_alpaca_cpu`)
+            argv[index + 1] = resolve_config(argv[index + 1])
+        except FileNotFoundError as error:
+            raise UsageError(str(error)) from error
     parser = make_parser(prog, **defaults)
     try:
         *parsed, from_recipe, from_command_line = parser.parse_args_and_config(
