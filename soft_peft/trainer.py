@@ -9,9 +9,10 @@ from torch import nn
 from transformers import TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
-from .checkpoints import save_adapter_exit_layers, saves_an_adapter
+from .checkpoints import save_adapter_exit_layers, save_run_record, saves_an_adapter
 from .config import SoFTConfig, read_soft_settings
 from .exits import unwrap_model
+from .loss import exit_loss_weights
 from .wrapper import add_sorted_exit_loss
 
 __all__ = ["SoFTTrainer"]
@@ -100,9 +101,21 @@ class SoFTTrainer(SFTTrainer):
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict=state_dict)
+        if not self.args.should_save:
+            return
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
         # A PEFT adapter has no config.json to carry `soft_exit_layers`: record them beside the adapter
-        if self.args.should_save and saves_an_adapter(self.model):
-            save_adapter_exit_layers(output_dir if output_dir is not None else self.args.output_dir, self.exit_layers)
+        if saves_an_adapter(self.model):
+            save_adapter_exit_layers(output_dir, self.exit_layers)
+        # What a resumed run must match; written before `trainer_state.json`, which completes a checkpoint
+        base = unwrap_model(self.model)
+        save_run_record(
+            output_dir,
+            base_model=str(getattr(base.config, "_name_or_path", "")),
+            base_model_config=base.config.to_dict(),
+            exit_layers=self.exit_layers,
+            exit_loss_weights=exit_loss_weights(self.soft_settings.exit_loss_weights, self.exit_layers),
+        )
 
     def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False, num_items_in_batch=None):
         """The SoFT loss, normalised exactly like `SFTTrainer`'s; logs per-exit metrics."""
