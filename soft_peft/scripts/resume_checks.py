@@ -23,22 +23,27 @@ __all__ = ["check_resume_matches"]
 _NOT_SHAPE = ("soft_exit_layers", "quantization_config", "_name_or_path")
 
 
-def _normalized(config: PretrainedConfig | dict) -> PretrainedConfig:
+def _normalized(config_class: type[PretrainedConfig], config: PretrainedConfig | dict) -> PretrainedConfig:
+    # Of one class (a recorded dict has none; a remote-code class is not in AutoConfig), without the settings that
+    # change no shape but would change how the model is built (quantization)
     values = config if isinstance(config, dict) else config.to_dict()
-    values = {key: value for key, value in values.items() if key not in _NOT_SHAPE}
-    return AutoConfig.for_model(**values)
+    return config_class.from_dict({key: value for key, value in values.items() if key not in _NOT_SHAPE})
 
 
-def _tensor_shapes(config: PretrainedConfig) -> dict[str, tuple[int, ...]]:
+def _tensor_shapes(config: PretrainedConfig, trust_remote_code: bool) -> dict[str, tuple[int, ...]]:
     # On the meta device: the model's parameter shapes without allocating or loading anything
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
 
 
-def _shape_difference(trained: PretrainedConfig, given: PretrainedConfig) -> str | None:
+def _shape_difference(trained: PretrainedConfig | dict, given: PretrainedConfig, remote_code: bool) -> str | None:
     """What differs between the two configs' models, in words; ``None`` when every tensor has the same shape."""
-    trained_shapes, given_shapes = _tensor_shapes(trained), _tensor_shapes(given)
+    trained_type = trained["model_type"] if isinstance(trained, dict) else trained.model_type
+    if trained_type != given.model_type:
+        return f"a {trained_type} model in the checkpoint, a {given.model_type} model in --model_name_or_path"
+    trained, given = _normalized(type(given), trained), _normalized(type(given), given)
+    trained_shapes, given_shapes = _tensor_shapes(trained, remote_code), _tensor_shapes(given, remote_code)
     if trained_shapes == given_shapes:
         return None
     trained_values, given_values = trained.to_dict(), given.to_dict()
@@ -110,7 +115,7 @@ def check_resume_matches(
         trained_config = None
     if trained_config is not None:
         given = AutoConfig.from_pretrained(model_name_or_path, revision=revision, trust_remote_code=trust_remote_code)
-        difference = _shape_difference(_normalized(trained_config), _normalized(given))
+        difference = _shape_difference(trained_config, given, trust_remote_code)
         if difference is not None:
             origin = f" ({record['base_model']})" if record and record.get("base_model") else ""
             raise UsageError(

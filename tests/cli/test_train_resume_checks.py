@@ -136,6 +136,9 @@ def test_an_adapter_checkpoint_is_checked_against_its_recorded_base_config(tmp_p
     with pytest.raises(UsageError, match="hidden_size 32 in the checkpoint, 64 in the model"):
         check_resume_matches(str(checkpoint), str(trained["wide"]), [2, 4], [0.25, 0.75])
     check_resume_matches(str(checkpoint), str(trained["model"]), [2, 4], [0.25, 0.75])
+    save_run_record(checkpoint, "qwen", tiny_model("qwen2").config.to_dict(), [2, 4], [0.25, 0.75])
+    with pytest.raises(UsageError, match="a qwen2 model in the checkpoint, a llama model in --model_name_or_path"):
+        check_resume_matches(str(checkpoint), str(trained["model"]), [2, 4], [0.25, 0.75], allow_changes=True)
 
 
 def test_a_checkpoint_without_a_record_is_resumed_with_a_note(capsys, tmp_path, trained):
