@@ -75,6 +75,10 @@ class StopOnSignal(TrainerCallback):
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.restore_handlers()
+
+    def restore_handlers(self) -> None:
+        """Put back the handlers found at train begin (also after an exception ended training early)."""
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()

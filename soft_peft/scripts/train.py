@@ -331,7 +331,10 @@ def _train(script_args, training_args, model_args, model_name_or_path, resume, c
     )
     _check_rows_survived_truncation(trainer, "train", train_dataset)
     _check_rows_survived_truncation(trainer, "eval", eval_dataset)
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    finally:
+        stop.restore_handlers()
     if stop.signal_name is not None:  # a checkpoint, not a final model: the run is not finished
         hint = stop.resume_hint(trainer.state.max_steps)
         if trainer.accelerator.is_main_process:
