@@ -18,6 +18,8 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .preflight import TRAINER_STATE_NAME, latest_complete_checkpoint
+
 __all__ = ["StopOnSignal"]
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -91,7 +93,19 @@ class StopOnSignal(TrainerCallback):
     def resume_hint(self, max_steps: int | None = None) -> str:
         """One line: the signal, the step and checkpoint, and the `--resume_from_checkpoint` flag that continues."""
         of = f" of {max_steps}" if max_steps and max_steps > 0 else ""
+        if os.path.isfile(os.path.join(self.checkpoint, TRAINER_STATE_NAME)):
+            return (
+                f"[soft-peft] stopped by {self.signal_name} after step {self.step}{of}; checkpoint saved. Resume with "
+                f"the same command plus: --resume_from_checkpoint {self.checkpoint}"
+            )
+        # The Trainer declined the save (`save_strategy="best"` after an evaluation that was not the best)
+        latest, _ = latest_complete_checkpoint(os.path.dirname(self.checkpoint))
+        where = (
+            f"resume from the latest one with the same command plus: --resume_from_checkpoint {latest}"
+            if latest
+            else "no checkpoint to resume from: start afresh"
+        )
         return (
-            f"[soft-peft] stopped by {self.signal_name} after step {self.step}{of}; checkpoint saved. Resume with the "
-            f"same command plus: --resume_from_checkpoint {self.checkpoint}"
+            f"[soft-peft] stopped by {self.signal_name} after step {self.step}{of}, but the Trainer saved no "
+            f"checkpoint at that step; {where}"
         )

@@ -29,6 +29,14 @@ def test_a_signal_stops_at_the_next_step_end_with_a_checkpoint(tmp_path, capsys)
     assert control.should_save and control.should_training_stop
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
     assert stop.exit_code == 128 + signal.SIGTERM
+    # Never a resume line naming a checkpoint that is not there
+    not_saved = stop.resume_hint(10)
+    assert not_saved.endswith("saved no checkpoint at that step; no checkpoint to resume from: start afresh")
+    (tmp_path / "out" / "checkpoint-2").mkdir(parents=True)
+    (tmp_path / "out" / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    assert stop.resume_hint(10).endswith(f"--resume_from_checkpoint {tmp_path / 'out' / 'checkpoint-2'}")
+    (tmp_path / "out" / "checkpoint-4").mkdir()
+    (tmp_path / "out" / "checkpoint-4" / "trainer_state.json").write_text("{}")
     assert stop.resume_hint(10) == (
         "[soft-peft] stopped by SIGTERM after step 4 of 10; checkpoint saved. Resume with the same command plus: "
         f"--resume_from_checkpoint {tmp_path / 'out' / 'checkpoint-4'}"
