@@ -4,6 +4,9 @@ A full model records them as ``soft_exit_layers`` in ``config.json``. A PEFT ada
 (writing one would make transformers take the folder for a full model with an embedded adapter), so the exits go to
 ``soft_peft_config.json`` beside ``adapter_config.json``; [`load_causal_lm`] puts them back into the loaded model's
 config, where [`~soft_peft.exits.recorded_exit_layers`] finds them.
+
+Every save of `SoFTTrainer` (checkpoints and the final model) also writes ``soft_peft_run.json``: what the run was
+configured with (base model, its config, exits and their weights), which a resumed run must match.
 """
 
 from __future__ import annotations
@@ -18,13 +21,17 @@ from .exits import CONFIG_KEY, record_exit_layers
 
 __all__ = [
     "ADAPTER_EXITS_FILE",
+    "RUN_RECORD_FILE",
     "load_causal_lm",
     "read_adapter_exit_layers",
+    "read_run_record",
     "save_adapter_exit_layers",
+    "save_run_record",
     "saves_an_adapter",
 ]
 
 ADAPTER_EXITS_FILE = "soft_peft_config.json"
+RUN_RECORD_FILE = "soft_peft_run.json"
 
 
 def saves_an_adapter(model: nn.Module) -> bool:
@@ -60,6 +67,48 @@ def read_adapter_exit_layers(folder: str | os.PathLike) -> list[int] | None:
     with open(path, encoding="utf-8") as handle:
         layers = json.load(handle).get(CONFIG_KEY)
     return None if layers is None else [int(k) for k in layers]
+
+
+def save_run_record(
+    folder: str | os.PathLike,
+    base_model: str,
+    base_model_config: dict,
+    exit_layers: Sequence[int],
+    exit_loss_weights: Sequence[float],
+) -> None:
+    """Write ``folder/soft_peft_run.json``: what a run was configured with, for [`read_run_record`] on resume.
+
+    Args:
+        folder: A checkpoint or output folder (created if missing).
+        base_model: The model the run started from (its ``name_or_path``).
+        base_model_config: That model's config as a dict (``config.to_dict()``): the shape a resumed model must have.
+        exit_layers: The configured exits, ascending.
+        exit_loss_weights: Their normalised weights, one per exit.
+    """
+    record = {
+        "base_model": base_model,
+        "exit_layers": [int(k) for k in exit_layers],
+        "exit_loss_weights": [float(w) for w in exit_loss_weights],
+        "base_model_config": base_model_config,
+    }
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, RUN_RECORD_FILE), "w", encoding="utf-8") as handle:
+        json.dump(record, handle, indent=2, default=str)
+        handle.write("\n")
+
+
+def read_run_record(folder: str | os.PathLike) -> dict | None:
+    """The record [`save_run_record`] wrote in ``folder``, or ``None`` when there is none (a checkpoint not saved by
+    `SoFTTrainer`).
+
+    Returns:
+        ``{"base_model", "base_model_config", "exit_layers", "exit_loss_weights"}``.
+    """
+    path = os.path.join(folder, RUN_RECORD_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
 
 
 def load_causal_lm(name_or_path: str, **kwargs) -> nn.Module:

@@ -12,7 +12,7 @@ from transformers import TrainingArguments
 from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
 
-from .checkpoints import save_adapter_exit_layers, saves_an_adapter
+from .checkpoints import save_adapter_exit_layers, save_run_record, saves_an_adapter
 from .config import SoFTConfig, read_soft_settings
 from .exits import num_decoder_layers, recorded_exit_layers, unwrap_model
 from .model_card import add_soft_section, card_metadata
@@ -120,10 +120,23 @@ class SoFTTrainer(SFTTrainer):
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict=state_dict)
+        if not self.args.should_save:
+            return
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
         # A PEFT adapter has no config.json to carry `soft_exit_layers`: record them beside the adapter
-        if self.args.should_save and saves_an_adapter(self.model):
-            folder = output_dir if output_dir is not None else self.args.output_dir
-            save_adapter_exit_layers(folder, recorded_exit_layers(self.model))  # the exits trained (weight above 0)
+        if saves_an_adapter(self.model):
+            save_adapter_exit_layers(
+                output_dir, recorded_exit_layers(self.model)
+            )  # the exits trained (weight above 0)
+        # What a resumed run must match; written before `trainer_state.json`, which completes a checkpoint
+        base = unwrap_model(self.model)
+        save_run_record(
+            output_dir,
+            base_model=str(getattr(base.config, "_name_or_path", "")),
+            base_model_config=base.config.to_dict(),
+            exit_layers=self.exit_layers,
+            exit_loss_weights=list(exit_loss_weights_of(self.model).values()),
+        )
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
         """TRL's model card, then the SoFT section: depth, parameters, base model, licence and exits trained."""

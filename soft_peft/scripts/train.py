@@ -29,7 +29,9 @@ from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_qu
 from ..cli.recipes import resolve_config
 from ..config import SoFTConfig
 from ..data import DATASET_FORMATS, DatasetFormatError, held_out_split, load_trl_dataset
+from ..exits import exit_layers_as_written
 from ..hub import ModelNotFoundError, resolve_model_path
+from ..loss import exit_loss_weights
 from ..trainer import SoFTTrainer
 from ..wrapper import exit_loss_weights_of
 from .preflight import (
@@ -39,10 +41,14 @@ from .preflight import (
     check_output_dir,
     resolve_resume_checkpoint,
 )
+from .resume_checks import check_resume_matches
+from .run_lock import OutputDirInUse, OutputDirLock, holds_output_dir_lock
+from .stop_on_signal import StopOnSignal
 
 __all__ = [
     "ShardingReport",
     "SoFTScriptArguments",
+    "TrainingInterrupted",
     "UsageError",
     "end_run",
     "main",
@@ -67,6 +73,8 @@ class SoFTScriptArguments(ScriptArguments):
             `eval_strategy` is not `"no"`: a fraction below 1 or a count. 0 uses `dataset_test_split` instead.
         overwrite_output_dir (`bool`, defaults to `False`): Train into an `output_dir` that holds a previous run
             (its model, `trainer_state.json` or checkpoints), which is otherwise refused.
+        allow_resume_changes (`bool`, defaults to `False`): Resume a checkpoint with another base model, exit set or
+            exit weights than it was trained with (otherwise refused, naming both values); each change is printed.
     """
 
     dataset_format: str = field(
@@ -90,6 +98,27 @@ class SoFTScriptArguments(ScriptArguments):
             "help": "The tokenizer's folder or Hub name, when the model folder has none (default: the model's)."
         },
     )
+    allow_resume_changes: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume with another --model_name_or_path, --exit_layers or --exit_loss_weights than the "
+            "checkpoint was trained with (refused otherwise)."
+        },
+    )
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on SIGTERM/SIGINT after saving a checkpoint; the message says how to resume.
+
+    Args:
+        message: The resume line.
+        exit_code: 128 + the signal's number, as a shell reports a process ended by it.
+        trainer: The trainer, to end the run with.
+    """
+
+    def __init__(self, message: str, exit_code: int, trainer: SoFTTrainer):
+        super().__init__(message)
+        self.exit_code, self.trainer = exit_code, trainer
 
 
 class _OneLineErrorParser(TrlParser):
@@ -252,8 +281,13 @@ def train(
 
     Before any weight is loaded or any row tokenized, the exits and their weights are checked against the depth in
     the model's config, the output folder is checked (writable, and holding no previous run unless
-    `--overwrite_output_dir` or `--resume_from_checkpoint`), and `--resume_from_checkpoint` is resolved to a complete
-    checkpoint (alone or `true`: the latest one that has its `trainer_state.json`).
+    `--overwrite_output_dir` or `--resume_from_checkpoint`), `--resume_from_checkpoint` is resolved to a complete
+    checkpoint (alone or `true`: the latest one that has its `trainer_state.json`) and checked against this run (the
+    model's shape; its base model, exits and weights unless `--allow_resume_changes`). The run's main process holds a
+    lock on `--output_dir` until it returns, so a second run on the same folder refuses, naming it.
+
+    SIGTERM and SIGINT during training save a `checkpoint-N` at the end of the current optimizer step
+    ([`StopOnSignal`]) and raise [`TrainingInterrupted`] with the resume line, instead of saving a final model.
 
     Returns:
         The trainer, after training and saving. End it with `trainer.end()` once nothing else needs the other
@@ -261,6 +295,7 @@ def train(
 
     Raises:
         UsageError: for any of the checks above.
+        TrainingInterrupted: when a signal stopped training (after its checkpoint is saved).
     """
     # A missing folder or an unreachable Hub fails here in one line, not after ~30 s of connection retries
     try:
@@ -268,7 +303,7 @@ def train(
     except ModelNotFoundError as error:
         raise UsageError(f"--model_name_or_path {error}") from None
     # Everything a wrong setting would only show after the weights load and the data is tokenized, checked first
-    check_exits_against_model(
+    layers = check_exits_against_model(
         model_name_or_path,
         training_args.exit_layers,
         training_args.exit_loss_weights,
@@ -277,7 +312,40 @@ def train(
     )
     check_model_files(model_name_or_path, script_args.tokenizer_name_or_path)
     resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    if not holds_output_dir_lock(training_args.save_on_each_node):  # the run's main process locks for every rank
+        _check_before_loading(script_args, training_args, model_args, model_name_or_path, layers, resume)
+        return _train(script_args, training_args, model_args, model_name_or_path, resume, callbacks)
+    # Writable first (`overwrite=True` skips only the previous-run check), so the lock can be created there
+    check_output_dir(training_args.output_dir, overwrite=True)
+    try:
+        lock = OutputDirLock(training_args.output_dir).acquire()
+    except OutputDirInUse as error:
+        raise UsageError(str(error)) from None
+    with lock:  # a second run on this folder now refuses, naming this one, instead of overwriting it
+        _check_before_loading(script_args, training_args, model_args, model_name_or_path, layers, resume)
+        return _train(script_args, training_args, model_args, model_name_or_path, resume, callbacks)
+
+
+def _check_before_loading(script_args, training_args, model_args, model_name_or_path, layers, resume) -> None:
     check_output_dir(training_args.output_dir, script_args.overwrite_output_dir, resuming=resume is not None)
+    if resume is not None:
+        check_resume_matches(
+            resume,
+            model_name_or_path,
+            layers,
+            # As the trainer weighs them: explicit weights follow the exits in the order written
+            exit_loss_weights(
+                training_args.exit_loss_weights,
+                layers,
+                written_order=exit_layers_as_written(training_args.exit_layers, max(layers)),
+            ),
+            allow_changes=script_args.allow_resume_changes,
+            revision=model_args.model_revision,
+            trust_remote_code=training_args.trust_remote_code,
+        )
+
+
+def _train(script_args, training_args, model_args, model_name_or_path, resume, callbacks) -> SoFTTrainer:
     model_init_kwargs = dict(
         revision=model_args.model_revision,
         trust_remote_code=training_args.trust_remote_code,
@@ -288,12 +356,13 @@ def train(
     training_args.model_init_kwargs = model_init_kwargs
 
     train_dataset, eval_dataset = _load_datasets(script_args, training_args)
+    stop = StopOnSignal()
     trainer = SoFTTrainer(
         model=model_name_or_path,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        callbacks=[ShardingReport(), *(callbacks or [])],
+        callbacks=[ShardingReport(), *(callbacks or []), stop],
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
         processing_class=_tokenizer(script_args.tokenizer_name_or_path),
@@ -302,7 +371,15 @@ def train(
     _check_rows_survived_truncation(trainer, "eval", eval_dataset)
     weights = ", ".join(f"{layer}: {weight:.4g}" for layer, weight in exit_loss_weights_of(trainer.model).items())
     trainer.accelerator.print(f"[soft-peft] exit loss weights ({training_args.exit_loss_weights}): {weights}")
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    finally:
+        stop.restore_handlers()
+    if stop.signal_name is not None:  # a checkpoint, not a final model: the run is not finished
+        hint = stop.resume_hint(trainer.state.max_steps)
+        if trainer.accelerator.is_main_process:
+            print(hint, file=sys.stderr, flush=True)
+        raise TrainingInterrupted(hint, stop.exit_code, trainer)
     trainer.save_model(training_args.output_dir)
     trainer.save_state()
     # The card (TRL's, with the SoFT section) beside the final model too, not only in checkpoints and pushes
@@ -313,14 +390,15 @@ def train(
     return trainer
 
 
-def end_run(trainer: SoFTTrainer) -> None:
-    """Finish the trackers and destroy the process group (`trainer.end()`); after a gloo run, also end the process.
+def end_run(trainer: SoFTTrainer, exit_code: int = 0) -> None:
+    """Finish the trackers and destroy the process group (`trainer.end()`); after a gloo run, also end the process
+    (with `exit_code`).
 
     Why the process ends here: gloo's worker threads outlive `destroy_process_group` (DeepSpeed's parameters still
     hold the groups), and tearing them down during interpreter finalization can abort a run that trained and saved
     (SIGABRT, "terminate called without an active exception"; pytorch/pytorch#179291). Seen once in CI with ZeRO-3
     on 2 CPU processes. So the exit handlers (trackers, logging) run now, while the interpreter is whole, and the
-    process exits with status 0 without finalizing. Runs without gloo (NCCL, one process) return normally.
+    process exits with `exit_code` without finalizing. Runs without gloo (NCCL, one process) return normally.
     """
     uses_gloo = dist.is_available() and dist.is_initialized() and "gloo" in str(dist.get_backend())
     trainer.end()
@@ -328,11 +406,12 @@ def end_run(trainer: SoFTTrainer) -> None:
         atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(exit_code)
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None, **defaults) -> int:
-    """Parse, train, save and end the run ([`end_run`]); user errors (flags, recipe, data) print one line and return 2.
+    """Parse, train, save and end the run ([`end_run`]); user errors (flags, recipe, data) print one line and return 2;
+    a run stopped by SIGTERM/SIGINT saves a checkpoint, prints how to resume and returns 128 + the signal number.
 
     Args:
         argv: Arguments (default `sys.argv[1:]`).
@@ -350,5 +429,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, **defaults)
         if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
             print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as interrupted:
+        end_run(interrupted.trainer, interrupted.exit_code)
+        return interrupted.exit_code
     end_run(trainer)
     return 0

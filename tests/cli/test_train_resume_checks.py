@@ -1,0 +1,151 @@
+"""Resume continues the run its checkpoint came from: another exit set, exit weights or base model is refused naming
+both values unless `--allow_resume_changes`; a model of another shape is refused in one line. All before the model
+loads, and nothing in the checkpoint is touched."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import shutil
+
+import pytest
+from example_runs import TINY_TRAIN_ARGS, alpaca_rows, save_tiny_model, write_jsonl
+from tiny_models import tiny_model
+from transformers import AutoModelForCausalLM
+
+from soft_peft.checkpoints import RUN_RECORD_FILE, save_run_record
+from soft_peft.cli.train import main as train_main
+from soft_peft.scripts.preflight import UsageError
+from soft_peft.scripts.resume_checks import check_resume_matches
+
+# The module, not the `train` function that `soft_peft.scripts` exports under the same name
+train_script = importlib.import_module("soft_peft.scripts.train")
+
+
+class Loaded(Exception):
+    """Raised where the script would start loading: reaching it means every check passed."""
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise Loaded("loaded before the checks")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(train_script, "_load_datasets", refuse)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 1-step SoFT run on the tiny model (exits 2,4) with its `checkpoint-1`, and the models to resume onto."""
+    root = tmp_path_factory.mktemp("resume-checks")
+    model_dir = save_tiny_model(root / "tiny")
+    same_shape = save_tiny_model(root / "other")  # another folder, same shape
+    wide = root / "wide"
+    config = tiny_model().config
+    config.hidden_size = 64
+    AutoModelForCausalLM.from_config(config).save_pretrained(wide)
+    data = write_jsonl(root / "alpaca.jsonl", alpaca_rows())
+    output_dir = root / "run"
+    argv = ["--model_name_or_path", str(model_dir), "--dataset_name", str(data), *TINY_TRAIN_ARGS]
+    argv += ["--max_steps", "1", "--save_strategy", "steps", "--save_steps", "1", "--output_dir", str(output_dir)]
+    assert train_main(argv) == 0
+    return {"model": model_dir, "same_shape": same_shape, "wide": wide, "data": data, "run": output_dir}
+
+
+def folder_digest(folder) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def resume_argv(trained, **changes) -> list[str]:
+    flags = {"model_name_or_path": str(trained["model"]), "exit_layers": "2,4", **changes}
+    argv = ["--dataset_name", str(trained["data"]), "--output_dir", str(trained["run"])]
+    argv += ["--resume_from_checkpoint", str(trained["run"] / "checkpoint-1"), "--use_cpu", "true"]
+    for name, value in flags.items():
+        argv += [f"--{name}", value] if value is not None else [f"--{name}"]
+    return argv
+
+
+def test_the_checkpoint_records_its_run(trained):
+    record = json.loads((trained["run"] / "checkpoint-1" / RUN_RECORD_FILE).read_text())
+    assert record["base_model"] == str(trained["model"])
+    assert record["exit_layers"] == [2, 4]
+    assert record["exit_loss_weights"] == [0.25, 0.75]  # the default "last:0.75"
+    assert record["base_model_config"]["hidden_size"] == 32
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (
+            {"exit_layers": "1,2,3,4"},
+            "--exit_layers [2, 4] in the checkpoint, [1, 2, 3, 4] now",
+        ),
+        (
+            {"exit_loss_weights": "uniform"},
+            "--exit_loss_weights {2: 0.25, 4: 0.75} in the checkpoint, {2: 0.5, 4: 0.5} now",
+        ),
+        ({"model_name_or_path": "same_shape"}, "--model_name_or_path {model} in the checkpoint, {same_shape} now"),
+    ],
+    ids=["exits", "weights", "base-model"],
+)
+def test_a_changed_setting_is_refused_naming_both_values(capsys, trained, no_loading, change, expected):
+    if change.get("model_name_or_path") == "same_shape":
+        change = {"model_name_or_path": str(trained["same_shape"])}
+    expected = expected.replace("{model}", str(trained["model"])).replace("{same_shape}", str(trained["same_shape"]))
+    before = folder_digest(trained["run"])
+    assert train_main(resume_argv(trained, **change)) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("soft-peft train: error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert expected in errors[0] and "--allow_resume_changes" in errors[0], errors[0]
+    assert folder_digest(trained["run"]) == before
+
+
+def test_allow_resume_changes_continues_and_says_what_changed(capsys, trained, no_loading):
+    with pytest.raises(Loaded):
+        train_main(resume_argv(trained, exit_layers="1,2,3,4", allow_resume_changes=None))
+    err = capsys.readouterr().err
+    assert "(--allow_resume_changes): --exit_layers [2, 4] in the checkpoint, [1, 2, 3, 4] now" in err
+
+
+def test_the_same_settings_resume(trained, no_loading):
+    with pytest.raises(Loaded):
+        train_main(resume_argv(trained, model_name_or_path=str(trained["model"]) + "/"))  # same folder, spelled apart
+
+
+def test_a_model_of_another_shape_is_refused_in_one_line_before_loading(capsys, trained, no_loading):
+    before = folder_digest(trained["run"])
+    # Not even with --allow_resume_changes: the weights could not load
+    assert train_main(resume_argv(trained, model_name_or_path=str(trained["wide"]), allow_resume_changes=None)) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("soft-peft train: error: ")]
+    assert len(errors) == 1 and len(err.splitlines()) < 5, err
+    assert "holds a model of another shape than --model_name_or_path" in errors[0]
+    assert "hidden_size 32 in the checkpoint, 64 in the model" in errors[0]
+    assert f"Resume with the model it was trained from ({trained['model']})" in errors[0]
+    assert folder_digest(trained["run"]) == before
+
+
+def test_an_adapter_checkpoint_is_checked_against_its_recorded_base_config(tmp_path, trained):
+    # An adapter checkpoint has no config.json: the base model's config comes from the record
+    checkpoint = tmp_path / "checkpoint-3"
+    config = tiny_model().config.to_dict()
+    save_run_record(checkpoint, str(trained["model"]), config, [2, 4], [0.25, 0.75])
+    with pytest.raises(UsageError, match="hidden_size 32 in the checkpoint, 64 in the model"):
+        check_resume_matches(str(checkpoint), str(trained["wide"]), [2, 4], [0.25, 0.75])
+    check_resume_matches(str(checkpoint), str(trained["model"]), [2, 4], [0.25, 0.75])
+    save_run_record(checkpoint, "qwen", tiny_model("qwen2").config.to_dict(), [2, 4], [0.25, 0.75])
+    with pytest.raises(UsageError, match="a qwen2 model in the checkpoint, a llama model in --model_name_or_path"):
+        check_resume_matches(str(checkpoint), str(trained["model"]), [2, 4], [0.25, 0.75], allow_changes=True)
+
+
+def test_a_checkpoint_without_a_record_is_resumed_with_a_note(capsys, tmp_path, trained):
+    checkpoint = tmp_path / "checkpoint-1"
+    shutil.copytree(trained["run"] / "checkpoint-1", checkpoint)
+    (checkpoint / RUN_RECORD_FILE).unlink()
+    check_resume_matches(str(checkpoint), str(trained["model"]), [1, 2, 3, 4], [0.25] * 4)
+    assert f"has no {RUN_RECORD_FILE} (not saved by SoFTTrainer)" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="another shape"):  # its config.json still gives the shape
+        check_resume_matches(str(checkpoint), str(trained["wide"]), [2, 4], [0.25, 0.75])
