@@ -311,7 +311,7 @@ def _train_child(run_dir: str, argv: list[str]) -> int:
     """Child: train with a per-step timer (appended to step_times.jsonl, so it survives an interruption)."""
     from transformers import TrainerCallback
 
-    from soft_peft.scripts.train import parse_args, train
+    from soft_peft.scripts.train import TrainingInterrupted, parse_args, train
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -334,7 +334,10 @@ def _train_child(run_dir: str, argv: list[str]) -> int:
             if state.global_step == int(os.environ.get("SOFT_PEFT_STUDY_STOP_AFTER_SAVE", "-1")):
                 os._exit(3)
 
-    train(*parse_args(argv, prog="quality_study"), callbacks=[StepTimer()])
+    try:
+        train(*parse_args(argv, prog="quality_study"), callbacks=[StepTimer()])
+    except TrainingInterrupted as stopped:  # SIGTERM / Ctrl-C: a checkpoint was saved, the next `run` resumes it
+        return stopped.exit_code  # the resume line is already printed
     return 0
 
 
