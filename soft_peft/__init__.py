@@ -10,6 +10,7 @@ The top level holds the training and exit API and the three ways to run a SoFT m
 __version__ = "0.1.0.dev0"
 
 import importlib
+import importlib.util
 import warnings
 from typing import TYPE_CHECKING
 
@@ -94,6 +95,9 @@ def __getattr__(name: str):
             stacklevel=2,
         )
         return getattr(importlib.import_module(".evaluation", __name__), name)
+    # Subpackages as attributes (`soft_peft.inference.dynamic_generate`), as an eager `__init__` gave them
+    if importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

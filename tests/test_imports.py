@@ -90,3 +90,19 @@ def test_each_top_level_name_loads_from_the_module_that_defines_it():
     for name, module in soft_peft._LAZY.items():
         assert getattr(soft_peft, name) is getattr(importlib.import_module(module, "soft_peft"), name)
     assert set(soft_peft.__all__) <= set(dir(soft_peft))
+
+
+def test_subpackages_are_attributes_of_the_lazy_package():
+    # A fresh interpreter: `import soft_peft` alone, then subpackages reached as attributes, as an eager package gave
+    code = (
+        "import sys, soft_peft\n"
+        "assert 'soft_peft.inference' not in sys.modules\n"
+        "print(soft_peft.inference.self_speculative_generate.__module__,"
+        " soft_peft.layer_dropout.LayerDropout.__name__)\n"
+        "try:\n    soft_peft.not_a_module\nexcept AttributeError as error:\n    print(error)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == [
+        "soft_peft.inference.speculative LayerDropout",
+        "module 'soft_peft' has no attribute 'not_a_module'",
+    ]
