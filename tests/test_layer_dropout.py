@@ -7,12 +7,12 @@ import math
 
 import pytest
 import torch
-from test_schedule import StopAt, arithmetic
+from test_schedule import StopAt, tiny_trainer
 from test_wrapper import batch
-from tiny_models import NUM_LAYERS, tiny_model, tiny_tokenizer
+from tiny_models import NUM_LAYERS, tiny_model
 from transformers import AutoModelForCausalLM
 
-from soft_peft import SoFTConfig, SoFTTrainer, SortedLossWrapper
+from soft_peft import SoFTConfig, SortedLossWrapper
 from soft_peft.exit_head import get_decoder_layers
 from soft_peft.layer_dropout import LayerDropout, layer_dropout_state, realised_drop_rates
 
@@ -193,31 +193,8 @@ def test_checkpoint_is_a_vanilla_model(tmp_path):
 
 
 def _train(output_dir, resume=None, callbacks=(), **overrides):
-    values = dict(
-        output_dir=str(output_dir),
-        max_steps=4,
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=2,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="steps",
-        save_steps=2,
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        exit_layers=[1, 2, 3, NUM_LAYERS],
-        layer_dropout=0.5,
-        layer_dropout_scale="linear",
-        layer_dropout_ramp_steps=3,
-    )
-    values.update(overrides)
-    trainer = SoFTTrainer(
-        model=tiny_model("llama"),
-        args=SoFTConfig(**values),
-        train_dataset=arithmetic(),
-        processing_class=tiny_tokenizer(),
-        callbacks=list(callbacks),
-    )
+    dropout = dict(layer_dropout=0.5, layer_dropout_scale="linear", layer_dropout_ramp_steps=3)
+    trainer = tiny_trainer(output_dir, callbacks, **(dropout | overrides))
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 

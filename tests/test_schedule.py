@@ -174,15 +174,9 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def train_recording(monkeypatch, output_dir, resume=None, callbacks=(), **overrides):
-    """Train a tiny model with a schedule; the weights that reach the loss at each call, and the per-step logs."""
-    calls = []
-
-    def recording_loss(exit_hidden, *args, **kwargs):
-        calls.append((len(exit_hidden), list(kwargs["weights"])))
-        return REAL_LOSS(exit_hidden, *args, **kwargs)
-
-    monkeypatch.setattr(soft_peft.exit_forward, "sorted_exit_loss", recording_loss)
+def tiny_trainer(output_dir, callbacks=(), **overrides) -> SoFTTrainer:
+    """A SoFTTrainer of the tiny Llama on `arithmetic()`: 4 steps of 2 micro-batches of 2 rows, a checkpoint every 2
+    steps, exits 1, 2, 3 and 4; `overrides` are SoFTConfig fields."""
     values = dict(
         output_dir=str(output_dir),
         max_steps=4,
@@ -196,18 +190,27 @@ def train_recording(monkeypatch, output_dir, resume=None, callbacks=(), **overri
         use_cpu=True,
         seed=0,
         exit_layers=EXITS,
-        exit_ramp_steps=3,
-        exit_ramp_order="all",
-        exit_rotation=1,
     )
-    values.update(overrides)
-    trainer = SoFTTrainer(
+    return SoFTTrainer(
         model=tiny_model("llama"),
-        args=SoFTConfig(**values),
+        args=SoFTConfig(**(values | overrides)),
         train_dataset=arithmetic(),
         processing_class=tiny_tokenizer(),
         callbacks=list(callbacks),
     )
+
+
+def train_recording(monkeypatch, output_dir, resume=None, callbacks=(), **overrides):
+    """Train a tiny model with a schedule; the weights that reach the loss at each call, and the per-step logs."""
+    calls = []
+
+    def recording_loss(exit_hidden, *args, **kwargs):
+        calls.append((len(exit_hidden), list(kwargs["weights"])))
+        return REAL_LOSS(exit_hidden, *args, **kwargs)
+
+    monkeypatch.setattr(soft_peft.exit_forward, "sorted_exit_loss", recording_loss)
+    overrides = dict(exit_ramp_steps=3, exit_ramp_order="all", exit_rotation=1) | overrides
+    trainer = tiny_trainer(output_dir, callbacks, **overrides)
     trainer.train(resume_from_checkpoint=resume)
     logs = {entry["step"]: entry for entry in trainer.state.log_history if "loss" in entry}
     return calls, logs
