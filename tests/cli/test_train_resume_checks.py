@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 from example_runs import TINY_TRAIN_ARGS, alpaca_rows, save_tiny_model, write_jsonl
-from tiny_models import tiny_model
+from tiny_models import tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from soft_peft.checkpoints import RUN_RECORD_FILE, save_run_record
@@ -46,6 +46,7 @@ def trained(tmp_path_factory):
     config = tiny_model().config
     config.hidden_size = 64
     AutoModelForCausalLM.from_config(config).save_pretrained(wide)
+    tiny_tokenizer().save_pretrained(wide)  # a complete model folder: only its shape is wrong
     data = write_jsonl(root / "alpaca.jsonl", alpaca_rows())
     output_dir = root / "run"
     argv = ["--model_name_or_path", str(model_dir), "--dataset_name", str(data), *TINY_TRAIN_ARGS]
