@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+GSM8K = "openai/gsm8k"  # the Hub dataset (config "main"); --dataset FILE for a local JSONL with question/answer
 MODES = ("sft", "soft_last", "soft", "naive")
 
 
@@ -68,7 +68,9 @@ def run_mode(args) -> dict:
     from soft_peft.data import load_prompt_completion
 
     torch.manual_seed(0)
-    dataset = load_prompt_completion(str(args.dataset), "gsm8k").select(range(4 * (args.steps + 1)))
+    config_name = "main" if args.dataset == GSM8K else None
+    dataset = load_prompt_completion(str(args.dataset), "gsm8k", config_name=config_name)
+    dataset = dataset.select(range(4 * (args.steps + 1)))
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32)
     rss_after_load = _peak_rss_gb()
@@ -168,7 +170,7 @@ def flop_bound(single: dict, soft: dict) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name_or_path", required=True, help="Local folder of SmolLM2-135M (or any causal LM).")
-    parser.add_argument("--dataset", type=Path, default=GSM8K)
+    parser.add_argument("--dataset", default=GSM8K, help="GSM8K train: openai/gsm8k (default) or a local JSONL.")
     parser.add_argument("--steps", type=int, default=4, help="Measured steps per mode (after one warm-up step).")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--fp32", action="store_true", help="Disable TRL's default bf16 autocast.")

@@ -20,7 +20,8 @@ FORBIDDEN = {
         r"(?<![\w.~])/(?:wor" + r"k|roo" + r"t|hom" + r"e/\w+|User" + r"s/\w+)/|[A-Z]:\\\\Users\\\\"
     ),
     "a remote-execution tool's call syntax": re.compile(r"\bru" + r"n\(command=|\bcar" + r"ry=\["),
-    "a folder outside the repository": re.compile(r"\.\./sha" + r"red\b"),
+    # `../shared`, also spelled as path parts beside the repository (`ROOT.parent / "shared"`)
+    "a folder outside the repository": re.compile(r"\.\./sha" + r"red\b|\.parent / \"sha" + r"red\""),
     "a notes file the repository does not have": re.compile(r"\bNOT" + r"ES(?:\.md)?\b"),
 }
 
@@ -77,6 +78,7 @@ def test_no_file_says(what):
         ("see /roo" + "t/.cache/soft_peft", "an absolute path of a development machine"),
         ("ru" + 'n(command="bash x.sh", car' + 'ry=[".w"])', "a remote-execution tool's call syntax"),
         ("default: ../sha" + "red/data/gsm8k", "a folder outside the repository"),
+        ('GSM8K = ROOT.parent / "sha' + 'red" / "data"', "a folder outside the repository"),
         ("measured in NOT" + "ES.md", "a notes file the repository does not have"),
     ],
 )
