@@ -128,7 +128,10 @@ def step_logs(output_dir: Path) -> dict[int, dict]:
 
 
 def exit_metrics(entry: dict) -> dict[str, float]:
-    return {key: value for key, value in entry.items() if key.startswith("exit_")}
+    """The per-exit metrics of a log entry (loss, accuracy, ...). Not the exit weights: settings, not measurements,
+    logged at the first step of each training process (so a resumed run logs them again) and at every step of a
+    schedule."""
+    return {key: value for key, value in entry.items() if key.startswith("exit_") and not key.endswith("/weight")}
 
 
 @torch.no_grad()
