@@ -8,6 +8,7 @@ would train on silently, so it is refused unless the user opts in (`--allow_resu
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -30,9 +31,24 @@ def _normalized(config_class: type[PretrainedConfig], config: PretrainedConfig |
     return config_class.from_dict({key: value for key, value in values.items() if key not in _NOT_SHAPE})
 
 
+@contextlib.contextmanager
+def _without_zero3():
+    """Hide the run's DeepSpeed ZeRO-3 config from transformers for a moment: under `accelerate launch` with ZeRO-3
+    the training arguments register it, and `from_config` would then build a partitioned model (whose weight
+    initialisation fails on the meta device) instead of a shape probe."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = registered
+
+
 def _tensor_shapes(config: PretrainedConfig, trust_remote_code: bool) -> dict[str, tuple[int, ...]]:
     # On the meta device: the model's parameter shapes without allocating or loading anything
-    with torch.device("meta"):
+    with _without_zero3(), torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
 
