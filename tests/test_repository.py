@@ -1,5 +1,5 @@
 """The repository speaks only of itself: no absolute path of a development machine, no call syntax of a
-remote-execution tool, no data default outside the repository (`../shared`), and no link to a file it does not have.
+remote-execution tool, no data default in a folder beside the repository, and no link to a file it does not have.
 Every text file the repository holds is read: git's tracked and not-ignored files in a clone, every file in an
 sdist."""
 
@@ -20,7 +20,7 @@ FORBIDDEN = {
         r"(?<![\w.~])/(?:wor" + r"k|roo" + r"t|hom" + r"e/\w+|User" + r"s/\w+)/|[A-Z]:\\\\Users\\\\"
     ),
     "a remote-execution tool's call syntax": re.compile(r"\bru" + r"n\(command=|\bcar" + r"ry=\["),
-    # `../shared`, also spelled as path parts beside the repository (`ROOT.parent / "shared"`)
+    # A data folder beside the repository, as a relative path or as path parts (`ROOT.parent / ...`)
     "a folder outside the repository": re.compile(r"\.\./sha" + r"red\b|\.parent / \"sha" + r"red\""),
     "a notes file the repository does not have": re.compile(r"\bNOT" + r"ES(?:\.md)?\b"),
 }
