@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 import soft_peft.inference
 from soft_peft.data import held_out_split, load_prompt_completion
 from soft_peft.evaluation.metrics import gsm8k_exact_match
-from soft_peft.exit_head import num_decoder_layers
+from soft_peft.model_layout import num_decoder_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = Path.home() / ".cache" / "soft_peft" / "runs" / "gsm8k-soft-450"

@@ -124,8 +124,9 @@ class DecodeRun:
 
 def prepare_run(args: argparse.Namespace) -> DecodeRun:
     """Load the model and prompts of a run and resolve its draft exits, as `decode_speed.py` runs them."""
-    from soft_peft.exits import num_decoder_layers, parse_exit_layers, recorded_exit_layers
+    from soft_peft.exits import parse_exit_layers, recorded_exit_layers
     from soft_peft.inference import frequent_token_ids
+    from soft_peft.model_layout import num_decoder_layers
 
     torch.set_num_threads(args.threads)
     model, tokenizer, path = load_model(args.model_name_or_path, getattr(torch, args.dtype))

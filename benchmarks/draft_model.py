@@ -40,7 +40,8 @@ from decode_harness import (
 from transformers.generation import candidate_generator
 
 from soft_peft.cli import main as soft_peft_main
-from soft_peft.exits import num_decoder_layers, recorded_exit_layers
+from soft_peft.exits import recorded_exit_layers
+from soft_peft.model_layout import num_decoder_layers
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

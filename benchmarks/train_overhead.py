@@ -39,7 +39,8 @@ def _naive_trainer_class():
     import torch.nn.functional as F
 
     from soft_peft import SoFTTrainer
-    from soft_peft.exit_head import backbone_outputs, find_exit_head
+    from soft_peft.exit_head import find_exit_head
+    from soft_peft.model_layout import backbone_outputs
 
     class NaiveStackedTrainer(SoFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -1,15 +1,21 @@
 """The forward that carries the SoFT loss: one backbone pass with hidden states, then every exit through the shared
 final norm and head, as [`~soft_peft.wrapper.add_sorted_exit_loss`] installs it on a model instance.
 
-[`ExitLossSettings`] is what one model's SoFT forward computes; [`SortedExitOutput`] is what it returns.
+[`ResolvedExitLoss`] is what one model's SoFT forward computes (its settings resolved against the model's depth);
+[`SortedExitOutput`] is what it returns, with the per-batch sums behind the logged metrics in [`ExitStats`]. The
+forward runs in named steps: the exits and weights of this step, MoE arguments, labelled positions, exit states
+(with the head gradient blocked for early exits when asked), the loss, the model's last-layer metrics, the router
+loss, and the output.
 """
 
 from __future__ import annotations
 
 import contextlib
-import numbers
+import dataclasses
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -17,77 +23,130 @@ from torch.distributed.tensor import DTensor
 from transformers.utils import ModelOutput
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from .exit_head import backbone_outputs, find_exit_head
+from .exit_head import ExitHead, find_exit_head
 from .layer_dropout import LayerDropout, layer_dropout_state
-from .loss import (
-    DEFAULT_VOCAB_CHUNK_SIZE,
-    KERNELS,
-    TOKEN_WEIGHTINGS,
-    ExitLossTerms,
-    gradient_blocked,
-    sorted_exit_loss,
-    validate_exit_controls,
-)
+from .loss import ExitLossTerms, HeadParameters, gradient_blocked, sorted_exit_loss
+from .model_layout import backbone_outputs
 from .schedule import ExitSchedule, scheduled_exit_weights
 
-__all__ = ["ExitLossSettings", "SortedExitOutput", "sorted_exit_forward"]
+if TYPE_CHECKING:
+    from .settings import SoFTSettings
+
+__all__ = ["ExitStats", "LabelledPositions", "ResolvedExitLoss", "SortedExitOutput", "sorted_exit_forward"]
 
 
 @dataclass(frozen=True)
-class ExitLossSettings:
-    """What a model's SoFT forward computes; checked when built, so a bad value fails before any compute.
+class ResolvedExitLoss:
+    """One model's SoFT loss: its settings and what they resolve to for that model. Checked when built.
 
-    Built by [`~soft_peft.wrapper.add_sorted_exit_loss`] from its arguments (see there for each one's meaning).
+    Built by [`~soft_peft.wrapper.add_sorted_exit_loss`] and kept on the model instance; its forward reads it at
+    every call.
 
     Attributes:
-        exit_layers: The resolved exits, ascending.
-        weights: One base weight per exit, normalised to sum to 1.
+        settings: The [`~soft_peft.settings.SoFTSettings`], already validated.
+        exit_layers: The exits of ``settings.exit_layers`` on this model, ascending (zero-weight ones included).
+        exit_loss_weights: One base weight per exit of ``exit_layers``, summing to 1 (before any schedule).
         final_norm: The final norm given by the user, or ``None`` to find it by structure.
-        vocab_chunk_size: Vocabulary columns per projection tile of the head kernel.
-        token_weighting: ``"nll"``, or ``"dft"`` (TRL's DFT loss).
-        with_last_layer_metrics: Also report the last layer's token accuracy and entropy.
-        kernel: Head kernel, one of ``KERNELS``.
-        schedule: An [`~soft_peft.schedule.ExitSchedule`], or ``None``.
-        head_grad: ``"all"`` or ``"last"``: which exits update the shared final norm and head.
-        distill_weight: Weight of the self-distillation term in ``[0, 1]``.
-        distill_temperature: Its temperature, ``> 0``.
-        layer_dropout: [`~soft_peft.layer_dropout.LayerDropout`] for training forwards, or ``None`` (off).
+        last_layer_metrics: Also report the model's last layer's token accuracy and entropy (``SFTTrainer``'s
+            ``mean_token_accuracy`` and ``entropy``), with a no-grad head pass when the last layer is not an exit.
+        seed: Seed of the layer dropout draws.
     """
 
+    settings: SoFTSettings
     exit_layers: tuple[int, ...]
-    weights: tuple[float, ...]
+    exit_loss_weights: tuple[float, ...]
     final_norm: nn.Module | None = None
-    vocab_chunk_size: int = DEFAULT_VOCAB_CHUNK_SIZE
-    token_weighting: str = "nll"
-    with_last_layer_metrics: bool = False
-    kernel: str = "auto"
-    schedule: ExitSchedule | None = None
-    head_grad: str = "all"
-    distill_weight: float = 0.0
-    distill_temperature: float = 1.0
-    layer_dropout: LayerDropout | None = None
+    last_layer_metrics: bool = False
+    seed: int = 0
 
     def __post_init__(self):
-        if len(self.weights) != len(self.exit_layers):
-            raise ValueError(f"{len(self.weights)} exit weights for {len(self.exit_layers)} exits {self.exit_layers}.")
-        if self.kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}.")
-        if self.token_weighting not in TOKEN_WEIGHTINGS:
-            raise ValueError(f"token_weighting must be one of {TOKEN_WEIGHTINGS}, got {self.token_weighting!r}.")
-        if not isinstance(self.vocab_chunk_size, numbers.Integral) or self.vocab_chunk_size < 1:
-            raise ValueError(f"vocab_chunk_size must be a positive integer, got {self.vocab_chunk_size!r}.")
-        validate_exit_controls(self.head_grad, self.distill_weight, self.distill_temperature)
-        if self.schedule is not None:
-            scheduled_exit_weights(list(self.weights), 0, self.schedule)  # fail now on a schedule that trains nothing
-            num_early = len(self.exit_layers) - 1
-            # A rotation that rotates nothing is a mistake, except with no early exit at all (plain SFT)
-            if self.schedule.rotation and num_early and not self.schedule.rotates(num_early):
-                warnings.warn(
-                    f"exit_rotation={self.schedule.rotation} is not below the {num_early} early exits of "
-                    f"{list(self.exit_layers)}, so every exit trains every step (no rotation). Use an exit_rotation "
-                    f"below {num_early}, or 0 for every exit every step.",
-                    stacklevel=2,
-                )
+        if len(self.exit_loss_weights) != len(self.exit_layers):
+            raise ValueError(
+                f"{len(self.exit_loss_weights)} exit weights for {len(self.exit_layers)} exits {self.exit_layers}."
+            )
+        # Fail now on a schedule that trains nothing at its first step
+        scheduled_exit_weights(list(self.exit_loss_weights), 0, self.schedule)
+        num_early = len(self.exit_layers) - 1
+        rotation = self.schedule.rotation
+        # A rotation that rotates nothing is a mistake, except with no early exit at all (plain SFT)
+        if rotation and num_early and not self.schedule.rotates(num_early):
+            warnings.warn(
+                f"exit_rotation={rotation} is not below the {num_early} early exits of {list(self.exit_layers)}, so "
+                f"every exit trains every step (no rotation). Use an exit_rotation below {num_early}, or 0 for every "
+                "exit every step.",
+                stacklevel=3,
+            )
+
+    @property
+    def schedule(self) -> ExitSchedule:
+        """The exit schedule of the settings."""
+        return self.settings.exit_schedule()
+
+    @property
+    def layer_dropout(self) -> LayerDropout:
+        """The layer dropout of the settings, drawing with ``seed``."""
+        return self.settings.layer_dropout_settings(self.seed)
+
+
+# The sums of `ExitStats`, in the order they travel in one collective
+_SUMMED_STATS = (
+    "exit_nll_sums",
+    "exit_num_correct",
+    "num_tokens",
+    "last_layer_num_correct",
+    "last_layer_entropy_sum",
+    "exit_kl_sums",
+    "exit_num_agree",
+)
+
+
+@dataclass
+class ExitStats:
+    """The per-batch sums behind the logged metrics: added across ranks first, then divided, so averages are exact.
+
+    Attributes:
+        exit_layers: The exits computed this step, ascending (the deepest last); the per-exit lists follow them.
+        exit_nll_sums: One summed token NLL per computed exit.
+        exit_num_correct: Labelled tokens each computed exit predicts as its argmax.
+        num_tokens: Labelled tokens in the batch.
+        last_layer_num_correct: Labelled tokens the model's last layer predicts as its argmax (with last-layer
+            metrics), else ``None``.
+        last_layer_entropy_sum: The model's last layer's summed entropy over labelled tokens (with last-layer
+            metrics), else ``None``.
+        exit_kl_sums: With self-distillation, one summed ``T^2 * KL(p_deepest || p_exit)`` per early exit; else empty.
+        exit_num_agree: With self-distillation, labelled tokens where each early exit's argmax is the deepest exit's;
+            else empty.
+    """
+
+    exit_layers: list[int]
+    exit_nll_sums: list
+    exit_num_correct: list
+    num_tokens: torch.Tensor | float
+    last_layer_num_correct: torch.Tensor | float | None = None
+    last_layer_entropy_sum: torch.Tensor | float | None = None
+    exit_kl_sums: list = dataclasses.field(default_factory=list)
+    exit_num_agree: list = dataclasses.field(default_factory=list)
+
+    def summed(self, gather: Callable[[torch.Tensor], torch.Tensor]) -> ExitStats:
+        """These sums added over every rank, as Python floats, in one collective.
+
+        Args:
+            gather: Gathers a ``(S,)`` tensor from every rank into ``(ranks * S,)`` (``accelerator.gather``); the
+                identity on one process. Every rank must hold the same fields (the same exits computed).
+
+        Returns:
+            A new [`ExitStats`] whose sums are floats over all ranks.
+        """
+        parts = {name: getattr(self, name) for name in _SUMMED_STATS if getattr(self, name) is not None}
+        flat = [t.float() for value in parts.values() for t in (value if isinstance(value, list) else [value])]
+        local = torch.stack(flat).detach()  # (S,)
+        totals = gather(local).view(-1, local.numel()).sum(0).tolist()
+        summed, start = {}, 0
+        for name, value in parts.items():
+            size = len(value) if isinstance(value, list) else 1
+            summed[name] = totals[start : start + size] if isinstance(value, list) else totals[start]
+            start += size
+        return dataclasses.replace(self, **summed)
 
 
 @dataclass
@@ -101,18 +160,15 @@ class SortedExitOutput(ModelOutput):
         loss_without_aux: With ``aux_loss``, the exits' loss alone (``loss`` before the auxiliary term), for trainers
             that weigh the auxiliary term themselves; else ``None``. A top-level field on purpose: ZeRO-3 hooks the
             root module's output tensors to gather the shared head again for its gradient, and a tensor found only
-            inside ``details`` would escape those hooks.
+            inside a nested object would escape those hooks.
         exit_losses: ``{layer: scalar}`` mean token cross-entropy of each exit on this batch (only the exits computed
             this step: a schedule skips exits whose weight is 0, see [`~soft_peft.schedule.ExitSchedule`]).
         exit_token_accuracy: ``{layer: scalar}`` fraction of labelled tokens each exit predicts as its argmax.
-        num_tokens: Number of labelled tokens in this batch.
-        last_num_correct: Labelled tokens the model's last layer predicts as its argmax (with last-layer metrics).
-        last_entropy_sum: Summed entropy of the last layer over labelled tokens (with last-layer metrics).
         exit_agreement: With self-distillation, ``{layer: scalar}`` fraction of labelled tokens where each early exit's
-            argmax is the last exit's; else ``None``.
-        details: The full [`~soft_peft.loss.ExitLossTerms`] (sums, for exact cross-rank averaging), over the exits
-            of ``exit_losses`` in that order.
+            argmax is the deepest exit's; else ``None``.
         exit_weights: ``{layer: weight}`` the weight each exit had in ``loss`` (0 for a skipped exit).
+        num_tokens: Number of labelled tokens in this batch.
+        stats: The [`ExitStats`] (detached sums, for exact cross-rank averaging), over the exits of ``exit_losses``.
     """
 
     loss: torch.Tensor | None = None
@@ -120,12 +176,41 @@ class SortedExitOutput(ModelOutput):
     loss_without_aux: torch.Tensor | None = None
     exit_losses: dict[int, torch.Tensor] | None = None
     exit_token_accuracy: dict[int, torch.Tensor] | None = None
-    num_tokens: torch.Tensor | None = None
-    last_num_correct: torch.Tensor | None = None
-    last_entropy_sum: torch.Tensor | None = None
     exit_agreement: dict[int, torch.Tensor] | None = None
-    details: ExitLossTerms | None = None
     exit_weights: dict[int, float] | None = None
+    num_tokens: torch.Tensor | None = None
+    stats: ExitStats | None = None
+
+
+@dataclass
+class LabelledPositions:
+    """The positions of a batch that carry a label, and how to pick their hidden states.
+
+    Attributes:
+        targets: ``(N,)`` the next-token labels of the ``N`` labelled positions.
+        mask: ``(B, T')`` which positions carry a label (``T' = T - 1`` for unshifted labels).
+        shift: Whether the labels were unshifted (position ``i`` predicts token ``i + 1``, as in transformers),
+            so that the last position of each hidden state has no target; ``False`` for labels passed shifted
+            (context/sequence parallelism).
+        device: Where the head is, and so where the selected states go.
+    """
+
+    targets: torch.Tensor
+    mask: torch.Tensor
+    shift: bool
+    device: torch.device
+
+    @classmethod
+    def of(cls, labels: torch.Tensor, shift_labels: torch.Tensor | None, device: torch.device) -> LabelledPositions:
+        """From transformers' ``labels`` ``(B, T)``, or already shifted ``shift_labels`` ``(B, T)``."""
+        shift = shift_labels is None
+        targets_2d = (labels[:, 1:] if shift else shift_labels).to(device)  # (B, T')
+        mask = targets_2d != -100
+        return cls(targets=targets_2d[mask], mask=mask, shift=shift, device=device)
+
+    def select(self, state: torch.Tensor) -> torch.Tensor:
+        """``(B, T, H)`` -> ``(N, H)``: only labelled positions reach the norm and head."""
+        return (state[:, :-1] if self.shift else state).to(self.device)[self.mask]
 
 
 def _full_tensor(tensor: torch.Tensor | None) -> torch.Tensor | None:
@@ -134,7 +219,7 @@ def _full_tensor(tensor: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _shared_head_parameters(head) -> list[torch.Tensor]:
-    """The final norm's and output projection's parameters, for `exit_head_grad="last"`."""
+    """The final norm's and output projection's parameters, for `exit_head_grad="last"` (deepest exit only)."""
     parameters = [p for m in (head.final_norm, head.output_projection) if m is not None for p in m.parameters()]
     if any(not p.is_leaf for p in parameters):
         # FSDP1 with `use_orig_params` exposes views of a flat parameter: their `requires_grad` cannot be switched
@@ -176,6 +261,107 @@ def _draw_layer_dropout(model: nn.Module, layer_dropout: LayerDropout | None, la
     state.draw(rates, labels.shape[0], labels.device, layer_dropout.seed, step)  # (B,) per layer: one per row
 
 
+def _exits_at_step(loss: ResolvedExitLoss, step: int | None, training: bool) -> tuple[dict[int, float], list[int]]:
+    """Every exit's weight at ``step`` and the exits to compute (ascending): a scheduled 0 never reaches the head."""
+    all_exits, schedule = loss.exit_layers, loss.schedule
+    if schedule.is_constant:  # every exit is computed, zero weights included (their metrics are still logged)
+        return dict(zip(all_exits, loss.exit_loss_weights, strict=True)), list(all_exits)
+    if step is None:
+        if training:
+            raise ValueError(
+                "This model has an exit schedule, so a training forward needs the optimizer step: pass "
+                "`soft_exit_step=step` (or `step=` to SortedLossWrapper), the number of optimizer steps taken."
+            )
+        return dict(zip(all_exits, loss.exit_loss_weights, strict=True)), list(all_exits)  # evaluation: base weights
+    weights = scheduled_exit_weights(loss.exit_loss_weights, step, schedule)
+    # The deepest exit is always computed: it carries the last-layer metrics
+    computed = [k for k, w in zip(all_exits, weights, strict=True) if w > 0 or k == all_exits[-1]]
+    return dict(zip(all_exits, weights, strict=True)), computed
+
+
+def _request_router_logits(text_config, kwargs: dict) -> bool:
+    """MoE: like the model's own forward, return the router logits when asked to or when the config says so."""
+    if not hasattr(text_config, "output_router_logits"):
+        return False
+    requested = kwargs.get("output_router_logits")
+    requested = bool(text_config.output_router_logits if requested is None else requested)
+    kwargs["output_router_logits"] = requested
+    return requested
+
+
+def _head_parameters(head: ExitHead) -> HeadParameters:
+    return HeadParameters(
+        weight=_full_tensor(head.lm_head.weight),
+        bias=_full_tensor(getattr(head.lm_head, "bias", None)),
+        final_logit_softcapping=head.final_logit_softcapping,
+        logit_scale=head.logit_scale,
+    )
+
+
+def _exit_states(head: ExitHead, outputs, exits: list[int], positions: LabelledPositions, head_grad: str) -> list:
+    """The normed ``(N, H)`` state of each exit; with ``head_grad="last"`` the early exits go through the norm (and
+    projection) without updating them."""
+    shared = _shared_head_parameters(head) if head_grad == "last" else []
+    states = []
+    for layer in exits:
+        with gradient_blocked(*shared) if layer != exits[-1] else contextlib.nullcontext():
+            states.append(head.exit_state(outputs, layer, positions.select))
+    return states
+
+
+def _last_layer_metrics(head, outputs, positions, parameters, settings, terms, computed) -> tuple:
+    """The model's last layer's correct-token count and summed entropy (``SFTTrainer``'s metrics): from the loss
+    when the last layer is the deepest exit computed, else from a no-grad head pass (it is not trained here)."""
+    if computed[-1] == head.num_layers:
+        return terms.exit_num_correct[-1], terms.deepest_entropy_sum
+    with torch.no_grad():
+        last = sorted_exit_loss(
+            [head.exit_state(outputs, head.num_layers, positions.select)],
+            positions.targets,
+            parameters,
+            options=settings,  # one exit: only the kernel settings matter for these counts
+            with_deepest_entropy=True,
+        )
+    return last.exit_num_correct[0], last.deepest_entropy_sum
+
+
+def _exit_stats(terms: ExitLossTerms, computed: list[int], last_layer: tuple | None) -> ExitStats:
+    num_correct, entropy_sum = last_layer if last_layer is not None else (None, None)
+    return ExitStats(
+        exit_layers=list(computed),
+        exit_nll_sums=terms.exit_nll_sums,
+        exit_num_correct=terms.exit_num_correct,
+        num_tokens=terms.num_tokens,
+        last_layer_num_correct=num_correct,
+        last_layer_entropy_sum=entropy_sum,
+        exit_kl_sums=terms.exit_kl_sums or [],
+        exit_num_agree=terms.exit_num_agree or [],
+    )
+
+
+def _output(terms: ExitLossTerms, stats: ExitStats, exit_weights: dict, loss, aux_loss) -> SortedExitOutput:
+    computed = stats.exit_layers
+    denominator = terms.num_tokens.clamp(min=1)
+
+    def fractions(exits, counts):
+        return {k: c.float() / denominator for k, c in zip(exits, counts, strict=True)}
+
+    agreement = None if terms.exit_num_agree is None else fractions(computed[:-1], terms.exit_num_agree)
+    return SortedExitOutput(
+        loss=loss,
+        aux_loss=aux_loss,
+        loss_without_aux=None if aux_loss is None else terms.loss,
+        exit_losses=dict(zip(computed, terms.exit_losses, strict=True)),
+        exit_token_accuracy={
+            k: c.float() / denominator for k, c in zip(computed, terms.exit_num_correct, strict=True)
+        },
+        exit_agreement=agreement,
+        exit_weights=exit_weights,
+        num_tokens=terms.num_tokens,
+        stats=stats,
+    )
+
+
 def sorted_exit_forward(
     model: nn.Module,
     args: tuple,
@@ -183,118 +369,50 @@ def sorted_exit_forward(
     labels: torch.Tensor,
     shift_labels: torch.Tensor | None,
     num_items_in_batch,
-    settings: ExitLossSettings,
+    loss: ResolvedExitLoss,
     step: int | None = None,
 ) -> SortedExitOutput:
-    """Run the backbone once with hidden states, then the loss over every exit active at ``step``."""
-    head = find_exit_head(model, final_norm=settings.final_norm)
-    all_exit_layers, weights, schedule = settings.exit_layers, settings.weights, settings.schedule
-    scheduled = schedule is not None and not schedule.is_constant
-    if scheduled and step is None and model.training:
-        raise ValueError(
-            "This model has an exit schedule, so a training forward needs the optimizer step: pass "
-            "`soft_exit_step=step` (or `step=` to SortedLossWrapper), the number of optimizer steps taken."
-        )
-    _draw_layer_dropout(model, settings.layer_dropout, labels if shift_labels is None else shift_labels, step)
-    if scheduled and step is not None:
-        weights = scheduled_exit_weights(weights, step, schedule)
-        # A scheduled 0 never reaches the head; the deepest exit always does (it carries the last-layer metrics)
-        exit_layers = [k for k, w in zip(all_exit_layers, weights, strict=True) if w > 0 or k == all_exit_layers[-1]]
-    else:  # without a schedule every exit is computed, zero weights included (their metrics are still logged)
-        exit_layers = list(all_exit_layers)
-    exit_weights = dict(zip(all_exit_layers, weights, strict=True))
+    """Run the backbone once with hidden states, then the loss over every exit active at ``step``.
+
+    Args:
+        model: The unwrapped causal LM whose forward carries the SoFT loss.
+        args: Positional arguments of the model's forward (``input_ids``, ...).
+        kwargs: Keyword arguments of the model's forward, without the labels.
+        labels: ``(B, T)`` labels as transformers takes them (``-100`` for positions without a loss).
+        shift_labels: ``(B, T)`` labels already shifted (context/sequence parallelism), or ``None``.
+        num_items_in_batch: The token count the Trainer passes under gradient accumulation, or ``None``.
+        loss: The model's [`ResolvedExitLoss`].
+        step: Optimizer steps taken (for a schedule or a layer dropout ramp); ``None`` outside training.
+
+    Returns:
+        A [`SortedExitOutput`].
+    """
+    settings = loss.settings
+    head = find_exit_head(model, final_norm=loss.final_norm)
+    exit_weights, computed = _exits_at_step(loss, step, model.training)
+    _draw_layer_dropout(model, loss.layer_dropout, labels if shift_labels is None else shift_labels, step)
     config = model.config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    # MoE: like the model's own forward, return the router logits when asked to or when the config says so
-    with_router_logits = hasattr(text_config, "output_router_logits")
-    if with_router_logits:
-        with_router_logits = kwargs.get("output_router_logits")
-        with_router_logits = text_config.output_router_logits if with_router_logits is None else with_router_logits
-        kwargs["output_router_logits"] = bool(with_router_logits)
+    with_router_logits = _request_router_logits(text_config, kwargs)
     outputs = backbone_outputs(model, *args, **kwargs)  # num_layers + 1 hidden states of (B, T, H)
-    if shift_labels is None:
-        targets_2d = labels[:, 1:]  # (B, T-1): position i predicts token i+1
-
-        def positions(h):
-            return h[:, :-1]
-    else:  # context/sequence parallelism pass labels already shifted
-        targets_2d = shift_labels
-
-        def positions(h):
-            return h
-
-    weight = _full_tensor(head.lm_head.weight)
-    bias = _full_tensor(getattr(head.lm_head, "bias", None))
-    targets_2d = targets_2d.to(weight.device)
-    mask = targets_2d != -100  # (B, T-1)
-    targets = targets_2d[mask]  # (N,)
-
-    def labelled(state):  # (B, T, H) -> (N, H): only labelled positions reach the norm and head
-        return positions(state).to(weight.device)[mask]
-
-    exit_hidden = []
-    # With exit_head_grad="last" the early exits go through the norm (and projection) without updating them
-    shared = _shared_head_parameters(head) if settings.head_grad == "last" else []
-    for layer in exit_layers:
-        with gradient_blocked(*shared) if layer != exit_layers[-1] else contextlib.nullcontext():
-            exit_hidden.append(head.exit_state(outputs, layer, labelled))
-    with_last = settings.with_last_layer_metrics
-    with maybe_gather_lm_head_ctx(weight, bias):
-        result = sorted_exit_loss(
+    parameters = _head_parameters(head)
+    positions = LabelledPositions.of(labels, shift_labels, parameters.weight.device)
+    exit_hidden = _exit_states(head, outputs, computed, positions, settings.exit_head_grad)
+    with maybe_gather_lm_head_ctx(parameters.weight, parameters.bias):
+        terms = sorted_exit_loss(
             exit_hidden,
-            targets,
-            weight,
-            bias,
-            weights=[exit_weights[k] for k in exit_layers],
+            positions.targets,
+            parameters,
+            weights=[exit_weights[k] for k in computed],
             num_items_in_batch=num_items_in_batch,
-            final_logit_softcapping=head.final_logit_softcapping,
-            logit_scale=head.logit_scale,
-            vocab_chunk_size=settings.vocab_chunk_size,
-            token_weighting=settings.token_weighting,
-            with_last_entropy=with_last and exit_layers[-1] == head.num_layers,
-            kernel=settings.kernel,
-            head_grad=settings.head_grad,
-            distill_weight=settings.distill_weight,
-            distill_temperature=settings.distill_temperature,
+            options=settings,
+            with_deepest_entropy=loss.last_layer_metrics and computed[-1] == head.num_layers,
         )
-        last_num_correct, last_entropy_sum = result.exit_num_correct[-1], result.last_entropy
-        if with_last and exit_layers[-1] != head.num_layers:
-            # The last layer is not trained here but still reported, as SFTTrainer does: a no-grad head pass
-            with torch.no_grad():
-                last = sorted_exit_loss(
-                    [head.exit_state(outputs, head.num_layers, labelled)],
-                    targets,
-                    weight,
-                    bias,
-                    final_logit_softcapping=head.final_logit_softcapping,
-                    logit_scale=head.logit_scale,
-                    vocab_chunk_size=settings.vocab_chunk_size,
-                    with_last_entropy=True,
-                    kernel=settings.kernel,
-                )
-            last_num_correct, last_entropy_sum = last.exit_num_correct[0], last.last_entropy
-    loss, aux_loss, loss_without_aux = result.loss, None, None
+        last_layer = None
+        if loss.last_layer_metrics:
+            last_layer = _last_layer_metrics(head, outputs, positions, parameters, settings, terms, computed)
+    total, aux_loss = terms.loss, None
     if with_router_logits:
-        aux_loss = _router_aux_loss(outputs.router_logits, text_config, kwargs.get("attention_mask"), loss.device)
-        loss_without_aux = loss
-        loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss  # once, not per exit
-    accuracy_denominator = result.num_tokens.clamp(min=1)
-    return SortedExitOutput(
-        loss=loss,
-        aux_loss=aux_loss,
-        loss_without_aux=loss_without_aux,
-        exit_losses=dict(zip(exit_layers, result.exit_losses, strict=True)),
-        exit_token_accuracy={
-            k: c.float() / accuracy_denominator for k, c in zip(exit_layers, result.exit_num_correct, strict=True)
-        },
-        num_tokens=result.num_tokens,
-        last_num_correct=last_num_correct if with_last else None,
-        last_entropy_sum=last_entropy_sum if with_last else None,
-        exit_agreement=None
-        if result.exit_num_agree is None
-        else {
-            k: c.float() / accuracy_denominator for k, c in zip(exit_layers[:-1], result.exit_num_agree, strict=True)
-        },
-        details=result,
-        exit_weights=exit_weights,
-    )
+        aux_loss = _router_aux_loss(outputs.router_logits, text_config, kwargs.get("attention_mask"), total.device)
+        total = total + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss  # once, not per exit
+    return _output(terms, _exit_stats(terms, computed, last_layer), exit_weights, total, aux_loss)

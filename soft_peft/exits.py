@@ -1,7 +1,7 @@
 """Which exits a model has: ``exit_layers`` settings, the paper's defaults, and the exits recorded in a checkpoint.
 
-What an exit *is* (the final norm and shared head applied to a layer's hidden state) lives in
-[`soft_peft.exit_head`]; its names are re-exported here so ``from soft_peft.exits import ExitHead`` keeps working.
+What an exit *computes* (the final norm and shared head applied to a layer's hidden state) is
+[`soft_peft.exit_head`]; where the model keeps those parts is [`soft_peft.model_layout`].
 """
 
 from __future__ import annotations
@@ -12,30 +12,16 @@ from itertools import pairwise
 
 from torch import nn
 
-from .exit_head import (
-    ExitHead,
-    find_backbone,
-    find_exit_head,
-    find_final_norm,
-    get_decoder_layers,
-    num_decoder_layers,
-    unwrap_model,
-)
+from .model_layout import unwrap_model
 
 __all__ = [
-    "ExitHead",
+    "CONFIG_KEY",
     "default_exit_layers",
     "exit_layers_as_written",
-    "find_backbone",
-    "find_exit_head",
-    "find_final_norm",
-    "get_decoder_layers",
-    "num_decoder_layers",
     "parse_exit_layers",
     "parse_exit_spec",
     "record_exit_layers",
     "recorded_exit_layers",
-    "unwrap_model",
 ]
 
 # The paper's 8 sub-models of a 40-layer LLaMA-2 13B are layers 12, 16, ..., 40: exit i sits at (3 + i) / 10 of depth.

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .exit_head import get_decoder_layers, unwrap_model
+from .model_layout import get_decoder_layers, unwrap_model
 
 __all__ = ["LAYER_DROPOUT_SCALES", "LayerDropout", "install_layer_dropout"]
 

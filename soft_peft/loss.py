@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
+import numbers
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from transformers.utils import is_triton_available
@@ -27,15 +28,17 @@ from .chunked_distill import DEFAULT_DISTILL_CHUNK_SIZE, chunked_self_distillati
 
 __all__ = [
     "DEFAULT_EXIT_LOSS_WEIGHTS",
-    "ExitLossTerms",
+    "DEFAULT_VOCAB_CHUNK_SIZE",
     "HEAD_GRAD_MODES",
     "KERNELS",
-    "TOKEN_WEIGHTINGS",
+    "LOSS_TYPES",
+    "ExitLossOptions",
+    "ExitLossTerms",
+    "HeadParameters",
     "exit_loss_weights",
     "gradient_blocked",
     "parse_exit_loss_weights",
     "sorted_exit_loss",
-    "validate_exit_controls",
 ]
 
 KERNELS = ("auto", "trl", "torch")
@@ -49,12 +52,14 @@ def _triton_runs_on(device: torch.device) -> bool:
     return device.type in ("cuda", "xpu") and _TRITON_AVAILABLE
 
 
+# "last": only the deepest exit (the last one in `exit_layers` order of depth) updates the shared norm and head
 HEAD_GRAD_MODES = ("all", "last")
-# "dft": TRL's `loss_type="dft"`, each token's NLL times its detached probability
-TOKEN_WEIGHTINGS = ("nll", "dft")
+# TRL's `loss_type` values SoFT computes at every exit. "dft": each token's NLL times its detached probability
+LOSS_TYPES = ("nll", "dft")
+# "last:w": the deepest exit, the last of the exits in order of depth, keeps the share w
 _LAST_SHARE_PREFIX = "last:"
 
-# The default mix: the last exit keeps 3/4 of the loss and the early exits share 1/4. The equal-budget quality study
+# The default mix: the deepest exit keeps 3/4 of the loss and the early exits share 1/4. The equal-budget quality study
 # (docs/results.md) chose it: the paper's mean over exits ("uniform") costs the full model far more quality
 DEFAULT_EXIT_LOSS_WEIGHTS = "last:0.75"
 
@@ -126,9 +131,10 @@ def exit_loss_weights(
     Args:
         spec: ``"uniform"`` (the paper: the mean over exits), ``"linear"`` (weight proportional to the exit's depth,
             so deeper exits weigh more), ``"last:w"`` with ``0 < w <= 1`` (the deepest exit keeps weight ``w``, the
-            other exits share ``1 - w`` equally; ``"last:0.5"`` puts half the loss on the last exit whatever the
-            number of exits; with a single exit its weight is 1), a comma-separated string ``"1,1,2"`` or a list
-            with one finite, non-negative weight per exit.
+            other exits share ``1 - w`` equally; ``"last:0.5"`` puts half the loss on the deepest exit whatever
+            the number of exits; with a single exit its weight is 1; "last" is the last exit in order of depth, the
+            model's last layer only when ``exit_layers`` ends there, as the default exits do), a comma-separated
+            string ``"1,1,2"`` or a list with one finite, non-negative weight per exit.
         exit_layers: The exits, ascending.
         written_order: The same exits in the order the user wrote them, which explicit weights follow
             (``exit_layers=[30, 9]`` with weights ``[1, 0]`` gives exit 30 the weight 1). Default: ascending.
@@ -170,15 +176,15 @@ def _last_share(text: str, spec) -> float:
         share = float("nan")
     if not 0.0 <= share <= 1.0:  # also rejects NaN
         raise ValueError(
-            f"exit_loss_weights={spec!r}: the last exit's share must be a number in (0, 1], such as 'last:0.5'."
+            f"exit_loss_weights={spec!r}: the deepest exit's share must be a number in (0, 1], such as 'last:0.5'."
         )
     if share == 0.0:
         # Refused rather than followed: 'last:w' is the scheme that protects the full model, and a share of 0 leaves
         # it untrained, almost always a slip. Explicit weights remain the deliberate way to write it
         raise ValueError(
-            f"exit_loss_weights={spec!r} gives the last exit (the full model) weight 0, so it would not be trained. "
-            "Use a share above 0 such as 'last:0.75'; to leave it untrained on purpose, give one weight per exit "
-            "ending in 0, such as '1,1,0'."
+            f"exit_loss_weights={spec!r} gives the deepest exit (with the default exits, the full model) weight 0, "
+            "so it would not be trained. Use a share above 0 such as 'last:0.75'; to leave it untrained on purpose, "
+            "give one weight per exit ending in 0, such as '1,1,0'."
         )
     return share
 
@@ -189,26 +195,112 @@ def _last_share_weights(share: float, num_exits: int) -> list[float]:
     return [(1.0 - share) / (num_exits - 1)] * (num_exits - 1) + [share]
 
 
-def validate_exit_controls(head_grad: str, distill_weight: float, distill_temperature: float) -> None:
-    """Check the quality-control settings of the exit loss before any compute is spent.
+@dataclass
+class ExitLossOptions:
+    r"""
+    The knobs of [`sorted_exit_loss`]: loss type, head kernel, and what each early exit learns. Validated when built.
+    [`~soft_peft.settings.SoFTSettings`] extends it with the exits, their weights, the schedule and layer dropout, so
+    each knob has one name from the command line down to the loss.
 
-    Args:
-        head_grad: ``"all"`` or ``"last"`` (see [`sorted_exit_loss`]).
-        distill_weight: In ``[0, 1]``.
-        distill_temperature: ``> 0``.
-
-    Raises:
-        ValueError: naming the setting and its valid range.
+    Parameters:
+        loss_type (`str`, *optional*, defaults to `"nll"`):
+            TRL's `loss_type`, applied at every exit: `"nll"` (cross-entropy) or `"dft"` (Dynamic Fine-Tuning: each
+            token's NLL times its detached probability).
+        exit_loss_kernel (`str`, *optional*, defaults to `"auto"`):
+            Head kernel: `"trl"` (TRL's `ChunkedLogProbFunction`, Triton on CUDA/XPU), `"torch"`
+            (`soft_peft.chunked_ce`, faster without Triton) or `"auto"` (TRL's where it runs Triton, else torch).
+        exit_vocab_chunk_size (`int`, *optional*, defaults to `32768`):
+            Vocabulary columns per tile of TRL's chunked head kernel. Lower it to cut peak memory on very large
+            vocabularies; raise it to cut kernel launches.
+        exit_head_grad (`str`, *optional*, defaults to `"all"`):
+            `"all"`: every exit's loss updates the shared final norm and LM head (the paper). `"last"`: only the
+            deepest exit (the last in order of depth) updates them; the early exits use them without updating them
+            (their gradient still trains the layers below), so the norm and head (with a tied head, also the input
+            embedding through it) are trained by the deepest exit alone.
+        exit_distill_weight (`float`, *optional*, defaults to `0.0`):
+            Self-distillation `lambda` in [0, 1]: each early exit's loss becomes `(1 - lambda) * CE + lambda * T^2 *
+            KL(p_deepest || p_exit)` on the labelled tokens, with the deepest exit's distribution detached. `0` is
+            off; when on, `exit_{k}/agreement` (top-1 agreement with the deepest exit) and `exit_{k}/distill_loss`
+            are logged.
+        exit_distill_temperature (`float`, *optional*, defaults to `1.0`):
+            Temperature `T` of the distillation term (both distributions are `softmax(logits / T)`).
     """
-    if head_grad not in HEAD_GRAD_MODES:
-        raise ValueError(f"exit_head_grad must be one of {HEAD_GRAD_MODES}, got {head_grad!r}.")
-    if not 0.0 <= distill_weight <= 1.0:
-        raise ValueError(
-            f"exit_distill_weight must be in [0, 1] (0 = off, 1 = early exits learn only from the last exit), got "
-            f"{distill_weight}."
-        )
-    if not distill_temperature > 0:
-        raise ValueError(f"exit_distill_temperature must be > 0, got {distill_temperature}.")
+
+    loss_type: str = field(
+        default="nll",
+        metadata={
+            "help": "Loss at every exit (TRL's loss_type): 'nll' (cross-entropy) or 'dft' (Dynamic Fine-Tuning, "
+            "https://huggingface.co/papers/2508.05629).",
+            "choices": list(LOSS_TYPES),
+        },
+    )
+    exit_loss_kernel: str = field(
+        default="auto",
+        metadata={
+            "help": "Head kernel of the exit loss: 'trl' (TRL's chunked log-prob kernel, Triton on GPU), 'torch' "
+            "(soft_peft.chunked_ce, faster without Triton) or 'auto' (TRL's where Triton runs, else torch).",
+            "choices": list(KERNELS),
+        },
+    )
+    exit_vocab_chunk_size: int = field(
+        default=DEFAULT_VOCAB_CHUNK_SIZE,
+        metadata={"help": "Vocabulary columns per tile of TRL's chunked head kernel (memory/speed trade-off)."},
+    )
+    exit_head_grad: str = field(
+        default="all",
+        metadata={
+            "help": "Which exits update the shared final norm and LM head: 'all' (paper) or 'last' (only the deepest "
+            "exit; the early exits use them without updating them, their gradient still trains the layers below).",
+            "choices": list(HEAD_GRAD_MODES),
+        },
+    )
+    exit_distill_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Self-distillation lambda in [0, 1]: each early exit's loss becomes (1 - lambda) * CE + lambda * "
+            "T^2 * KL(p_deepest || p_exit), deepest exit detached. 0 = off."
+        },
+    )
+    exit_distill_temperature: float = field(
+        default=1.0, metadata={"help": "Temperature T of the self-distillation term (> 0)."}
+    )
+
+    def __post_init__(self):
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(
+                f"loss_type must be one of {LOSS_TYPES} (the TRL loss types SoFT computes at every exit), got "
+                f"{self.loss_type!r}."
+            )
+        if self.exit_loss_kernel not in KERNELS:
+            raise ValueError(f"exit_loss_kernel must be one of {KERNELS}, got {self.exit_loss_kernel!r}.")
+        chunk = self.exit_vocab_chunk_size
+        if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
+            raise ValueError(f"exit_vocab_chunk_size must be a positive integer, got {chunk!r}.")
+        if self.exit_head_grad not in HEAD_GRAD_MODES:
+            raise ValueError(f"exit_head_grad must be one of {HEAD_GRAD_MODES}, got {self.exit_head_grad!r}.")
+        if not 0.0 <= self.exit_distill_weight <= 1.0:
+            raise ValueError(
+                "exit_distill_weight must be in [0, 1] (0 = off, 1 = early exits learn only from the deepest exit), "
+                f"got {self.exit_distill_weight}."
+            )
+        if not self.exit_distill_temperature > 0:
+            raise ValueError(f"exit_distill_temperature must be > 0, got {self.exit_distill_temperature}.")
+
+
+class HeadParameters(NamedTuple):
+    """The shared LM head as [`sorted_exit_loss`] applies it, with the model's logit post-processing.
+
+    Attributes:
+        weight: ``(V, H)`` head weight. Under ZeRO-3 the caller gathers it.
+        bias: ``(V,)`` head bias, or ``None``.
+        final_logit_softcapping: Gemma-2/3 softcap ``c`` (logits become ``c * tanh(logits / c)``), or ``None``.
+        logit_scale: Multiplier applied to the logits before softcapping.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    final_logit_softcapping: float | None = None
+    logit_scale: float = 1.0
 
 
 @contextlib.contextmanager
@@ -245,11 +337,11 @@ class ExitLossTerms:
         exit_nll_sums: One detached scalar per exit: the summed token NLL (for exact cross-rank averaging).
         exit_num_correct: One detached scalar per exit: labelled tokens whose label is the exit's argmax.
         num_tokens: Detached scalar, the number of labelled tokens in this batch.
-        last_entropy: Detached summed entropy of the last exit, when requested, else ``None``.
+        deepest_entropy_sum: Detached summed entropy of the deepest exit, when requested, else ``None``.
         exit_kl_sums: With self-distillation, one detached scalar per early exit: the summed per-token
-            ``T^2 * KL(p_last || p_exit)``; else ``None``.
+            ``T^2 * KL(p_deepest || p_exit)``; else ``None``.
         exit_num_agree: With self-distillation, one detached scalar per early exit: labelled tokens whose argmax is
-            the last exit's argmax; else ``None``.
+            the deepest exit's argmax; else ``None``.
     """
 
     loss: torch.Tensor
@@ -257,172 +349,145 @@ class ExitLossTerms:
     exit_nll_sums: list[torch.Tensor]
     exit_num_correct: list[torch.Tensor]
     num_tokens: torch.Tensor
-    last_entropy: torch.Tensor | None = None
+    deepest_entropy_sum: torch.Tensor | None = None
     exit_kl_sums: list[torch.Tensor] | None = None
     exit_num_agree: list[torch.Tensor] | None = None
 
 
-def _exit_cross_entropy(hidden, targets, weight, bias, options, want_entropy):
+def _exit_cross_entropy(hidden, targets, head: HeadParameters, kernel, vocab_chunk_size, token_chunk_size, entropy):
     """One exit's per-token NLL ``(N,)`` (differentiable), log-probabilities, top-1 hits and optional entropy."""
-    kernel, vocab_chunk_size, softcap, logit_scale, token_chunk_size = options
+    softcap, logit_scale = head.final_logit_softcapping, head.logit_scale
     if kernel == "trl":
-        outputs = ("is_top1", "entropy") if want_entropy else ("is_top1",)
-        log_probs, entropy, _, _, is_top1 = ChunkedLogProbFunction.apply(
-            hidden, weight, bias, targets, 1.0, vocab_chunk_size, softcap, logit_scale, outputs
+        outputs = ("is_top1", "entropy") if entropy else ("is_top1",)
+        log_probs, entropies, _, _, is_top1 = ChunkedLogProbFunction.apply(
+            hidden, head.weight, head.bias, targets, 1.0, vocab_chunk_size, softcap, logit_scale, outputs
         )  # each (N,)
-        return -log_probs, log_probs, is_top1, entropy
-    nll, is_top1, entropy = chunked_cross_entropy(
-        hidden, weight, bias, targets, logit_scale, softcap, token_chunk_size, with_entropy=want_entropy
+        return -log_probs, log_probs, is_top1, entropies
+    nll, is_top1, entropies = chunked_cross_entropy(
+        hidden, head.weight, head.bias, targets, logit_scale, softcap, token_chunk_size, with_entropy=entropy
     )  # each (N,)
-    return nll, -nll, is_top1, entropy
+    return nll, -nll, is_top1, entropies
 
 
 def sorted_exit_loss(
     exit_hidden: Sequence[torch.Tensor],
     targets: torch.Tensor,
-    lm_head_weight: torch.Tensor,
-    lm_head_bias: torch.Tensor | None = None,
+    head: HeadParameters,
     weights: Sequence[float] | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
-    final_logit_softcapping: float | None = None,
-    logit_scale: float = 1.0,
-    vocab_chunk_size: int = DEFAULT_VOCAB_CHUNK_SIZE,
-    token_weighting: str = "nll",
-    with_last_entropy: bool = False,
-    kernel: str = "auto",
+    options: ExitLossOptions | None = None,
+    *,
+    with_deepest_entropy: bool = False,
     token_chunk_size: int = DEFAULT_TOKEN_CHUNK_SIZE,
-    head_grad: str = "all",
-    distill_weight: float = 0.0,
-    distill_temperature: float = 1.0,
     distill_chunk_size: int = DEFAULT_DISTILL_CHUNK_SIZE,
 ) -> ExitLossTerms:
     """Weighted mean over exits of each exit's token loss, without materialising logits.
 
     With ``w_k`` the exit weights (summing to 1), ``D`` the normaliser (``num_items_in_batch``, else the ``N``
     labelled tokens here), ``CE_k`` and ``KL_k`` exit ``k``'s summed token cross-entropy and summed
-    ``T^2 * KL(p_last || p_k)`` (``p = softmax(z / T)``, ``p_last`` detached) and ``lambda = distill_weight``::
+    ``T^2 * KL(p_deepest || p_k)`` (``p = softmax(z / T)``, ``p_deepest`` detached) and
+    ``lambda = options.exit_distill_weight``::
 
-        loss = w_last * CE_last / D + sum over early exits k of w_k * ((1 - lambda) * CE_k + lambda * KL_k) / D
+        loss = w_deepest * CE_deepest / D + sum over early exits k of w_k * ((1 - lambda) * CE_k + lambda * KL_k) / D
 
-    With the defaults (``lambda = 0``, ``head_grad="all"``) this is the paper's weighted mean of cross-entropies, and
-    with a single exit every option reduces to plain SFT's loss.
+    With the defaults (``lambda = 0``, ``exit_head_grad="all"``) this is the paper's weighted mean of cross-entropies,
+    and with a single exit every option reduces to plain SFT's loss.
 
     Args:
         exit_hidden: One ``(N, H)`` tensor per exit, ascending, the last one the deepest: the *normed* hidden states
             of the ``N`` labelled positions (already shifted so that position ``i`` predicts ``targets[i]``).
         targets: ``(N,)`` int64 next-token labels, none of them ``-100``.
-        lm_head_weight: ``(V, H)`` shared head weight. Under ZeRO-3 the caller gathers it.
-        lm_head_bias: ``(V,)`` head bias or ``None``.
+        head: The shared head's [`HeadParameters`] (weight ``(V, H)``, bias, softcap, logit scale).
         weights: One weight per exit, summing to 1 (see [`exit_loss_weights`]); uniform when ``None``.
         num_items_in_batch: The token count the Trainer passes under gradient accumulation; each exit's summed loss
             is divided by it, exactly as ``SFTTrainer`` does, instead of by ``N``.
-        final_logit_softcapping: Gemma-2/3 softcap, or ``None``.
-        logit_scale: Multiplier applied to the logits before softcapping.
-        vocab_chunk_size: Vocabulary columns per projection tile (TRL kernel).
-        token_weighting: ``"nll"`` or ``"dft"`` (TRL's ``loss_type="dft"``: each token's NLL times its detached
-            probability).
-        with_last_entropy: Also return the last exit's summed entropy (``SFTTrainer``'s ``entropy`` metric).
-        kernel: ``"trl"`` (TRL's ``ChunkedLogProbFunction``), ``"torch"`` (``soft_peft.chunked_ce``) or ``"auto"``:
-            TRL's on devices where it runs Triton, ``"torch"`` elsewhere (see the module docstring for why).
+        options: The [`ExitLossOptions`] (loss type, kernel, head gradient, self-distillation); ``None`` is the
+            defaults. ``exit_loss_kernel="auto"`` is TRL's kernel on devices where it runs Triton, ``"torch"``
+            elsewhere (see the module docstring for why). With ``exit_head_grad="last"`` the early exits use the
+            head weight and bias without updating them (their gradient still reaches ``exit_hidden``).
+        with_deepest_entropy: Also return the deepest exit's summed entropy (``SFTTrainer``'s ``entropy`` metric
+            when the deepest exit is the model's last layer).
         token_chunk_size: Tokens per ``[chunk, vocab]`` block (``"torch"`` kernel).
-        head_grad: ``"all"``: every exit's loss updates the head; ``"last"``: the early exits use the head weight and
-            bias without updating them (their gradient still reaches ``exit_hidden``), so only the last exit trains
-            the head (with a tied head, the input embedding's head use).
-        distill_weight: ``lambda`` in ``[0, 1]``; ``0`` computes no distillation at all.
-        distill_temperature: ``T > 0``; the KL is multiplied by ``T^2`` to keep its gradient scale.
         distill_chunk_size: Tokens per ``[chunk, vocab]`` block of the distillation kernel.
 
     Returns:
         An [`ExitLossTerms`]. With ``N == 0`` the loss is a finite, differentiable zero.
+
+    Raises:
+        ValueError: for no exit, or a weight count that is not one per exit.
     """
     if not exit_hidden:
         raise ValueError("sorted_exit_loss needs at least one exit.")
+    options = ExitLossOptions() if options is None else options
     num_exits = len(exit_hidden)
     weights = [1.0 / num_exits] * num_exits if weights is None else list(weights)
     if len(weights) != num_exits:
         raise ValueError(f"Got {len(weights)} weights for {num_exits} exits.")
-    if token_weighting not in TOKEN_WEIGHTINGS:
-        raise ValueError(f"token_weighting must be one of {TOKEN_WEIGHTINGS}, got {token_weighting!r}.")
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}.")
-    validate_exit_controls(head_grad, distill_weight, distill_temperature)
+    kernel = options.exit_loss_kernel
     if kernel == "auto":
         kernel = "trl" if _triton_runs_on(targets.device) else "torch"
-    options = (kernel, vocab_chunk_size, final_logit_softcapping, logit_scale, token_chunk_size)
-    num_tokens = targets.new_tensor(targets.numel())
-    # Clamped so that an all-masked batch reduces to a finite zero rather than 0 / 0
-    denominator = (num_tokens if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)).clamp(min=1)
-    mean_denominator = num_tokens.clamp(min=1)
-    distilling = distill_weight > 0 and num_exits > 1
 
-    # The early exits see the head through `gradient_blocked` when only the last exit may update it
+    def cross_entropy(hidden, exit_head, entropy=False):
+        return _exit_cross_entropy(
+            hidden, targets, exit_head, kernel, options.exit_vocab_chunk_size, token_chunk_size, entropy
+        )
+
+    distill_weight = options.exit_distill_weight if num_exits > 1 else 0.0
+    # The early exits see the head through `gradient_blocked` when only the deepest exit may update it
     early_head = (
-        gradient_blocked(lm_head_weight, lm_head_bias)
-        if head_grad == "last"
-        else contextlib.nullcontext((lm_head_weight, lm_head_bias))
+        gradient_blocked(head.weight, head.bias)
+        if options.exit_head_grad == "last"
+        else contextlib.nullcontext((head.weight, head.bias))
     )
     with early_head as (early_weight, early_bias):
-        per_exit = [
-            _exit_cross_entropy(hidden, targets, early_weight, early_bias, options, want_entropy=False)
-            for hidden in exit_hidden[:-1]
-        ]
-        if distilling:
+        blocked = head._replace(weight=early_weight, bias=early_bias)
+        per_exit = [cross_entropy(hidden, blocked) for hidden in exit_hidden[:-1]]
+        if distill_weight > 0:
             kl, agree = chunked_self_distillation(
                 exit_hidden[-1],
                 list(exit_hidden[:-1]),
                 early_weight,
                 early_bias,
-                logit_scale,
-                final_logit_softcapping,
-                distill_temperature,
+                head.logit_scale,
+                head.final_logit_softcapping,
+                options.exit_distill_temperature,
                 distill_chunk_size,
             )  # each (E - 1, N)
-    per_exit.append(
-        _exit_cross_entropy(exit_hidden[-1], targets, lm_head_weight, lm_head_bias, options, with_last_entropy)
+    per_exit.append(cross_entropy(exit_hidden[-1], head, with_deepest_entropy))
+    num_tokens = targets.new_tensor(targets.numel())
+    # Clamped so that an all-masked batch reduces to a finite zero rather than 0 / 0
+    denominator = (num_tokens if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)).clamp(min=1)
+    terms, result = _cross_entropy_terms(
+        per_exit, weights, options.loss_type, distill_weight, denominator, num_tokens.clamp(min=1)
     )
-
-    terms, exit_losses, nll_sums, num_correct = [], [], [], []
-    for index, (nll, log_probs, is_top1, _) in enumerate(per_exit):
-        is_last = index == num_exits - 1
-        if token_weighting == "dft":
-            nll = nll * log_probs.detach().exp()
-        nll_sum = nll.sum()
-        coefficient = weights[index] * (1.0 if is_last or not distilling else 1.0 - distill_weight)
-        if coefficient > 0 or is_last:  # a zero coefficient would only run a backward of zeros
-            terms.append(coefficient * nll_sum / denominator)
-        exit_losses.append(nll_sum / mean_denominator)
-        nll_sums.append(nll_sum.detach())
-        num_correct.append(is_top1.sum())
-    kl_sums = num_agree = None
-    if distilling:
-        kl_sums, num_agree = [], []
+    if distill_weight > 0:
+        result.exit_kl_sums, result.exit_num_agree = [], []
         for index in range(num_exits - 1):
-            kl_sum = distill_temperature**2 * kl[index].sum()
+            kl_sum = options.exit_distill_temperature**2 * kl[index].sum()
             if weights[index] > 0:
                 terms.append(weights[index] * distill_weight * kl_sum / denominator)
-            kl_sums.append(kl_sum.detach())
-            num_agree.append(agree[index].sum())
-    last_entropy = per_exit[-1][3]
-    return ExitLossTerms(
-        loss=sum(terms[1:], terms[0]),
-        exit_losses=exit_losses,
-        exit_nll_sums=nll_sums,
-        exit_num_correct=num_correct,
-        num_tokens=num_tokens,
-        last_entropy=None if last_entropy is None else last_entropy.detach().sum(),
-        exit_kl_sums=kl_sums,
-        exit_num_agree=num_agree,
-    )
+            result.exit_kl_sums.append(kl_sum.detach())
+            result.exit_num_agree.append(agree[index].sum())
+    result.loss = sum(terms[1:], terms[0])
+    result.num_tokens = num_tokens
+    deepest_entropy = per_exit[-1][3]
+    result.deepest_entropy_sum = None if deepest_entropy is None else deepest_entropy.detach().sum()
+    return result
 
 
-def __getattr__(name: str):
-    # `SortedExitLoss` named a result container as if it were the loss; kept for one release
-    if name == "SortedExitLoss":
-        warnings.warn(
-            "`soft_peft.loss.SortedExitLoss` is deprecated and will be removed in the next release; it is now "
-            "`soft_peft.loss.ExitLossTerms`.",
-            FutureWarning,
-            stacklevel=2,
-        )
-        return ExitLossTerms
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def _cross_entropy_terms(per_exit, weights, loss_type, distill_weight, denominator, mean_denominator):
+    """The exits' weighted cross-entropy terms of the loss, and an [`ExitLossTerms`] with their per-exit sums."""
+    result = ExitLossTerms(loss=None, exit_losses=[], exit_nll_sums=[], exit_num_correct=[], num_tokens=None)
+    terms = []
+    for index, (nll, log_probs, is_top1, _) in enumerate(per_exit):
+        deepest = index == len(per_exit) - 1
+        if loss_type == "dft":
+            nll = nll * log_probs.detach().exp()
+        nll_sum = nll.sum()
+        coefficient = weights[index] * (1.0 if deepest else 1.0 - distill_weight)
+        if coefficient > 0 or deepest:  # a zero coefficient would only run a backward of zeros
+            terms.append(coefficient * nll_sum / denominator)
+        result.exit_losses.append(nll_sum / mean_denominator)
+        result.exit_nll_sums.append(nll_sum.detach())
+        result.exit_num_correct.append(is_top1.sum())
+    return terms, result

@@ -26,7 +26,7 @@ exits are changed in three ways, applied in this order:
 Weights of exactly 0 mark exits that are skipped (never projected through the head) that step.
 
 In a plain PyTorch loop pass the number of optimizer steps already taken:
-``SortedLossWrapper(model, schedule=ExitSchedule(rotation=2))(**batch, labels=labels, step=step)``.
+``SortedLossWrapper(model, exit_rotation=2)(**batch, labels=labels, step=step)``.
 """
 
 from __future__ import annotations

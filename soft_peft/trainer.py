@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import os
 
@@ -14,8 +13,9 @@ from trl import SFTConfig, SFTTrainer
 
 from .checkpoints import save_adapter_exit_layers, save_run_record, saves_an_adapter
 from .config import SoFTConfig, read_soft_settings
-from .exits import num_decoder_layers, recorded_exit_layers, unwrap_model
+from .exits import recorded_exit_layers
 from .model_card import add_soft_section, card_metadata
+from .model_layout import num_decoder_layers, unwrap_model
 from .wrapper import add_sorted_exit_loss, exit_loss_weights_of
 
 __all__ = ["SoFTTrainer"]
@@ -42,11 +42,11 @@ class SoFTTrainer(SFTTrainer):
 
     Logged through `SFTTrainer`'s metrics (so every `report_to` backend gets them): `exit_{k}/loss` and
     `exit_{k}/mean_token_accuracy` for every exit, prefixed `eval_` in evaluation. `loss` stays the combined loss and
-    `mean_token_accuracy` / `entropy` the last layer's; MoE models also log `aux_loss`, as `SFTTrainer` does. With an
-    exit schedule (`exit_ramp_steps`, `exit_rotation`), also `exit_{k}/weight`, and an exit's loss and accuracy only on
-    the steps that train it; without one, `exit_{k}/weight` once, in the first training log (the weights also go to
-    `transformers.logging` at info level). With self-distillation (`exit_distill_weight > 0`) also
-    `exit_{k}/distill_loss` and `exit_{k}/agreement` (top-1 agreement with the last exit) per early exit.
+    `mean_token_accuracy` / `entropy` the model's last layer's; MoE models also log `aux_loss`, as `SFTTrainer` does.
+    With an exit schedule (`exit_ramp_steps`, `exit_rotation`), also `exit_{k}/weight`, and an exit's loss and
+    accuracy only on the steps that train it; without one, `exit_{k}/weight` once, in the first training log (the
+    weights also go to `transformers.logging` at info level). With self-distillation (`exit_distill_weight > 0`) also
+    `exit_{k}/distill_loss` and `exit_{k}/agreement` (top-1 agreement with the deepest exit) per early exit.
     Checkpoints are vanilla transformers models with the trained exits (weight above 0) as `soft_exit_layers` in
     `config.json`, or PEFT adapters with `soft_exit_layers` in `soft_peft_config.json` beside `adapter_config.json`.
 
@@ -87,23 +87,10 @@ class SoFTTrainer(SFTTrainer):
                 "Context/sequence parallelism is not supported by SoFTTrainer: its sharded loss reduction assumes "
                 "the single-exit loss. Disable `cp_size` / `sp_size` in the parallelism config."
             )
-        settings = self.soft_settings
-        self.exit_schedule = settings.exit_schedule()
+        self.exit_schedule = self.soft_settings.exit_schedule()
         target = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self.exit_layers = add_sorted_exit_loss(
-            target,
-            settings.exit_layers,
-            settings.exit_loss_weights,
-            final_norm=final_norm,
-            vocab_chunk_size=settings.exit_vocab_chunk_size,
-            token_weighting=self.args.loss_type,
-            with_last_layer_metrics=True,
-            kernel=settings.exit_loss_kernel,
-            schedule=self.exit_schedule,
-            exit_head_grad=settings.exit_head_grad,
-            exit_distill_weight=settings.exit_distill_weight,
-            exit_distill_temperature=settings.exit_distill_temperature,
-            layer_dropout=dataclasses.replace(settings.layer_dropout_settings(), seed=self.args.seed),
+            target, self.soft_settings, final_norm=final_norm, last_layer_metrics=True, seed=self.args.seed
         )
         self._report_exit_weights(target)
 
@@ -185,41 +172,31 @@ class SoFTTrainer(SFTTrainer):
         return loss
 
     def _log_exit_metrics(self, mode: str, inputs: dict, outputs) -> None:
-        details = outputs.details
-        # With self-distillation: KL sums and agreement counts of the early exits (E - 1 each)
-        distilled = [*details.exit_kl_sums, *details.exit_num_agree] if details.exit_num_agree is not None else []
-        # One collective for every statistic: [nll sums (E), correct counts (E), tokens, last entropy, last correct,
-        # distilled]
-        local = torch.stack(
-            [
-                *details.exit_nll_sums,
-                *(c.float() for c in details.exit_num_correct),
-                details.num_tokens.float(),
-                outputs.last_entropy_sum.float(),
-                outputs.last_num_correct.float(),
-                *(x.float() for x in distilled),
-            ]
-        )
-        stats = self.accelerator.gather(local.detach()).view(-1, local.numel()).sum(0).tolist()
-        # Only the exits computed this step (a schedule skips exits at weight 0), in the order of `details`
-        computed = list(outputs.exit_losses)
-        num_exits = len(computed)
-        num_tokens = stats[2 * num_exits]
+        # Summed over every rank before dividing, in one collective: the exact averages over the global batch
+        stats = outputs.stats.summed(self.accelerator.gather)
+        tokens = stats.num_tokens
+
+        def per_token(total: float) -> float:
+            return total / tokens if tokens else 0.0
+
         metrics = self._metrics[mode]
         if mode == "train" and not self.exit_schedule.is_constant:
             for layer, weight in outputs.exit_weights.items():
                 metrics[f"exit_{layer}/weight"].append(weight)
-        for index, layer in enumerate(computed):
-            metrics[f"exit_{layer}/loss"].append(stats[index] / num_tokens if num_tokens else 0.0)
-            accuracy = stats[num_exits + index] / num_tokens if num_tokens else 0.0
-            metrics[f"exit_{layer}/mean_token_accuracy"].append(accuracy)
-        metrics["entropy"].append(stats[2 * num_exits + 1] / num_tokens if num_tokens else 0.0)
-        metrics["mean_token_accuracy"].append(stats[2 * num_exits + 2] / num_tokens if num_tokens else 0.0)
-        if distilled:
-            kl_sums, agree_counts = stats[2 * num_exits + 3 :][: num_exits - 1], stats[3 * num_exits + 2 :]
-            for layer, kl_sum, agree in zip(computed[:-1], kl_sums, agree_counts, strict=True):
-                metrics[f"exit_{layer}/distill_loss"].append(kl_sum / num_tokens if num_tokens else 0.0)
-                metrics[f"exit_{layer}/agreement"].append(agree / num_tokens if num_tokens else 0.0)
+        # Only the exits computed this step (a schedule skips exits at weight 0)
+        for layer, nll_sum, num_correct in zip(
+            stats.exit_layers, stats.exit_nll_sums, stats.exit_num_correct, strict=True
+        ):
+            metrics[f"exit_{layer}/loss"].append(per_token(nll_sum))
+            metrics[f"exit_{layer}/mean_token_accuracy"].append(per_token(num_correct))
+        # SFTTrainer's metrics, of the model's last layer
+        metrics["entropy"].append(per_token(stats.last_layer_entropy_sum))
+        metrics["mean_token_accuracy"].append(per_token(stats.last_layer_num_correct))
+        if stats.exit_kl_sums:  # self-distillation: one sum per early exit
+            early = stats.exit_layers[:-1]
+            for layer, kl_sum, num_agree in zip(early, stats.exit_kl_sums, stats.exit_num_agree, strict=True):
+                metrics[f"exit_{layer}/distill_loss"].append(per_token(kl_sum))
+                metrics[f"exit_{layer}/agreement"].append(per_token(num_agree))
         if mode == "train":
             if "attention_mask" in inputs:
                 local_tokens = inputs["attention_mask"].sum()

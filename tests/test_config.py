@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 from trl import SFTConfig, TrlParser
 
-from soft_peft import SoFTConfig
-from soft_peft.config import SoFTSettings, read_soft_settings
+from soft_peft import SoFTConfig, SoFTSettings
+from soft_peft.config import read_soft_settings
 
 
 def config(tmp_path, **overrides):
@@ -66,9 +66,13 @@ def test_training_numbers_are_checked_for_any_arguments_the_trainer_gets(tmp_pat
 
 
 def test_config_checks_exit_syntax_without_a_depth(tmp_path):
-    with pytest.raises(ValueError, match="layers are counted from 1") as error:
+    # Without a model the message names what is known: layers counted from 1, and examples that fit any depth
+    with pytest.raises(
+        ValueError,
+        match=r"exit_layers has \[0\], but layers are counted from 1 .* Exits are distinct layer numbers from 1 to "
+        r"the model's depth, e\.g\. exit_layers='9,12,15' or the slice '9::3'",
+    ):
         config(tmp_path, exit_layers="0")
-    assert "1000000" not in str(error.value)
     # an open slice's count is unknown until the depth is: the weights' count is checked by the trainer
     assert config(tmp_path, exit_layers="9::3", exit_loss_weights="1,2").exit_layers == "9::3"
 
@@ -89,3 +93,15 @@ def test_soft_settings_are_read_from_a_soft_config_and_default_for_a_plain_sft_c
     # Every SoFTSettings field is a SoFTConfig field, with the same default
     defaults = {f.name: f.default for f in dataclasses.fields(SoFTConfig)}
     assert all(defaults[f.name] == f.default for f in dataclasses.fields(SoFTSettings))
+
+
+def test_loss_type_is_trls_field_with_the_values_soft_computes(tmp_path):
+    assert config(tmp_path, loss_type="dft").loss_type == "dft"
+    (args,) = TrlParser((SoFTConfig,)).parse_args_into_dataclasses(
+        args=["--output_dir", str(tmp_path), "--use_cpu", "--loss_type", "dft"]
+    )
+    assert args.loss_type == "dft"
+    # A plain SFTConfig's loss type reaches the settings
+    plain = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, loss_type="dft")
+    assert read_soft_settings(plain).loss_type == "dft"
+    assert [f.name for f in dataclasses.fields(SoFTConfig)].count("loss_type") == 1

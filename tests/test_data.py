@@ -191,13 +191,3 @@ def test_training_and_evaluation_load_the_same_rows(tmp_path):
     evaluated, eval_fmt = load_eval_dataset(path, max_samples=4)
     assert fmt == eval_fmt == "gsm8k"
     assert evaluated.to_list() == trained.to_list()[:4] == load_prompt_completion(path, "gsm8k").to_list()[:4]
-
-
-def test_the_old_evaluation_data_module_warns_and_still_works():
-    import importlib
-    import sys
-
-    sys.modules.pop("soft_peft.evaluation.data", None)
-    with pytest.warns(FutureWarning, match="soft_peft.evaluation.data` is deprecated"):
-        old = importlib.import_module("soft_peft.evaluation.data")
-    assert old.detect_format is detect_format

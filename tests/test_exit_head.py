@@ -1,21 +1,17 @@
-"""`soft_peft.exit_head`: one backbone lookup and one raw -> normed -> logits contract for training, evaluation and
-decoding, and the deprecated names of the redesign."""
-
-import importlib
-import subprocess
-import sys
+"""`soft_peft.exit_head`: one raw -> normed -> logits contract for training, evaluation and decoding, found
+generically, with each model's logit post-processing."""
 
 import pytest
 import torch
-from tiny_models import ARCHS, NUM_LAYERS, VOCAB, tiny_model
+from tiny_models import ARCHS, MOE_ARCHS, NUM_LAYERS, VOCAB, tiny_model
 
 import soft_peft.exit_forward
 import soft_peft.wrapper
 from soft_peft import SortedLossWrapper
 from soft_peft.evaluation.per_exit import _normed_exit_states
-from soft_peft.exit_head import ExitHead, backbone_outputs, find_backbone, find_exit_head
-from soft_peft.inference import DecoderStack, SubsetHead, dynamic_generate
-from soft_peft.loss import ExitLossTerms
+from soft_peft.exit_head import find_exit_head
+from soft_peft.inference import DecoderStack, SubsetHead
+from soft_peft.model_layout import backbone_outputs, get_decoder_layers
 
 EXITS = [1, 2, NUM_LAYERS]
 
@@ -89,26 +85,6 @@ def test_last_exit_logits_are_the_models_logits_and_raw_contract_holds(arch):
         torch.testing.assert_close(head.logits_from_raw(raw), head.logits_from_normed(head.normed_from_raw(raw)))
 
 
-def test_find_backbone_unwraps_peft_and_is_the_prefix_module():
-    from peft import LoraConfig, get_peft_model
-
-    model = tiny_model("llama")
-    assert find_backbone(model) is model.model
-    adapted = get_peft_model(tiny_model("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
-    assert find_backbone(adapted) is adapted.get_base_model().model
-    gpt2 = tiny_model("gpt2")
-    assert find_backbone(gpt2) is gpt2.transformer
-
-
-def test_backbone_outputs_rejects_missing_hidden_states(monkeypatch):
-    model = tiny_model("llama")
-    backbone = model.model
-    real_forward = backbone.forward
-    monkeypatch.setattr(backbone, "forward", lambda *a, **k: real_forward(*a, **{**k, "output_hidden_states": False}))
-    with pytest.raises(ValueError, match="output_hidden_states=True"):
-        backbone_outputs(model, input_ids=torch.tensor([[5, 6, 7]]))
-
-
 def test_subset_head_takes_the_exit_head():
     model = tiny_model("llama")
     head = find_exit_head(model)
@@ -122,51 +98,31 @@ def test_subset_head_takes_the_exit_head():
         SubsetHead(model, ids)
 
 
-def test_deprecated_names_warn_and_resolve():
-    model = tiny_model("llama")
+@pytest.mark.parametrize("arch", ARCHS + MOE_ARCHS)
+def test_last_exit_is_the_models_own_logits(arch):
+    model = tiny_model(arch)
+    ids = torch.randint(4, VOCAB, (2, 7))
     head = find_exit_head(model)
-    stack = DecoderStack(model)
-    raw = torch.randn(2, 3, model.config.hidden_size)
-    ids = torch.tensor([3, 10, 50])
+    assert head.num_layers == NUM_LAYERS == len(get_decoder_layers(model))
+    backbone = getattr(model, model.base_model_prefix)
     with torch.no_grad():
-        with pytest.warns(FutureWarning, match="normed_from_raw"):
-            torch.testing.assert_close(head.normalize(raw, 1), head.normed_from_raw(raw))
-        with pytest.warns(FutureWarning, match="normed_from_raw"):
-            assert torch.equal(head.normalize(raw, NUM_LAYERS), raw)  # the last exit was given `last_hidden_state`
-        with pytest.warns(FutureWarning, match="logits_from_normed"):
-            torch.testing.assert_close(head.logits(raw), head.logits_from_normed(raw))
-        with pytest.warns(FutureWarning, match="head.normed_from_raw"):
-            torch.testing.assert_close(stack.normalize(raw), head.normed_from_raw(raw))
-        with pytest.warns(FutureWarning, match="head.logits_from_raw"):
-            torch.testing.assert_close(stack.logits(raw), head.logits_from_raw(raw))
-        with pytest.warns(FutureWarning, match="SubsetHead"):
-            old = SubsetHead(stack, ids)
-        with pytest.warns(FutureWarning, match="logits_from_raw"):
-            torch.testing.assert_close(old.logits(raw), SubsetHead(head, ids).logits_from_raw(raw))
-    out = dynamic_generate(model, torch.tensor([[5, 6, 7]]), [1], 1e-6, max_new_tokens=3)
-    with pytest.warns(FutureWarning, match="exits_taken"):
-        assert torch.equal(out.exit_layers, out.exits_taken)
-    with pytest.warns(FutureWarning, match="ExitLossTerms"):
-        from soft_peft.loss import SortedExitLoss
-    assert SortedExitLoss is ExitLossTerms
-    sys.modules.pop("soft_peft.modeling", None)
-    with pytest.warns(FutureWarning, match="soft_peft.wrapper"):
-        modeling = importlib.import_module("soft_peft.modeling")
-    assert modeling.SortedLossWrapper is soft_peft.wrapper.SortedLossWrapper
-    assert modeling.add_sorted_exit_loss is soft_peft.wrapper.add_sorted_exit_loss
-    from soft_peft.exits import ExitHead as OldExitHead
-    from soft_peft.exits import find_exit_head as old_find_exit_head
-
-    assert OldExitHead is ExitHead and old_find_exit_head is find_exit_head
+        outputs = backbone(input_ids=ids, output_hidden_states=True)
+        exit_logits = head.logits_from_normed(head.exit_state(outputs, NUM_LAYERS))
+        torch.testing.assert_close(exit_logits, model(input_ids=ids).logits)
+        # hidden_states[-1] is already normed: exit_state() must not norm the last exit again
+        torch.testing.assert_close(outputs.hidden_states[-1], outputs.last_hidden_state)
 
 
-def test_the_package_uses_no_deprecated_name_at_import():
-    code = (
-        "import sys, soft_peft, soft_peft.exits, soft_peft.inference, soft_peft.evaluation; "
-        "print('soft_peft.modeling' in sys.modules)"
-    )
-    result = subprocess.run(
-        [sys.executable, "-W", "error::FutureWarning", "-c", code], capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "False"
+def test_logit_post_processing_is_read_from_the_config():
+    assert find_exit_head(tiny_model("gemma2")).final_logit_softcapping == 2.0
+    assert find_exit_head(tiny_model("cohere")).logit_scale == 0.5
+    assert find_exit_head(tiny_model("granite")).logit_scale == 0.25
+
+
+def test_missing_norm_names_the_class_and_the_fix():
+    model = tiny_model("llama")
+    del model.model.norm
+    with pytest.raises(ValueError, match=r"LlamaForCausalLM.*final_norm="):
+        find_exit_head(model)
+    head = find_exit_head(model, final_norm=torch.nn.Identity())
+    assert isinstance(head.final_norm, torch.nn.Identity)

@@ -1,14 +1,10 @@
 import re
 
 import pytest
-import torch
-from tiny_models import ARCHS, MOE_ARCHS, NUM_LAYERS, VOCAB, tiny_model
+from tiny_models import tiny_model
 
 from soft_peft.exits import (
     default_exit_layers,
-    find_exit_head,
-    find_final_norm,
-    get_decoder_layers,
     parse_exit_layers,
     parse_exit_spec,
     record_exit_layers,
@@ -46,82 +42,6 @@ def test_parse_exit_layers(spec, expected):
 def test_invalid_exit_layers_name_depth_and_example(spec):
     with pytest.raises(ValueError, match=r"40 decoder layers.*e\.g\. exit_layers=\[12,16"):
         parse_exit_layers(spec, 40)
-
-
-@pytest.mark.parametrize("arch", ARCHS + MOE_ARCHS)
-def test_last_exit_is_the_models_own_logits(arch):
-    model = tiny_model(arch)
-    ids = torch.randint(4, VOCAB, (2, 7))
-    head = find_exit_head(model)
-    assert head.num_layers == NUM_LAYERS == len(get_decoder_layers(model))
-    backbone = getattr(model, model.base_model_prefix)
-    with torch.no_grad():
-        outputs = backbone(input_ids=ids, output_hidden_states=True)
-        exit_logits = head.logits_from_normed(head.exit_state(outputs, NUM_LAYERS))
-        torch.testing.assert_close(exit_logits, model(input_ids=ids).logits)
-        # hidden_states[-1] is already normed: exit_state() must not norm the last exit again
-        torch.testing.assert_close(outputs.hidden_states[-1], outputs.last_hidden_state)
-
-
-def test_logit_post_processing_is_read_from_the_config():
-    assert find_exit_head(tiny_model("gemma2")).final_logit_softcapping == 2.0
-    assert find_exit_head(tiny_model("cohere")).logit_scale == 0.5
-    assert find_exit_head(tiny_model("granite")).logit_scale == 0.25
-
-
-def test_missing_norm_names_the_class_and_the_fix():
-    model = tiny_model("llama")
-    del model.model.norm
-    with pytest.raises(ValueError, match=r"LlamaForCausalLM.*final_norm="):
-        find_exit_head(model)
-    head = find_exit_head(model, final_norm=torch.nn.Identity())
-    assert isinstance(head.final_norm, torch.nn.Identity)
-
-
-@pytest.mark.parametrize("arch", ARCHS + MOE_ARCHS)
-def test_final_norm_maps_the_last_layers_output_to_last_hidden_state(arch):
-    """Checked from outside: the last decoder layer's raw output, through the norm found, is `last_hidden_state`."""
-    model = tiny_model(arch)
-    norm = find_final_norm(model)
-    captured = []
-    hook = get_decoder_layers(model)[-1].register_forward_hook(
-        lambda module, inputs, output: captured.append(output[0] if isinstance(output, tuple) else output)
-    )
-    with torch.no_grad():
-        last = getattr(model, model.base_model_prefix)(input_ids=torch.randint(4, VOCAB, (2, 5))).last_hidden_state
-        hook.remove()
-        torch.testing.assert_close(norm(captured[-1]), last, rtol=0, atol=0)
-        assert not torch.equal(captured[-1], last)  # the norm is not a no-op, so the check can fail
-
-
-def test_final_norm_is_found_by_structure_not_by_name():
-    lfm2 = tiny_model("lfm2")
-    assert find_exit_head(lfm2).final_norm is lfm2.model.embedding_norm  # LFM2's final norm has no usual name
-    bloom = tiny_model("bloom")  # two norms outside the layers: the forward check picks the final one
-    assert find_final_norm(bloom) is bloom.transformer.ln_f
-    llama = tiny_model("llama")
-    llama.model.unused_norm = type(llama.model.norm)(32)  # a second, unused norm layer
-    assert find_final_norm(llama) is llama.model.norm
-
-
-def test_final_norm_is_cached_on_the_instance():
-    model = tiny_model("bloom")
-    calls = []
-    model.transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
-    assert find_final_norm(model) is model.transformer.ln_f and len(calls) == 1
-    assert find_final_norm(model) is model.transformer.ln_f and len(calls) == 1  # no second check forward
-    assert model._soft_peft_final_norm == "ln_f"
-
-
-def test_sharded_parameters_need_no_forward_unless_ambiguous():
-    llama, bloom = tiny_model("llama"), tiny_model("bloom")
-    for model in (llama, bloom):
-        for parameter in model.parameters():
-            parameter.ds_id = 0  # what DeepSpeed ZeRO-3 marks its partitioned parameters with
-    assert find_final_norm(llama) is llama.model.norm  # one norm layer outside the layers: unambiguous
-    with pytest.raises(ValueError, match=r"word_embeddings_layernorm.*sharded.*final_norm="):
-        find_final_norm(bloom)
-    assert find_exit_head(bloom, final_norm=bloom.transformer.ln_f).final_norm is bloom.transformer.ln_f
 
 
 def test_exit_layers_are_recorded_in_the_config(tmp_path):

@@ -1,10 +1,12 @@
-"""What `import soft_peft` costs and exposes: no evaluation or plotting at import, deprecated names still resolve."""
+"""What `import soft_peft` costs and exposes: a small top level loaded lazily, no evaluation or plotting at import, and
+one import path per name."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import subprocess
 import sys
-import warnings
 
 import pytest
 
@@ -26,38 +28,78 @@ def test_import_loads_neither_evaluation_nor_matplotlib():
     assert loaded == "[]"
 
 
-def test_top_level_all_is_sorted_and_importable():
-    assert soft_peft.__all__ == sorted(soft_peft.__all__)
-    for name in soft_peft.__all__:
-        assert getattr(soft_peft, name) is not None
-    assert soft_peft.evaluation.__all__ == sorted(soft_peft.evaluation.__all__)
-    for name in soft_peft.evaluation.__all__:
-        assert getattr(soft_peft.evaluation, name) is not None
+# The public top level: the training API, the three ways to run a SoFT model, and the exits a checkpoint records
+TOP_LEVEL = {
+    "SoFTConfig": "soft_peft.config",
+    "SoFTSettings": "soft_peft.settings",
+    "SoFTTrainer": "soft_peft.trainer",
+    "SortedExitOutput": "soft_peft.exit_forward",
+    "SortedLossWrapper": "soft_peft.wrapper",
+    "add_sorted_exit_loss": "soft_peft.wrapper",
+    "dynamic_generate": "soft_peft.inference.dynamic",
+    "extract_submodel": "soft_peft.inference.submodel",
+    "recorded_exit_layers": "soft_peft.exits",
+    "self_speculative_generate": "soft_peft.inference.speculative",
+}
 
 
-@pytest.mark.parametrize("name", ["EvalSettings", "evaluate_exits", "judge_pairwise", "run_evaluation"])
-def test_moved_top_level_names_warn_and_resolve(name):
-    with pytest.warns(FutureWarning, match=f"soft_peft.evaluation import {name}"):
+def test_the_top_level_is_exactly_the_intended_names_each_from_its_defining_module():
+    assert soft_peft.__all__ == sorted([*TOP_LEVEL, "__version__"])
+    assert len(soft_peft.__all__) <= 12
+    for name, module in TOP_LEVEL.items():
         value = getattr(soft_peft, name)
-    assert value is getattr(soft_peft.evaluation, name)
+        assert value.__module__ == module, name
+        assert value is getattr(importlib.import_module(module), name)
+    assert isinstance(soft_peft.__version__, str) and soft_peft.__version__[0].isdigit()
+    assert soft_peft.evaluation.__all__ == sorted(soft_peft.evaluation.__all__)
 
 
-@pytest.mark.parametrize(
-    ("name", "module"), [("every_fourth_layer", "pipeline"), ("token_f1", "metrics"), ("JUDGE_PROMPT", "judge")]
-)
-def test_moved_evaluation_names_warn_and_resolve(name, module):
-    with pytest.warns(FutureWarning, match=f"soft_peft.evaluation.{module}"):
-        value = getattr(soft_peft.evaluation, name)
-    assert value is getattr(getattr(soft_peft.evaluation, module), name)
+# The training core: each of its names has one import path, the module that defines it
+CORE_MODULES = [
+    "checkpoints",
+    "chunked_ce",
+    "chunked_distill",
+    "config",
+    "exit_forward",
+    "exit_head",
+    "exits",
+    "layer_dropout",
+    "loss",
+    "model_layout",
+    "schedule",
+    "settings",
+    "trainer",
+    "wrapper",
+]
 
 
-def test_unknown_names_still_raise_attribute_error():
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+@pytest.mark.parametrize("module_name", CORE_MODULES)
+def test_a_core_module_exports_only_what_it_defines(module_name):
+    module = importlib.import_module(f"soft_peft.{module_name}")
+    for name in module.__all__:
+        value = getattr(module, name)
+        if inspect.isclass(value) or inspect.isfunction(value):
+            assert value.__module__ == module.__name__, f"{module.__name__} re-exports {name} of {value.__module__}"
+
+
+def test_no_core_name_is_reachable_from_two_core_modules():
+    owners = {}
+    for module_name in CORE_MODULES:
+        module = importlib.import_module(f"soft_peft.{module_name}")
+        for name in module.__all__:
+            owners.setdefault(name, []).append(module_name)
+    assert {name: where for name, where in owners.items() if len(where) > 1} == {}
+
+
+def test_unknown_names_raise_attribute_error():
+    with pytest.raises(AttributeError, match="has no attribute 'not_a_name'"):
+        soft_peft.not_a_name  # noqa: B018
+    with pytest.raises(AttributeError, match="has no attribute 'not_a_name'"):
+        soft_peft.evaluation.not_a_name  # noqa: B018
+    # Names that live in their modules are not reachable from the top level
+    for name in ("sorted_exit_loss", "ExitSchedule", "find_exit_head", "frequent_token_ids", "run_evaluation"):
         with pytest.raises(AttributeError):
-            soft_peft.not_a_name  # noqa: B018
-        with pytest.raises(AttributeError):
-            soft_peft.evaluation.not_a_name  # noqa: B018
+            getattr(soft_peft, name)
 
 
 def test_plots_leave_the_users_matplotlib_backend_alone(tmp_path):
@@ -81,15 +123,6 @@ def test_import_and_the_cli_help_and_version_load_neither_torch_nor_transformers
         "print(codes, sorted(m for m in ('torch', 'transformers', 'trl') if m in sys.modules))"
     )
     assert loaded == "(0, 0) []"
-
-
-def test_each_top_level_name_loads_from_the_module_that_defines_it():
-    import importlib
-
-    assert set(soft_peft.__all__) == set(soft_peft._LAZY) | {"__version__"}
-    for name, module in soft_peft._LAZY.items():
-        assert getattr(soft_peft, name) is getattr(importlib.import_module(module, "soft_peft"), name)
-    assert set(soft_peft.__all__) <= set(dir(soft_peft))
 
 
 def test_subpackages_are_attributes_of_the_lazy_package():

@@ -13,8 +13,8 @@ from tiny_models import NUM_LAYERS, tiny_model
 from transformers import AutoModelForCausalLM
 
 from soft_peft import SoFTConfig, SortedLossWrapper
-from soft_peft.exit_head import get_decoder_layers
 from soft_peft.layer_dropout import LayerDropout, layer_dropout_state, realised_drop_rates
+from soft_peft.model_layout import get_decoder_layers
 
 
 def test_rates_by_hand():
@@ -52,7 +52,7 @@ def test_bad_settings_raise(kwargs, message):
 def test_realised_drop_frequency_matches_the_configured_rates():
     model = tiny_model("llama")
     settings = LayerDropout(0.6, "exp")
-    wrapper = SortedLossWrapper(model, layer_dropout=settings).train()
+    wrapper = SortedLossWrapper(model, layer_dropout=0.6, layer_dropout_scale="exp").train()
     ids = torch.randint(4, 100, (64, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for step in range(40):
@@ -68,7 +68,7 @@ def test_realised_drop_frequency_matches_the_configured_rates():
 
 def _forced_masks(model, masks):
     """Install layer dropout with hand-set keep masks (one (B,) bool tensor or None per layer)."""
-    SortedLossWrapper(model, layer_dropout=LayerDropout(0.5))
+    SortedLossWrapper(model, layer_dropout=0.5)
     state = layer_dropout_state(model)
     state.keep_masks = [None if m is None else torch.tensor(m) for m in masks]
     return state
@@ -119,10 +119,10 @@ def test_a_layer_skipped_by_the_whole_batch_still_runs_and_gets_zero_gradients()
     assert all(g is not None and not g.any() for g in grads)
 
 
-def _train_plain_loop(layer_dropout, steps=3):
+def _train_plain_loop(layer_dropout_settings, steps=3):
     torch.manual_seed(0)
     model = tiny_model("llama").train()
-    wrapper = SortedLossWrapper(model, layer_dropout=layer_dropout)
+    wrapper = SortedLossWrapper(model, **layer_dropout_settings)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ids, mask, labels = batch()
     for step in range(steps):
@@ -133,11 +133,11 @@ def _train_plain_loop(layer_dropout, steps=3):
 
 
 def test_rate_zero_is_plain_training_bit_for_bit():
-    plain, zero = _train_plain_loop(None), _train_plain_loop(LayerDropout(0.0))
+    plain, zero = _train_plain_loop({}), _train_plain_loop({"layer_dropout": 0.0})
     assert layer_dropout_state(zero) is None  # rate 0 installs nothing
     for (name, a), (_, b) in zip(plain.state_dict().items(), zero.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
-    dropped = _train_plain_loop(LayerDropout(0.5, "constant"))
+    dropped = _train_plain_loop({"layer_dropout": 0.5, "layer_dropout_scale": "constant"})
     assert any(
         not torch.equal(a, b) for a, b in zip(plain.state_dict().values(), dropped.state_dict().values(), strict=True)
     )
@@ -147,7 +147,7 @@ def test_never_active_in_eval_generation_or_a_plain_forward():
     model = tiny_model("llama")
     plain = tiny_model("llama")
     plain.load_state_dict(model.state_dict())
-    wrapper = SortedLossWrapper(model, layer_dropout=LayerDropout(0.9, "constant"))
+    wrapper = SortedLossWrapper(model, layer_dropout=0.9, layer_dropout_scale="constant")
     ids, mask, labels = batch()
     wrapper.train()(input_ids=ids, attention_mask=mask, labels=labels)  # draws masks
     # A plain training-mode forward after it (no soft loss) drops nothing
@@ -169,7 +169,7 @@ def test_draws_depend_on_the_step_not_on_the_process_or_the_global_rng():
     def masks(step, rows=4, global_seed=0):
         torch.manual_seed(global_seed)
         model = tiny_model("llama")
-        wrapper = SortedLossWrapper(model, layer_dropout=LayerDropout(0.5, "constant", seed=3)).train()
+        wrapper = SortedLossWrapper(model, layer_dropout=0.5, layer_dropout_scale="constant", seed=3).train()
         ids = batch(size=rows)[0]
         wrapper(input_ids=ids, labels=ids, step=step)
         return [m.tolist() for m in layer_dropout_state(model).keep_masks]
@@ -181,7 +181,7 @@ def test_draws_depend_on_the_step_not_on_the_process_or_the_global_rng():
 
 def test_checkpoint_is_a_vanilla_model(tmp_path):
     model = tiny_model("llama")
-    wrapper = SortedLossWrapper(model, layer_dropout=LayerDropout(0.3)).train()
+    wrapper = SortedLossWrapper(model, layer_dropout=0.3).train()
     ids, mask, labels = batch()
     wrapper(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
     wrapper.save_pretrained(tmp_path)

@@ -4,7 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from soft_peft.loss import exit_loss_weights, parse_exit_loss_weights, sorted_exit_loss
+from soft_peft.loss import (
+    ExitLossOptions,
+    HeadParameters,
+    exit_loss_weights,
+    parse_exit_loss_weights,
+    sorted_exit_loss,
+)
 
 
 def reference(hidden, targets, weight, bias, weights, denominator, softcap=None, scale=1.0):
@@ -15,6 +21,10 @@ def reference(hidden, targets, weight, bias, weights, denominator, softcap=None,
             logits = softcap * torch.tanh(logits / softcap)
         total = total + w * F.cross_entropy(logits, targets, reduction="sum") / denominator
     return total
+
+
+def options(kernel, **controls):
+    return ExitLossOptions(exit_loss_kernel=kernel, **controls)
 
 
 def make_inputs(num_exits, n, hidden_size, vocab, bias, seed=0):
@@ -44,15 +54,11 @@ def test_loss_and_gradients_match_reference(
     out = sorted_exit_loss(
         hidden,
         targets,
-        weight,
-        b,
+        HeadParameters(weight, b, final_logit_softcapping=softcap, logit_scale=scale),
         weights=w,
-        final_logit_softcapping=softcap,
-        logit_scale=scale,
-        vocab_chunk_size=chunk,
+        options=ExitLossOptions(exit_loss_kernel=kernel, exit_vocab_chunk_size=chunk),
         token_chunk_size=max(1, n // 3),  # several token blocks
-        kernel=kernel,
-        with_last_entropy=True,
+        with_deepest_entropy=True,
     )
     params = [*hidden, weight] + ([b] if bias else [])
     grads = torch.autograd.grad(out.loss, params)
@@ -69,13 +75,13 @@ def test_loss_and_gradients_match_reference(
         torch.testing.assert_close(exit_loss, F.cross_entropy(logits, targets), rtol=1e-5, atol=1e-5)
         assert int(correct) == int((logits.argmax(-1) == targets).sum())
     entropy = torch.distributions.Categorical(logits=logits).entropy().sum()
-    torch.testing.assert_close(out.last_entropy, entropy, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.deepest_entropy_sum, entropy, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("kernel", ["trl", "torch"])
 def test_num_items_in_batch_replaces_the_local_token_count(kernel):
     hidden, weight, _, targets = make_inputs(2, 6, 8, 20, False)
-    out = sorted_exit_loss(hidden, targets, weight, num_items_in_batch=24, kernel=kernel)
+    out = sorted_exit_loss(hidden, targets, HeadParameters(weight), num_items_in_batch=24, options=options(kernel))
     ref = reference(hidden, targets, weight, None, [0.5, 0.5], 24)
     torch.testing.assert_close(out.loss, ref)
     # exit_losses stay per-batch means whatever the normaliser
@@ -86,7 +92,7 @@ def test_num_items_in_batch_replaces_the_local_token_count(kernel):
 def test_all_masked_batch_gives_finite_differentiable_zero(kernel):
     hidden = [torch.randn(0, 8, requires_grad=True) for _ in range(3)]
     weight = torch.randn(20, 8, requires_grad=True)
-    out = sorted_exit_loss(hidden, torch.zeros(0, dtype=torch.long), weight, kernel=kernel)
+    out = sorted_exit_loss(hidden, torch.zeros(0, dtype=torch.long), HeadParameters(weight), options=options(kernel))
     assert out.loss.item() == 0.0 and torch.isfinite(out.loss)
     out.loss.backward()
     assert torch.count_nonzero(weight.grad) == 0
@@ -96,7 +102,7 @@ def test_all_masked_batch_gives_finite_differentiable_zero(kernel):
 @pytest.mark.parametrize("kernel", ["trl", "torch"])
 def test_dft_weights_tokens_by_their_probability(kernel):
     hidden, weight, _, targets = make_inputs(1, 7, 8, 20, False)
-    out = sorted_exit_loss(hidden, targets, weight, token_weighting="dft", kernel=kernel)
+    out = sorted_exit_loss(hidden, targets, HeadParameters(weight), options=options(kernel, loss_type="dft"))
     logp = F.log_softmax(F.linear(hidden[0], weight), -1).gather(-1, targets[:, None]).squeeze(-1)
     torch.testing.assert_close(out.loss, (-logp * logp.detach().exp()).sum() / 7)
 
@@ -162,17 +168,17 @@ def test_quality_controls_match_reference(head_grad, distill, temperature, bias,
     out = sorted_exit_loss(
         hidden,
         targets,
-        weight,
-        b,
+        HeadParameters(weight, b, final_logit_softcapping=softcap),
         weights=w,
         num_items_in_batch=40,
-        final_logit_softcapping=softcap,
-        vocab_chunk_size=10,
-        kernel=kernel,
+        options=ExitLossOptions(
+            exit_loss_kernel=kernel,
+            exit_vocab_chunk_size=10,
+            exit_head_grad=head_grad,
+            exit_distill_weight=distill,
+            exit_distill_temperature=temperature,
+        ),
         token_chunk_size=7,  # several token blocks, a ragged last one
-        head_grad=head_grad,
-        distill_weight=distill,
-        distill_temperature=temperature,
         distill_chunk_size=6,
     )
     params = [*hidden, weight] + ([b] if bias else [])
@@ -194,7 +200,8 @@ def test_quality_controls_match_reference(head_grad, distill, temperature, bias,
 @pytest.mark.parametrize("kernel", ["trl", "torch"])
 def test_head_gets_only_the_last_exits_gradient(kernel):
     hidden, weight, b, targets = make_inputs(3, 11, 8, 30, True, seed=4)
-    out = sorted_exit_loss(hidden, targets, weight, b, weights=[0.25, 0.25, 0.5], kernel=kernel, head_grad="last")
+    head, controls = HeadParameters(weight, b), options(kernel, exit_head_grad="last")
+    out = sorted_exit_loss(hidden, targets, head, weights=[0.25, 0.25, 0.5], options=controls)
     head_grads = torch.autograd.grad(out.loss, [weight, b])
     last_only = 0.5 * F.cross_entropy(F.linear(hidden[-1], weight, b), targets)
     for got, expected in zip(head_grads, torch.autograd.grad(last_only, [weight, b]), strict=True):
@@ -206,7 +213,8 @@ def test_every_control_reduces_to_plain_cross_entropy_with_one_exit(kernel):
     hidden, weight, b, targets = make_inputs(1, 9, 8, 30, True, seed=5)
     w = exit_loss_weights("last:0.3", [4])
     assert w == [1.0]
-    out = sorted_exit_loss(hidden, targets, weight, b, weights=w, kernel=kernel, head_grad="last", distill_weight=0.7)
+    controls = options(kernel, exit_head_grad="last", exit_distill_weight=0.7)
+    out = sorted_exit_loss(hidden, targets, HeadParameters(weight, b), weights=w, options=controls)
     ref = F.cross_entropy(F.linear(hidden[0], weight, b), targets)
     torch.testing.assert_close(out.loss, ref)
     params = [hidden[0], weight, b]
@@ -218,7 +226,8 @@ def test_every_control_reduces_to_plain_cross_entropy_with_one_exit(kernel):
 def test_distillation_of_an_all_masked_batch_is_a_finite_zero():
     hidden = [torch.randn(0, 8, requires_grad=True) for _ in range(3)]
     weight = torch.randn(20, 8, requires_grad=True)
-    out = sorted_exit_loss(hidden, torch.zeros(0, dtype=torch.long), weight, kernel="torch", distill_weight=0.5)
+    targets = torch.zeros(0, dtype=torch.long)
+    out = sorted_exit_loss(hidden, targets, HeadParameters(weight), options=options("torch", exit_distill_weight=0.5))
     assert out.loss.item() == 0.0
     out.loss.backward()
     assert torch.count_nonzero(weight.grad) == 0
@@ -249,7 +258,8 @@ def test_bf16_autocast_loss_and_gradients_are_bounded_by_plain_bf16(kernel, dist
     `BF16_ERROR_FACTOR` times the error plain bf16 code makes against float64 (Cut Cross-Entropy's tolerance)."""
     hidden, weight, _, targets = make_inputs(3, 64, 32, 300, False, seed=6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = sorted_exit_loss(hidden, targets, weight, kernel=kernel, distill_weight=distill, token_chunk_size=20)
+        controls = options(kernel, exit_distill_weight=distill)
+        out = sorted_exit_loss(hidden, targets, HeadParameters(weight), options=controls, token_chunk_size=20)
     grads = torch.autograd.grad(out.loss, [*hidden, weight])
     exact_loss, exact_grads = rounded_reference(hidden, targets, weight, distill, torch.float64)
     bf16_loss, bf16_grads = rounded_reference(hidden, targets, weight, distill, torch.bfloat16)
@@ -277,7 +287,10 @@ def test_last_share_weights(spec, expected):
 
 @pytest.mark.parametrize("spec", ["last:0", "LAST:0.0"])
 def test_a_zero_last_share_is_refused_with_the_explicit_alternative(spec):
-    with pytest.raises(ValueError, match=r"gives the last exit \(the full model\) weight 0.*such as '1,1,0'"):
+    with pytest.raises(
+        ValueError,
+        match=r"gives the deepest exit \(with the default exits, the full model\) weight 0.*such as '1,1,0'",
+    ):
         exit_loss_weights(spec, [1, 2, 3])
     with pytest.raises(ValueError, match="weight 0"):
         parse_exit_loss_weights(spec)
@@ -320,12 +333,15 @@ def test_invalid_last_share_raises(spec):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"head_grad": "first"}, "exit_head_grad"),
-        ({"distill_weight": 1.5}, "exit_distill_weight"),
-        ({"distill_weight": 0.5, "distill_temperature": 0.0}, "exit_distill_temperature"),
+        ({"exit_head_grad": "first"}, "exit_head_grad must be one of \\('all', 'last'\\), got 'first'"),
+        ({"exit_distill_weight": 1.5}, "exit_distill_weight must be in \\[0, 1\\] .* got 1.5"),
+        ({"exit_distill_temperature": 0.0}, "exit_distill_temperature must be > 0, got 0.0"),
+        ({"exit_loss_kernel": "triton"}, "exit_loss_kernel must be one of \\('auto', 'trl', 'torch'\\), got 'triton'"),
+        ({"exit_vocab_chunk_size": 2.5}, "exit_vocab_chunk_size must be a positive integer, got 2.5"),
+        ({"exit_vocab_chunk_size": 0}, "exit_vocab_chunk_size must be a positive integer, got 0"),
+        ({"loss_type": "focal"}, "loss_type must be one of \\('nll', 'dft'\\) .* got 'focal'"),
     ],
 )
-def test_invalid_controls_raise(kwargs, message):
-    hidden, weight, _, targets = make_inputs(2, 3, 8, 20, False)
+def test_invalid_options_are_refused_when_built(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        sorted_exit_loss(hidden, targets, weight, kernel="torch", **kwargs)
+        ExitLossOptions(**kwargs)

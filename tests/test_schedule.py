@@ -12,12 +12,23 @@ from transformers import TrainerCallback
 
 import soft_peft.exit_forward
 import soft_peft.loss
-from soft_peft import ExitSchedule, SoFTConfig, SoFTTrainer, SortedLossWrapper, scheduled_exit_weights
+from soft_peft import SoFTConfig, SoFTTrainer, SortedLossWrapper
+from soft_peft.schedule import ExitSchedule, scheduled_exit_weights
 
 UNIFORM4 = [0.25] * 4
 REAL_LOSS = soft_peft.exit_forward.sorted_exit_loss
 EXITS = [1, 2, 3, NUM_LAYERS]
 DEFAULT4 = [1 / 12, 1 / 12, 1 / 12, 3 / 4]  # the default "last:0.75" on EXITS: the early exits share 1/4
+
+
+def schedule_settings(schedule: ExitSchedule) -> dict:
+    """The SoFTSettings fields of a schedule."""
+    return {
+        "exit_ramp_steps": schedule.ramp_steps,
+        "exit_ramp_order": schedule.ramp_order,
+        "exit_rotation": schedule.rotation,
+        "exit_start_steps": schedule.start_steps,
+    }
 
 
 @pytest.mark.parametrize(
@@ -79,7 +90,12 @@ def test_constant_schedule_and_single_exit_keep_the_weights():
         (lambda: scheduled_exit_weights(UNIFORM4, -1, ExitSchedule(rotation=1)), "step must be >= 0"),
         # The deepest exit at weight 0 and the first exits to ramp in at weight 0: nothing to train at step 0
         (lambda: scheduled_exit_weights([1.0, 0.0, 0.0], 0, ExitSchedule(ramp_steps=4)), "deepest exit"),
-        (lambda: SortedLossWrapper(tiny_model(), [1, 2, 4], [1, 0, 0], schedule=ExitSchedule(3)), "deepest"),
+        (
+            lambda: SortedLossWrapper(
+                tiny_model(), exit_layers=[1, 2, 4], exit_loss_weights=[1, 0, 0], exit_ramp_steps=3
+            ),
+            "deepest",
+        ),
         (lambda: SoFTConfig("out", exit_rotation=-1, use_cpu=True, bf16=False), "exit_rotation"),
     ],
 )
@@ -90,14 +106,14 @@ def test_bad_schedules_raise(make, message):
 
 def test_a_rotation_with_nothing_to_rotate_warns_unless_the_last_exit_is_alone(recwarn):
     with pytest.warns(UserWarning, match=r"exit_rotation=3 is not below the 3 early exits of \[1, 2, 3, 4\]"):
-        SortedLossWrapper(tiny_model(), [1, 2, 3, 4], schedule=ExitSchedule(rotation=3))
-    SortedLossWrapper(tiny_model(), [1, 2, 3, 4], schedule=ExitSchedule(rotation=2))  # rotates: no warning
-    SortedLossWrapper(tiny_model(), [NUM_LAYERS], schedule=ExitSchedule(rotation=2))  # plain SFT: no warning
+        SortedLossWrapper(tiny_model(), exit_layers=[1, 2, 3, 4], exit_rotation=3)
+    SortedLossWrapper(tiny_model(), exit_layers=[1, 2, 3, 4], exit_rotation=2)  # rotates: no warning
+    SortedLossWrapper(tiny_model(), exit_layers=[NUM_LAYERS], exit_rotation=2)  # plain SFT: no warning
     assert not [w for w in recwarn if "exit_rotation" in str(w.message)]
 
 
 def test_training_forward_without_a_step_raises():
-    wrapper = SortedLossWrapper(tiny_model(), EXITS, schedule=ExitSchedule(rotation=1)).train()
+    wrapper = SortedLossWrapper(tiny_model(), exit_layers=EXITS, exit_rotation=1).train()
     ids, mask, labels = batch()
     with pytest.raises(ValueError, match="soft_exit_step"):
         wrapper(input_ids=ids, attention_mask=mask, labels=labels)
@@ -116,7 +132,7 @@ def test_scheduled_loss_and_gradients_match_reference_and_skip_inactive_exits(st
     )
     model = tiny_model("llama")
     ids, mask, labels = batch()
-    out = SortedLossWrapper(model, EXITS, schedule=schedule, exit_loss_weights=[1, 2, 3, 4])(
+    out = SortedLossWrapper(model, exit_layers=EXITS, exit_loss_weights=[1, 2, 3, 4], **schedule_settings(schedule))(
         input_ids=ids, attention_mask=mask, labels=labels, step=step
     )
     out.loss.backward()
@@ -136,9 +152,11 @@ def test_scheduled_loss_and_gradients_match_reference_and_skip_inactive_exits(st
 
 def test_default_schedule_is_todays_loss_exactly():
     ids, mask, labels = batch()
-    plain = SortedLossWrapper(tiny_model(), EXITS, exit_loss_weights=[1, 0, 1, 1])
+    plain = SortedLossWrapper(tiny_model(), exit_layers=EXITS, exit_loss_weights=[1, 0, 1, 1])
     expected = plain(input_ids=ids, attention_mask=mask, labels=labels)
-    scheduled = SortedLossWrapper(tiny_model(), EXITS, exit_loss_weights=[1, 0, 1, 1], schedule=ExitSchedule())
+    scheduled = SortedLossWrapper(
+        tiny_model(), exit_layers=EXITS, exit_loss_weights=[1, 0, 1, 1], **schedule_settings(ExitSchedule())
+    )
     got = scheduled(input_ids=ids, attention_mask=mask, labels=labels, step=3)
     assert torch.equal(got.loss, expected.loss)
     assert list(got.exit_losses) == EXITS  # a zero base weight is still computed and reported, as before
@@ -151,7 +169,7 @@ def test_default_schedule_is_todays_loss_exactly():
 def test_last_exit_alone_is_plain_sft_under_every_schedule(schedule):
     model = tiny_model("llama")
     ids, mask, labels = batch()
-    wrapper = SortedLossWrapper(model, [NUM_LAYERS], schedule=schedule)
+    wrapper = SortedLossWrapper(model, exit_layers=[NUM_LAYERS], **schedule_settings(schedule))
     logits = model(input_ids=ids, attention_mask=mask).logits
     expected = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1))
     for step in (0, 2, 40):

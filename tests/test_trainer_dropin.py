@@ -12,7 +12,7 @@ from tiny_models import NUM_LAYERS, tiny_model, tiny_tokenizer
 from trl import SFTConfig, SFTTrainer
 
 from soft_peft import SoFTConfig, SoFTTrainer
-from soft_peft.config import SoFTSettings
+from soft_peft.settings import SoFTSettings
 
 
 def arithmetic(n=64):

@@ -6,8 +6,9 @@ import torch.nn.functional as F
 from tiny_models import ARCHS, MOE_ARCHS, NUM_LAYERS, VOCAB, tiny_model
 from transformers import AutoModelForCausalLM
 
-from soft_peft import SortedLossWrapper, add_sorted_exit_loss
-from soft_peft.exits import find_exit_head, get_decoder_layers
+from soft_peft import SoFTSettings, SortedLossWrapper, add_sorted_exit_loss
+from soft_peft.exit_head import find_exit_head
+from soft_peft.model_layout import get_decoder_layers
 
 
 def batch(seed=0, size=3, length=11):
@@ -79,7 +80,7 @@ def test_moe_last_exit_with_router_loss_equals_the_models_own_loss(arch):
     # Added once, not per exit
     two = SortedLossWrapper(model, exit_layers=[2, NUM_LAYERS])
     out = two(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True)
-    torch.testing.assert_close(out.loss, out.details.loss + model.config.router_aux_loss_coef * own.aux_loss)
+    torch.testing.assert_close(out.loss, out.loss_without_aux + model.config.router_aux_loss_coef * own.aux_loss)
     # Without router logits (the config's default), no aux loss
     assert wrapper(input_ids=ids, attention_mask=mask, labels=labels).aux_loss is None
 
@@ -271,12 +272,27 @@ def test_bad_controls_raise_before_any_forward():
         SortedLossWrapper(tiny_model("llama"), exit_head_grad="none")
     with pytest.raises(ValueError, match="exit_distill_weight"):
         SortedLossWrapper(tiny_model("llama"), exit_distill_weight=-0.1)
-    with pytest.raises(ValueError, match="kernel must be one of"):
-        add_sorted_exit_loss(tiny_model("llama"), kernel="triton")
-    with pytest.raises(ValueError, match="vocab_chunk_size must be a positive integer"):
-        SortedLossWrapper(tiny_model("llama"), vocab_chunk_size=0)
-    with pytest.raises(ValueError, match="token_weighting must be one of"):
-        add_sorted_exit_loss(tiny_model("llama"), token_weighting="focal")
+    with pytest.raises(ValueError, match="exit_loss_kernel must be one of"):
+        SortedLossWrapper(tiny_model("llama"), exit_loss_kernel="triton")
+    with pytest.raises(ValueError, match="exit_vocab_chunk_size must be a positive integer"):
+        SortedLossWrapper(tiny_model("llama"), exit_vocab_chunk_size=0)
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        SortedLossWrapper(tiny_model("llama"), loss_type="focal")
+
+
+def test_overrides_replace_the_given_settings_and_unknown_names_are_refused():
+    model = tiny_model("llama")
+    base = SoFTSettings(exit_layers=[1, 4], exit_loss_weights="uniform")
+    wrapper = SortedLossWrapper(model, base, exit_layers=[2, 4])
+    assert wrapper.exit_layers == [2, 4] and wrapper.settings.exit_loss_weights == "uniform"
+    assert base.exit_layers == [1, 4]  # the caller's settings are not changed
+    with pytest.raises(TypeError, match=r"\['vocab_chunk_size'\] is not a SoFT setting; .*exit_vocab_chunk_size"):
+        SortedLossWrapper(model, vocab_chunk_size=0)
+    with pytest.raises(TypeError, match="settings must be a SoFTSettings .* exit_layers=\\[2, 4\\]"):
+        SortedLossWrapper(model, [2, 4])
+    # add_sorted_exit_loss takes the same object
+    assert add_sorted_exit_loss(model, SoFTSettings(exit_layers="1,3")) == [1, 3]
+    assert model.config.soft_exit_layers == [1, 3]
 
 
 def test_a_rejected_rewrap_keeps_the_previous_settings():

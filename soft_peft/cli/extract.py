@@ -155,10 +155,11 @@ def main(argv: list[str]) -> int:
             parser.error(f"--eval_results {error}")
     tokenizer = _load_tokenizer(parser, sources)
 
-    from ..exits import num_decoder_layers, recorded_exit_layers
+    from ..exits import recorded_exit_layers
     from ..hub import push_folders_to_hub
     from ..inference import extract_submodel
     from ..model_card import write_model_card
+    from ..model_layout import num_decoder_layers
     from ..serving import draft_model_invocations
 
     model = _load_merged(model_path, adapter_base)

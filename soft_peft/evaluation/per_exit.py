@@ -27,7 +27,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..exit_head import backbone_outputs, find_exit_head, num_decoder_layers
+from ..exit_head import find_exit_head
+from ..model_layout import backbone_outputs, num_decoder_layers
 from .examples import EvalExample
 from .metrics import cosine_similarity_matrix, kl_divergence_matrix, perplexity
 

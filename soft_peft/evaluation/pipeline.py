@@ -10,8 +10,9 @@ from torch import nn
 
 from ..checkpoints import load_causal_lm
 from ..data import DatasetFormatError
-from ..exits import num_decoder_layers, parse_exit_layers, recorded_exit_layers
+from ..exits import parse_exit_layers, recorded_exit_layers
 from ..hub import resolve_model_path
+from ..model_layout import num_decoder_layers
 from .examples import load_eval_dataset, tokenize_examples
 from .generation import generate_at_exits, score_generations
 from .judge import LMJudge, judge_pairwise

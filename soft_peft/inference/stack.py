@@ -18,14 +18,8 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
-from ..exit_head import (
-    _deprecated,
-    find_backbone,
-    find_exit_head,
-    get_decoder_layers,
-    num_decoder_layers,
-    unwrap_model,
-)
+from ..exit_head import find_exit_head
+from ..model_layout import find_backbone, get_decoder_layers, num_decoder_layers, unwrap_model
 
 __all__ = ["DecoderStack", "LaggingPositions", "StepInputs", "check_generation_inputs"]
 
@@ -221,16 +215,6 @@ class DecoderStack:
                 )
             else:
                 layer.attn(layer.ln_1(hidden), cache=cache, attention_mask=mask, use_cache=True)
-
-    def normalize(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Deprecated: use ``stack.head.normed_from_raw(raw)`` (see [`~soft_peft.exit_head.ExitHead`])."""
-        _deprecated("DecoderStack.normalize(raw)", "DecoderStack.head.normed_from_raw(raw)")
-        return self.head.normed_from_raw(hidden)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Deprecated: use ``stack.head.logits_from_raw(raw)`` (see [`~soft_peft.exit_head.ExitHead`])."""
-        _deprecated("DecoderStack.logits(raw)", "DecoderStack.head.logits_from_raw(raw)")
-        return self.head.logits_from_raw(hidden)
 
     def cache_length(self, cache: DynamicCache, layer: int) -> int:
         """Number of positions cached at decoder layer ``layer`` (1-based)."""

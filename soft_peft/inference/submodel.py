@@ -8,7 +8,8 @@ import warnings
 import torch
 from torch import nn
 
-from ..exits import CONFIG_KEY, get_decoder_layers, num_decoder_layers, recorded_exit_layers, unwrap_model
+from ..exits import CONFIG_KEY, recorded_exit_layers
+from ..model_layout import get_decoder_layers, num_decoder_layers, unwrap_model
 
 __all__ = ["extract_submodel"]
 

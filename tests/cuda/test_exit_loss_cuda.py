@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from cuda_devices import CUDA
 
-from soft_peft.loss import sorted_exit_loss
+from soft_peft.loss import ExitLossOptions, HeadParameters, sorted_exit_loss
 
 # Odd shapes: 1_003 columns are one ragged 32_768-column vocabulary tile, 40_003 two (CUDA only: slow on the CPU)
 SMALL, LARGE = (37, 24, 1_003), (129, 64, 40_003)
@@ -48,7 +48,8 @@ def reference(hidden, weight, targets, compute_dtype):
 
 
 def kernel_loss(hidden, weight, targets, kernel):
-    out = sorted_exit_loss(hidden, targets, weight, kernel=kernel, token_chunk_size=50)  # several token blocks
+    options = ExitLossOptions(exit_loss_kernel=kernel)
+    out = sorted_exit_loss(hidden, targets, HeadParameters(weight), options=options, token_chunk_size=50)  # 3+ blocks
     grads = torch.autograd.grad(out.loss, [*hidden, weight])
     return out.loss.detach().double(), [e.detach().double() for e in out.exit_losses], [g.double() for g in grads]
 

@@ -11,7 +11,7 @@ from tiny_models import tiny_model  # on PYTHONPATH: test_fsdp2.py puts tests/ t
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
 
-from soft_peft import add_sorted_exit_loss
+from soft_peft import SoFTSettings, add_sorted_exit_loss
 
 EXITS = [2, 4]
 
@@ -26,7 +26,7 @@ def main() -> None:
 
     # Reference: one unsharded process, the mean of the per-half gradients (what data parallelism averages)
     reference = tiny_model("llama")
-    add_sorted_exit_loss(reference, EXITS)
+    add_sorted_exit_loss(reference, SoFTSettings(exit_layers=EXITS))
     reference_losses = []
     for half in (slice(0, 2), slice(2, 4)):
         output = reference(input_ids=batch[half], labels=labels[half], soft_exit_loss=True)
@@ -34,7 +34,7 @@ def main() -> None:
         reference_losses.append({k: v.item() for k, v in output.exit_losses.items()})
 
     model = tiny_model("llama")
-    add_sorted_exit_loss(model, EXITS)
+    add_sorted_exit_loss(model, SoFTSettings(exit_layers=EXITS))
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model)

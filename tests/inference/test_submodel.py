@@ -9,9 +9,9 @@ from inference_helpers import prompts
 from tiny_models import GEN_ARCHS, NUM_LAYERS, tiny_model
 from transformers import AutoModelForCausalLM
 
-from soft_peft import add_sorted_exit_loss
-from soft_peft.exits import get_decoder_layers
+from soft_peft import SoFTSettings, add_sorted_exit_loss
 from soft_peft.inference import DecoderStack, extract_submodel
+from soft_peft.model_layout import get_decoder_layers
 
 
 def plain_truncation(model, num_layers):
@@ -75,7 +75,7 @@ def test_soft_checkpoint_works_with_assistant_early_exit(tmp_path):
     """A SoFT-trained checkpoint (a few steps of the SoFT loss, saved and reloaded) runs transformers' own
     early-exit assisted generation, and it matches plain greedy decoding."""
     model = tiny_model("llama").train()
-    add_sorted_exit_loss(model, exit_layers=[2, 4])
+    add_sorted_exit_loss(model, SoFTSettings(exit_layers=[2, 4]))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     input_ids, _ = prompts(2, 12, seed=9)
     for _ in range(3):

@@ -5,8 +5,13 @@ import torch
 from inference_helpers import LAW_PROMPT, LAW_VOCAB, chi_square_p, law_model_and_law, prompts, reference_dynamic
 from tiny_models import GEN_ARCHS, NUM_LAYERS, VOCAB, tiny_model, tiny_tokenizer
 
-from soft_peft import frequent_token_ids
-from soft_peft.inference import DecoderStack, SubsetHead, dynamic_generate, self_speculative_generate
+from soft_peft.inference import (
+    DecoderStack,
+    SubsetHead,
+    dynamic_generate,
+    frequent_token_ids,
+    self_speculative_generate,
+)
 
 
 @pytest.fixture(scope="module", params=GEN_ARCHS)
