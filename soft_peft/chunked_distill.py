@@ -1,8 +1,8 @@
-"""Token-chunked self-distillation of early exits to the last exit, recomputed in backward.
+"""Token-chunked self-distillation of early exits to the deepest exit, recomputed in backward.
 
-For each early exit ``s`` and each labelled token, ``KL(p_last || p_s)`` with both distributions taken over the full
-vocabulary at temperature ``T`` (``p = softmax(z / T)`` of the model's post-processed logits ``z``). The last exit is
-the teacher and is detached: its hidden states get no gradient from this term. Like ``soft_peft.chunked_ce`` no
+For each early exit ``s`` and each labelled token, ``KL(p_deepest || p_s)`` with both distributions taken over the
+full vocabulary at temperature ``T`` (``p = softmax(z / T)`` of the model's post-processed logits ``z``). The deepest
+exit is the teacher and is detached: its hidden states get no gradient from this term. Like ``soft_peft.chunked_ce`` no
 ``[tokens, vocab]`` tensor outlives one ``[chunk, V]`` block: forward keeps ``(N,)`` statistics per exit, backward
 rebuilds the teacher block once per chunk and each student block once.
 """
@@ -123,7 +123,7 @@ def chunked_self_distillation(
     """Per-token ``KL(p_teacher || p_student)`` of each student, and whether its argmax is the teacher's.
 
     Args:
-        teacher: ``(N, H)`` normed hidden states of the last exit at the labelled positions; used detached.
+        teacher: ``(N, H)`` normed hidden states of the deepest exit at the labelled positions; used detached.
         students: One ``(N, H)`` tensor per early exit, normed, same positions.
         weight: ``(V, H)`` shared LM head weight; ``bias``: ``(V,)`` or ``None``.
         logit_scale: Multiplier applied to the logits before softcapping.

@@ -315,14 +315,14 @@ def _last_layer_metrics(head, outputs, positions, parameters, settings, terms, c
     if computed[-1] == head.num_layers:
         return terms.exit_num_correct[-1], terms.deepest_entropy_sum
     with torch.no_grad():
-        last = sorted_exit_loss(
+        last_layer_terms = sorted_exit_loss(
             [head.exit_state(outputs, head.num_layers, positions.select)],
             positions.targets,
             parameters,
             options=settings,  # one exit: only the kernel settings matter for these counts
             with_deepest_entropy=True,
         )
-    return last.exit_num_correct[0], last.deepest_entropy_sum
+    return last_layer_terms.exit_num_correct[0], last_layer_terms.deepest_entropy_sum
 
 
 def _exit_stats(terms: ExitLossTerms, computed: list[int], last_layer: tuple | None) -> ExitStats:

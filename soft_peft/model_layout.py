@@ -148,14 +148,14 @@ def _norms_giving_last_hidden_state(base: nn.Module, backbone: nn.Module, candid
     input_ids = torch.arange(3, device=embeddings.device).unsqueeze(0) % embeddings.size(0)  # (1, 3)
     try:
         with torch.no_grad():
-            last = backbone(input_ids=input_ids, use_cache=False).last_hidden_state  # (1, 3, H)
+            last_hidden = backbone(input_ids=input_ids, use_cache=False).last_hidden_state  # (1, 3, H)
             projection = find_output_projection(backbone)  # OPT projects after its final norm
             if projection is not None:
                 outputs = {name: projection(output) for name, output in outputs.items()}
     finally:
         for hook in hooks:
             hook.remove()
-    return [name for name, output in outputs.items() if torch.is_tensor(output) and torch.equal(output, last)]
+    return [name for name, output in outputs.items() if torch.is_tensor(output) and torch.equal(output, last_hidden)]
 
 
 def find_final_norm(model: nn.Module) -> nn.Module | None:

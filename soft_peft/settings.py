@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from .exit_weights import DEFAULT_EXIT_LOSS_WEIGHTS, exit_loss_weights, parse_exit_loss_weights
 from .exits import parse_exit_spec
 from .layer_dropout import LAYER_DROPOUT_SCALES, LayerDropout
-from .loss import DEFAULT_EXIT_LOSS_WEIGHTS, ExitLossOptions, exit_loss_weights, parse_exit_loss_weights
+from .loss import ExitLossOptions
 from .schedule import RAMP_ORDERS, ExitSchedule
 
 __all__ = ["SoFTSettings", "soft_settings"]

@@ -15,9 +15,9 @@ from torch import nn
 from .checkpoints import save_adapter_exit_layers, saves_an_adapter
 from .exit_forward import ResolvedExitLoss, sorted_exit_forward
 from .exit_head import find_exit_head
+from .exit_weights import exit_loss_weights
 from .exits import exit_layers_as_written, record_exit_layers, recorded_exit_layers
 from .layer_dropout import install_layer_dropout, layer_dropout_state
-from .loss import exit_loss_weights
 from .model_layout import unwrap_model
 from .settings import SoFTSettings, soft_settings
 

@@ -62,6 +62,7 @@ CORE_MODULES = [
     "config",
     "exit_forward",
     "exit_head",
+    "exit_weights",
     "exits",
     "layer_dropout",
     "loss",

@@ -10,8 +10,8 @@ from transformers import AutoConfig
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 
 from ..cli.model_files import check_tokenizer_files, check_weight_files
+from ..exit_weights import exit_loss_weights
 from ..exits import parse_exit_layers
-from ..loss import exit_loss_weights
 from ..model_layout import num_decoder_layers
 
 __all__ = [

@@ -29,9 +29,9 @@ from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_qu
 from ..cli.recipes import resolve_config
 from ..config import SoFTConfig
 from ..data import DATASET_FORMATS, DatasetFormatError, held_out_split, load_trl_dataset
+from ..exit_weights import exit_loss_weights
 from ..exits import exit_layers_as_written
 from ..hub import ModelNotFoundError, resolve_model_path
-from ..loss import exit_loss_weights
 from ..trainer import SoFTTrainer
 from ..wrapper import exit_loss_weights_of
 from .preflight import (

@@ -115,7 +115,7 @@ def output_dir(tmp_path):
         (["--exit_loss_weights", "inf,1"], "has a negative, NaN or infinite weight"),
         (["--exit_loss_weights", "nan,1"], "has a negative, NaN or infinite weight"),
         (["--exit_loss_weights", "1e308,1e308"], "sums to inf, which overflows"),
-        (["--exit_loss_weights", "last:0"], "gives the last exit (the full model) weight 0"),
+        (["--exit_loss_weights", "last:0"], "gives the deepest exit (with the default exits, the full model)"),
         (["--exit_loss_weights", "0,0"], "at least one weight must be positive"),
     ],
 )
