@@ -105,7 +105,7 @@ class ExitStats:
     """The per-batch sums behind the logged metrics: added across ranks first, then divided, so averages are exact.
 
     Attributes:
-        exit_layers: The exits computed this step, ascending (the deepest last); the per-exit lists follow them.
+        computed_exits: The exits computed this step, ascending (the deepest last); the per-exit lists follow them.
         exit_nll_sums: One summed token NLL per computed exit.
         exit_num_correct: Labelled tokens each computed exit predicts as its argmax.
         num_tokens: Labelled tokens in the batch.
@@ -118,7 +118,7 @@ class ExitStats:
             else empty.
     """
 
-    exit_layers: list[int]
+    computed_exits: list[int]
     exit_nll_sums: list
     exit_num_correct: list
     num_tokens: torch.Tensor | float
@@ -244,12 +244,12 @@ def _router_aux_loss(router_logits, text_config, attention_mask, device: torch.d
     return aux_loss.to(device)
 
 
-def _draw_layer_dropout(model: nn.Module, layer_dropout: LayerDropout | None, labels: torch.Tensor, step) -> None:
+def _draw_layer_dropout(model: nn.Module, layer_dropout: LayerDropout, labels: torch.Tensor, step) -> None:
     """Draw this forward's layer dropout masks (training only), or clear them (evaluation: nothing is dropped)."""
     state = layer_dropout_state(model)
     if state is None:
         return
-    if layer_dropout is None or not layer_dropout.enabled or not model.training:
+    if not layer_dropout.enabled or not model.training:
         state.clear()
         return
     if step is None and layer_dropout.ramp_steps:
@@ -328,7 +328,7 @@ def _last_layer_metrics(head, outputs, positions, parameters, settings, terms, c
 def _exit_stats(terms: ExitLossTerms, computed: list[int], last_layer: tuple | None) -> ExitStats:
     num_correct, entropy_sum = last_layer if last_layer is not None else (None, None)
     return ExitStats(
-        exit_layers=list(computed),
+        computed_exits=list(computed),
         exit_nll_sums=terms.exit_nll_sums,
         exit_num_correct=terms.exit_num_correct,
         num_tokens=terms.num_tokens,
@@ -340,7 +340,7 @@ def _exit_stats(terms: ExitLossTerms, computed: list[int], last_layer: tuple | N
 
 
 def _output(terms: ExitLossTerms, stats: ExitStats, exit_weights: dict, loss, aux_loss) -> SortedExitOutput:
-    computed = stats.exit_layers
+    computed = stats.computed_exits
     denominator = terms.num_tokens.clamp(min=1)
 
     def fractions(exits, counts):

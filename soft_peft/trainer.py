@@ -185,7 +185,7 @@ class SoFTTrainer(SFTTrainer):
                 metrics[f"exit_{layer}/weight"].append(weight)
         # Only the exits computed this step (a schedule skips exits at weight 0)
         for layer, nll_sum, num_correct in zip(
-            stats.exit_layers, stats.exit_nll_sums, stats.exit_num_correct, strict=True
+            stats.computed_exits, stats.exit_nll_sums, stats.exit_num_correct, strict=True
         ):
             metrics[f"exit_{layer}/loss"].append(per_token(nll_sum))
             metrics[f"exit_{layer}/mean_token_accuracy"].append(per_token(num_correct))
@@ -193,7 +193,7 @@ class SoFTTrainer(SFTTrainer):
         metrics["entropy"].append(per_token(stats.last_layer_entropy_sum))
         metrics["mean_token_accuracy"].append(per_token(stats.last_layer_num_correct))
         if stats.exit_kl_sums:  # self-distillation: one sum per early exit
-            early = stats.exit_layers[:-1]
+            early = stats.computed_exits[:-1]
             for layer, kl_sum, num_agree in zip(early, stats.exit_kl_sums, stats.exit_num_agree, strict=True):
                 metrics[f"exit_{layer}/distill_loss"].append(per_token(kl_sum))
                 metrics[f"exit_{layer}/agreement"].append(per_token(num_agree))

@@ -43,7 +43,7 @@ def test_labelled_positions_pick_the_states_that_predict_each_label(pre_shifted)
 
 def test_stats_are_summed_over_ranks_field_by_field():
     local = ExitStats(
-        exit_layers=[2, 4],
+        computed_exits=[2, 4],
         exit_nll_sums=[torch.tensor(1.5), torch.tensor(2.0)],
         exit_num_correct=[torch.tensor(3), torch.tensor(4)],
         num_tokens=torch.tensor(10),
@@ -57,7 +57,7 @@ def test_stats_are_summed_over_ranks_field_by_field():
         return torch.cat([tensor, 2 * tensor])
 
     totals = local.summed(gather)
-    assert totals.exit_layers == [2, 4]
+    assert totals.computed_exits == [2, 4]
     assert (totals.exit_nll_sums, totals.exit_num_correct) == ([4.5, 6.0], [9.0, 12.0])
     assert (totals.num_tokens, totals.last_layer_num_correct, totals.last_layer_entropy_sum) == (30.0, 15.0, None)
     assert (totals.exit_kl_sums, totals.exit_num_agree) == ([1.5], [18.0])
