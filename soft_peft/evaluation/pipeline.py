@@ -127,6 +127,58 @@ def _task(dataset_format: str, references: list[str]) -> str:
     return "text"
 
 
+def _load_compared_models(settings: EvalSettings, paths: dict) -> tuple[list, list[str], object]:
+    """Model A, and model B when comparing (same tokenizer vocabulary), with their names and A's tokenizer."""
+    model_a, tokenizer = _load(paths[settings.model_name_or_path], settings.dtype)
+    models, names = [model_a], [settings.model_name_or_path]
+    if settings.compare_to is not None:
+        model_b, tokenizer_b = _load(paths[settings.compare_to], settings.dtype)
+        if tokenizer_b.get_vocab() != tokenizer.get_vocab():
+            raise ValueError(
+                f"{settings.compare_to} has a different tokenizer vocabulary than {settings.model_name_or_path}; "
+                "exit-by-exit comparison needs both models to score the same tokens."
+            )
+        models.append(model_b)
+        names.append(settings.compare_to)
+    return models, names, tokenizer
+
+
+def _generate(settings: EvalSettings, models, tokenizer, subset, evaluation, dataset_format):
+    """Greedy generations of every model at each exit: their texts, scores and one shown sample."""
+    references = [e.reference for e in subset]
+    task = _task(dataset_format, references)
+    texts, generation_scores = [], [{} for _ in models]
+    for index, model in enumerate(models):
+        generations = generate_at_exits(
+            model, tokenizer, subset, evaluation.exit_layers[index], settings.max_new_tokens, settings.progress
+        )
+        generation_scores[index] = {k: score_generations(g, references, task) for k, g in generations.items()}
+        texts.append({k: g.texts for k, g in generations.items()})
+    samples = {"prompt": subset[0].prompt, "reference": references[0]}
+    samples.update({f"model_{i}_exit_{k}": t[0] for i, per in enumerate(texts) for k, t in per.items()})
+    return texts, generation_scores, samples
+
+
+def _judge(settings: EvalSettings, paths: dict, subset, texts, evaluation) -> dict:
+    """Pairwise judgements of model A's exits against model B's last layer."""
+    judge = settings.judge
+    if judge is None:
+        judge_model, judge_tokenizer = _load(paths[settings.judge_model], settings.dtype)
+        judge = LMJudge(judge_model, judge_tokenizer)
+    prompts = [e.prompt for e in subset]
+    reference_texts = texts[1][evaluation.exit_layers[1][-1]]  # model B's last layer
+    judgements = {}
+    for layer, generated in texts[0].items():
+        result = judge_pairwise(prompts, generated, reference_texts, judge, settings.progress)
+        judgements[layer] = {
+            "wins": result.wins,
+            "losses": result.losses,
+            "ties": result.ties,
+            "win_rate": result.win_rate,
+        }
+    return judgements
+
+
 def run_evaluation(settings: EvalSettings) -> dict:
     """Run the evaluation and write ``metrics.json``, ``report.md`` and the plots to ``settings.output_dir``.
 
@@ -149,17 +201,8 @@ def run_evaluation(settings: EvalSettings) -> dict:
         for name in (settings.model_name_or_path, settings.compare_to, settings.judge_model)
         if name is not None
     }
-    model_a, tokenizer = _load(paths[settings.model_name_or_path], settings.dtype)
-    models, names = [model_a], [settings.model_name_or_path]
-    if settings.compare_to is not None:
-        model_b, tokenizer_b = _load(paths[settings.compare_to], settings.dtype)
-        if tokenizer_b.get_vocab() != tokenizer.get_vocab():
-            raise ValueError(
-                f"{settings.compare_to} has a different tokenizer vocabulary than {settings.model_name_or_path}; "
-                "exit-by-exit comparison needs both models to score the same tokens."
-            )
-        models.append(model_b)
-        names.append(settings.compare_to)
+    models, names, tokenizer = _load_compared_models(settings, paths)
+    model_a = models[0]
     # Without --exit_layers, a model that records no exits borrows the other compared model's
     fallback = recorded_exit_layers(models[1]) if len(models) == 2 else None
     exits = [resolve_eval_exits(model_a, settings.exit_layers, names[0], fallback=fallback)]
@@ -182,32 +225,9 @@ def run_evaluation(settings: EvalSettings) -> dict:
     generation_scores, judgements, samples = [{}, {}][: len(models)], {}, {}
     if settings.generate:
         subset = examples[: settings.generate_samples] if settings.generate_samples else examples
-        references = [e.reference for e in subset]
-        task = _task(dataset_format, references)
-        texts = []
-        for index, model in enumerate(models):
-            generations = generate_at_exits(
-                model, tokenizer, subset, evaluation.exit_layers[index], settings.max_new_tokens, settings.progress
-            )
-            generation_scores[index] = {k: score_generations(g, references, task) for k, g in generations.items()}
-            texts.append({k: g.texts for k, g in generations.items()})
-        samples = {"prompt": subset[0].prompt, "reference": references[0]}
-        samples.update({f"model_{i}_exit_{k}": t[0] for i, per in enumerate(texts) for k, t in per.items()})
+        texts, generation_scores, samples = _generate(settings, models, tokenizer, subset, evaluation, dataset_format)
         if wants_judge:
-            judge = settings.judge
-            if judge is None:
-                judge_model, judge_tokenizer = _load(paths[settings.judge_model], settings.dtype)
-                judge = LMJudge(judge_model, judge_tokenizer)
-            prompts = [e.prompt for e in subset]
-            reference_texts = texts[1][evaluation.exit_layers[1][-1]]  # model B's last layer
-            for layer, generated in texts[0].items():
-                result = judge_pairwise(prompts, generated, reference_texts, judge, settings.progress)
-                judgements[layer] = {
-                    "wins": result.wins,
-                    "losses": result.losses,
-                    "ties": result.ties,
-                    "win_rate": result.win_rate,
-                }
+            judgements = _judge(settings, paths, subset, texts, evaluation)
     recorded = {k: v for k, v in asdict(settings).items() if k != "judge"}
     recorded.update(
         dataset_format=dataset_format,

@@ -166,6 +166,16 @@ def write_outputs(
     labels = [short_name(n) for n in names]
     if len(set(labels)) < len(labels):
         labels = [f"{label} ({tag})" for label, tag in zip(labels, ("A", "B"), strict=False)]
+    result = _metrics_json(names, labels, per_model, evaluation, judgements, settings, samples)
+    out = Path(output_dir)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    _write_plots(out, labels, per_model, evaluation)
+    lines = _report_lines(names, labels, per_model, judgements, settings, samples)
+    (out / "report.md").write_text("\n".join(lines))
+    return result
+
+
+def _metrics_json(names, labels, per_model, evaluation: ExitEvaluation, judgements, settings, samples) -> dict:
     result = {
         "model": names[0],
         "exits": {str(k): v for k, v in per_model[0].items()},
@@ -191,8 +201,10 @@ def write_outputs(
         result["judge"] = {str(k): v for k, v in judgements.items()}
     if samples:
         result["samples"] = samples
-    out = Path(output_dir)
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _write_plots(out: Path, labels, per_model, evaluation: ExitEvaluation) -> None:
     plot_exit_curves(dict(zip(labels, per_model, strict=True)), str(out / "exit_curves.png"))
     for metric, title in (("kl", "KL divergence (nats)"), ("cosine", "cosine similarity of hidden states")):
         source = evaluation.kl if metric == "kl" else evaluation.cosine
@@ -201,6 +213,9 @@ def write_outputs(
             for a, b in source
         }
         plot_similarity(matrices, title, str(out / f"similarity_{metric}.png"))
+
+
+def _report_lines(names, labels, per_model, judgements, settings, samples) -> list[str]:
     lines = [f"# Per-exit evaluation of {names[0]}", ""]
     lines += [
         f"Dataset `{settings.get('dataset_name')}` ({settings.get('dataset_format')}), "
@@ -223,5 +238,4 @@ def write_outputs(
     if samples:
         lines += ["## One example", ""]
         lines += [f"**{key}**:\n\n```\n{text}\n```\n" for key, text in samples.items()]
-    (out / "report.md").write_text("\n".join(lines))
-    return result
+    return lines
