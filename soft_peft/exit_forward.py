@@ -24,7 +24,7 @@ from transformers.utils import ModelOutput
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from .exit_head import ExitHead, find_exit_head
-from .layer_dropout import LayerDropout, layer_dropout_state
+from .layer_dropout import LayerDropout, draw_layer_dropout
 from .loss import ExitLossTerms, HeadParameters, gradient_blocked, sorted_exit_loss
 from .model_layout import backbone_outputs
 from .schedule import ExitSchedule, scheduled_exit_weights
@@ -244,23 +244,6 @@ def _router_aux_loss(router_logits, text_config, attention_mask, device: torch.d
     return aux_loss.to(device)
 
 
-def _draw_layer_dropout(model: nn.Module, layer_dropout: LayerDropout, labels: torch.Tensor, step) -> None:
-    """Draw this forward's layer dropout masks (training only), or clear them (evaluation: nothing is dropped)."""
-    state = layer_dropout_state(model)
-    if state is None:
-        return
-    if not layer_dropout.enabled or not model.training:
-        state.clear()
-        return
-    if step is None and layer_dropout.ramp_steps:
-        raise ValueError(
-            "This model's layer dropout ramps over optimizer steps, so a training forward needs the step: pass "
-            "`soft_exit_step=step` (or `step=` to SortedLossWrapper), the number of optimizer steps taken."
-        )
-    rates = layer_dropout.layer_rates(state.num_layers, step or 0)
-    state.draw(rates, labels.shape[0], labels.device, layer_dropout.seed, step)  # (B,) per layer: one per row
-
-
 def _exits_at_step(loss: ResolvedExitLoss, step: int | None, training: bool) -> tuple[dict[int, float], list[int]]:
     """Every exit's weight at ``step`` and the exits to compute (ascending): a scheduled 0 never reaches the head."""
     all_exits, schedule = loss.exit_layers, loss.schedule
@@ -390,7 +373,7 @@ def sorted_exit_forward(
     settings = loss.settings
     head = find_exit_head(model, final_norm=loss.final_norm)
     exit_weights, computed = _exits_at_step(loss, step, model.training)
-    _draw_layer_dropout(model, loss.layer_dropout, labels if shift_labels is None else shift_labels, step)
+    draw_layer_dropout(model, loss.layer_dropout, labels if shift_labels is None else shift_labels, step)
     config = model.config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     with_router_logits = _request_router_logits(text_config, kwargs)

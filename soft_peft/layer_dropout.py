@@ -37,7 +37,14 @@ from torch import nn
 
 from .model_layout import get_decoder_layers, unwrap_model
 
-__all__ = ["LAYER_DROPOUT_SCALES", "LayerDropout", "install_layer_dropout"]
+__all__ = [
+    "LAYER_DROPOUT_SCALES",
+    "LayerDropout",
+    "draw_layer_dropout",
+    "install_layer_dropout",
+    "layer_dropout_state",
+    "realised_drop_rates",
+]
 
 LAYER_DROPOUT_SCALES = ("exp", "linear", "constant")
 
@@ -170,7 +177,7 @@ def _drop(layer: nn.Module, index: int, state: _LayerDropoutState, forward, *arg
 def install_layer_dropout(model: nn.Module) -> _LayerDropoutState:
     """Wrap each decoder layer's ``forward`` of this model instance (once) so that it can be dropped per sample.
 
-    The wrapped layers do nothing until masks are drawn with ``state.draw(...)``, which
+    The wrapped layers do nothing until masks are drawn by [`draw_layer_dropout`], which
     [`~soft_peft.exit_forward.sorted_exit_forward`] does before a training forward.
 
     Args:
@@ -196,6 +203,33 @@ def install_layer_dropout(model: nn.Module) -> _LayerDropoutState:
 def layer_dropout_state(model: nn.Module) -> _LayerDropoutState | None:
     """The layer dropout state installed on this model by [`install_layer_dropout`], or ``None``."""
     return getattr(unwrap_model(model), _CONTROLLER, None)
+
+
+def draw_layer_dropout(model: nn.Module, layer_dropout: LayerDropout, labels: torch.Tensor, step: int | None) -> None:
+    """Draw the layer dropout masks of a SoFT forward (training only), or clear them (evaluation drops nothing).
+
+    Args:
+        model: The model, with layer dropout installed by [`install_layer_dropout`] (else nothing happens).
+        layer_dropout: Its [`LayerDropout`] settings.
+        labels: ``(B, T)`` labels of the batch (one mask row per sample).
+        step: Optimizer steps taken; needed in training when the rate ramps over steps.
+
+    Raises:
+        ValueError: for a training forward without a step when the rate ramps.
+    """
+    state = layer_dropout_state(model)
+    if state is None:
+        return
+    if not layer_dropout.enabled or not model.training:
+        state.clear()
+        return
+    if step is None and layer_dropout.ramp_steps:
+        raise ValueError(
+            "This model's layer dropout ramps over optimizer steps, so a training forward needs the step: pass "
+            "`soft_exit_step=step` (or `step=` to SortedLossWrapper), the number of optimizer steps taken."
+        )
+    rates = layer_dropout.layer_rates(state.num_layers, step or 0)
+    state.draw(rates, labels.shape[0], labels.device, layer_dropout.seed, step)  # (B,) per layer: one per row
 
 
 def realised_drop_rates(model: nn.Module) -> list[float]:
