@@ -94,6 +94,31 @@ def _exit_log_probs(model: nn.Module, normed: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(find_exit_head(model).logits_from_normed(normed).float(), dim=-1)
 
 
+def _per_exit_metrics(layers, nll, correct, agree, kl, cosine, denominator) -> list[dict[int, dict[str, float]]]:
+    """Per model, ``{layer: metrics}`` from the summed statistics; "last" is each model's last layer."""
+    num_models = len(layers)
+    metrics = []
+    for index, model_layers in enumerate(layers):
+        other = 1 - index if num_models == 2 else None
+        per_layer = {}
+        for row, layer in enumerate(model_layers):
+            loss = float(nll[index][row] / denominator)
+            values = {
+                "loss": loss,
+                "perplexity": perplexity(loss),
+                "token_accuracy": float(correct[index][row] / denominator),
+                "kl_to_last": kl[(index, index)][row][-1],
+                "agreement_with_last": float(agree[index][row] / denominator),
+                "cosine_to_last": cosine[(index, index)][row][-1],
+            }
+            if other is not None:
+                values["kl_to_other_last"] = kl[(index, other)][row][-1]
+                values["cosine_to_other_last"] = cosine[(index, other)][row][-1]
+            per_layer[layer] = values
+        metrics.append(per_layer)
+    return metrics
+
+
 def evaluate_exits(
     models: Sequence[nn.Module],
     exit_layers: Sequence[Sequence[int]],
@@ -163,23 +188,5 @@ def evaluate_exits(
     denominator = max(num_tokens, 1)
     kl = {p: (s / denominator).tolist() for p, s in kl_sums.items()}
     cosine = {p: (s / denominator).tolist() for p, s in cos_sums.items()}
-    metrics = []
-    for index, model_layers in enumerate(layers):
-        other = 1 - index if num_models == 2 else None
-        per_layer = {}
-        for row, layer in enumerate(model_layers):
-            loss = float(nll[index][row] / denominator)
-            values = {
-                "loss": loss,
-                "perplexity": perplexity(loss),
-                "token_accuracy": float(correct[index][row] / denominator),
-                "kl_to_last": kl[(index, index)][row][-1],
-                "agreement_with_last": float(agree[index][row] / denominator),
-                "cosine_to_last": cosine[(index, index)][row][-1],
-            }
-            if other is not None:
-                values["kl_to_other_last"] = kl[(index, other)][row][-1]
-                values["cosine_to_other_last"] = cosine[(index, other)][row][-1]
-            per_layer[layer] = values
-        metrics.append(per_layer)
+    metrics = _per_exit_metrics(layers, nll, correct, agree, kl, cosine, denominator)
     return ExitEvaluation(exit_layers=layers, num_tokens=num_tokens, metrics=metrics, kl=kl, cosine=cosine)
