@@ -20,9 +20,8 @@ import os
 import warnings
 
 from ..hub import resolve_model_path
-from .decode_flags import parse_ints
-from .model_checks import ModelFacts, positive_int, read_model_facts, untrained_exit_warning, warn
-from .model_files import check_tokenizer_files, check_weight_files
+from .arg_types import parse_ints, positive_int
+from .preflight import ModelFacts, check_model_files, read_model_facts, untrained_exit_warning, warn
 
 __all__ = ["main"]
 
@@ -195,9 +194,7 @@ def main(argv: list[str]) -> int:
     try:
         model_path = resolve_model_path(args.model_name_or_path)
         facts = read_model_facts(model_path)
-        check_weight_files(model_path)
-        if args.tokenizer_name_or_path is None:
-            check_tokenizer_files(model_path)
+        check_model_files(model_path, args.tokenizer_name_or_path)
     except ValueError as error:  # ModelNotFoundError included
         parser.error(str(error))
     _check_before_loading(parser, args, facts)
