@@ -4,6 +4,8 @@ the model's weights load, judged from its config; untrained exits get the same w
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -223,3 +225,16 @@ def test_eval_non_positive_counts_are_usage_errors(soft_model, tmp_path, capsys)
     argv = ["eval", "--model_name_or_path", soft_model, "--dataset_name", "x.jsonl", "--output_dir", str(tmp_path)]
     line = usage_error(capsys, [*argv, "--batch_size", "0"], prog="soft-peft eval")
     assert "argument --batch_size: must be >= 1, got 0" in line
+
+
+@pytest.mark.parametrize("command", ["generate", "extract"])
+def test_help_of_the_decoding_commands_loads_neither_torch_nor_transformers(command):
+    # The pre-load checks they import (soft_peft.cli.preflight) keep torch and transformers inside the checks
+    code = (
+        "import contextlib, io, sys\nfrom soft_peft.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        f"    main(['{command}', '--help'])\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'trl') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]", result.stderr
