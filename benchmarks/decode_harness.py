@@ -155,7 +155,7 @@ def build_methods(
                 model, input_ids, dynamic_exits, threshold, max_new_tokens, attention_mask, kv_fill=kv_fill,
                 check_vocab=vocab, exit_on_subset=exit_on_subset,
             )  # fmt: skip
-            return out.sequences, {"depth_sum": float(out.exits_taken.sum()), "steps": len(out.exits_taken)}
+            return out.sequences, {"depth_sum": float(out.stats.exits_taken.sum()), "steps": out.stats.new_tokens}
 
         return run
 

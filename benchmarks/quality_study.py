@@ -10,7 +10,7 @@ and GSM8K, per exit, against SFT. Resumable across sessions; results are small J
     python benchmarks/quality_study.py run --max_steps 1819 --curve_every 250 --runs sft,last_75_rotate2 --core 0
 
 Every run trains `recipes/smollm2_135m_gsm8k_soft.yaml` (batch 4, max_length 256, lr 1e-4 cosine, seed 0 and the same
-data order for all) through `soft_peft.scripts.train` (the code path of `examples/gsm8k.py`) in a child process pinned
+data order for all) through `soft_peft.cli.train` (the code path of `examples/gsm8k.py`) in a child process pinned
 to one core (`OMP_NUM_THREADS=1 taskset -c CORE`), plus the run's own flags; any SoFTConfig flag passes through
 (`--variant NAME="--exit_loss_weights last:0.5"`). Data: GSM8K train (`openai/gsm8k`, or `--data FILE`) split once with
 `held_out_split(rows, test_size=200, seed=0)` (the split of docs/results.md), written to `<cache>/data/`.
@@ -311,7 +311,8 @@ def _train_child(run_dir: str, argv: list[str]) -> int:
     """Child: train with a per-step timer (appended to step_times.jsonl, so it survives an interruption)."""
     from transformers import TrainerCallback
 
-    from soft_peft.scripts.train import TrainingInterrupted, parse_args, train
+    from soft_peft.cli.train import TrainingInterrupted, train
+    from soft_peft.cli.train_args import parse_args
 
     class StepTimer(TrainerCallback):
         def __init__(self):

@@ -18,9 +18,11 @@ accelerate launch examples/alpaca.py --config recipes/smollm2_135m_alpaca_cpu.ya
 ```
 """
 
+import os
 import sys
 
-from soft_peft.scripts.train import main
+from soft_peft.cli.train import main
 
 if __name__ == "__main__":
-    sys.exit(main(dataset_name="tatsu-lab/alpaca", dataset_format="alpaca"))
+    defaults = dict(dataset_name="tatsu-lab/alpaca", dataset_format="alpaca")
+    sys.exit(main(prog=os.path.basename(__file__), **defaults))

@@ -10,9 +10,11 @@ accelerate launch --config_file recipes/accelerate/zero3.yaml examples/gsm8k.py 
 ```
 """
 
+import os
 import sys
 
-from soft_peft.scripts.train import main
+from soft_peft.cli.train import main
 
 if __name__ == "__main__":
-    sys.exit(main(dataset_name="openai/gsm8k", dataset_config="main", dataset_format="gsm8k"))
+    defaults = dict(dataset_name="openai/gsm8k", dataset_config="main", dataset_format="gsm8k")
+    sys.exit(main(prog=os.path.basename(__file__), **defaults))

@@ -9,9 +9,11 @@ accelerate launch --config_file recipes/accelerate/zero3.yaml examples/triviaqa.
 ```
 """
 
+import os
 import sys
 
-from soft_peft.scripts.train import main
+from soft_peft.cli.train import main
 
 if __name__ == "__main__":
-    sys.exit(main(dataset_name="mandarjoshi/trivia_qa", dataset_config="rc.nocontext", dataset_format="triviaqa"))
+    defaults = dict(dataset_name="mandarjoshi/trivia_qa", dataset_config="rc.nocontext", dataset_format="triviaqa")
+    sys.exit(main(prog=os.path.basename(__file__), **defaults))

@@ -21,8 +21,8 @@ from types import SimpleNamespace
 from ..data import DATASET_FORMATS, DatasetFormatError
 from ..evaluation.pipeline import EvalSettings, resolve_eval_exits, run_evaluation
 from ..hub import resolve_model_path
-from .model_checks import positive_int, read_model_facts
-from .model_files import check_tokenizer_files, check_weight_files
+from .arg_types import positive_int
+from .preflight import check_model_files, read_model_facts
 
 __all__ = ["build_parser", "main"]
 
@@ -76,8 +76,7 @@ def _check_exits_before_loading(args: argparse.Namespace) -> None:
     names = [resolve_model_path(name) for name in (args.model_name_or_path, args.compare_to) if name]
     facts = [read_model_facts(name) for name in names]
     for name in names:  # the evaluation loads each model's own tokenizer
-        check_weight_files(name)
-        check_tokenizer_files(name, flag=None)
+        check_model_files(name, tokenizer_flag=None)
     # The evaluation's own resolution, given objects that carry only the configs
     models = [SimpleNamespace(config=fact.config) for fact in facts]
     fallback = facts[1].recorded_exits if len(facts) == 2 else None

@@ -20,9 +20,9 @@ import sys
 import warnings
 
 from ..hub import looks_like_hub_id, resolve_model_path
-from .decode_flags import parse_ints
+from .arg_types import parse_ints, positive_int
 from .export_folder import check_export_folder, staged_folder
-from .model_checks import positive_int, read_model_facts, untrained_exit_warning, warn
+from .preflight import error_reason, read_model_facts, untrained_exit_warning, warn
 
 __all__ = ["main"]
 
@@ -76,7 +76,7 @@ def _load_tokenizer(parser: argparse.ArgumentParser, sources: list[str]):
         try:
             return AutoTokenizer.from_pretrained(source)
         except (OSError, ValueError, TypeError) as error:
-            reasons.append(f"{source}: {str(error).strip().splitlines()[0] if str(error).strip() else error!r}")
+            reasons.append(f"{source}: {error_reason(error)}")
     parser.error(
         f"no tokenizer could be loaded ({'; '.join(reasons)}); a sub-model is exported with its source's tokenizer. "
         "Save the tokenizer into the model folder (`tokenizer.save_pretrained(FOLDER)`) and run again."

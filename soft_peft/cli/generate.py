@@ -20,24 +20,22 @@ import os
 import warnings
 
 from ..hub import resolve_model_path
-from .decode_flags import parse_ints
-from .model_checks import ModelFacts, positive_int, read_model_facts, untrained_exit_warning, warn
-from .model_files import check_tokenizer_files, check_weight_files
+from .arg_types import parse_ints, positive_int
+from .preflight import ModelFacts, check_model_files, read_model_facts, untrained_exit_warning, warn
 
 __all__ = ["main"]
 
 
 def _thresholds(text: str) -> list[float]:
-    """An argparse ``type``: one threshold or one per exit, each in (0, 1]."""
+    """An argparse ``type``: one number or a comma-separated list (their range is the decoder's to check)."""
     try:
         values = [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
+        values = []
+    if not values:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a number or a comma-separated list of numbers, e.g. 0.9 or 0.9,0.8"
         ) from None
-    bad = [v for v in values if not 0 < v <= 1]
-    if not values or bad:
-        raise argparse.ArgumentTypeError(f"thresholds must be in (0, 1] (1.0 disables an exit), got {text!r}")
     return values
 
 
@@ -102,54 +100,14 @@ def _read_texts(path: str) -> list[str]:
     return [value for record in records for value in record.values() if isinstance(value, str)]
 
 
-def _check_before_loading(parser: argparse.ArgumentParser, args: argparse.Namespace, facts: ModelFacts) -> None:
-    """Every flag that the model's config can judge, as an argparse error (exit code 2); warnings for untrained
-    exits."""
-    from ..exits import default_exit_layers, parse_exit_layers
-
-    depth = facts.num_layers
-    example = f"e.g. {max(1, depth // 2)}" if depth > 1 else "but a 1-layer model has no earlier exit"
-    if args.draft_exit is not None and not 1 <= args.draft_exit < depth:
-        parser.error(
-            f"--draft_exit {args.draft_exit}: must be in 1..{depth - 1} ({facts.name} has {depth} layers and the "
-            f"last one verifies the drafts), {example}."
-        )
-    if args.num_layers is not None and not 1 <= args.num_layers <= depth:
-        parser.error(f"--num_layers {args.num_layers}: must be in 1..{depth} ({facts.name} has {depth} layers).")
+def _check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Flags that only make sense with a decoding mode they lack (the decoders cannot see which flags were given)."""
     if args.draft_exit is None and (
         args.early_draft_exits or args.draft_stop_threshold is not None or args.num_draft_tokens != "adaptive"
     ):
         parser.error("--num_draft_tokens, --draft_stop_threshold and --early_draft_exits need --draft_exit.")
-    if args.draft_stop_threshold is not None and not 0 <= args.draft_stop_threshold < 1:
-        parser.error(f"--draft_stop_threshold must be in [0, 1), got {args.draft_stop_threshold}.")
-    if args.early_draft_exits:
-        early = args.early_draft_exits
-        if args.draft_stop_threshold is None:
-            parser.error("--early_draft_exits needs --draft_stop_threshold (it decides when an early exit drafts).")
-        if early != sorted(set(early)) or early[0] < 1 or early[-1] >= args.draft_exit:
-            parser.error(
-                f"--early_draft_exits {','.join(map(str, early))}: must be increasing exits in "
-                f"1..{args.draft_exit - 1}, below --draft_exit {args.draft_exit}."
-            )
     if args.exit_layers is not None and args.thresholds is None:
         parser.error("--exit_layers chooses the exits of dynamic early exit: it needs --thresholds.")
-    dynamic_exits = None
-    if args.thresholds is not None:
-        try:
-            if args.exit_layers is not None:
-                dynamic_exits = [k for k in parse_exit_layers(args.exit_layers, depth) if k < depth]
-        except ValueError as error:
-            parser.error(f"--exit_layers: {error}")
-        count = len(args.thresholds)
-        if dynamic_exits is not None and count > 1 and count != len(dynamic_exits):
-            parser.error(
-                f"--thresholds has {count} values for the {len(dynamic_exits)} exits {dynamic_exits} below the last "
-                "layer: give one threshold for all, or one per exit."
-            )
-    if args.do_sample and not (args.temperature > 0 and 0 < args.top_p <= 1):
-        parser.error(
-            f"--do_sample needs --temperature > 0 and --top_p in (0, 1]; got {args.temperature}, {args.top_p}."
-        )
     if args.vocab_texts is not None:
         if args.draft_exit is None and args.thresholds is None:
             parser.error("--vocab_texts needs --draft_exit or --thresholds (a decoder that drafts/checks).")
@@ -158,16 +116,43 @@ def _check_before_loading(parser: argparse.ArgumentParser, args: argparse.Namesp
     if args.exit_on_subset and (args.thresholds is None or args.vocab_texts is None):
         parser.error("--exit_on_subset needs --thresholds and --vocab_texts (the subset to decide on).")
 
-    if args.draft_exit is not None:
-        warn(parser.prog, untrained_exit_warning(facts, [*args.early_draft_exits, args.draft_exit], "--draft_exit"))
-    elif args.num_layers is not None:
+
+def _check_before_loading(parser: argparse.ArgumentParser, args: argparse.Namespace, facts: ModelFacts) -> None:
+    """Every flag that the model's config can judge, by the decoders' own checks, as an argparse error (exit code 2);
+    warnings for untrained exits. With ``--thresholds``, ``args.exit_layers`` becomes the resolved exits and
+    ``args.thresholds`` one threshold per exit."""
+    from ..inference import check_dynamic_settings, check_speculative_settings, dynamic_exit_thresholds
+    from ..inference.tokens import check_sampling
+
+    _check_flag_combinations(parser, args)
+    depth = facts.num_layers
+    try:
+        if args.do_sample:
+            check_sampling(args.temperature, args.top_p)
+        if args.draft_exit is not None:
+            check_speculative_settings(
+                args.draft_exit, depth, args.num_draft_tokens, args.draft_stop_threshold, args.early_draft_exits
+            )
+            drafting = [*args.early_draft_exits, args.draft_exit]
+            warn(parser.prog, untrained_exit_warning(facts, drafting, "--draft_exit"))
+        elif args.thresholds is not None:
+            check_dynamic_settings(args.confidence, args.kv_fill, args.exit_on_subset, args.vocab_texts is not None)
+            values = args.thresholds[0] if len(args.thresholds) == 1 else args.thresholds
+            resolved = dynamic_exit_thresholds(depth, args.exit_layers, values, facts.recorded_exits)
+            args.exit_layers, args.thresholds = list(resolved), list(resolved.values())
+            warn(parser.prog, untrained_exit_warning(facts, args.exit_layers, "--thresholds at exits"))
+    except ValueError as error:
+        parser.error(str(error))
+    if args.num_layers is not None:
+        if not 1 <= args.num_layers <= depth:
+            parser.error(f"--num_layers {args.num_layers}: must be in 1..{depth} ({facts.name} has {depth} layers).")
         warn(parser.prog, untrained_exit_warning(facts, [args.num_layers], "--num_layers"))
-    elif args.thresholds is not None:
-        if dynamic_exits is None:  # the recorded exits when there are, else the default ones in the upper half
-            dynamic_exits = [k for k in default_exit_layers(depth) if depth / 2 <= k < depth]
-            checked = facts.recorded_exits if facts.recorded_exits is not None else dynamic_exits
-            dynamic_exits = [k for k in checked if k < depth]
-        warn(parser.prog, untrained_exit_warning(facts, dynamic_exits, "--thresholds at exits"))
+
+
+def _stats_json(stats) -> dict:
+    """A decoder's stats as JSON-ready values (tensors as lists)."""
+    values = dataclasses.asdict(stats)
+    return {key: value.tolist() if hasattr(value, "tolist") else value for key, value in values.items()}
 
 
 def _check_prompt(parser: argparse.ArgumentParser, args: argparse.Namespace, facts: ModelFacts, length: int) -> None:
@@ -186,6 +171,38 @@ def _check_prompt(parser: argparse.ArgumentParser, args: argparse.Namespace, fac
         )
 
 
+def _decode(args: argparse.Namespace, model, input_ids, vocab_subset) -> tuple:
+    """Run the decoder the flags chose; returns ``(sequences, stats)``, the stats JSON-ready."""
+    import torch
+
+    from ..inference import dynamic_generate, extract_submodel, self_speculative_generate
+
+    generator = torch.Generator().manual_seed(args.seed)
+    sampling = dict(do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p)
+    if args.draft_exit is not None:
+        out = self_speculative_generate(
+            model, input_ids, args.draft_exit, args.max_new_tokens, num_draft_tokens=args.num_draft_tokens,
+            generator=generator, draft_vocab=vocab_subset, draft_stop_threshold=args.draft_stop_threshold,
+            early_draft_exits=args.early_draft_exits, **sampling,
+        )  # fmt: skip
+        return out.sequences, _stats_json(out.stats)
+    if args.thresholds is not None:
+        out = dynamic_generate(
+            model, input_ids, args.exit_layers, args.thresholds, args.max_new_tokens, confidence=args.confidence,
+            kv_fill=args.kv_fill, generator=generator, check_vocab=vocab_subset, exit_on_subset=args.exit_on_subset,
+            **sampling,
+        )  # fmt: skip
+        return out.sequences, _stats_json(out.stats)
+    if args.num_layers is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # its untrained-exit warning was already given
+            model = extract_submodel(model, args.num_layers)
+    if args.do_sample:
+        torch.manual_seed(args.seed)
+    sequences = model.generate(input_ids, max_new_tokens=args.max_new_tokens, **sampling)
+    return sequences, {"num_layers": model.config.num_hidden_layers}
+
+
 def main(argv: list[str]) -> int:
     """Run `soft-peft generate`; returns the exit status (2, with one line on stderr, for unusable flags)."""
     parser = _parser()
@@ -195,18 +212,15 @@ def main(argv: list[str]) -> int:
     try:
         model_path = resolve_model_path(args.model_name_or_path)
         facts = read_model_facts(model_path)
-        check_weight_files(model_path)
-        if args.tokenizer_name_or_path is None:
-            check_tokenizer_files(model_path)
+        check_model_files(model_path, args.tokenizer_name_or_path)
     except ValueError as error:  # ModelNotFoundError included
         parser.error(str(error))
     _check_before_loading(parser, args, facts)
 
-    import torch
     from transformers import AutoTokenizer
 
     from ..checkpoints import load_causal_lm
-    from ..inference import dynamic_generate, extract_submodel, frequent_token_ids, self_speculative_generate
+    from ..inference import frequent_token_ids
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name_or_path or model_path)
     text = args.prompt.replace("\\n", "\n")
@@ -215,42 +229,13 @@ def main(argv: list[str]) -> int:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     input_ids = tokenizer(text, return_tensors="pt").input_ids
     _check_prompt(parser, args, facts, input_ids.shape[1])
-    model = load_causal_lm(model_path).eval()  # a PEFT adapter folder too, with its recorded exits
-    generator = torch.Generator().manual_seed(args.seed)
-    sampling = dict(do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p)
     vocab_subset = None
     if args.vocab_texts is not None:
         vocab_subset = frequent_token_ids(tokenizer, _read_texts(args.vocab_texts), args.vocab_size)
+    model = load_causal_lm(model_path).eval()  # a PEFT adapter folder too, with its recorded exits
     try:
-        if args.draft_exit is not None:
-            out = self_speculative_generate(
-                model, input_ids, args.draft_exit, args.max_new_tokens, num_draft_tokens=args.num_draft_tokens,
-                generator=generator, draft_vocab=vocab_subset, draft_stop_threshold=args.draft_stop_threshold,
-                early_draft_exits=args.early_draft_exits, **sampling,
-            )  # fmt: skip
-            sequences, stats = out.sequences, dataclasses.asdict(out.stats)
-        elif args.thresholds is not None:
-            values = args.thresholds
-            out = dynamic_generate(
-                model, input_ids, args.exit_layers, values[0] if len(values) == 1 else values, args.max_new_tokens,
-                confidence=args.confidence, kv_fill=args.kv_fill, generator=generator, check_vocab=vocab_subset,
-                exit_on_subset=args.exit_on_subset, **sampling,
-            )  # fmt: skip
-            sequences = out.sequences
-            stats = {"average_depth": out.average_depth, "exit_layers": out.exits_taken.tolist(), "checks": out.checks}
-            stats["full_checks"] = out.full_checks
-            stats["tokens_per_second"] = out.tokens_per_second
-        else:
-            if args.num_layers is not None:
-                with warnings.catch_warnings():
-                    # Its untrained-exit warning was already given, before loading
-                    warnings.simplefilter("ignore", UserWarning)
-                    model = extract_submodel(model, args.num_layers)
-            if args.do_sample:
-                torch.manual_seed(args.seed)
-            sequences = model.generate(input_ids, max_new_tokens=args.max_new_tokens, **sampling)
-            stats = {"num_layers": model.config.num_hidden_layers}
-    except ValueError as error:  # what the config could not judge (e.g. thresholds against the default exits)
+        sequences, stats = _decode(args, model, input_ids, vocab_subset)
+    except ValueError as error:  # what only the loaded model can judge (e.g. an unsupported architecture)
         parser.error(str(error))
     print(tokenizer.decode(sequences[0, input_ids.shape[1] :], skip_special_tokens=True))
     print(json.dumps(stats))

@@ -2,7 +2,8 @@
 
 A decoder built on [`DecodingState`] only says which layers run on which positions and which logits pick the next
 tokens; the state runs the layers (counting them), keeps the cache, the sequences and the padding mask, and turns its
-counters into the [`DecodeStats`] fields every decoder reports.
+counters into the [`DecodeStats`] fields every decoder reports. Every decoder returns one shape, [`DecodeOutput`]:
+the ``sequences`` ``generate`` would return and the decoder's ``stats``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import torch
 
@@ -17,7 +19,7 @@ from .stack import DecoderStack, check_generation_inputs
 from .tokens import SamplingSettings, SequenceWriter, resolve_special_tokens
 from .vocab import SubsetHead
 
-__all__ = ["DecodeStats", "DecodingState"]
+__all__ = ["DecodeOutput", "DecodeStats", "DecodingState"]
 
 
 @dataclass(kw_only=True)
@@ -37,6 +39,22 @@ class DecodeStats:
     tokens_per_second: float = 0.0
     layer_forwards: list[int] = field(default_factory=list)
     head_forwards: int = 0
+
+
+StatsT = TypeVar("StatsT", bound=DecodeStats)
+
+
+@dataclass
+class DecodeOutput(Generic[StatsT]):
+    """What every decoder returns.
+
+    Attributes:
+        sequences: ``(B, T + new_tokens)`` prompts and generated tokens, as ``generate`` returns them.
+        stats: The decoder's counters: a [`DecodeStats`] subclass (``SpeculativeStats``, ``DynamicStats``).
+    """
+
+    sequences: torch.Tensor
+    stats: StatsT
 
 
 class DecodingState:
@@ -127,11 +145,11 @@ class DecodingState:
         """Whether ``passed`` ``(B,)`` holds for every row still generating (finished rows do not vote)."""
         return bool(passed[self.writer.unfinished].all())
 
-    def finish(self, stats: DecodeStats) -> DecodeStats:
-        """Fill ``stats``' shared counters from this state (call last: it stops the clock) and return it."""
+    def finish(self, stats: StatsT) -> DecodeOutput[StatsT]:
+        """Fill ``stats``' shared counters from this state (call last: it stops the clock); return the output."""
         stats.seconds = time.perf_counter() - self.started
         stats.new_tokens = self.writer.count
         stats.tokens_per_second = self.writer.count * self.batch / stats.seconds
         stats.layer_forwards = self.layer_forwards
         stats.head_forwards = self.head_forwards
-        return stats
+        return DecodeOutput(sequences=self.writer.sequences(), stats=stats)

@@ -25,7 +25,6 @@ mass outside the slice. ``thresholds=1.0`` still reproduces greedy ``generate``.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,64 +32,84 @@ import torch
 from torch import nn
 
 from ..exits import parse_exit_layers, recorded_exit_layers
-from .decoding import DecodeStats, DecodingState
+from .decoding import DecodeOutput, DecodeStats, DecodingState
 from .stack import DecoderStack, LaggingPositions
 from .tokens import CONFIDENCES, SamplingSettings, exit_confidence
 from .vocab import SubsetHead
 
-__all__ = ["DynamicOutput", "default_dynamic_exits", "dynamic_generate"]
+__all__ = [
+    "DynamicStats",
+    "check_dynamic_settings",
+    "default_dynamic_exits",
+    "dynamic_exit_thresholds",
+    "dynamic_generate",
+]
 
 _KV_FILLS = ("recompute", "propagate")
 _MAX_DEFAULT_CHECKS = 3
 
 
 @dataclass
-class DynamicOutput(DecodeStats):
-    """Result of ``dynamic_generate``, with the shared counters of [`DecodeStats`].
+class DynamicStats(DecodeStats):
+    """Counters of one ``dynamic_generate`` call, with the shared ones of [`DecodeStats`].
 
     Attributes:
-        sequences: ``(B, T + new_tokens)`` prompts and generated tokens, as ``generate`` returns them.
         exits_taken: ``(new_tokens,)`` the layer each generated position exited at (the whole batch exits together);
-            not to be confused with the ``exit_layers`` argument, the exits that may be taken. ``.exit_layers`` is a
-            deprecated alias.
+            not to be confused with the ``exit_layers`` argument, the exits that may be taken.
         average_depth: Mean of ``exits_taken``.
         checks: Confidence checks at non-final exits (on the vocabulary subset when one is given).
         full_checks: Of those, the ones that ran the full-vocabulary head.
     """
 
-    sequences: torch.Tensor
     exits_taken: torch.Tensor
     average_depth: float
     checks: int = 0
     full_checks: int = 0
 
-    @property
-    def exit_layers(self) -> torch.Tensor:
-        """Deprecated alias of ``exits_taken``."""
-        warnings.warn(
-            "`DynamicOutput.exit_layers` is deprecated and will be removed in the next release; use "
-            "`DynamicOutput.exits_taken` (the exit each token took).",
-            FutureWarning,
-            stacklevel=2,
-        )
-        return self.exits_taken
 
+def default_dynamic_exits(num_layers: int, recorded_exits: Sequence[int] | None = None) -> list[int]:
+    """The exits [`dynamic_generate`] checks when none are given: up to three of the recorded exits (else of the
+    default ones) in the upper half, below the last layer, spread evenly.
 
-def default_dynamic_exits(model: nn.Module, num_layers: int) -> list[int]:
-    """Exits checked by default: up to three of the recorded (else default) exits in the upper half, below ``L``."""
-    recorded = recorded_exit_layers(model) or parse_exit_layers(None, num_layers)
-    upper = [k for k in recorded if num_layers / 2 <= k < num_layers]
+    Args:
+        num_layers: The model's number of decoder layers ``L``.
+        recorded_exits: The exits it was trained with (``recorded_exit_layers(model)``), or ``None``.
+
+    Returns:
+        The exits, ascending.
+    """
+    candidates = list(recorded_exits) if recorded_exits else parse_exit_layers(None, num_layers)
+    upper = [k for k in candidates if num_layers / 2 <= k < num_layers]
     if len(upper) <= _MAX_DEFAULT_CHECKS:
         return upper
     picks = {round(i * (len(upper) - 1) / (_MAX_DEFAULT_CHECKS - 1)) for i in range(_MAX_DEFAULT_CHECKS)}
     return [upper[i] for i in sorted(picks)]
 
 
-def _resolve_exits(model, num_layers, exit_layers, thresholds) -> list[tuple[int, float]]:
-    exits = (
-        default_dynamic_exits(model, num_layers) if exit_layers is None else parse_exit_layers(exit_layers, num_layers)
-    )
-    exits = [k for k in exits if k < num_layers]  # the last layer is the fallback, never a check
+def dynamic_exit_thresholds(
+    num_layers: int,
+    exit_layers: Sequence[int] | str | None = None,
+    thresholds: float | Sequence[float] = 0.9,
+    recorded_exits: Sequence[int] | None = None,
+) -> dict[int, float]:
+    """Resolve [`dynamic_generate`]'s exits and thresholds against a model's depth, before it is loaded.
+
+    Args:
+        num_layers: The model's number of decoder layers ``L``.
+        exit_layers, thresholds: As for [`dynamic_generate`].
+        recorded_exits: The exits the model was trained with, for the default exits ([`default_dynamic_exits`]).
+
+    Returns:
+        ``{exit: threshold}`` for each exit below the last layer, ascending (1.0: never checked).
+
+    Raises:
+        ValueError: for exits outside ``1..L``, a threshold outside (0, 1], or a threshold count that does not match
+            the exits.
+    """
+    if exit_layers is None:
+        exits = default_dynamic_exits(num_layers, recorded_exits)
+    else:
+        exits = [k for k in parse_exit_layers(exit_layers, num_layers) if k < num_layers]  # the last: the fallback
     if isinstance(thresholds, (int, float)) and not isinstance(thresholds, bool):
         values = [float(thresholds)] * len(exits)
     else:
@@ -103,7 +122,28 @@ def _resolve_exits(model, num_layers, exit_layers, thresholds) -> list[tuple[int
     bad = [t for t in values if not 0 < t <= 1]
     if bad:
         raise ValueError(f"Thresholds must be in (0, 1], got {bad}; 1.0 disables an exit.")
-    return [(k, t) for k, t in zip(exits, values, strict=True) if t < 1.0]
+    return dict(zip(exits, values, strict=True))
+
+
+def check_dynamic_settings(confidence: str, kv_fill: str, exit_on_subset: bool, has_check_vocab: bool) -> None:
+    """Check [`dynamic_generate`]'s exit-rule settings.
+
+    Args:
+        confidence, kv_fill, exit_on_subset: As for [`dynamic_generate`].
+        has_check_vocab: Whether ``check_vocab`` is given.
+
+    Raises:
+        ValueError: for an unknown ``confidence`` or ``kv_fill``, or ``exit_on_subset`` without ``check_vocab``.
+    """
+    if confidence not in CONFIDENCES:
+        raise ValueError(f"`confidence` must be one of {CONFIDENCES}, got {confidence!r}.")
+    if kv_fill not in _KV_FILLS:
+        raise ValueError(f"`kv_fill` must be one of {_KV_FILLS}, got {kv_fill!r}.")
+    if exit_on_subset and not has_check_vocab:
+        raise ValueError(
+            "`exit_on_subset=True` needs `check_vocab`: pass the ids to decide on, e.g. "
+            "`frequent_token_ids(tokenizer, training_texts)`."
+        )
 
 
 class ExitRule:
@@ -185,7 +225,7 @@ def dynamic_generate(
     generator: torch.Generator | None = None,
     check_vocab: torch.Tensor | Sequence[int] | None = None,
     exit_on_subset: bool = False,
-) -> DynamicOutput:
+) -> DecodeOutput[DynamicStats]:
     """Generate with a per-token exit: each token leaves at the first exit whose confidence exceeds its threshold.
 
     The prompt and the first new token always use the full depth. Batch rule: a batch step exits at an exit only when
@@ -214,7 +254,8 @@ def dynamic_generate(
             head: faster but approximate (see the module doc). Needs ``check_vocab``.
 
     Returns:
-        [`DynamicOutput`] with ``.sequences``, per-token ``.exits_taken`` and ``.average_depth``.
+        [`DecodeOutput`] with ``.sequences`` and ``.stats`` ([`DynamicStats`]: per-token ``exits_taken``,
+        ``average_depth``, ...).
 
     Raises:
         ValueError: for a threshold outside (0, 1], a threshold count that does not match the exits, an unknown
@@ -222,17 +263,10 @@ def dynamic_generate(
             ``exit_on_subset`` without ``check_vocab``.
     """
     stack = DecoderStack(model)
-    thresholds = dict(_resolve_exits(stack.model, stack.num_layers, exit_layers, thresholds))
-    if confidence not in CONFIDENCES:
-        raise ValueError(f"`confidence` must be one of {CONFIDENCES}, got {confidence!r}.")
-    if kv_fill not in _KV_FILLS:
-        raise ValueError(f"`kv_fill` must be one of {_KV_FILLS}, got {kv_fill!r}.")
+    resolved = dynamic_exit_thresholds(stack.num_layers, exit_layers, thresholds, recorded_exit_layers(stack.model))
+    thresholds = {k: t for k, t in resolved.items() if t < 1.0}  # an exit at 1.0 is never checked
+    check_dynamic_settings(confidence, kv_fill, exit_on_subset, check_vocab is not None)
     sampling = SamplingSettings(do_sample, temperature, top_p, generator)
-    if exit_on_subset and check_vocab is None:
-        raise ValueError(
-            "`exit_on_subset=True` needs `check_vocab`: pass the ids to decide on, e.g. "
-            "`frequent_token_ids(tokenizer, training_texts)`."
-        )
     subset = None if check_vocab is None else SubsetHead(stack.head, check_vocab)
     state = DecodingState(stack, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id)
     rule = ExitRule(state, thresholds, confidence, sampling, subset, exit_on_subset)
@@ -243,11 +277,7 @@ def dynamic_generate(
         exits_taken.append(layer)
         done = state.writer.append(tokens)
     taken = torch.tensor(exits_taken[: state.writer.count])
-    output = DynamicOutput(
-        sequences=state.writer.sequences(),
-        exits_taken=taken,
-        average_depth=float(taken.float().mean()),
-        checks=rule.checks,
-        full_checks=rule.full_checks,
+    stats = DynamicStats(
+        exits_taken=taken, average_depth=float(taken.float().mean()), checks=rule.checks, full_checks=rule.full_checks
     )
-    return state.finish(output)
+    return state.finish(stats)

@@ -25,14 +25,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .decoding import DecodeStats, DecodingState
+from .decoding import DecodeOutput, DecodeStats, DecodingState
 from .drafter import ExitDrafter, choose_draft_length
 from .stack import DecoderStack
 from .tokens import SamplingSettings
 from .verifier import Verifier
 from .vocab import SubsetHead
 
-__all__ = ["SpeculativeOutput", "SpeculativeStats", "choose_draft_length", "self_speculative_generate"]
+__all__ = ["SpeculativeStats", "check_speculative_settings", "choose_draft_length", "self_speculative_generate"]
 
 
 @dataclass
@@ -58,20 +58,23 @@ class SpeculativeStats(DecodeStats):
     drafts_by_exit: dict[int, int] = field(default_factory=dict)
 
 
-@dataclass
-class SpeculativeOutput:
-    """Result of ``self_speculative_generate``.
+def check_speculative_settings(
+    draft_exit: int,
+    num_layers: int,
+    num_draft_tokens: int | str = "adaptive",
+    draft_stop_threshold: float | None = None,
+    early_draft_exits: Sequence[int] = (),
+) -> None:
+    """Check [`self_speculative_generate`]'s drafting settings against a model's depth, before it is loaded.
 
-    Attributes:
-        sequences: ``(B, T + new_tokens)`` prompts and generated tokens, as ``generate`` returns them.
-        stats: The [`SpeculativeStats`].
+    Args:
+        draft_exit, num_draft_tokens, draft_stop_threshold, early_draft_exits: As for [`self_speculative_generate`].
+        num_layers: The model's number of decoder layers ``L``.
+
+    Raises:
+        ValueError: naming the setting, its valid range and the value given.
     """
-
-    sequences: torch.Tensor
-    stats: SpeculativeStats
-
-
-def _validate(draft_exit, num_layers, num_draft_tokens, draft_stop_threshold, early_draft_exits) -> None:
+    early_draft_exits = list(early_draft_exits)
     if isinstance(draft_exit, bool) or not isinstance(draft_exit, int) or not 1 <= draft_exit < num_layers:
         raise ValueError(
             f"`draft_exit` must be an int in 1..{num_layers - 1} (the model has {num_layers} layers and the last one "
@@ -115,7 +118,7 @@ def self_speculative_generate(
     draft_vocab: torch.Tensor | Sequence[int] | None = None,
     draft_stop_threshold: float | None = None,
     early_draft_exits: Sequence[int] = (),
-) -> SpeculativeOutput:
+) -> DecodeOutput[SpeculativeStats]:
     """Generate with exit ``draft_exit`` drafting and the full model verifying, sharing one KV cache.
 
     Greedy output is token-identical to ``model.generate(input_ids, do_sample=False, ...)``; sampled output follows
@@ -149,7 +152,7 @@ def self_speculative_generate(
             verifier attends to them, so no layer runs twice. Needs ``draft_stop_threshold``.
 
     Returns:
-        [`SpeculativeOutput`] with ``.sequences`` ``(B, T + new_tokens)`` and ``.stats``.
+        [`DecodeOutput`] with ``.sequences`` ``(B, T + new_tokens)`` and ``.stats`` ([`SpeculativeStats`]).
 
     Raises:
         ValueError: for ``draft_exit`` outside ``1..L-1``, ``max_new_tokens < 1``, bad sampling settings, padding
@@ -158,7 +161,7 @@ def self_speculative_generate(
     """
     stack = DecoderStack(model)
     early_draft_exits = list(early_draft_exits)
-    _validate(draft_exit, stack.num_layers, num_draft_tokens, draft_stop_threshold, early_draft_exits)
+    check_speculative_settings(draft_exit, stack.num_layers, num_draft_tokens, draft_stop_threshold, early_draft_exits)
     sampling = SamplingSettings(do_sample, temperature, top_p, generator)
     longest_draft = max_draft_tokens if num_draft_tokens == "adaptive" else num_draft_tokens
     state = DecodingState(
@@ -187,4 +190,4 @@ def self_speculative_generate(
         done = state.writer.extend(new_tokens)
     stats.draft_stops, stats.drafts_by_exit = drafter.stops, drafter.drafts_by_exit
     stats.acceptance_rate = stats.accepted / stats.drafted if stats.drafted else 0.0
-    return SpeculativeOutput(sequences=state.writer.sequences(), stats=state.finish(stats))
+    return state.finish(stats)

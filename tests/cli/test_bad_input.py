@@ -9,7 +9,6 @@ what was trained, logged and recorded.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import shutil
 from pathlib import Path
@@ -30,10 +29,9 @@ from transformers import PreTrainedModel, T5Config, T5ForConditionalGeneration
 from soft_peft import SoFTTrainer, SortedLossWrapper
 from soft_peft.cli.eval import main as eval_main
 from soft_peft.cli.generate import main as generate_main
-from soft_peft.cli.model_checks import read_model_facts, untrained_exit_warning
+from soft_peft.cli.preflight import read_model_facts, untrained_exit_warning
 from soft_peft.cli.train import main as train_main
 
-train_script = importlib.import_module("soft_peft.scripts.train")
 TRAIN_ERROR = "soft-peft train: error: "
 
 

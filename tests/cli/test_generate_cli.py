@@ -4,13 +4,18 @@ the model's weights load, judged from its config; untrained exits get the same w
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 from tiny_models import tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
+import soft_peft.inference
 from soft_peft.cli import main as soft_peft_main
+from soft_peft.inference import default_dynamic_exits, dynamic_generate, self_speculative_generate
 
 CONTEXT = 64  # max_position_embeddings of the saved tiny models
 
@@ -63,22 +68,23 @@ def usage_error(capsys, argv: list[str], prog: str = "soft-peft generate") -> st
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--draft_exit", "0"], "--draft_exit 0: must be in 1..3 ("),
-        (["--draft_exit", "4"], "has 4 layers and the last one verifies the drafts), e.g. 2."),
-        (["--draft_exit", "5"], "--draft_exit 5: must be in 1..3"),
+        (["--draft_exit", "0"], "`draft_exit` must be an int in 1..3 (the model has 4 layers"),
+        (["--draft_exit", "4"], "and the last one verifies), got 4."),
+        (["--draft_exit", "5"], "`draft_exit` must be an int in 1..3"),
         (["--num_layers", "5"], "--num_layers 5: must be in 1..4"),
         (["--thresholds", "x"], "argument --thresholds: 'x' is not a number or a comma-separated list of numbers"),
-        (["--thresholds", "1.5"], "thresholds must be in (0, 1]"),
+        (["--thresholds", "1.5"], "Thresholds must be in (0, 1], got [1.5]; 1.0 disables an exit."),
         (["--thresholds", "0.9", "--exit_layers", "5"], "exit_layers has [5] outside 1..4"),
-        (["--thresholds", "0.9,0.8", "--exit_layers", "1,2,3"], "--thresholds has 2 values for the 3 exits"),
+        (["--thresholds", "0.9,0.8", "--exit_layers", "1,2,3"], "Got 2 thresholds for the 3 exits [1, 2, 3]"),
         (["--exit_layers", "2"], "--exit_layers chooses the exits of dynamic early exit: it needs --thresholds."),
         (["--max_new_tokens", "0"], "argument --max_new_tokens: must be >= 1, got 0"),
         (["--num_draft_tokens", "0"], "argument --num_draft_tokens: must be >= 1, got 0"),
-        (["--draft_exit", "2", "--early_draft_exits", "1"], "--early_draft_exits needs --draft_stop_threshold"),
-        (["--draft_exit", "2", "--draft_stop_threshold", "0.5", "--early_draft_exits", "2"], "below --draft_exit 2"),
-        (["--draft_exit", "2", "--draft_stop_threshold", "1"], "--draft_stop_threshold must be in [0, 1)"),
+        (["--draft_exit", "2", "--early_draft_exits", "1"], "`early_draft_exits` needs `draft_stop_threshold`"),
+        (["--draft_exit", "2", "--draft_stop_threshold", "0.5", "--early_draft_exits", "2"], "below `draft_exit` (2)"),
+        (["--draft_exit", "2", "--draft_stop_threshold", "1"], "`draft_stop_threshold` must be in [0, 1)"),
         (["--draft_stop_threshold", "0.5"], "need --draft_exit"),
-        (["--do_sample", "--temperature", "0"], "--do_sample needs --temperature > 0"),
+        (["--do_sample", "--temperature", "0"], "`temperature` must be > 0, got 0.0"),
+        (["--do_sample", "--top_p", "1.5"], "`top_p` must be in (0, 1], got 1.5."),
         (["--draft_exit", "2", "--vocab_texts", "nope.txt"], "--vocab_texts nope.txt: no such file."),
         (["--vocab_texts", "nope.txt"], "--vocab_texts needs --draft_exit or --thresholds"),
         (["--max_new_tokens", "60", "--prompt", "hello"], "lower --max_new_tokens to 59"),
@@ -92,11 +98,68 @@ def test_generate_bad_values_fail_before_loading(soft_model, capsys, no_loading,
     assert message in usage_error(capsys, argv)
 
 
-def test_generate_errors_that_need_the_model_are_one_line_too(soft_model, capsys):
-    # Four thresholds for the default dynamic exits ([2]: the recorded ones below the last layer) need the decoder
+def test_generate_checks_thresholds_against_the_default_exits_before_loading(soft_model, capsys, no_loading):
+    # Four thresholds for the default dynamic exits ([2]: the recorded ones below the last layer)
     argv = ["generate", "--model_name_or_path", soft_model, "--prompt", "hi", "--thresholds", "0.5,0.5,0.5,0.5"]
     argv += ["--max_new_tokens", "4"]
     assert "Got 4 thresholds for the 1 exits [2]" in usage_error(capsys, argv)
+
+
+@pytest.mark.parametrize(
+    "flags, decoder_call",
+    [
+        (["--draft_exit", "0"], lambda m, ids: self_speculative_generate(m, ids, 0, 4)),
+        (
+            ["--draft_exit", "2", "--early_draft_exits", "1"],
+            lambda m, ids: self_speculative_generate(m, ids, 2, 4, early_draft_exits=[1]),
+        ),
+        (
+            ["--draft_exit", "3", "--draft_stop_threshold", "0.5", "--early_draft_exits", "2,1"],
+            lambda m, ids: self_speculative_generate(m, ids, 3, 4, draft_stop_threshold=0.5, early_draft_exits=[2, 1]),
+        ),
+        (["--thresholds", "0"], lambda m, ids: dynamic_generate(m, ids, None, 0.0, 4)),
+        (
+            ["--thresholds", "0.9,0.8", "--exit_layers", "1:4"],
+            lambda m, ids: dynamic_generate(m, ids, "1:4", [0.9, 0.8]),
+        ),
+        (
+            ["--draft_exit", "2", "--do_sample", "--top_p", "0"],
+            lambda m, ids: self_speculative_generate(m, ids, 2, 4, do_sample=True, top_p=0.0),
+        ),
+    ],
+)
+def test_generate_refuses_with_the_decoders_own_message(soft_model, capsys, monkeypatch, flags, decoder_call):
+    """The CLI runs the decoders' own checks, against the config, before loading: the same message, exit code 2."""
+    model = AutoModelForCausalLM.from_pretrained(soft_model).eval()
+    with pytest.raises(ValueError) as raised:
+        decoder_call(model, torch.tensor([[5, 6, 7]]))
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", Loaded)  # loading now fails the test
+    argv = ["generate", "--model_name_or_path", soft_model, "--prompt", "hi", "--max_new_tokens", "4", *flags]
+    assert usage_error(capsys, argv) == f"soft-peft generate: error: {raised.value}"
+
+
+def test_generate_default_dynamic_exits_are_the_decoders(tmp_path, capsys, monkeypatch):
+    """Without --exit_layers, dynamic early exit checks `default_dynamic_exits` of the model's recorded exits: at most
+    three of the upper half, here 4, 6 and 7 of 4, 5, 6, 7 (not all four)."""
+    model = tiny_model("llama", num_hidden_layers=8)
+    model.config.soft_exit_layers = [2, 4, 5, 6, 7, 8]
+    model.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    expected = default_dynamic_exits(8, [2, 4, 5, 6, 7, 8])
+    assert expected == [4, 6, 7]
+    calls = []
+
+    def recording(model, input_ids, exit_layers, thresholds, *args, **kwargs):
+        calls.append((list(exit_layers), thresholds))
+        return dynamic_generate(model, input_ids, exit_layers, thresholds, *args, **kwargs)
+
+    monkeypatch.setattr(soft_peft.inference, "dynamic_generate", recording)
+    argv = ["generate", "--model_name_or_path", str(tmp_path), "--prompt", "hi", "--max_new_tokens", "3"]
+    assert soft_peft_main([*argv, "--thresholds", "0.5"]) == 0
+    assert soft_peft_main([*argv, "--thresholds", "0.5,0.6,0.7"]) == 0  # one threshold per default exit
+    assert calls == [(expected, [0.5, 0.5, 0.5]), (expected, [0.5, 0.6, 0.7])]
+    stats = json.loads(capsys.readouterr().out.rstrip("\n").rsplit("\n", 1)[1])
+    assert len(stats["exits_taken"]) == 3 and set(stats["exits_taken"]) <= {*expected, 8}
 
 
 @pytest.mark.parametrize(
@@ -162,3 +225,16 @@ def test_eval_non_positive_counts_are_usage_errors(soft_model, tmp_path, capsys)
     argv = ["eval", "--model_name_or_path", soft_model, "--dataset_name", "x.jsonl", "--output_dir", str(tmp_path)]
     line = usage_error(capsys, [*argv, "--batch_size", "0"], prog="soft-peft eval")
     assert "argument --batch_size: must be >= 1, got 0" in line
+
+
+@pytest.mark.parametrize("command", ["generate", "extract"])
+def test_help_of_the_decoding_commands_loads_neither_torch_nor_transformers(command):
+    # The pre-load checks they import (soft_peft.cli.preflight) keep torch and transformers inside the checks
+    code = (
+        "import contextlib, io, sys\nfrom soft_peft.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        f"    main(['{command}', '--help'])\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'trl') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]", result.stderr

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from soft_peft.cli import main as soft_peft_main
+from soft_peft.cli.preflight import UsageError
 from soft_peft.cli.recipes import recipe_names, recipes_dir, resolve_config
-from soft_peft.scripts.preflight import UsageError
-from soft_peft.scripts.train import parse_args
+from soft_peft.cli.train_args import parse_args
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,8 +12,8 @@ from example_runs import TINY_TRAIN_ARGS, alpaca_rows, run, save_tiny_model, ste
 
 from soft_peft.cli import main as soft_peft_main
 from soft_peft.cli.train import main as train_main
+from soft_peft.cli.train_args import parse_args
 from soft_peft.data import ALPACA_PROMPT_NO_INPUT
-from soft_peft.scripts.train import parse_args
 
 
 @pytest.fixture(scope="module")

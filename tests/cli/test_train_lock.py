@@ -3,7 +3,6 @@ together cannot both pass; a lock left by a killed run is taken over with a mess
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import signal
@@ -14,30 +13,27 @@ import time
 from pathlib import Path
 
 import pytest
-from example_runs import alpaca_rows, save_tiny_model, write_jsonl
-from transformers import AutoModelForCausalLM
+from example_runs import save_tiny_model
+from train_cli_helpers import Loaded, alpaca_data, refuse_loading, train_argv
 
+from soft_peft.cli import output_dir_lock
+from soft_peft.cli.output_dir_lock import LOCK_FILE, OutputDirInUse, OutputDirLock, holds_output_dir_lock
 from soft_peft.cli.train import main as train_main
-from soft_peft.scripts import run_lock
-from soft_peft.scripts.run_lock import LOCK_FILE, OutputDirInUse, OutputDirLock, holds_output_dir_lock
 
-# The module, not the `train` function that `soft_peft.scripts` exports under the same name
-train_script = importlib.import_module("soft_peft.scripts.train")
-
-# A process holding the lock: it loads run_lock.py alone (standard library only), so it starts in milliseconds
+# A process holding the lock: it loads output_dir_lock.py alone (standard library only), so it starts in milliseconds
 HOLDER = """
 import importlib.util, os, sys, time
-spec = importlib.util.spec_from_file_location("run_lock", sys.argv[1])
-run_lock = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(run_lock)
+spec = importlib.util.spec_from_file_location("output_dir_lock", sys.argv[1])
+output_dir_lock = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(output_dir_lock)
 folder, go, hold = sys.argv[2], sys.argv[3], float(sys.argv[4])
 if go != "-":
     open(go + f".ready-{os.getpid()}", "w").close()
     while not os.path.exists(go):
         time.sleep(0.002)
 try:
-    lock = run_lock.OutputDirLock(folder).acquire()
-except run_lock.OutputDirInUse as error:
+    lock = output_dir_lock.OutputDirLock(folder).acquire()
+except output_dir_lock.OutputDirInUse as error:
     print("refused:", error, flush=True)
     sys.exit(3)
 print("locked", flush=True)
@@ -49,7 +45,7 @@ lock.release()
 
 
 def start_holder(folder: Path, go: str = "-", hold: float = 60.0) -> subprocess.Popen:
-    args = [sys.executable, "-c", HOLDER, run_lock.__file__, str(folder), go, str(hold)]
+    args = [sys.executable, "-c", HOLDER, output_dir_lock.__file__, str(folder), go, str(hold)]
     return subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
 
 
@@ -57,38 +53,22 @@ def wait_locked(process: subprocess.Popen) -> None:
     assert process.stdout.readline().strip() == "locked"
 
 
-class Loaded(Exception):
-    """Raised where the script would start loading: reaching it means every check passed."""
-
-
-@pytest.fixture
-def no_loading(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise Loaded("loaded before the checks")
-
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
-    monkeypatch.setattr(train_script, "_load_datasets", refuse)
-
-
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
-def train_argv(tmp_path: Path, model_dir: Path, output_dir: Path) -> list[str]:
-    data = write_jsonl(tmp_path / "alpaca.jsonl", alpaca_rows())
-    return ["--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--output_dir", str(output_dir)]
-
-
 def test_a_second_run_on_a_locked_folder_refuses_at_once_naming_the_holder(
-    capsys, tmp_path, tiny_model_dir, no_loading
+    capsys, tmp_path, tiny_model_dir, monkeypatch
 ):
+    refuse_loading(monkeypatch)
     output_dir = tmp_path / "out"
     holder = start_holder(output_dir)
     try:
         wait_locked(holder)
         before = (output_dir / LOCK_FILE).read_text()
-        assert train_main(train_argv(tmp_path, tiny_model_dir, output_dir)) == 2  # not `Loaded`: refused first
+        argv = train_argv(tiny_model_dir, alpaca_data(tmp_path), output_dir)
+        assert train_main(argv) == 2  # not `Loaded`: refused first
         errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
         assert len(errors) == 1, errors
         assert f"--output_dir {output_dir} is in use by another run (PID {holder.pid} on host " in errors[0]
@@ -157,22 +137,24 @@ def test_one_process_per_run_locks(monkeypatch, env, save_on_each_node, expected
     assert holds_output_dir_lock(save_on_each_node) is expected
 
 
-def test_other_ranks_do_not_refuse_their_own_run(monkeypatch, tmp_path, tiny_model_dir, no_loading):
+def test_other_ranks_do_not_refuse_their_own_run(monkeypatch, tmp_path, tiny_model_dir):
+    refuse_loading(monkeypatch)
     output_dir = tmp_path / "out"
     holder = start_holder(output_dir)  # stands for rank 0 of the same run
     try:
         wait_locked(holder)
         monkeypatch.setenv("RANK", "1")
         with pytest.raises(Loaded):
-            train_main(train_argv(tmp_path, tiny_model_dir, output_dir))
+            train_main(train_argv(tiny_model_dir, alpaca_data(tmp_path), output_dir))
     finally:
         holder.kill()
         holder.wait()
 
 
-def test_a_refused_run_leaves_no_lock_and_no_folder(capsys, tmp_path, tiny_model_dir, no_loading):
+def test_a_refused_run_leaves_no_lock_and_no_folder(capsys, tmp_path, tiny_model_dir, monkeypatch):
+    refuse_loading(monkeypatch)
     output_dir = tmp_path / "out"
-    argv = train_argv(tmp_path, tiny_model_dir, output_dir)
+    argv = train_argv(tiny_model_dir, alpaca_data(tmp_path), output_dir)
     with pytest.raises(Loaded):  # the lock is held while loading, and released when that fails
         train_main(argv)
     assert not output_dir.exists()

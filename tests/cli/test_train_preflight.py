@@ -3,19 +3,15 @@ output folder, and the checkpoint to resume. Each bad input must end in one line
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 
 import pytest
-from example_runs import TINY_TRAIN_ARGS, alpaca_rows, save_tiny_model, step_logs, write_jsonl
-from transformers import AutoModelForCausalLM
+from example_runs import TINY_TRAIN_ARGS, save_tiny_model, step_logs
+from train_cli_helpers import Loaded, alpaca_data, refuse_loading, train_argv, train_error
 
+from soft_peft.cli.preflight import UsageError, check_output_dir, resolve_resume_checkpoint
 from soft_peft.cli.train import main as train_main
-from soft_peft.scripts.preflight import UsageError, check_output_dir, resolve_resume_checkpoint
-
-# The module, not the `train` function that `soft_peft.scripts` exports under the same name
-train_script = importlib.import_module("soft_peft.scripts.train")
 
 
 @pytest.fixture(scope="module")
@@ -25,34 +21,7 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture
 def alpaca_file(tmp_path):
-    return write_jsonl(tmp_path / "alpaca.jsonl", alpaca_rows())
-
-
-class Loaded(Exception):
-    """Raised where the script would start loading: reaching it means every check passed."""
-
-
-@pytest.fixture
-def no_loading(monkeypatch):
-    """Make loading weights or the dataset fail the test: the checks must come first."""
-
-    def refuse(*args, **kwargs):
-        raise Loaded("loaded before the checks")
-
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
-    monkeypatch.setattr(train_script, "_load_datasets", refuse)
-
-
-def error_line(capsys, argv: list[str]) -> str:
-    assert train_main(argv) == 2
-    stderr = capsys.readouterr().err
-    errors = [line for line in stderr.splitlines() if line.startswith("soft-peft train: error: ")]
-    assert len(errors) == 1 and "Traceback" not in stderr, stderr
-    return errors[0]
-
-
-def base_argv(model_dir, data, output_dir) -> list[str]:
-    return ["--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--output_dir", str(output_dir)]
+    return alpaca_data(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -64,50 +33,56 @@ def base_argv(model_dir, data, output_dir) -> list[str]:
     ],
 )
 def test_exits_are_checked_against_the_config_depth_before_loading(
-    capsys, tmp_path, tiny_model_dir, alpaca_file, no_loading, flags, expected
+    capsys, tmp_path, tiny_model_dir, alpaca_file, flags, expected, monkeypatch
 ):
-    argv = base_argv(tiny_model_dir, alpaca_file, tmp_path / "out") + flags
+    refuse_loading(monkeypatch)
+    argv = train_argv(tiny_model_dir, alpaca_file, tmp_path / "out") + flags
     if expected is None:
         with pytest.raises(Loaded):
             train_main(argv)
         return
-    assert expected in error_line(capsys, argv)
+    assert expected in train_error(capsys, argv)
 
 
-def test_exit_zero_no_longer_names_a_placeholder_depth(capsys, tmp_path, alpaca_file):
-    line = error_line(capsys, ["--dataset_name", str(alpaca_file), "--exit_layers", "0"])
-    assert "1000000" not in line and "layers are counted from 1" in line, line
+def test_exit_zero_is_refused_when_parsed_saying_layers_count_from_1(capsys, tmp_path, alpaca_file):
+    # Refused by the settings' own validation, before the model (here the unreachable Hub default) is looked at
+    line = train_error(capsys, ["--dataset_name", str(alpaca_file), "--exit_layers", "0"])
+    assert "exit_layers has [0], but layers are counted from 1" in line, line
+    assert "from 1 to the model's depth" in line, line
 
 
-def test_unwritable_output_dir(capsys, tmp_path, tiny_model_dir, alpaca_file, no_loading, monkeypatch):
+def test_unwritable_output_dir(capsys, tmp_path, tiny_model_dir, alpaca_file, monkeypatch):
+    refuse_loading(monkeypatch)
     # The tests run as root, which may write anywhere: deny the folder through `os.access` instead of chmod
     locked = tmp_path / "locked"
     locked.mkdir()
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(locked) and real_access(path, mode))
-    line = error_line(capsys, base_argv(tiny_model_dir, alpaca_file, locked / "run"))
+    line = train_error(capsys, train_argv(tiny_model_dir, alpaca_file, locked / "run"))
     assert f"its parent {locked} is not writable" in line and "choose another --output_dir" in line
 
 
-def test_output_dir_under_a_file(capsys, tmp_path, tiny_model_dir, alpaca_file, no_loading):
-    line = error_line(capsys, base_argv(tiny_model_dir, alpaca_file, alpaca_file / "run"))
+def test_output_dir_under_a_file(capsys, tmp_path, tiny_model_dir, alpaca_file, monkeypatch):
+    refuse_loading(monkeypatch)
+    line = train_error(capsys, train_argv(tiny_model_dir, alpaca_file, alpaca_file / "run"))
     assert "is a file, not a folder" in line
 
 
 @pytest.mark.parametrize("leftover", ["model.safetensors", "trainer_state.json", "checkpoint-3"])
 def test_a_previous_run_is_refused_unless_overwritten(
-    capsys, tmp_path, tiny_model_dir, alpaca_file, no_loading, leftover
+    capsys, tmp_path, tiny_model_dir, alpaca_file, leftover, monkeypatch
 ):
+    refuse_loading(monkeypatch)
     output_dir = tmp_path / "out"
     output_dir.mkdir()
     if leftover.startswith("checkpoint"):
         (output_dir / leftover).mkdir()
     else:
         (output_dir / leftover).write_text("{}")
-    line = error_line(capsys, base_argv(tiny_model_dir, alpaca_file, output_dir))
+    line = train_error(capsys, train_argv(tiny_model_dir, alpaca_file, output_dir))
     assert f"already holds a run ({leftover})" in line and "--overwrite_output_dir" in line
     with pytest.raises(Loaded):  # the flag lets it through to loading
-        train_main(base_argv(tiny_model_dir, alpaca_file, output_dir) + ["--overwrite_output_dir"])
+        train_main(train_argv(tiny_model_dir, alpaca_file, output_dir) + ["--overwrite_output_dir"])
 
 
 def make_checkpoint(output_dir, step: int, complete: bool):
@@ -155,7 +130,7 @@ def test_check_output_dir_accepts_a_fresh_or_resumed_folder(tmp_path):
 
 def test_resume_flag_alone_skips_a_checkpoint_cut_off_while_saving(tmp_path, tiny_model_dir, alpaca_file, capsys):
     output_dir = tmp_path / "run"
-    argv = base_argv(tiny_model_dir, alpaca_file, output_dir) + TINY_TRAIN_ARGS
+    argv = train_argv(tiny_model_dir, alpaca_file, output_dir) + TINY_TRAIN_ARGS
     assert train_main([*argv, "--save_strategy", "steps", "--save_steps", "1"]) == 0
     # A kill during the second save leaves the model but not the trainer state, which is written last
     os.remove(output_dir / "checkpoint-2" / "trainer_state.json")

@@ -5,35 +5,19 @@ loads, and nothing in the checkpoint is touched."""
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import shutil
 
 import pytest
-from example_runs import TINY_TRAIN_ARGS, alpaca_rows, save_tiny_model, write_jsonl
+from example_runs import TINY_TRAIN_ARGS, save_tiny_model
 from tiny_models import tiny_model, tiny_tokenizer
+from train_cli_helpers import Loaded, alpaca_data, refuse_loading, train_argv
 from transformers import AutoModelForCausalLM
 
 from soft_peft.checkpoints import RUN_RECORD_FILE, save_run_record
+from soft_peft.cli.preflight import UsageError
+from soft_peft.cli.resume_checks import check_resume_matches
 from soft_peft.cli.train import main as train_main
-from soft_peft.scripts.preflight import UsageError
-from soft_peft.scripts.resume_checks import check_resume_matches
-
-# The module, not the `train` function that `soft_peft.scripts` exports under the same name
-train_script = importlib.import_module("soft_peft.scripts.train")
-
-
-class Loaded(Exception):
-    """Raised where the script would start loading: reaching it means every check passed."""
-
-
-@pytest.fixture
-def no_loading(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise Loaded("loaded before the checks")
-
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
-    monkeypatch.setattr(train_script, "_load_datasets", refuse)
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +31,10 @@ def trained(tmp_path_factory):
     config.hidden_size = 64
     AutoModelForCausalLM.from_config(config).save_pretrained(wide)
     tiny_tokenizer().save_pretrained(wide)  # a complete model folder: only its shape is wrong
-    data = write_jsonl(root / "alpaca.jsonl", alpaca_rows())
+    data = alpaca_data(root)
     output_dir = root / "run"
-    argv = ["--model_name_or_path", str(model_dir), "--dataset_name", str(data), *TINY_TRAIN_ARGS]
-    argv += ["--max_steps", "1", "--save_strategy", "steps", "--save_steps", "1", "--output_dir", str(output_dir)]
+    argv = train_argv(model_dir, data, output_dir, *TINY_TRAIN_ARGS)
+    argv += ["--max_steps", "1", "--save_strategy", "steps", "--save_steps", "1"]
     assert train_main(argv) == 0
     return {"model": model_dir, "same_shape": same_shape, "wide": wide, "data": data, "run": output_dir}
 
@@ -91,7 +75,8 @@ def test_the_checkpoint_records_its_run(trained):
     ],
     ids=["exits", "weights", "base-model"],
 )
-def test_a_changed_setting_is_refused_naming_both_values(capsys, trained, no_loading, change, expected):
+def test_a_changed_setting_is_refused_naming_both_values(capsys, trained, change, expected, monkeypatch):
+    refuse_loading(monkeypatch)
     if change.get("model_name_or_path") == "same_shape":
         change = {"model_name_or_path": str(trained["same_shape"])}
     expected = expected.replace("{model}", str(trained["model"])).replace("{same_shape}", str(trained["same_shape"]))
@@ -104,19 +89,22 @@ def test_a_changed_setting_is_refused_naming_both_values(capsys, trained, no_loa
     assert folder_digest(trained["run"]) == before
 
 
-def test_allow_resume_changes_continues_and_says_what_changed(capsys, trained, no_loading):
+def test_allow_resume_changes_continues_and_says_what_changed(capsys, trained, monkeypatch):
+    refuse_loading(monkeypatch)
     with pytest.raises(Loaded):
         train_main(resume_argv(trained, exit_layers="1,2,3,4", allow_resume_changes=None))
     err = capsys.readouterr().err
     assert "(--allow_resume_changes): --exit_layers [2, 4] in the checkpoint, [1, 2, 3, 4] now" in err
 
 
-def test_the_same_settings_resume(trained, no_loading):
+def test_the_same_settings_resume(trained, monkeypatch):
+    refuse_loading(monkeypatch)
     with pytest.raises(Loaded):
         train_main(resume_argv(trained, model_name_or_path=str(trained["model"]) + "/"))  # same folder, spelled apart
 
 
-def test_a_model_of_another_shape_is_refused_in_one_line_before_loading(capsys, trained, no_loading):
+def test_a_model_of_another_shape_is_refused_in_one_line_before_loading(capsys, trained, monkeypatch):
+    refuse_loading(monkeypatch)
     before = folder_digest(trained["run"])
     # Not even with --allow_resume_changes: the weights could not load
     assert train_main(resume_argv(trained, model_name_or_path=str(trained["wide"]), allow_resume_changes=None)) == 2

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 from transformers import TrainerControl, TrainerState
 
-from soft_peft.scripts.stop_on_signal import StopOnSignal
+from soft_peft.cli.stop_on_signal import StopOnSignal
 
 
 def test_a_signal_stops_at_the_next_step_end_with_a_checkpoint(tmp_path, capsys):

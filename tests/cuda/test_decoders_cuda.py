@@ -45,7 +45,7 @@ def test_dynamic_matches_generate_and_the_no_cache_reference(device, arch):
     exits = [1, 2, 3]
     expected = model.generate(input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=10)
     out = dynamic_generate(model, input_ids, exits, 1.0, max_new_tokens=10, attention_mask=attention_mask)
-    assert torch.equal(out.sequences, expected) and out.checks == 0
+    assert torch.equal(out.sequences, expected) and out.stats.checks == 0
 
     # A threshold that exits some tokens early and not others (tiny random models are unsure)
     stack = DecoderStack(model)
@@ -64,7 +64,7 @@ def test_dynamic_matches_generate_and_the_no_cache_reference(device, arch):
     out = dynamic_generate(
         model, input_ids, exits, threshold, max_new_tokens=10, attention_mask=attention_mask, eos_token_id=[]
     )
-    assert out.exits_taken.tolist() == depths
+    assert out.stats.exits_taken.tolist() == depths
     assert torch.equal(out.sequences, reference)
 
 

@@ -8,7 +8,7 @@ import sys
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from soft_peft.scripts.train import parse_args, train
+from soft_peft.cli.train_args import parse_args, train
 
 
 class KillAfterCheckpoint(TrainerCallback):

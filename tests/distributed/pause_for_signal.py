@@ -13,8 +13,7 @@ import time
 
 from transformers import TrainerCallback
 
-# The module, not the `train` function that `soft_peft.scripts` exports under the same name
-train_script = importlib.import_module("soft_peft.scripts.train")
+train_script = importlib.import_module("soft_peft.cli.train")
 
 
 class PauseForSignal(TrainerCallback):

@@ -6,13 +6,13 @@ import subprocess
 import sys
 import textwrap
 
-from soft_peft.scripts.train import end_run
+from soft_peft.cli.train import end_run
 
 GLOO_RUN = textwrap.dedent(
     """
     import atexit, sys
     import torch, torch.distributed as dist
-    from soft_peft.scripts.train import end_run
+    from soft_peft.cli.train import end_run
 
     dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
     dist.all_reduce(torch.ones(1))  # gloo's worker threads are running

@@ -11,7 +11,7 @@ import torch
 import yaml
 from example_runs import EXAMPLES, RECIPES, ROOT
 
-from soft_peft.scripts.train import parse_args
+from soft_peft.cli.train_args import parse_args
 
 TRAINING_RECIPES = sorted(RECIPES.glob("*.yaml"))
 ACCELERATE_CONFIGS = sorted((RECIPES / "accelerate").glob("*.yaml"))

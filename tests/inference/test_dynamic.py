@@ -5,6 +5,7 @@ import torch
 from inference_helpers import prompts, reference_dynamic
 from tiny_models import GEN_ARCHS, NUM_LAYERS, tiny_model
 
+from soft_peft import recorded_exit_layers
 from soft_peft.inference import DecoderStack, default_dynamic_exits, dynamic_generate, exit_confidence
 
 
@@ -41,7 +42,7 @@ def test_threshold_one_equals_greedy_generate(model, kv_fill):
         model, input_ids, [1, 2, 3], 1.0, max_new_tokens=12, attention_mask=attention_mask, kv_fill=kv_fill
     )
     assert torch.equal(out.sequences, expected)
-    assert out.average_depth == NUM_LAYERS and out.checks == 0
+    assert out.stats.average_depth == NUM_LAYERS and out.stats.checks == 0
 
 
 @pytest.mark.parametrize("batch, pads", [(1, ()), (2, (2, 0))])
@@ -53,9 +54,9 @@ def test_recompute_matches_no_cache_reference(model, batch, pads):
     out = dynamic_generate(
         model, input_ids, exits, threshold, max_new_tokens=10, attention_mask=attention_mask, eos_token_id=[]
     )
-    assert out.exits_taken.tolist() == depths
+    assert out.stats.exits_taken.tolist() == depths
     assert torch.equal(out.sequences, expected)
-    assert out.average_depth == pytest.approx(sum(depths) / len(depths))
+    assert out.stats.average_depth == pytest.approx(sum(depths) / len(depths))
 
 
 def test_propagate_fills_every_layer_and_saves_depth():
@@ -64,9 +65,9 @@ def test_propagate_fills_every_layer_and_saves_depth():
     threshold = mixed_exit_threshold(model, input_ids, None, [1, 2], 14)[0]
     out = dynamic_generate(model, input_ids, [1, 2], threshold, max_new_tokens=14, kv_fill="propagate")
     assert out.sequences.shape == (1, 22)
-    assert out.average_depth < NUM_LAYERS
+    assert out.stats.average_depth < NUM_LAYERS
     # Each skipped layer still got its keys and values (counted as a layer pass per filled position)
-    assert out.layer_forwards[-1] == out.layer_forwards[0]
+    assert out.stats.layer_forwards[-1] == out.stats.layer_forwards[0]
 
 
 def test_margin_confidence_and_per_exit_thresholds():
@@ -89,7 +90,7 @@ def test_margin_confidence_and_per_exit_thresholds():
     else:
         raise AssertionError("no per-exit thresholds make the reference exit at 1, 3 and the last layer")
     out = dynamic_generate(model, input_ids, [1, 3], thresholds, max_new_tokens=12, confidence="margin")
-    assert out.exits_taken.tolist() == depths
+    assert out.stats.exits_taken.tolist() == depths
     assert torch.equal(out.sequences, expected)
     # The same thresholds on max-probability confidence decide otherwise, so the margin was really used
     max_prob = reference_dynamic(model, input_ids, None, [1, 3], thresholds, 12)[1]
@@ -103,7 +104,7 @@ def test_margin_confidence_and_per_exit_thresholds():
 def test_default_exits_use_recorded_layers():
     model = tiny_model("llama", num_hidden_layers=30)
     model.config.soft_exit_layers = [9, 12, 15, 18, 21, 24, 27, 30]
-    assert default_dynamic_exits(model, 30) == [15, 21, 27]
+    assert default_dynamic_exits(30, recorded_exit_layers(model)) == [15, 21, 27]
 
 
 @pytest.mark.parametrize(

@@ -147,9 +147,9 @@ def test_dynamic_with_check_vocab_matches_reference(model):
     exits = [1, 2, 3]
     threshold, subset, expected, depths = _subset_that_blocks_exits(model, input_ids, attention_mask, exits, 10)
     out = dynamic_generate(model, input_ids, exits, threshold, 10, attention_mask, check_vocab=subset, eos_token_id=[])
-    assert out.exits_taken.tolist() == depths
+    assert out.stats.exits_taken.tolist() == depths
     assert torch.equal(out.sequences, expected)
-    assert out.full_checks < out.checks
+    assert out.stats.full_checks < out.stats.checks
 
 
 def test_dynamic_with_the_whole_vocabulary_as_subset_changes_nothing(model):
@@ -157,8 +157,8 @@ def test_dynamic_with_the_whole_vocabulary_as_subset_changes_nothing(model):
     plain = dynamic_generate(model, input_ids, [1, 2, 3], 0.03, 10, eos_token_id=[])
     subset = dynamic_generate(model, input_ids, [1, 2, 3], 0.03, 10, eos_token_id=[], check_vocab=torch.arange(VOCAB))
     assert torch.equal(plain.sequences, subset.sequences)
-    assert plain.exits_taken.tolist() == subset.exits_taken.tolist()
-    assert subset.checks == plain.checks and subset.full_checks <= subset.checks
+    assert plain.stats.exits_taken.tolist() == subset.stats.exits_taken.tolist()
+    assert subset.stats.checks == plain.stats.checks and subset.stats.full_checks <= subset.stats.checks
 
 
 def test_dynamic_exit_on_subset_matches_reference(model):
@@ -178,10 +178,10 @@ def test_dynamic_exit_on_subset_matches_reference(model):
         model, input_ids, exits, threshold, 10, attention_mask, check_vocab=subset, exit_on_subset=True,
         eos_token_id=[],
     )  # fmt: skip
-    assert out.exits_taken.tolist() == depths
+    assert out.stats.exits_taken.tolist() == depths
     assert torch.equal(out.sequences, expected)
-    assert out.full_checks == 0
-    early = out.sequences[:, input_ids.shape[1] :][:, out.exits_taken < NUM_LAYERS]
+    assert out.stats.full_checks == 0
+    early = out.sequences[:, input_ids.shape[1] :][:, out.stats.exits_taken < NUM_LAYERS]
     assert bool(torch.isin(early, subset).all())
 
 
@@ -209,6 +209,6 @@ def test_dynamic_exit_on_subset_samples_only_subset_tokens_at_early_exits(model)
         model, input_ids, [1, 2], 0.01, 12, do_sample=True, generator=torch.Generator().manual_seed(0),
         check_vocab=subset, exit_on_subset=True, eos_token_id=[],
     )  # fmt: skip
-    early = out.exits_taken < NUM_LAYERS
-    assert bool(early.any()) and out.full_checks == 0
+    early = out.stats.exits_taken < NUM_LAYERS
+    assert bool(early.any()) and out.stats.full_checks == 0
     assert bool(torch.isin(out.sequences[0, input_ids.shape[1] :][early], subset).all())

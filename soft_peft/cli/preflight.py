@@ -1,27 +1,32 @@
-"""Checks a training script runs before it loads weights or tokenizes data, so a wrong setting costs seconds, not the
-run: the exits against the model's real depth (from its config), the output folder, and the checkpoint to resume.
+"""The checks every command runs before it loads weights or tokenizes data, so a wrong setting costs seconds, not the
+run: the model's config (depth, context length, trained exits), its files, the exits asked for, and for training the
+output folder and the checkpoint to resume.
+
+Kept free of torch imports at module level, like the argument parsers that use it (`soft-peft --help` stays fast).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import sys
+from dataclasses import dataclass
 
-from transformers import AutoConfig
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
-
-from ..cli.model_files import check_tokenizer_files, check_weight_files
-from ..exit_weights import exit_loss_weights
-from ..exits import parse_exit_layers
-from ..model_layout import num_decoder_layers
+from .model_files import check_tokenizer_files, check_weight_files
 
 __all__ = [
+    "ModelFacts",
     "UsageError",
     "check_exits_against_model",
     "check_model_files",
     "check_output_dir",
+    "error_reason",
     "finished_run_files",
     "latest_complete_checkpoint",
+    "read_model_facts",
     "resolve_resume_checkpoint",
+    "untrained_exit_warning",
+    "warn",
 ]
 
 # Written last by `Trainer._save_checkpoint`: a checkpoint folder without it was cut off while saving
@@ -38,10 +43,28 @@ _FINISHED_RUN_FILES = (
 )
 _RESUME_LATEST = ("true", "yes", "1")
 _RESUME_NONE = ("", "false", "no", "0", "none")
+_CONFIG_KEY = "soft_exit_layers"  # soft_peft.exits.CONFIG_KEY, without importing torch
 
 
 class UsageError(Exception):
     """A user error in the arguments or the data: reported as one line, exit code 2."""
+
+
+def error_reason(error: BaseException) -> str:
+    """The first line of an exception's message (library errors run on for pages), or its type's name when empty."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _read_config(name_or_path: str, source: str | None = None, **kwargs):
+    """``AutoConfig.from_pretrained(source or name_or_path, **kwargs)``; a ``ValueError`` naming ``name_or_path``."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source or name_or_path, **kwargs)
+    except OSError as error:
+        reason = error_reason(error)
+        raise ValueError(f"--model_name_or_path {name_or_path}: cannot read its config.json ({reason})") from None
 
 
 def check_exits_against_model(
@@ -66,12 +89,14 @@ def check_exits_against_model(
         UsageError: when the config cannot be read, the model is an encoder-decoder, or the exits or weights do not
             fit the model, naming its depth and a valid example.
     """
+    from ..exits import parse_exit_layers
+    from ..model_layout import num_decoder_layers
+    from ..exit_weights import exit_loss_weights
+
     try:
-        config = AutoConfig.from_pretrained(model_name_or_path, revision=revision, trust_remote_code=trust_remote_code)
-    except OSError as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        message = f"--model_name_or_path {model_name_or_path}: cannot read its config.json ({reason})"
-        raise UsageError(message) from error
+        config = _read_config(model_name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     if getattr(config, "is_encoder_decoder", False):
         raise UsageError(
             f"--model_name_or_path {model_name_or_path}: a {type(config).__name__} is an encoder-decoder model; SoFT "
@@ -85,25 +110,33 @@ def check_exits_against_model(
     return layers
 
 
-def check_model_files(model_name_or_path: str, tokenizer_name_or_path: str | None = None) -> None:
+def check_model_files(
+    model_name_or_path: str,
+    tokenizer_name_or_path: str | None = None,
+    tokenizer_flag: str | None = "--tokenizer_name_or_path",
+) -> None:
     """Refuse a local model folder with a truncated or unreadable weights file, or without a tokenizer when none is
-    passed (``--tokenizer_name_or_path``); a Hub model is not checked.
+    passed (``tokenizer_name_or_path``); a Hub model is not checked.
+
+    Args:
+        model_name_or_path: The model's folder or Hub name.
+        tokenizer_name_or_path: A tokenizer given apart from the model; ``None``: the model folder must hold one.
+        tokenizer_flag: The option that passes a tokenizer, for the message; ``None`` where the command has none.
 
     Raises:
-        UsageError: naming the file, or saying the folder has no tokenizer and how to pass one.
+        ValueError: naming the file, or saying the folder has no tokenizer and how to give one.
     """
-    try:
-        check_weight_files(model_name_or_path)
-        if tokenizer_name_or_path is None:
-            check_tokenizer_files(model_name_or_path)
-    except ValueError as error:
-        raise UsageError(f"--model_name_or_path {error}") from None
+    check_weight_files(model_name_or_path)
+    if tokenizer_name_or_path is None:
+        check_tokenizer_files(model_name_or_path, tokenizer_flag)
 
 
 def finished_run_files(output_dir: str) -> list[str]:
     """The files and checkpoint folders in ``output_dir`` that a training run leaves behind (empty if none)."""
     if not os.path.isdir(output_dir):
         return []
+    from transformers.trainer_utils import sort_checkpoints
+
     found = [name for name in _FINISHED_RUN_FILES if os.path.isfile(os.path.join(output_dir, name))]
     return found + [os.path.basename(path) for path in sort_checkpoints(output_dir)]
 
@@ -149,6 +182,8 @@ def latest_complete_checkpoint(output_dir: str) -> tuple[str | None, list[str]]:
     Returns:
         ``(path or None, incomplete)``: the checkpoint to resume from, and the newer incomplete ones it skipped.
     """
+    from transformers.trainer_utils import sort_checkpoints
+
     incomplete = []
     for path in reversed(sort_checkpoints(output_dir) if os.path.isdir(output_dir) else []):
         if os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
@@ -174,6 +209,8 @@ def resolve_resume_checkpoint(value: str | bool | None, output_dir: str) -> str 
     """
     if value is None or value is False or (isinstance(value, str) and value.strip().lower() in _RESUME_NONE):
         return None
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
     latest, incomplete = latest_complete_checkpoint(output_dir)
     if value is True or value.strip().lower() in _RESUME_LATEST:
         if latest is None:
@@ -208,3 +245,90 @@ def resolve_resume_checkpoint(value: str | bool | None, output_dir: str) -> str 
             f"{TRAINER_STATE_NAME}: the run was stopped while saving it); {instead}."
         )
     return value
+
+
+@dataclass
+class ModelFacts:
+    """What a checkpoint's config says about it.
+
+    Attributes:
+        name: The model's folder or Hub name, as given.
+        num_layers: Decoder depth.
+        max_positions: Context length (``max_position_embeddings``), or ``None`` when the config has none.
+        recorded_exits: The ``soft_exit_layers`` it was trained with, or ``None`` (not trained with SoFT).
+        config: The config itself.
+    """
+
+    name: str
+    num_layers: int
+    max_positions: int | None
+    recorded_exits: list[int] | None
+    config: object = None
+
+
+def read_model_facts(name_or_path: str) -> ModelFacts:
+    """Read a model's [`ModelFacts`] from its ``config.json`` (a PEFT adapter folder: its base model's config).
+
+    Raises:
+        ValueError: when no config can be read or it has no usable depth, naming the model.
+    """
+    source, adapter_exits = name_or_path, None
+    adapter_config = os.path.join(name_or_path, "adapter_config.json")
+    if not os.path.isfile(os.path.join(name_or_path, "config.json")) and os.path.isfile(adapter_config):
+        from ..checkpoints import read_adapter_exit_layers
+
+        with open(adapter_config, encoding="utf-8") as handle:
+            source = json.load(handle).get("base_model_name_or_path") or name_or_path
+        # An adapter's exits are recorded beside it (`soft_peft_config.json`), not in its base model's config
+        adapter_exits = read_adapter_exit_layers(name_or_path)
+    config = _read_config(name_or_path, source)
+    text_config = config.get_text_config()
+    num_layers = getattr(text_config, "num_hidden_layers", None)
+    if not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"{name_or_path}: its config has no usable `num_hidden_layers` ({num_layers!r}).")
+    if adapter_exits is not None:  # the base model's config, as `load_causal_lm` will give it the adapter's exits
+        setattr(config, _CONFIG_KEY, adapter_exits)
+    recorded = getattr(config, _CONFIG_KEY, None)
+    max_positions = getattr(text_config, "max_position_embeddings", None)
+    return ModelFacts(
+        name=name_or_path,
+        num_layers=num_layers,
+        max_positions=max_positions if isinstance(max_positions, int) else None,
+        recorded_exits=None if recorded is None else [int(k) for k in recorded],
+        config=config,
+    )
+
+
+def untrained_exit_warning(facts: ModelFacts, exits: list[int], flag: str) -> str | None:
+    """The warning for decoding with exits below the last layer that the checkpoint did not train, else ``None``.
+
+    As ``extract_submodel`` warns: an exit that is not one of the recorded ``soft_exit_layers``, or any early exit of
+    a model without them (``soft-peft eval`` refuses such a model unless ``--exit_layers`` is given).
+
+    Args:
+        facts: The model's facts.
+        exits: The exits the command will use.
+        flag: The flag that chose them, for the message.
+    """
+    early = [k for k in exits if k < facts.num_layers]
+    if not early:
+        return None
+    if facts.recorded_exits is None:
+        return (
+            f"{facts.name} records no trained exits (no `{_CONFIG_KEY}` in its config.json: not trained with "
+            f"SoFTTrainer), so {flag} {','.join(map(str, early))} decodes with an untrained sub-model; expect poor "
+            "output and few accepted drafts."
+        )
+    untrained = [k for k in early if k not in facts.recorded_exits]
+    if untrained:
+        return (
+            f"{flag} {','.join(map(str, untrained))} is not one of the exits {facts.name} was trained with "
+            f"({facts.recorded_exits}); its sub-model may be poor. Pick one of those."
+        )
+    return None
+
+
+def warn(prog: str, message: str | None) -> None:
+    """Print ``prog: warning: message`` on stderr (nothing for ``None``)."""
+    if message:
+        print(f"{prog}: warning: {message}", file=sys.stderr)

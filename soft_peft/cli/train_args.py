@@ -1,0 +1,139 @@
+"""The arguments of `soft-peft train` and `examples/*.py`: TRL's `TrlParser` over [`SoFTScriptArguments`],
+[`SoFTConfig`] and TRL's `ModelConfig`, reading a YAML recipe (`--config`, a file or a shipped recipe's name) plus
+command-line overrides, which win.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from transformers.utils import is_torch_bf16_gpu_available
+from trl import ModelConfig, ScriptArguments, TrlParser
+
+from ..config import SoFTConfig
+from ..data import DATASET_FORMATS
+from .preflight import UsageError, error_reason
+from .recipes import resolve_config
+
+__all__ = ["DEFAULT_MODEL", "SoFTScriptArguments", "make_parser", "parse_args"]
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M"
+
+
+@dataclass
+class SoFTScriptArguments(ScriptArguments):
+    """TRL's `ScriptArguments` (`dataset_name`, `dataset_config`, `dataset_train_split`, ...) plus:
+
+    Args:
+        dataset_format (`str`, defaults to `"auto"`): The rows' format (`soft_peft.data.DATASET_FORMATS`): TRL's
+            `messages`, `prompt_completion` or `text`, trained as `SFTTrainer` trains them; the paper's `alpaca`
+            (`instruction`, `input`, `output`; Alpaca template), `gsm8k` or `triviaqa` (`question`, `answer`),
+            converted to prompt-completion; or `auto`, told by the columns.
+        eval_holdout_size (`float`, defaults to `0`): Rows of the training data held out for evaluation when
+            `eval_strategy` is not `"no"`: a fraction below 1 or a count. 0 uses `dataset_test_split` instead.
+        overwrite_output_dir (`bool`, defaults to `False`): Train into an `output_dir` that holds a previous run
+            (its model, `trainer_state.json` or checkpoints), which is otherwise refused.
+        allow_resume_changes (`bool`, defaults to `False`): Resume a checkpoint with another base model, exit set or
+            exit weights than it was trained with (otherwise refused, naming both values); each change is printed.
+    """
+
+    dataset_format: str = field(
+        default="auto",
+        metadata={"help": "Row format of the dataset ('auto': told by its columns).", "choices": [*DATASET_FORMATS]},
+    )
+    eval_holdout_size: float = field(
+        default=0.0,
+        metadata={
+            "help": "Hold out this many training rows (a fraction below 1, or a count) for evaluation. "
+            "0: evaluate on `dataset_test_split`."
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train into an output_dir that holds a previous run (refused otherwise)."},
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "The tokenizer's folder or Hub name, when the model folder has none (default: the model's)."
+        },
+    )
+    allow_resume_changes: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume with another --model_name_or_path, --exit_layers or --exit_loss_weights than the "
+            "checkpoint was trained with (refused otherwise)."
+        },
+    )
+
+
+class _OneLineErrorParser(TrlParser):
+    # argparse prints the whole usage (hundreds of TrainingArguments flags) before an error: raise one line instead
+    def error(self, message):
+        raise UsageError(message)
+
+
+def make_parser(prog: str | None = None, **defaults) -> TrlParser:
+    """The `TrlParser` over (`SoFTScriptArguments`, `SoFTConfig`, `ModelConfig`).
+
+    Args:
+        prog: Program name shown by `--help`.
+        **defaults: Default values that a recipe (`--config`) or the command line override, e.g. an example's
+            `dataset_name` and `dataset_format`.
+    """
+    parser = _OneLineErrorParser((SoFTScriptArguments, SoFTConfig, ModelConfig), prog=prog)
+    for action in parser._actions:
+        # argparse %-formats help strings: a bare "30% depth" would crash `--help`
+        if action.help:
+            action.help = re.sub(r"(?<!%)%(?![(%])", "%%", action.help)
+        if action.dest == "resume_from_checkpoint":
+            # `--resume_from_checkpoint` alone means the latest complete checkpoint, as `resume_from_checkpoint=True`
+            action.nargs, action.const = "?", "true"
+            action.help = (
+                "Resume from this checkpoint folder; alone (or 'true'): from the latest complete checkpoint in "
+                "--output_dir."
+            )
+    # SFTConfig turns bf16 on by default, which stops a CPU-only machine before it starts
+    base_defaults = {"model_name_or_path": DEFAULT_MODEL}
+    if not is_torch_bf16_gpu_available():
+        base_defaults["bf16"] = False
+    parser.set_defaults(**{**base_defaults, **defaults})
+    return parser
+
+
+def parse_args(
+    argv: Sequence[str] | None = None, prog: str | None = None, **defaults
+) -> tuple[SoFTScriptArguments, SoFTConfig, ModelConfig]:
+    """Parse `--config recipe.yaml` and command-line overrides (which win).
+
+    Raises:
+        UsageError: for unknown flags or recipe keys, a missing recipe file, or an invalid value.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" in argv:
+        index = argv.index("--config")
+        if index + 1 >= len(argv):
+            raise UsageError("--config expects a YAML recipe file or the name of a shipped recipe, got nothing.")
+        try:  # a file as given, else a recipe shipped with soft-peft (`--config smollm2_135m_alpaca_cpu`)
+            argv[index + 1] = resolve_config(argv[index + 1])
+        except FileNotFoundError as error:
+            raise UsageError(str(error)) from error
+    parser = make_parser(prog, **defaults)
+    try:
+        *parsed, from_recipe, from_command_line = parser.parse_args_and_config(
+            argv, return_remaining_strings=True, separate_remaining_strings=True
+        )
+    except (ValueError, TypeError) as error:  # raised by the configs' validation (`__post_init__`)
+        raise UsageError(error_reason(error)) from error
+    if from_command_line:
+        raise UsageError(f"unknown option(s) {' '.join(from_command_line)}; see --help for the accepted flags.")
+    if from_recipe:
+        keys = [arg[2:] for arg in from_recipe[::2]]
+        raise UsageError(f"unknown key(s) {keys} in the --config recipe; remove them or check their spelling.")
+    script_args, training_args, model_args = parsed
+    if not script_args.dataset_name:
+        raise UsageError("no dataset: pass --dataset_name (a Hub dataset or a local JSON/JSONL file).")
+    return script_args, training_args, model_args
