@@ -1,7 +1,8 @@
 """The learning curves of the quality study: each run's held-out CE against SFT's at the same step, over steps.
 
-`quality_study.py run --curve_every N` keeps the model every N steps and evaluates each (`result["curve"]`:
-``{step: {exit: metrics}}``); this module turns the runs that have one into a table and a plot for the report.
+`python -m benchmarks.quality_study run --curve_every N` keeps the model every N steps and evaluates each
+(`result["curve"]`: ``{step: {exit: metrics}}``); this module turns the runs that have one into a table and a plot
+for the report.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""The report of `benchmarks/quality_study.py`: per-run tables against SFT and a frontier plot, from the result JSONs.
+"""The report of `benchmarks.quality_study`: per-run tables against SFT and a frontier plot, from the result JSONs.
 
-python benchmarks/quality_study.py report   # reads docs/study/*.json, writes docs/quality_study.md + plots
+python -m benchmarks.quality_study report   # reads docs/study/*.json, writes docs/quality_study.md + plots
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import os
 import statistics
 from pathlib import Path
 
-from quality_curves import curve_section
+from benchmarks.quality_curves import curve_section
 
-__all__ = ["RESULTS_BLOCK", "extract_block", "splice_block", "summarize", "write_report"]
+__all__ = ["RESULTS_BLOCK", "current_command", "extract_block", "splice_block", "summarize", "write_report"]
 
-# The study's summary inside docs/results.md, which `replicate.py report` rewrites around it
+# The study's summary inside docs/results.md: `report` replaces what lies between these markers, and nothing else
 RESULTS_BLOCK = ("<!-- quality-study:begin -->", "<!-- quality-study:end -->")
 
 # Targets of issue 13 for the best variant at equal steps, each against SFT's run
@@ -37,7 +37,7 @@ def summarize(result: dict, sft: dict | None) -> dict:
     """One run's headline numbers; ratios against `sft` (``None`` when SFT has no result yet).
 
     Args:
-        result: A run's JSON (see quality_study.py).
+        result: A run's JSON (see `benchmarks.quality_study`).
         sft: SFT's JSON at the same step count, or ``None``.
 
     Returns:
@@ -179,12 +179,24 @@ def _reproduce_commands(by_steps: dict[int, dict[str, dict]], results_dir: Path)
     """The study commands that recreate exactly the reported runs and decodings, one line per step count."""
     lines = []
     for steps, group in sorted(by_steps.items()):
-        lines.append(f"python benchmarks/quality_study.py run --max_steps {steps} --runs {','.join(group)} --core 0")
+        lines.append(f"python -m benchmarks.quality_study run --max_steps {steps} --runs {','.join(group)} --core 0")
         decoded = [run for run in group if (results_dir / f"{run}-{steps}.decode.json").exists()]
         if decoded:
             runs = ",".join(decoded)
-            lines.append(f"python benchmarks/quality_study.py decode --max_steps {steps} --runs {runs} --core 0")
+            lines.append(f"python -m benchmarks.quality_study decode --max_steps {steps} --runs {runs} --core 0")
     return lines
+
+
+# Decoding commands recorded before the benchmarks became one module per question: the same flags, today's command
+RENAMED_COMMANDS = {"python benchmarks/decode_speed.py ": "python -m benchmarks.decode_cost speed "}
+
+
+def current_command(command: str) -> str:
+    """A recorded decoding command as it is run today (older results name the script it replaced)."""
+    for old, new in RENAMED_COMMANDS.items():
+        if command.startswith(old):
+            return new + command[len(old) :]
+    return command
 
 
 def _decode_table(decoded: dict[str, dict]) -> list[str]:
@@ -253,7 +265,7 @@ def _drafting_table(decoded: dict[str, dict]) -> list[str]:
 
 
 def _decode_section(steps: int, group: dict[str, dict], results_dir: Path, output: Path) -> list[str]:
-    """The decoding speed of the runs `quality_study.py decode` has measured at this step count (none: no lines)."""
+    """The decoding speed of the runs `quality_study decode` has measured at this step count (none: no lines)."""
     decoded = {}
     for run in group:
         path = results_dir / f"{run}-{steps}.decode.json"
@@ -263,9 +275,10 @@ def _decode_section(steps: int, group: dict[str, dict], results_dir: Path, outpu
         return []
     any_summary = next(iter(decoded.values()))
     return [
-        f"Decoding on these checkpoints (`benchmarks/decode_speed.py`, batch 1, {any_summary['num_prompts']} "
-        "held-out prompts, one pinned thread; speed × greedy `generate` of the same checkpoint in the same process; "
-        "`= greedy`: share of tokens equal to greedy's, `acc`: GSM8K answer accuracy). Full tables: "
+        "Decoding on these checkpoints (`python -m benchmarks.decode_cost speed`, batch 1, "
+        f"{any_summary['num_prompts']} held-out prompts, one pinned thread; speed × greedy `generate` of the same "
+        "checkpoint in the same process; `= greedy`: share of tokens equal to greedy's, `acc`: GSM8K answer "
+        "accuracy). Full tables: "
         + ", ".join(
             f"[{run}]({os.path.relpath(results_dir / f'{run}-{steps}.decode.md', output.parent)})" for run in decoded
         )
@@ -274,10 +287,10 @@ def _decode_section(steps: int, group: dict[str, dict], results_dir: Path, outpu
         *_decode_table(decoded),
         "",
         *_drafting_table(decoded),
-        "Decoding commands (`quality_study.py decode` runs them in a pinned child process):",
+        "Decoding commands (`quality_study decode` runs them in a pinned child process):",
         "",
         "```bash",
-        *(summary["command"] for summary in decoded.values()),
+        *(current_command(summary["command"]) for summary in decoded.values()),
         "```",
         "",
     ]
@@ -371,7 +384,7 @@ def _results_block(by_steps: dict[int, dict[str, dict]], results_md: Path, outpu
     lines += [
         f"SmolLM2-135M-Instruct on GSM8K, held-out answer CE against SFT's at equal steps. Per-exit tables, decoding "
         f"speed, every step count and the exact commands: [{output.name}]({report}) (written with this block by "
-        "`python benchmarks/quality_study.py report`).",
+        "`python -m benchmarks.quality_study report`).",
         "",
     ]
     for steps in compared:
@@ -402,7 +415,7 @@ def write_report(results_dir: Path, output: Path, repo: Path, results_md: Path |
     paths = [p for p in sorted(Path(results_dir).glob("*.json")) if not p.name.endswith(".decode.json")]
     results = [json.loads(p.read_text()) for p in paths]
     if not results:
-        raise SystemExit(f"no results in {results_dir}: run `python benchmarks/quality_study.py run` first.")
+        raise SystemExit(f"no results in {results_dir}: run `python -m benchmarks.quality_study run` first.")
     by_steps: dict[int, dict[str, dict]] = {}
     for result in sorted(results, key=lambda r: (r["run"] != "sft", r["run"] != "uniform", r["run"])):
         by_steps.setdefault(result["max_steps"], {})[result["run"]] = result
@@ -410,7 +423,7 @@ def write_report(results_dir: Path, output: Path, repo: Path, results_md: Path |
     lines = [
         "# Quality study: SoFT controls against SFT at equal budget",
         "",
-        "Generated by `python benchmarks/quality_study.py report` from `docs/study/*.json`. SmolLM2-135M-Instruct on "
+        "Generated by `python -m benchmarks.quality_study report` from `docs/study/*.json`. SmolLM2-135M-Instruct on "
         "GSM8K train, `recipes/smollm2_135m_gsm8k_soft.yaml` for every run (batch 4, max_length 256, lr 1e-4 "
         "cosine, seed 0, the same data order); SFT = the same recipe with `--exit_layers 30`. Held-out metrics: the "
         f"first {first['eval_rows']} rows of the fixed split `held_out_split(rows, test_size=200, seed=0)` "
@@ -426,7 +439,7 @@ def write_report(results_dir: Path, output: Path, repo: Path, results_md: Path |
         "",
         "```bash",
         *_reproduce_commands(by_steps, Path(results_dir)),
-        "python benchmarks/quality_study.py report",
+        "python -m benchmarks.quality_study report",
         "```",
         "",
     ]
