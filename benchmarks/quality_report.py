@@ -10,7 +10,7 @@ import os
 import statistics
 from pathlib import Path
 
-from benchmarks.quality_curves import curve_section
+from benchmarks.quality_plots import curve_section, plot_frontier
 
 __all__ = ["RESULTS_BLOCK", "current_command", "extract_block", "splice_block", "summarize", "write_report"]
 
@@ -69,79 +69,6 @@ def summarize(result: dict, sft: dict | None) -> dict:
         summary["memory_vs_sft"] = summary["peak_rss_gb"] / sft["peak_rss_gb"]
         summary["targets_met"] = sum(_meets(summary, key) for key in TARGETS)
     return summary
-
-
-def _plot_frontier(group: dict[str, dict], summaries: dict[str, dict], path: Path) -> None:
-    """x = last-layer CE / SFT's, y = the middle exit's CE; one labelled point per run, both targets drawn."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(6.4, 4.4))
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    mid = next(iter(summaries.values()))["mid"]
-    points = {run: (summary["last_ce_vs_sft"], summary["mid_ce"]) for run, summary in summaries.items()}
-    for run, (x, y) in points.items():
-        style = {"sft": ("s", "tab:red"), "uniform": ("D", "tab:blue")}.get(run, ("o", "tab:gray"))
-        axes.scatter(x, y, marker=style[0], color=style[1], zorder=3)
-    last_bound, mid_bound = TARGETS["last_ce_vs_sft"][1], TARGETS["mid_ce_vs_sft"][1]
-    axes.axvline(last_bound, color="tab:green", linestyle=":", linewidth=1,
-                 label=f"target: last layer <= {last_bound:.2f}x SFT")  # fmt: skip
-    if "sft" in summaries:
-        axes.axhline(mid_bound * summaries["sft"]["mid_ce"], color="tab:purple", linestyle=":", linewidth=1,
-                     label=f"target: exit {mid} <= {mid_bound:.2f}x SFT's")  # fmt: skip
-    axes.set_xlabel("last-layer held-out CE / SFT's (lower is better)")
-    axes.set_ylabel(f"exit {mid} held-out CE (nats)")
-    values = [summary["mid_ce"] for summary in summaries.values()]
-    if max(values) > 3 * min(values):  # SFT's untrained exits sit far above SoFT's
-        axes.set_yscale("log")
-    axes.set_title(
-        f"SoFT controls at {next(iter(group.values()))['max_steps']} steps: the frontier (targets: lower left)"
-    )
-    axes.legend(fontsize=8)
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    _label_points(figure, axes, points)  # after the layout: labels are placed in display space
-    figure.savefig(path, dpi=120)
-
-
-def _label_points(figure, axes, points: dict[str, tuple[float, float]]) -> None:
-    """Label each point beside it: of the places around it (nearest first), the first whose label stays inside the
-    axes and covers no other label or point, else the one covering the fewest; the screen's runs crowd together."""
-    from matplotlib.text import Text
-    from matplotlib.transforms import Bbox
-
-    renderer = figure.canvas.get_renderer()
-    inside = axes.get_window_extent(renderer)
-    centres = {run: axes.transData.transform(xy) for run, xy in points.items()}
-    markers = {run: Bbox.from_extents(cx - 5, cy - 5, cx + 5, cy + 5) for run, (cx, cy) in centres.items()}
-    # Nearest first; a thin line ties each label to its point, which matters where runs crowd together
-    sides = [(dx, dy) for dy in (8, -16, 20, -28, 36, -44, 52, -60) for dx in (12, -12, 28, -28, 56, -56)]
-    line = {"arrowstyle": "-", "linewidth": 0.7, "color": "0.35", "shrinkA": 1, "shrinkB": 3}
-
-    def label(run, xy, dx, dy):
-        return axes.annotate(run, xy, textcoords="offset points", xytext=(dx, dy), ha="left" if dx > 0 else "right",
-                             fontsize=8, arrowprops=line)  # fmt: skip
-
-    placed: list = []
-    for run, xy in sorted(points.items(), key=lambda item: item[1]):
-        others = [box for other, box in markers.items() if other != run] + placed
-        best = None
-        for side in sides:
-            trial = label(run, xy, *side)
-            # The text alone (placed first): an annotation's own extent also spans its leader line, which covers its
-            # point and its neighbours
-            trial.update_positions(renderer)
-            box = Text.get_window_extent(trial, renderer)
-            trial.remove()
-            outside = not (inside.contains(box.x0, box.y0) and inside.contains(box.x1, box.y1))
-            cost = (outside, sum(box.overlaps(other) for other in others))
-            if best is None or cost < best[0]:
-                best = (cost, side, box)
-            if cost == (False, 0):
-                break
-        label(run, xy, *best[1])
-        placed.append(best[2])
 
 
 def _fmt(value, digits=3):
@@ -319,7 +246,7 @@ def _group_section(steps: int, group: dict[str, dict], output: Path, results_dir
         lines.append(f"| {run} | {row} |")
     if sft is not None:
         plot = results_dir / f"frontier_{steps}.png"
-        _plot_frontier(group, summaries, plot)
+        plot_frontier(group, summaries, plot, TARGETS["last_ce_vs_sft"][1], TARGETS["mid_ce_vs_sft"][1])
         lines += ["", f"![frontier at {steps} steps]({os.path.relpath(plot, output.parent)})"]
     curves = curve_section(group, steps, output, results_dir)
     lines += ["", *curves] if curves else []

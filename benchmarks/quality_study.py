@@ -30,7 +30,6 @@ import fcntl
 import json
 import os
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
@@ -276,21 +275,6 @@ def _portable(argv: list[str], args) -> list[str]:
     return [a.replace(str(REPO) + "/", "").replace(home, "~") for a in argv]
 
 
-def _snapshot(checkpoint: Path, run_dir: Path, step: int) -> None:
-    """Keep the model of `checkpoint` as `<run>/curve/step-<step>` for the learning curve: hard links (no copy), which
-    outlive the checkpoint's rotation. Written under a temporary name, so a kill never leaves half a snapshot."""
-    target = run_dir / "curve" / f"step-{step}"
-    if target.exists():
-        return
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    for path in checkpoint.iterdir():
-        if path.is_file() and not path.name.startswith(("optimizer", "scheduler", "rng_state", "training_args")):
-            os.link(path, partial / path.name)
-    partial.rename(target)
-
-
 def _curve(args, run_dir: Path, held_out: Path, exits: str, log: Path) -> dict[str, dict] | None:
     """Per-exit metrics of every kept snapshot (`--curve_every`), evaluated once each; None when none was kept."""
     snapshots = sorted((run_dir / "curve").glob("step-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
@@ -304,62 +288,6 @@ def _curve(args, run_dir: Path, held_out: Path, exits: str, log: Path) -> dict[s
                 raise RuntimeError(f"evaluation of {snapshot} failed (exit {code}); see {log}")
         curve[snapshot.name.split("-")[1]] = json.loads(evaluation.read_text())["exits"]
     return curve or None
-
-
-def _train_child(run_dir: str, argv: list[str]) -> int:
-    """Child: train with a per-step timer (appended to step_times.jsonl, so it survives an interruption)."""
-    from transformers import TrainerCallback
-
-    from soft_peft.scripts.train import TrainingInterrupted, parse_args, train
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.first, self.started = True, 0.0
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.started = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            record = {"step": state.global_step, "seconds": time.perf_counter() - self.started}
-            with open(Path(run_dir) / "step_times.jsonl", "a") as out:
-                out.write(json.dumps({**record, "first_in_process": self.first}) + "\n")
-            self.first = False
-
-        def on_save(self, args, state, control, **kwargs):
-            every = int(os.environ.get("SOFT_PEFT_STUDY_CURVE_EVERY", "0"))
-            if every and state.global_step % every == 0:
-                _snapshot(Path(args.output_dir) / f"checkpoint-{state.global_step}", Path(run_dir), state.global_step)
-            # Tests interrupt a run here, right after a complete checkpoint, as a kill would
-            if state.global_step == int(os.environ.get("SOFT_PEFT_STUDY_STOP_AFTER_SAVE", "-1")):
-                os._exit(3)
-
-    try:
-        train(*parse_args(argv, prog="quality_study"), callbacks=[StepTimer()])
-    except TrainingInterrupted as stopped:  # SIGTERM / Ctrl-C: a checkpoint was saved, the next `run` resumes it
-        return stopped.exit_code  # the resume line is already printed
-    return 0
-
-
-def _eval_child(model_dir, held_out, rows, max_length, exits, output) -> int:
-    """Child: per-exit teacher-forced metrics of the saved model on the first `rows` held-out rows."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from soft_peft.evaluation import evaluate_exits, load_eval_dataset, tokenize_examples
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    dataset, dataset_format = load_eval_dataset(held_out, max_samples=int(rows))
-    examples = tokenize_examples(dataset, tokenizer, dataset_format, max_length=int(max_length))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    layers = [int(k) for k in exits.split(",")]
-    result = evaluate_exits([model], [layers], examples, pad, batch_size=4, progress=False)
-    keep = ("loss", "token_accuracy", "agreement_with_last", "kl_to_last")
-    per_exit = {str(k): {m: v[m] for m in keep} for k, v in result.metrics[0].items()}
-    Path(output).write_text(
-        json.dumps({"eval_rows": len(examples), "eval_tokens": result.num_tokens, "exits": per_exit})
-    )
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -415,10 +343,10 @@ def _dry_run(args, runs: dict[str, str], selected: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the study's command (see `build_parser`); the children's `_train` and `_eval` also come here."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "_train":
-        return _train_child(argv[1], argv[2:])
-    if argv and argv[0] == "_eval":
-        return _eval_child(*argv[1:])
+    if argv and argv[0] in ("_train", "_eval"):
+        from benchmarks.quality_children import eval_child, train_child
+
+        return train_child(argv[1], argv[2:]) if argv[0] == "_train" else eval_child(*argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.curve_every < 0 or (args.curve_every and args.curve_every % args.save_steps):
