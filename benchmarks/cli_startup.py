@@ -1,6 +1,6 @@
 """Start-up time of the `soft-peft` command against `import soft_peft`, each in a fresh interpreter.
 
-    python benchmarks/cli_startup.py [--repeats 5]
+    python -m benchmarks.cli_startup [--repeats 5]
 
 `soft-peft --help` and `--version` import neither torch nor transformers (the subcommands and the top-level names load
 on first use), so they should answer in well under a second; `import soft_peft` is as light, and the first use of a

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The SoFT checkpoint that benchmarks/decode_speed.py measures: SmolLM2-135M-Instruct trained with the project's own
-# GSM8K example (8 exits, 9..30) on GSM8K train, the 200 held-out rows excluded. Three stages, as it was made: 150
-# steps, then 300 more from that checkpoint, then 300 more again, each with another data order (the learning-rate
-# schedule restarts). Batch 4, max_length 256, lr 1e-4, bf16 autocast on CPU. About 25 + 55 + 60 minutes on 2 CPU cores.
+# The SoFT checkpoint that `python -m benchmarks.decode_cost` measures by default: SmolLM2-135M-Instruct trained
+# with the project's own GSM8K example (8 exits, 9..30) on GSM8K train, the 200 held-out rows excluded. Three stages,
+# as it was made: 150 steps, then 300 more from that checkpoint, then 300 more again, each with another data order
+# (the learning-rate schedule restarts). Batch 4, max_length 256, lr 1e-4, bf16 autocast on CPU. About 25 + 55 + 60
+# minutes on 2 CPU cores.
 #   bash benchmarks/decode_checkpoint.sh            # writes ~/.cache/soft_peft/runs/gsm8k-soft-{150,450,750}
 set -euo pipefail
 cd "$(dirname "$0")/.."

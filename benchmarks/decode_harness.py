@@ -1,36 +1,31 @@
-"""The decoding benchmark harness behind ``decode_speed.py`` and ``speculative_ceiling.py`` (not part of the library).
+"""The decoding benchmark harness behind ``python -m benchmarks.decode_cost`` (not part of the library).
 
 Every method decodes the same prompts in the same run, interleaved prompt by prompt so that a change in machine load
 hits all of them alike. Speed is generated tokens (up to and including EOS) per second of wall time; quality is
 compared with plain greedy ``generate`` at the same batch size, and GSM8K accuracy with the evaluation's numeric
-answer check. Also here: the shared model loading, report writing and command-line flags of the two scripts.
+answer check. Also here: the decoding commands' model loading, report writing and decoder flags.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-import soft_peft.inference
-from soft_peft.data import held_out_split, load_prompt_completion
+from benchmarks.common import gsm8k_split, parse_ints, smollm2_path
 from soft_peft.evaluation.metrics import gsm8k_exact_match
+from soft_peft.inference import dynamic_generate, self_speculative_generate
 from soft_peft.model_layout import num_decoder_layers
 
-ROOT = Path(__file__).resolve().parents[1]
+# The checkpoint the decoding tables measured: `bash benchmarks/decode_checkpoint.sh` makes it
 DEFAULT_MODEL = Path.home() / ".cache" / "soft_peft" / "runs" / "gsm8k-soft-450"
-# GSM8K train from the Hub by default; `--data FILE` reads a local copy (JSONL with question/answer)
-DEFAULT_DATA = "openai/gsm8k"
 
 MODES = ("self-speculative", "dynamic", "assistant_early_exit")
 
@@ -99,7 +94,6 @@ def build_methods(
     dynamic_rules: Sequence[str] = ("exact",),
     draft_stop_thresholds: Sequence[float | None] = (None,),
     early_draft_exit_sets: Sequence[Sequence[int]] = ((),),
-    decoders: ModuleType = soft_peft.inference,
 ) -> list[DecodeMethod]:
     """The methods to compare: greedy first (the reference), then every requested setting.
 
@@ -122,8 +116,6 @@ def build_methods(
             no confidence stop).
         early_draft_exit_sets: ``early_draft_exits`` settings to run every draft exit with a stop threshold with;
             exits at or above the draft exit are dropped, and settings left empty run only once.
-        decoders: A module with ``self_speculative_generate`` and ``dynamic_generate``; `decode_before_after.py`
-            passes an earlier revision's.
     """
     bad_rules = set(dynamic_rules) - {"exact", "subset"}
     if bad_rules or not dynamic_rules:
@@ -138,7 +130,7 @@ def build_methods(
 
     def speculative(draft_exit, stop, early=()):
         def run(input_ids, attention_mask):
-            out = decoders.self_speculative_generate(
+            out = self_speculative_generate(
                 model, input_ids, draft_exit, max_new_tokens, attention_mask, num_draft_tokens=num_draft_tokens,
                 draft_vocab=vocab, draft_stop_threshold=stop, early_draft_exits=early,
             )  # fmt: skip
@@ -151,7 +143,7 @@ def build_methods(
 
     def dynamic(threshold, kv_fill, exit_on_subset=False):
         def run(input_ids, attention_mask):
-            out = decoders.dynamic_generate(
+            out = dynamic_generate(
                 model, input_ids, dynamic_exits, threshold, max_new_tokens, attention_mask, kv_fill=kv_fill,
                 check_vocab=vocab, exit_on_subset=exit_on_subset,
             )  # fmt: skip
@@ -205,8 +197,7 @@ def gsm8k_benchmark_data(path: str, num_prompts: int) -> tuple[list[str], list[s
         ``held_out_split(test_size=200, seed=0)`` with their reference completions (ending in ``#### N``), and every
         completion outside that split (calibration text for ``frequent_token_ids``).
     """
-    config = None if os.path.exists(os.path.expanduser(path)) else "main"  # the Hub dataset's configuration
-    train, held_out = held_out_split(load_prompt_completion(path, "gsm8k", config_name=config), test_size=200, seed=0)
+    train, held_out = gsm8k_split(path)
     rows = held_out.select(range(min(num_prompts, len(held_out))))
     return list(rows["prompt"]), list(rows["completion"]), list(train["completion"])
 
@@ -360,10 +351,7 @@ def load_model(path: str, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not (Path(path) / "config.json").exists():
-        sys.path.insert(0, str(ROOT / "tools"))
-        from get_smollm2 import get_smollm2
-
-        fallback = str(get_smollm2())
+        fallback = smollm2_path()
         warnings.warn(
             f"No checkpoint at {path}; benchmarking the untrained model {fallback} instead. Make the SoFT checkpoint "
             "with `bash benchmarks/decode_checkpoint.sh`.",
@@ -380,11 +368,6 @@ def emit(header: list[str], table: str, output: str | None) -> None:
     print(text)
     if output:
         Path(output).write_text(text)
-
-
-def parse_ints(text: str) -> list[int]:
-    """``"9,12,"`` -> ``[9, 12]``: a comma-separated list of ints (empty parts skipped), as an argparse ``type``."""
-    return [int(part) for part in text.split(",") if part.strip()]
 
 
 def parse_draft_stop_thresholds(text: str) -> list[float | None]:

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The GPU check of issue 15, in one run that fits 8 minutes on one H200: versions, the CUDA tests, SoFT's training
-# cost against SFTTrainer on random-init Llama-3-8B / LLaMA-2-13B shapes, and the decoding mechanics on a 1B shape.
-# Results land as files in $OUT when it is set, --out DIR, or gpu_check_out/.
+# The GPU check, in one run that fits 8 minutes on one H200: versions, the CUDA tests, SoFT's training cost against
+# SFTTrainer on random-init Llama-3-8B / LLaMA-2-13B shapes, and the decoding mechanics on a 1B shape. Results land
+# as files in --out DIR (default gpu_check_out/).
 #
-#   bash benchmarks/gpu_wheels.sh                       # on a networked machine, once: trl, datasets, deepspeed wheels
-#   bash benchmarks/gpu_check.sh --wheels .gpu_wheels   # copy the repository and the wheels to a GPU machine, run this
-#   bash benchmarks/gpu_check.sh --dry-run              # CPU, tiny shapes, this machine's packages
+#   bash benchmarks/gpu_check.sh                        # on a GPU machine with the project installed
+#   bash benchmarks/gpu_check.sh --dry-run              # CPU, tiny shapes: checks the script itself
+# A GPU machine without network access whose Python lacks trl, datasets or deepspeed: build their wheels on a
+# networked machine (`bash benchmarks/gpu_wheels.sh`), copy the repository and the wheels to the GPU machine and run
+#   bash benchmarks/gpu_check.sh --wheels .gpu_wheels
 #
 # Files (at most 8, few enough to copy back at once): summary.md (each stage's status and time), versions.txt,
 # cuda_tests.log, train_cost.md + train_cost.jsonl, decode_cost.md, gpu_check.log (everything printed).
@@ -15,7 +17,7 @@ cd "$(dirname "$0")/.."
 
 DRY_RUN=0
 WHEELS=""
-RESULTS="${OUT:-gpu_check_out}"
+RESULTS="gpu_check_out"
 while [ $# -gt 0 ]; do
     case "$1" in
         --dry-run) DRY_RUN=1 ;;
@@ -29,6 +31,7 @@ mkdir -p "$RESULTS"
 RESULTS="$(cd "$RESULTS" && pwd)"
 exec > >(tee "$RESULTS/gpu_check.log") 2>&1
 
+# The repository root first: `python -m benchmarks.X` and this checkout's soft_peft
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 PY="$(command -v python3 || command -v python)"
@@ -124,16 +127,17 @@ stage versions 120 versions 1
 if [ "$DRY_RUN" = 1 ]; then
     # The CUDA tests must be collected (and are skipped here); the CPU copies of their bodies run in the test suite
     stage "cuda tests (collected)" 120 "$PY" -m pytest -q -m cuda tests/cuda --collect-only -p no:cacheprovider
-    stage "train cost (tiny, cpu)" 120 "$PY" benchmarks/train_cost_gpu.py --shapes tiny --device cpu --steps 1 \
-        --seq 64 --output_dir "$RESULTS"
-    stage "decode cost (tiny, cpu)" 60 "$PY" benchmarks/decode_cost_gpu.py --shape tiny --device cpu \
+    stage "train cost (tiny, cpu)" 180 "$PY" -m benchmarks.train_cost trainers --shapes tiny --device cpu \
+        --modes sft soft --steps 1 --max_length 64 --output "$RESULTS/train_cost.md" --json "$RESULTS/train_cost.jsonl"
+    stage "decode cost (tiny, cpu)" 60 "$PY" -m benchmarks.decode_cost ceiling --shape tiny --device cpu \
         --draft_exits 2,4 --max_draft 2 --rounds 1 --new_tokens 4 --output "$RESULTS/decode_cost.md"
 else
     stage "cuda tests" 180 bash -c "set -o pipefail; '$PY' -m pytest -q -m cuda tests/cuda -rs -p no:cacheprovider \
         2>&1 | tee '$RESULTS/cuda_tests.log'"
-    stage "train cost (llama3-8b, llama2-13b)" 210 "$PY" benchmarks/train_cost_gpu.py \
-        --shapes llama3-8b,llama2-13b --output_dir "$RESULTS"
-    stage "decode cost (llama3.2-1b)" 60 "$PY" benchmarks/decode_cost_gpu.py --shape llama3.2-1b \
+    stage "train cost (llama3-8b, llama2-13b)" 240 "$PY" -m benchmarks.train_cost trainers \
+        --shapes llama3-8b,llama2-13b --device cuda --modes sft soft --steps 2 --batch_size 0 \
+        --output "$RESULTS/train_cost.md" --json "$RESULTS/train_cost.jsonl"
+    stage "decode cost (llama3.2-1b)" 60 "$PY" -m benchmarks.decode_cost ceiling --shape llama3.2-1b --device cuda \
         --draft_exits 4,8,12 --max_draft 4 --output "$RESULTS/decode_cost.md"
 fi
 

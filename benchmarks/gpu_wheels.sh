@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Build the wheels that benchmarks/gpu_check.sh installs on the GPU machine, whose image lacks them (it has torch 2.11
-# + CUDA, transformers, accelerate, peft, pandas, pyarrow, numpy, ... on Python 3.12, and no network).
+# Build the wheels that benchmarks/gpu_check.sh installs on a GPU machine without network access whose Python lacks
+# trl, datasets or deepspeed. Run it on a networked Linux x86-64 machine with the project's dependencies installed:
 #
 #   bash benchmarks/gpu_wheels.sh [DIR]        # default DIR: .gpu_wheels (git-ignored); prints its size
 #
 # The versions are the ones installed here, so the GPU runs the code the CPU tests ran. trl, datasets and their small
-# pure-Python needs are downloaded as Python 3.12 / manylinux x86-64 wheels; DeepSpeed ships only a source archive, so
-# it is built here into a pure-Python wheel (DS_BUILD_OPS=0: no op is compiled; ZeRO-3 needs none).
+# pure-Python needs are downloaded as Python 3.12 / manylinux x86-64 wheels (change --python-version below for another
+# Python); DeepSpeed ships only a source archive, so it is built here into a pure-Python wheel (DS_BUILD_OPS=0: no op
+# is compiled; ZeRO-3 needs none).
 #
-# Then copy the repository and this folder to a GPU machine and run there (benchmarks/README.md, "GPU check"):
+# Then copy the repository and this folder to the GPU machine and run there:
 #   bash benchmarks/gpu_check.sh --wheels .gpu_wheels
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,8 +19,8 @@ rm -f "$DIR"/*.whl
 
 version() { python -c "import importlib.metadata as m; print(m.version('$1'))"; }
 
-# What the GPU image lacks (checked against its package list): trl, datasets, deepspeed and their missing needs.
-# fsspec travels too: datasets pins an upper bound, and the image's own fsspec may be newer than it allows.
+# trl, datasets, deepspeed and the needs a bare torch + transformers image lacks. fsspec travels too: datasets pins an
+# upper bound, and the image's own fsspec may be newer than it allows.
 PURE=(trl datasets dill multiprocess fsspec hjson pydantic pydantic_core annotated-types typing-inspection)
 SPECS=()
 for name in "${PURE[@]}"; do SPECS+=("$name==$(version "$name")"); done

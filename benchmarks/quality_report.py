@@ -1,6 +1,6 @@
-"""The report of `benchmarks/quality_study.py`: per-run tables against SFT and a frontier plot, from the result JSONs.
+"""The report of `benchmarks.quality_study`: per-run tables against SFT and a frontier plot, from the result JSONs.
 
-python benchmarks/quality_study.py report   # reads docs/study/*.json, writes docs/quality_study.md + plots
+python -m benchmarks.quality_study report   # reads docs/study/*.json, writes docs/quality_study.md + plots
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import os
 import statistics
 from pathlib import Path
 
-from quality_curves import curve_section
+from benchmarks.quality_plots import curve_section, plot_frontier
 
-__all__ = ["RESULTS_BLOCK", "extract_block", "splice_block", "summarize", "write_report"]
+__all__ = ["RESULTS_BLOCK", "current_command", "extract_block", "splice_block", "summarize", "write_report"]
 
-# The study's summary inside docs/results.md, which `replicate.py report` rewrites around it
+# The study's summary inside docs/results.md: `report` replaces what lies between these markers, and nothing else
 RESULTS_BLOCK = ("<!-- quality-study:begin -->", "<!-- quality-study:end -->")
 
 # Targets of issue 13 for the best variant at equal steps, each against SFT's run
@@ -37,7 +37,7 @@ def summarize(result: dict, sft: dict | None) -> dict:
     """One run's headline numbers; ratios against `sft` (``None`` when SFT has no result yet).
 
     Args:
-        result: A run's JSON (see quality_study.py).
+        result: A run's JSON (see `benchmarks.quality_study`).
         sft: SFT's JSON at the same step count, or ``None``.
 
     Returns:
@@ -69,79 +69,6 @@ def summarize(result: dict, sft: dict | None) -> dict:
         summary["memory_vs_sft"] = summary["peak_rss_gb"] / sft["peak_rss_gb"]
         summary["targets_met"] = sum(_meets(summary, key) for key in TARGETS)
     return summary
-
-
-def _plot_frontier(group: dict[str, dict], summaries: dict[str, dict], path: Path) -> None:
-    """x = last-layer CE / SFT's, y = the middle exit's CE; one labelled point per run, both targets drawn."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(6.4, 4.4))
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    mid = next(iter(summaries.values()))["mid"]
-    points = {run: (summary["last_ce_vs_sft"], summary["mid_ce"]) for run, summary in summaries.items()}
-    for run, (x, y) in points.items():
-        style = {"sft": ("s", "tab:red"), "uniform": ("D", "tab:blue")}.get(run, ("o", "tab:gray"))
-        axes.scatter(x, y, marker=style[0], color=style[1], zorder=3)
-    last_bound, mid_bound = TARGETS["last_ce_vs_sft"][1], TARGETS["mid_ce_vs_sft"][1]
-    axes.axvline(last_bound, color="tab:green", linestyle=":", linewidth=1,
-                 label=f"target: last layer <= {last_bound:.2f}x SFT")  # fmt: skip
-    if "sft" in summaries:
-        axes.axhline(mid_bound * summaries["sft"]["mid_ce"], color="tab:purple", linestyle=":", linewidth=1,
-                     label=f"target: exit {mid} <= {mid_bound:.2f}x SFT's")  # fmt: skip
-    axes.set_xlabel("last-layer held-out CE / SFT's (lower is better)")
-    axes.set_ylabel(f"exit {mid} held-out CE (nats)")
-    values = [summary["mid_ce"] for summary in summaries.values()]
-    if max(values) > 3 * min(values):  # SFT's untrained exits sit far above SoFT's
-        axes.set_yscale("log")
-    axes.set_title(
-        f"SoFT controls at {next(iter(group.values()))['max_steps']} steps: the frontier (targets: lower left)"
-    )
-    axes.legend(fontsize=8)
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    _label_points(figure, axes, points)  # after the layout: labels are placed in display space
-    figure.savefig(path, dpi=120)
-
-
-def _label_points(figure, axes, points: dict[str, tuple[float, float]]) -> None:
-    """Label each point beside it: of the places around it (nearest first), the first whose label stays inside the
-    axes and covers no other label or point, else the one covering the fewest; the screen's runs crowd together."""
-    from matplotlib.text import Text
-    from matplotlib.transforms import Bbox
-
-    renderer = figure.canvas.get_renderer()
-    inside = axes.get_window_extent(renderer)
-    centres = {run: axes.transData.transform(xy) for run, xy in points.items()}
-    markers = {run: Bbox.from_extents(cx - 5, cy - 5, cx + 5, cy + 5) for run, (cx, cy) in centres.items()}
-    # Nearest first; a thin line ties each label to its point, which matters where runs crowd together
-    sides = [(dx, dy) for dy in (8, -16, 20, -28, 36, -44, 52, -60) for dx in (12, -12, 28, -28, 56, -56)]
-    line = {"arrowstyle": "-", "linewidth": 0.7, "color": "0.35", "shrinkA": 1, "shrinkB": 3}
-
-    def label(run, xy, dx, dy):
-        return axes.annotate(run, xy, textcoords="offset points", xytext=(dx, dy), ha="left" if dx > 0 else "right",
-                             fontsize=8, arrowprops=line)  # fmt: skip
-
-    placed: list = []
-    for run, xy in sorted(points.items(), key=lambda item: item[1]):
-        others = [box for other, box in markers.items() if other != run] + placed
-        best = None
-        for side in sides:
-            trial = label(run, xy, *side)
-            # The text alone (placed first): an annotation's own extent also spans its leader line, which covers its
-            # point and its neighbours
-            trial.update_positions(renderer)
-            box = Text.get_window_extent(trial, renderer)
-            trial.remove()
-            outside = not (inside.contains(box.x0, box.y0) and inside.contains(box.x1, box.y1))
-            cost = (outside, sum(box.overlaps(other) for other in others))
-            if best is None or cost < best[0]:
-                best = (cost, side, box)
-            if cost == (False, 0):
-                break
-        label(run, xy, *best[1])
-        placed.append(best[2])
 
 
 def _fmt(value, digits=3):
@@ -179,12 +106,24 @@ def _reproduce_commands(by_steps: dict[int, dict[str, dict]], results_dir: Path)
     """The study commands that recreate exactly the reported runs and decodings, one line per step count."""
     lines = []
     for steps, group in sorted(by_steps.items()):
-        lines.append(f"python benchmarks/quality_study.py run --max_steps {steps} --runs {','.join(group)} --core 0")
+        lines.append(f"python -m benchmarks.quality_study run --max_steps {steps} --runs {','.join(group)} --core 0")
         decoded = [run for run in group if (results_dir / f"{run}-{steps}.decode.json").exists()]
         if decoded:
             runs = ",".join(decoded)
-            lines.append(f"python benchmarks/quality_study.py decode --max_steps {steps} --runs {runs} --core 0")
+            lines.append(f"python -m benchmarks.quality_study decode --max_steps {steps} --runs {runs} --core 0")
     return lines
+
+
+# Decoding commands recorded before the benchmarks became one module per question: the same flags, today's command
+RENAMED_COMMANDS = {"python benchmarks/decode_speed.py ": "python -m benchmarks.decode_cost speed "}
+
+
+def current_command(command: str) -> str:
+    """A recorded decoding command as it is run today (older results name the script it replaced)."""
+    for old, new in RENAMED_COMMANDS.items():
+        if command.startswith(old):
+            return new + command[len(old) :]
+    return command
 
 
 def _decode_table(decoded: dict[str, dict]) -> list[str]:
@@ -253,7 +192,7 @@ def _drafting_table(decoded: dict[str, dict]) -> list[str]:
 
 
 def _decode_section(steps: int, group: dict[str, dict], results_dir: Path, output: Path) -> list[str]:
-    """The decoding speed of the runs `quality_study.py decode` has measured at this step count (none: no lines)."""
+    """The decoding speed of the runs `quality_study decode` has measured at this step count (none: no lines)."""
     decoded = {}
     for run in group:
         path = results_dir / f"{run}-{steps}.decode.json"
@@ -263,9 +202,10 @@ def _decode_section(steps: int, group: dict[str, dict], results_dir: Path, outpu
         return []
     any_summary = next(iter(decoded.values()))
     return [
-        f"Decoding on these checkpoints (`benchmarks/decode_speed.py`, batch 1, {any_summary['num_prompts']} "
-        "held-out prompts, one pinned thread; speed × greedy `generate` of the same checkpoint in the same process; "
-        "`= greedy`: share of tokens equal to greedy's, `acc`: GSM8K answer accuracy). Full tables: "
+        "Decoding on these checkpoints (`python -m benchmarks.decode_cost speed`, batch 1, "
+        f"{any_summary['num_prompts']} held-out prompts, one pinned thread; speed × greedy `generate` of the same "
+        "checkpoint in the same process; `= greedy`: share of tokens equal to greedy's, `acc`: GSM8K answer "
+        "accuracy). Full tables: "
         + ", ".join(
             f"[{run}]({os.path.relpath(results_dir / f'{run}-{steps}.decode.md', output.parent)})" for run in decoded
         )
@@ -274,10 +214,10 @@ def _decode_section(steps: int, group: dict[str, dict], results_dir: Path, outpu
         *_decode_table(decoded),
         "",
         *_drafting_table(decoded),
-        "Decoding commands (`quality_study.py decode` runs them in a pinned child process):",
+        "Decoding commands (`quality_study decode` runs them in a pinned child process):",
         "",
         "```bash",
-        *(summary["command"] for summary in decoded.values()),
+        *(current_command(summary["command"]) for summary in decoded.values()),
         "```",
         "",
     ]
@@ -306,7 +246,7 @@ def _group_section(steps: int, group: dict[str, dict], output: Path, results_dir
         lines.append(f"| {run} | {row} |")
     if sft is not None:
         plot = results_dir / f"frontier_{steps}.png"
-        _plot_frontier(group, summaries, plot)
+        plot_frontier(group, summaries, plot, TARGETS["last_ce_vs_sft"][1], TARGETS["mid_ce_vs_sft"][1])
         lines += ["", f"![frontier at {steps} steps]({os.path.relpath(plot, output.parent)})"]
     curves = curve_section(group, steps, output, results_dir)
     lines += ["", *curves] if curves else []
@@ -371,7 +311,7 @@ def _results_block(by_steps: dict[int, dict[str, dict]], results_md: Path, outpu
     lines += [
         f"SmolLM2-135M-Instruct on GSM8K, held-out answer CE against SFT's at equal steps. Per-exit tables, decoding "
         f"speed, every step count and the exact commands: [{output.name}]({report}) (written with this block by "
-        "`python benchmarks/quality_study.py report`).",
+        "`python -m benchmarks.quality_study report`).",
         "",
     ]
     for steps in compared:
@@ -402,7 +342,7 @@ def write_report(results_dir: Path, output: Path, repo: Path, results_md: Path |
     paths = [p for p in sorted(Path(results_dir).glob("*.json")) if not p.name.endswith(".decode.json")]
     results = [json.loads(p.read_text()) for p in paths]
     if not results:
-        raise SystemExit(f"no results in {results_dir}: run `python benchmarks/quality_study.py run` first.")
+        raise SystemExit(f"no results in {results_dir}: run `python -m benchmarks.quality_study run` first.")
     by_steps: dict[int, dict[str, dict]] = {}
     for result in sorted(results, key=lambda r: (r["run"] != "sft", r["run"] != "uniform", r["run"])):
         by_steps.setdefault(result["max_steps"], {})[result["run"]] = result
@@ -410,7 +350,7 @@ def write_report(results_dir: Path, output: Path, repo: Path, results_md: Path |
     lines = [
         "# Quality study: SoFT controls against SFT at equal budget",
         "",
-        "Generated by `python benchmarks/quality_study.py report` from `docs/study/*.json`. SmolLM2-135M-Instruct on "
+        "Generated by `python -m benchmarks.quality_study report` from `docs/study/*.json`. SmolLM2-135M-Instruct on "
         "GSM8K train, `recipes/smollm2_135m_gsm8k_soft.yaml` for every run (batch 4, max_length 256, lr 1e-4 "
         "cosine, seed 0, the same data order); SFT = the same recipe with `--exit_layers 30`. Held-out metrics: the "
         f"first {first['eval_rows']} rows of the fixed split `held_out_split(rows, test_size=200, seed=0)` "
@@ -426,7 +366,7 @@ def write_report(results_dir: Path, output: Path, repo: Path, results_md: Path |
         "",
         "```bash",
         *_reproduce_commands(by_steps, Path(results_dir)),
-        "python benchmarks/quality_study.py report",
+        "python -m benchmarks.quality_study report",
         "```",
         "",
     ]

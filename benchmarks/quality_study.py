@@ -1,13 +1,13 @@
 """Equal-budget quality study of the SoFT controls (issue 13): SFT, uniform SoFT and variants on SmolLM2-135M-Instruct
 and GSM8K, per exit, against SFT. Resumable across sessions; results are small JSON files committed in the repository.
 
-    python benchmarks/quality_study.py list                                   # the runs and their flags
-    OMP_NUM_THREADS=1 python benchmarks/quality_study.py run --max_steps 100 --runs sft,uniform --core 0
-    python benchmarks/quality_study.py run --max_steps 100 --runs ramp_all,rotate2 --core 1   # a second process
-    python benchmarks/quality_study.py decode --max_steps 400 --runs sft,uniform --core 0   # decode_speed.py on each
-    python benchmarks/quality_study.py report               # docs/quality_study.md + plots, summary in docs/results.md
+    python -m benchmarks.quality_study list                                   # the runs and their flags
+    OMP_NUM_THREADS=1 python -m benchmarks.quality_study run --max_steps 100 --runs sft,uniform --core 0
+    python -m benchmarks.quality_study run --max_steps 100 --runs ramp_all,rotate2 --core 1   # a second process
+    python -m benchmarks.quality_study decode --max_steps 400 --runs sft,uniform --core 0   # decoding speed of each
+    python -m benchmarks.quality_study report               # docs/quality_study.md + plots, summary in docs/results.md
     # One epoch of the 7,273 training rows at batch 4, the model kept and evaluated every 250 steps (learning curves)
-    python benchmarks/quality_study.py run --max_steps 1819 --curve_every 250 --runs sft,last_75_rotate2 --core 0
+    python -m benchmarks.quality_study run --max_steps 1819 --curve_every 250 --runs sft,last_75_rotate2 --core 0
 
 Every run trains `recipes/smollm2_135m_gsm8k_soft.yaml` (batch 4, max_length 256, lr 1e-4 cosine, seed 0 and the same
 data order for all) through `soft_peft.cli.train` (the code path of `examples/gsm8k.py`) in a child process pinned
@@ -19,8 +19,8 @@ Per run, `<cache>/<run>-<steps>/` holds the checkpoints: an interrupted run resu
 run whose `<results>/<run>-<steps>.json` exists is skipped. Each result holds, per exit, held-out CE, token accuracy
 and top-1 agreement with the last layer (`soft_peft.evaluation.evaluate_exits`), and the run's median training
 seconds/step (timed per step, not counting start-up) and peak RSS (the training process's `ru_maxrss`). `decode` runs
-`benchmarks/decode_speed.py` on finished runs' checkpoints, every run with the same exits and prompts (the first 8 of
-the same held-out split), and keeps its rows in `<results>/<run>-<steps>.decode.json`.
+`python -m benchmarks.decode_cost speed` on finished runs' checkpoints, every run with the same exits and prompts
+(the first 8 of the same held-out split), and keeps its rows in `<results>/<run>-<steps>.decode.json`.
 """
 
 from __future__ import annotations
@@ -30,20 +30,22 @@ import fcntl
 import json
 import os
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
 import time
+from argparse import RawDescriptionHelpFormatter as RawDescription
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.common import GSM8K, REPO, SPLIT_SEED, add_data_argument, gsm8k_split, parse_variant, smollm2_path
+
 RECIPE = REPO / "recipes" / "smollm2_135m_gsm8k_soft.yaml"
 # The Hub dataset by default; `--data FILE` for a local copy of its train split (JSONL with question/answer)
-DATA = "openai/gsm8k"
+DATA = GSM8K
 CACHE = Path.home() / ".cache" / "soft_peft" / "study"
 RESULTS = REPO / "docs" / "study"
-SPLIT_SEED = 0
+# The children run this module again (`_train`, `_eval`) and the decoding benchmark, from the repository root
+THIS = [sys.executable, "-m", "benchmarks.quality_study"]
 # Flags per run; {last} = the model's depth, {stop} = depth + 1 (a slice over every layer), {half} = max_steps // 2
 RUNS = {
     "sft": "--exit_layers {last}",
@@ -90,11 +92,7 @@ def _prepare_split(args) -> tuple[Path, Path]:
     expected = {"source": source, "held_out": args.held_out, "seed": SPLIT_SEED}
     if meta.exists() and json.loads(meta.read_text()) == expected:
         return train, held_out
-    from soft_peft.data import held_out_split, load_raw_dataset
-
-    train_rows, held_rows = held_out_split(
-        load_raw_dataset(args.data, config_name=None if local.exists() else "main"), args.held_out, seed=SPLIT_SEED
-    )
+    train_rows, held_rows = gsm8k_split(args.data, args.held_out, raw=True)
     folder.mkdir(parents=True, exist_ok=True)
     train_rows.to_json(str(train), lines=True)
     held_rows.to_json(str(held_out), lines=True)
@@ -182,7 +180,7 @@ def run_one(args, run: str, template: str) -> str:
         print(f"[study] {name}: training" + (f", resuming from {checkpoint.name}" if checkpoint else ""), flush=True)
         started = time.time()
         os.environ["SOFT_PEFT_STUDY_CURVE_EVERY"] = str(args.curve_every)  # read by the child's on_save
-        code, rss = _child([sys.executable, __file__, "_train", str(run_dir), *argv, *resume], args.core, log)
+        code, rss = _child([*THIS, "_train", str(run_dir), *argv, *resume], args.core, log)
         with open(segments, "a") as out:
             segment = {"resumed_from": checkpoint.name if checkpoint else None, "exit_code": code}
             out.write(json.dumps({**segment, "wall_seconds": time.time() - started, "peak_rss_gb": rss}) + "\n")
@@ -192,7 +190,7 @@ def run_one(args, run: str, template: str) -> str:
     exits = ",".join(map(str, _default_exits(depth)))
     evaluation = run_dir / "eval.json"
     eval_argv = [str(run_dir), str(held_out), str(args.eval_rows), str(args.max_length), exits, str(evaluation)]
-    code, _ = _child([sys.executable, __file__, "_eval", *eval_argv], args.core, log)
+    code, _ = _child([*THIS, "_eval", *eval_argv], args.core, log)
     if code != 0:
         print(f"[study] {name}: evaluation failed (exit {code}); see {log}", file=sys.stderr)
         return "failed"
@@ -231,7 +229,7 @@ def _decode_flags(depth: int) -> list[str]:
     whatever it recorded, so SFT's checkpoint is measured with the exits SoFT trained."""
     early = _default_exits(depth)[:-1]
     # Only what the study compares (SoFT's own decoders, each run's recommended settings): at 16 prompts and every
-    # mode decode_speed.py took 6 min for its first prompt on a core shared with tests: ~1.5 h per checkpoint
+    # mode the decoding benchmark took 6 min for its first prompt on a core shared with tests: ~1.5 h per checkpoint
     return [
         *("--draft_exits", ",".join(map(str, early[::2][:3])), "--dynamic_exits", ",".join(map(str, early))),
         *("--num_prompts", "8", "--max_new_tokens", "128", "--batch_sizes", "1", "--threads", "1"),
@@ -241,7 +239,7 @@ def _decode_flags(depth: int) -> list[str]:
 
 
 def decode_one(args, run: str) -> str:
-    """`benchmarks/decode_speed.py` on one finished run's checkpoint; returns "done", "skipped", "missing",
+    """`python -m benchmarks.decode_cost speed` on one finished run's checkpoint; returns "done", "skipped", "missing",
     "busy" or "failed". Writes `<results>/<run>-<steps>.decode.json` (rows) and `.decode.md` (the table)."""
     name = f"{run}-{args.max_steps}"
     results, run_dir = Path(args.results_dir), Path(args.cache_dir) / name
@@ -250,7 +248,7 @@ def decode_one(args, run: str) -> str:
         print(f"[study] {name}: decoded, skipped")
         return "skipped"
     if not (results / f"{name}.json").exists() or not (run_dir / "config.json").exists():
-        print(f"[study] {name}: not trained yet (run `quality_study.py run --runs {run}` first), skipped")
+        print(f"[study] {name}: not trained yet (run `benchmarks.quality_study run --runs {run}` first), skipped")
         return "missing"
     lock = _lock_run(run_dir)  # held until this function returns
     if lock is None:
@@ -258,7 +256,7 @@ def decode_one(args, run: str) -> str:
         return "busy"
     flags = _decode_flags(_model_depth(str(run_dir))) + shlex.split(args.decode_flags)  # the user's flags win
     outputs = ["--output", str(results / f"{name}.decode.md"), "--json", str(decoded)]
-    command = [sys.executable, str(REPO / "benchmarks" / "decode_speed.py"), "--model_name_or_path", str(run_dir)]
+    command = [sys.executable, "-m", "benchmarks.decode_cost", "speed", "--model_name_or_path", str(run_dir)]
     print(f"[study] {name}: decoding", flush=True)
     code, _ = _child([*command, "--data", str(args.data), *flags, *outputs], args.core, run_dir / "study.log")
     if code != 0:
@@ -277,21 +275,6 @@ def _portable(argv: list[str], args) -> list[str]:
     return [a.replace(str(REPO) + "/", "").replace(home, "~") for a in argv]
 
 
-def _snapshot(checkpoint: Path, run_dir: Path, step: int) -> None:
-    """Keep the model of `checkpoint` as `<run>/curve/step-<step>` for the learning curve: hard links (no copy), which
-    outlive the checkpoint's rotation. Written under a temporary name, so a kill never leaves half a snapshot."""
-    target = run_dir / "curve" / f"step-{step}"
-    if target.exists():
-        return
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    for path in checkpoint.iterdir():
-        if path.is_file() and not path.name.startswith(("optimizer", "scheduler", "rng_state", "training_args")):
-            os.link(path, partial / path.name)
-    partial.rename(target)
-
-
 def _curve(args, run_dir: Path, held_out: Path, exits: str, log: Path) -> dict[str, dict] | None:
     """Per-exit metrics of every kept snapshot (`--curve_every`), evaluated once each; None when none was kept."""
     snapshots = sorted((run_dir / "curve").glob("step-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
@@ -300,86 +283,27 @@ def _curve(args, run_dir: Path, held_out: Path, exits: str, log: Path) -> dict[s
         evaluation = snapshot / "eval.json"
         if not evaluation.exists():
             argv = [str(snapshot), str(held_out), str(args.eval_rows), str(args.max_length), exits, str(evaluation)]
-            code, _ = _child([sys.executable, __file__, "_eval", *argv], args.core, log)
+            code, _ = _child([*THIS, "_eval", *argv], args.core, log)
             if code != 0:
                 raise RuntimeError(f"evaluation of {snapshot} failed (exit {code}); see {log}")
         curve[snapshot.name.split("-")[1]] = json.loads(evaluation.read_text())["exits"]
     return curve or None
 
 
-def _train_child(run_dir: str, argv: list[str]) -> int:
-    """Child: train with a per-step timer (appended to step_times.jsonl, so it survives an interruption)."""
-    from transformers import TrainerCallback
-
-    from soft_peft.cli.train import TrainingInterrupted, train
-    from soft_peft.cli.train_args import parse_args
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.first, self.started = True, 0.0
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.started = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            record = {"step": state.global_step, "seconds": time.perf_counter() - self.started}
-            with open(Path(run_dir) / "step_times.jsonl", "a") as out:
-                out.write(json.dumps({**record, "first_in_process": self.first}) + "\n")
-            self.first = False
-
-        def on_save(self, args, state, control, **kwargs):
-            every = int(os.environ.get("SOFT_PEFT_STUDY_CURVE_EVERY", "0"))
-            if every and state.global_step % every == 0:
-                _snapshot(Path(args.output_dir) / f"checkpoint-{state.global_step}", Path(run_dir), state.global_step)
-            # Tests interrupt a run here, right after a complete checkpoint, as a kill would
-            if state.global_step == int(os.environ.get("SOFT_PEFT_STUDY_STOP_AFTER_SAVE", "-1")):
-                os._exit(3)
-
-    try:
-        train(*parse_args(argv, prog="quality_study"), callbacks=[StepTimer()])
-    except TrainingInterrupted as stopped:  # SIGTERM / Ctrl-C: a checkpoint was saved, the next `run` resumes it
-        return stopped.exit_code  # the resume line is already printed
-    return 0
-
-
-def _eval_child(model_dir, held_out, rows, max_length, exits, output) -> int:
-    """Child: per-exit teacher-forced metrics of the saved model on the first `rows` held-out rows."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from soft_peft.evaluation import evaluate_exits, load_eval_dataset, tokenize_examples
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    dataset, dataset_format = load_eval_dataset(held_out, max_samples=int(rows))
-    examples = tokenize_examples(dataset, tokenizer, dataset_format, max_length=int(max_length))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    layers = [int(k) for k in exits.split(",")]
-    result = evaluate_exits([model], [layers], examples, pad, batch_size=4, progress=False)
-    keep = ("loss", "token_accuracy", "agreement_with_last", "kl_to_last")
-    per_exit = {str(k): {m: v[m] for m in keep} for k, v in result.metrics[0].items()}
-    Path(output).write_text(
-        json.dumps({"eval_rows": len(examples), "eval_tokens": result.num_tokens, "exits": per_exit})
+def build_parser() -> argparse.ArgumentParser:
+    """The study's command line: `run`, `decode`, `report` or `list`, and their flags."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.quality_study", description=__doc__, formatter_class=RawDescription
     )
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "_train":
-        return _train_child(argv[1], argv[2:])
-    if argv and argv[0] == "_eval":
-        return _eval_child(*argv[1:])
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["run", "decode", "report", "list"])
     parser.add_argument("--runs", default="all", help="Comma-separated run names, or 'all' (see `list`).")
-    parser.add_argument("--variant", action="append", default=[], help='Add a run: NAME="--flag value ...".')
+    parser.add_argument(
+        "--variant", type=parse_variant, action="append", default=[], help='Add a run: NAME="--flag value ...".'
+    )
     parser.add_argument("--max_steps", type=int, default=100, help="Steps per run: 100 to screen, >= 400 final.")
     parser.add_argument("--core", type=int, default=0, help="CPU core of the child processes (-1: not pinned).")
     parser.add_argument("--model", default=None, help="Model folder (default: python tools/get_smollm2.py).")
-    parser.add_argument(
-        "--data", default=DATA, help="GSM8K train: openai/gsm8k (default) or a local JSONL with question/answer."
-    )
+    add_data_argument(parser)
     parser.add_argument("--held_out", type=int, default=200, help="Rows held out (fixed split, seed 0).")
     parser.add_argument("--eval_rows", type=int, default=200, help="Held-out rows evaluated per run.")
     parser.add_argument("--batch_size", type=int, default=4)
@@ -399,24 +323,41 @@ def main(argv: list[str] | None = None) -> int:
         "--results_md", default=str(REPO / "docs" / "results.md"), help="Summary block goes here (`report`)."
     )
     parser.add_argument(
-        "--decode_flags", default="", help='`decode`: extra decode_speed.py flags, e.g. "--num_prompts 32".'
+        "--decode_flags", default="", help='`decode`: extra `decode_cost speed` flags, e.g. "--num_prompts 32".'
     )
     parser.add_argument("--dry-run", action="store_true", help="Print each run's training command; run nothing.")
+    return parser
+
+
+def _dry_run(args, runs: dict[str, str], selected: list[str]) -> None:
+    """Print each selected run's training command, as `run` would start it."""
+    depth = _model_depth(args.model)
+    for run in selected:
+        run_dir = Path(args.cache_dir) / f"{run}-{args.max_steps}"
+        flags = _run_flags(runs[run], depth, args.max_steps)
+        train_file = Path(args.cache_dir) / "data" / "train.jsonl"
+        command = _train_argv(args, flags, train_file, run_dir, depth)
+        print(f"{run}: python examples/gsm8k.py {shlex.join(command)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the study's command (see `build_parser`); the children's `_train` and `_eval` also come here."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("_train", "_eval"):
+        from benchmarks.quality_children import eval_child, train_child
+
+        return train_child(argv[1], argv[2:]) if argv[0] == "_train" else eval_child(*argv[1:])
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.curve_every < 0 or (args.curve_every and args.curve_every % args.save_steps):
         parser.error(f"--curve_every {args.curve_every} must be 0 or a multiple of --save_steps {args.save_steps}.")
-    runs = dict(RUNS)
-    for spec in args.variant:
-        name, _, flags = spec.partition("=")
-        if not name or not _:
-            raise SystemExit(f'--variant {spec!r}: expected NAME="--flag value ...".')
-        runs[name.strip()] = flags
+    runs = {**RUNS, **dict(args.variant)}
     if args.command == "list":
         for name, flags in runs.items():
             print(f"{name:16s} {flags}")
         return 0
     if args.command == "report":
-        from quality_report import write_report
+        from benchmarks.quality_report import write_report
 
         write_report(Path(args.results_dir), Path(args.output), REPO, results_md=Path(args.results_md))
         return 0
@@ -425,18 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown run(s) {unknown}; known: {sorted(runs)} (add one with --variant).")
     if args.model is None:
-        sys.path.insert(0, str(REPO / "tools"))
-        from get_smollm2 import get_smollm2
-
-        args.model = str(get_smollm2())
+        args.model = smollm2_path()
     if args.dry_run:
-        depth = _model_depth(args.model)
-        for run in selected:
-            run_dir = Path(args.cache_dir) / f"{run}-{args.max_steps}"
-            flags = _run_flags(runs[run], depth, args.max_steps)
-            train_file = Path(args.cache_dir) / "data" / "train.jsonl"
-            command = _train_argv(args, flags, train_file, run_dir, depth)
-            print(f"{run}: python examples/gsm8k.py {shlex.join(command)}")
+        _dry_run(args, runs, selected)
         return 0
     if args.command == "decode":
         outcomes = {run: decode_one(args, run) for run in selected}
@@ -447,6 +379,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     sys.exit(main())

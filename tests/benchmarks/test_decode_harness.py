@@ -1,8 +1,11 @@
-"""`benchmarks/decode_harness.py`: the decoding benchmark's methods, interleaved runs and table, with tiny settings."""
+"""`benchmarks/decode_harness.py` (behind `python -m benchmarks.decode_cost`): the decoding benchmark's methods,
+interleaved runs and table, with tiny settings."""
 
 import pytest
 import torch
-from decode_harness import (
+from tiny_models import tiny_model, tiny_tokenizer
+
+from benchmarks.decode_harness import (
     MethodResult,
     build_methods,
     format_table,
@@ -12,7 +15,6 @@ from decode_harness import (
     run_decode_benchmark,
     summary_rows,
 )
-from tiny_models import tiny_model, tiny_tokenizer
 
 
 def test_benchmark_functions():

@@ -1,5 +1,5 @@
-"""benchmarks/quality_study.py on a tiny random model and a handful of rows: an interrupted run resumes from its
-checkpoint, a finished run is skipped, and the report (tables and frontier plot) is written."""
+"""`python -m benchmarks.quality_study` on a tiny random model and a handful of rows: an interrupted run resumes from
+its checkpoint, a finished run is skipped, and the report (tables and frontier plot) is written."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import os
 from pathlib import Path
 
 from example_runs import ROOT, gsm8k_rows, run, save_tiny_model, write_jsonl
-from quality_report import summarize, write_report
 
-STUDY = ROOT / "benchmarks" / "quality_study.py"
+from benchmarks.quality_report import current_command, summarize, write_report
+
+STUDY = ["python", "-m", "benchmarks.quality_study"]
 
 
 def study(tmp_path: Path, *extra: str, check: bool = False, command: str = "run"):
@@ -19,7 +20,7 @@ def study(tmp_path: Path, *extra: str, check: bool = False, command: str = "run"
         "--eval_rows", "4", "--max_steps", "2", "--save_steps", "1", "--batch_size", "2", "--max_length", "64",
         "--cache_dir", str(tmp_path / "cache"), "--results_dir", str(tmp_path / "results"), "--core", "-1",
     ]  # fmt: skip
-    return run(["python", str(STUDY), command, *tiny, *extra], check=check)
+    return run([*STUDY, command, *tiny, *extra], check=check)
 
 
 def test_interrupted_run_resumes_finished_run_is_skipped_and_report_is_written(tmp_path):
@@ -60,7 +61,8 @@ def test_interrupted_run_resumes_finished_run_is_skipped_and_report_is_written(t
         "| sft | " in text and "--exit_layers 4" in text and (tmp_path / "results" / "frontier_2.png").stat().st_size
     )
     assert summarize(saved, saved)["last_ce_vs_sft"] == 1.0
-    assert "quality_study.py run --max_steps 2 --runs sft --core 0" in text and "quality_study.py decode" not in text
+    assert "benchmarks.quality_study run --max_steps 2 --runs sft --core 0" in text
+    assert "benchmarks.quality_study decode" not in text
 
 
 def test_dry_run_prints_each_runs_command_with_its_flags_last(tmp_path):
@@ -93,7 +95,7 @@ def test_summary_ratios_against_sft():
 
 
 def test_results_md_gets_one_summary_block_that_survives_both_reports():
-    from quality_report import RESULTS_BLOCK, extract_block, splice_block
+    from benchmarks.quality_report import RESULTS_BLOCK, extract_block, splice_block
 
     begin, end = RESULTS_BLOCK
     replication = "# Results\nReplication text.\n"
@@ -101,7 +103,7 @@ def test_results_md_gets_one_summary_block_that_survives_both_reports():
     assert first == f"# Results\n\n{begin}\nstudy v1\n{end}\nReplication text.\n"
     second = splice_block(first, f"{begin}\nstudy v2\n{end}")  # the study's report again: replaced, not stacked
     assert second.count(begin) == 1 and "study v2" in second and "study v1" not in second
-    # replicate.py rewrites the file and keeps the block it finds
+    # A rewritten file keeps the block it is given
     regenerated = splice_block("# Results\nNew replication.\n", extract_block(second))
     assert "study v2" in regenerated and "New replication." in regenerated
     assert extract_block("no block here") is None
@@ -122,7 +124,7 @@ def _finished_run(tmp_path: Path, name: str, flags: list[str]) -> None:
 
 def test_decode_measures_finished_runs_with_the_same_exits_and_the_report_shows_it(tmp_path):
     save_tiny_model(tmp_path / "model")
-    write_jsonl(tmp_path / "rows.jsonl", gsm8k_rows(210))  # decode_speed.py holds out 200 rows
+    write_jsonl(tmp_path / "rows.jsonl", gsm8k_rows(210))  # the decoding benchmark holds out 200 rows
     decode = ["--decode_flags", "--num_prompts 2 --max_new_tokens 4 --vocab_size 0 --draft_stop_thresholds none"]
 
     early = study(tmp_path, "--runs", "uniform", *decode, command="decode")
@@ -135,6 +137,7 @@ def test_decode_measures_finished_runs_with_the_same_exits_and_the_report_shows_
     for run_name in ("sft", "uniform"):
         decoded = json.loads((tmp_path / "results" / f"{run_name}-2.decode.json").read_text())
         # Every checkpoint decodes with the SoFT runs' early exits, whatever it recorded
+        assert decoded["command"].startswith("python -m benchmarks.decode_cost speed --model_name_or_path ")
         assert "--draft_exits 1,3 --dynamic_exits 1,2,3" in decoded["command"]
         assert str(Path.home()) not in decoded["command"]
         assert decoded["num_prompts"] == 2 and decoded["rows"][0]["mode"] == "greedy"
@@ -158,12 +161,12 @@ def test_decode_measures_finished_runs_with_the_same_exits_and_the_report_shows_
     assert len(drafting) == 2 and all(line.count("|") == 7 for line in drafting)
     assert text.count("## 2 steps") == 1  # decode files are not read as runs
     # The reproduce block names exactly the runs and decodings reported
-    assert "quality_study.py run --max_steps 2 --runs sft,uniform --core 0\n" in text
-    assert "quality_study.py decode --max_steps 2 --runs sft,uniform --core 0\n" in text
+    assert "benchmarks.quality_study run --max_steps 2 --runs sft,uniform --core 0\n" in text
+    assert "benchmarks.quality_study decode --max_steps 2 --runs sft,uniform --core 0\n" in text
 
 
 def test_results_md_summarizes_every_step_count_where_sft_has_company_largest_first(tmp_path):
-    from quality_report import _results_block
+    from benchmarks.quality_report import _results_block
 
     def group(*runs):
         return {run: {"run": run, "max_steps": 0, "exits": {"1": {"loss": 1.0, "agreement_with_last": 1.0,
@@ -186,7 +189,7 @@ def test_results_md_summarizes_every_step_count_where_sft_has_company_largest_fi
 
 
 def test_results_md_says_plainly_which_runs_meet_each_target_and_how_close_the_nearest_gets(tmp_path):
-    from quality_report import _results_block
+    from benchmarks.quality_report import _results_block
 
     def result(run, last, mid, agree, seconds, rss):
         exits = {"9": {"loss": mid, "agreement_with_last": agree, "token_accuracy": 0.5},
@@ -236,3 +239,20 @@ def test_curve_every_keeps_and_evaluates_snapshots_across_an_interruption_and_th
     expected = uniform["1"]["4"]["loss"] / sft["1"]["4"]["loss"]
     assert f"{expected:.3f} / " in row
     assert (tmp_path / "results" / "curves_2.png").stat().st_size
+
+
+def test_recorded_decoding_commands_are_shown_as_todays_command():
+    old = "python benchmarks/decode_speed.py --model_name_or_path ~/x --num_prompts 8"
+    assert current_command(old) == "python -m benchmarks.decode_cost speed --model_name_or_path ~/x --num_prompts 8"
+    assert (
+        current_command("python -m benchmarks.decode_cost speed --x 1")
+        == "python -m benchmarks.decode_cost speed --x 1"
+    )
+
+
+def test_variants_are_parsed_and_refused_as_the_command_line_says(tmp_path):
+    save_tiny_model(tmp_path / "model")
+    listed = study(tmp_path, "--variant", "mine=--exit_rotation 3", command="list", check=True).stdout
+    assert "mine             --exit_rotation 3" in listed and listed.startswith("sft ")
+    refused = study(tmp_path, "--variant", "mine", command="list")
+    assert refused.returncode == 2 and 'expected NAME="--flag value ..."' in refused.stderr

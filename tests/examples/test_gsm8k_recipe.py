@@ -41,7 +41,7 @@ def test_recipe_parses_and_exit_layers_30_is_the_sft_baseline(recipe, weights, r
 def test_the_recommended_recipe_is_the_studys_measured_run():
     """What the recipe recommends is what the study measured (its base recipe plus the `last_75_rotate2` run's
     flags), with `SoFTConfig`'s default loss weights."""
-    from quality_study import RUNS  # benchmarks/ is on pytest's pythonpath
+    from benchmarks.quality_study import RUNS
 
     _, measured, _ = parse_args(["--config", str(BASE), *RUNS["last_75_rotate2"].split()])
     _, recommended, _ = parse_args(["--config", str(RECOMMENDED)])
@@ -53,7 +53,7 @@ def test_the_recommended_recipe_is_the_studys_measured_run():
 def test_the_layerskip_recipe_is_the_studys_run_and_its_baseline_is_sft():
     """LayerSkip's recipe is the study's `layerskip` run (its base recipe plus the run's flags); with
     `--exit_layers 30 --layer_dropout 0` only the last exit trains, without dropout: plain SFT."""
-    from quality_study import RUNS
+    from benchmarks.quality_study import RUNS
 
     _, measured, _ = parse_args(["--config", str(BASE), *RUNS["layerskip"].format(stop=31).split()])
     _, layerskip, _ = parse_args(["--config", str(LAYERSKIP)])

@@ -1,11 +1,12 @@
-"""`benchmarks/speculative_ceiling.py`: its timed cycles do the work of real self-speculative cycles, and its
-perfect-stop replay counts cycles and right drafts as a plain reference does."""
+"""`python -m benchmarks.decode_cost ceiling` (benchmarks/decode_ceiling.py): its timed cycles do the work of real
+self-speculative cycles, and its perfect-stop replay counts cycles and right drafts as a plain reference does."""
 
 import pytest
-import speculative_ceiling
 import torch
 from tiny_models import NUM_LAYERS, VOCAB, tiny_model, tiny_tokenizer
 
+from benchmarks import decode_ceiling as speculative_ceiling
+from benchmarks.decode_cost import main
 from soft_peft.inference import self_speculative_generate
 from soft_peft.inference.stack import DecoderStack
 from soft_peft.inference.vocab import SubsetHead
@@ -136,7 +137,7 @@ def test_main_writes_both_tables(saved_model, gsm8k_path, tmp_path):
     output = tmp_path / "ceiling.md"
     args = ["--model_name_or_path", str(saved_model), "--data", str(gsm8k_path), "--vocab_size", "50"]
     args += ["--rounds", "1", "--context", "8", "--num_prompts", "2", "--max_new_tokens", "6", "--max_draft", "2"]
-    assert speculative_ceiling.main([*args, "--draft_exits", "1,3", "--output", str(output)]) == 0
+    assert main(["ceiling", *args, "--draft_exits", "1,3", "--output", str(output)]) == 0
     rows = [line for line in output.read_text().splitlines() if line.startswith("| ")]
     assert rows[0] == "| draft exit | g=1 | g=2 |"
     assert [row.split(" | ")[0] for row in rows[1:3]] == ["| 1", "| 3"]
@@ -146,4 +147,16 @@ def test_main_writes_both_tables(saved_model, gsm8k_path, tmp_path):
 
 def test_draft_exits_outside_the_model_are_refused(saved_model):
     with pytest.raises(SystemExit, match=f"in 1..{NUM_LAYERS - 1}"):
-        speculative_ceiling.main(["--model_name_or_path", str(saved_model), "--draft_exits", "4"])
+        main(["ceiling", "--model_name_or_path", str(saved_model), "--draft_exits", "4"])
+
+
+def test_a_random_init_shape_times_every_accepted_cycle_and_reports_the_first_bound(tmp_path, capsys):
+    output = tmp_path / "ceiling.md"
+    argv = ["ceiling", "--shape", "tiny", "--draft_exits", "2,4", "--max_draft", "2", "--rounds", "1"]
+    assert main([*argv, "--new_tokens", "2", "--context", "8", "--output", str(output)]) == 0
+    text = output.read_text()
+    assert text.startswith("Model: random-init `tiny` (8 layers), torch.bfloat16") and "full head" in text
+    rows = [line for line in text.splitlines() if line.startswith("| 2 |") or line.startswith("| 4 |")]
+    assert len(rows) == 2 and all(row.count("|") == 4 for row in rows)  # g = 1, 2
+    assert "perfect draft stop" not in text  # random weights: no prompts, no replay
+    assert "python -m benchmarks.decode_cost ceiling --shape tiny" in capsys.readouterr().out

@@ -1,9 +1,9 @@
-"""A SoFT exit as a draft model, three ways, side by side: soft-peft's self-speculative decoding (one model, one KV
-cache shared by draft and verification) against transformers' assisted generation with the exit written by
-`soft-peft extract` as `assistant_model` (a second model with its own KV cache: what vLLM's `draft_model` and SGLang's
-STANDALONE run) and with `assistant_early_exit` (the same weights, a separate draft pass and cache).
+"""`python -m benchmarks.decode_cost draft-model`: a SoFT exit as a draft model, three ways, side by side.
 
-    python benchmarks/draft_model.py --model_name_or_path RUN --num_prompts 4 --max_new_tokens 64 --draft_exits 15,21
+soft-peft's self-speculative decoding (one model, one KV cache shared by draft and verification) against transformers'
+assisted generation with the exit written by `soft-peft extract` as `assistant_model` (a second model with its own KV
+cache: what vLLM's `draft_model` and SGLang's STANDALONE run) and with `assistant_early_exit` (the same weights, a
+separate draft pass and cache).
 
 Speed, acceptance (accepted / drafted tokens) and exactness against greedy `generate` come from one process, the
 methods interleaved prompt by prompt (batch 1: transformers' assisted generation decodes one sequence). Peak memory
@@ -19,44 +19,39 @@ import contextlib
 import gc
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from decode_harness import (
-    DEFAULT_DATA,
-    DEFAULT_MODEL,
+from transformers.generation import candidate_generator
+
+from benchmarks.common import machine_line, parse_ints
+from benchmarks.decode_harness import (
     DecodeMethod,
     build_methods,
     emit,
     gsm8k_benchmark_data,
     load_model,
-    parse_ints,
     run_decode_benchmark,
 )
-from transformers.generation import candidate_generator
-
 from soft_peft.cli import main as soft_peft_main
 from soft_peft.exits import recorded_exit_layers
 from soft_peft.model_layout import num_decoder_layers
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_name_or_path", default=str(DEFAULT_MODEL), help="A SoFT checkpoint folder.")
-    parser.add_argument("--data", default=str(DEFAULT_DATA), help="GSM8K train.jsonl; prompts: its held-out split.")
+def add_draft_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `draft-model` command's flags."""
+    from benchmarks.decode_cost import add_model_arguments
+
+    add_model_arguments(parser)
     parser.add_argument("--num_prompts", type=int, default=4)
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--draft_exits", type=parse_ints, default=None, help="Default: two recorded exits below L.")
     parser.add_argument("--num_draft_tokens", default="adaptive", help="soft-peft's drafts per cycle, or 'adaptive'.")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared CPU).")
-    parser.add_argument("--output", default=None, help="Also write the markdown table to this file.")
     parser.add_argument("--json", default=None, help="Also write the rows to this file.")
     parser.add_argument("--memory_probe", default=None, help=argparse.SUPPRESS)  # internal: "MODE:EXIT:DRAFT_DIR"
-    return parser.parse_args(argv)
 
 
 @contextlib.contextmanager
@@ -188,7 +183,8 @@ def memory_probe(args: argparse.Namespace) -> None:
 
 
 def measure_memory(args: argparse.Namespace, mode: str, k: int, draft_folder: str) -> dict:
-    command = [sys.executable, __file__, "--model_name_or_path", args.model_name_or_path, "--data", args.data]
+    command = [sys.executable, "-m", "benchmarks.decode_cost", "draft-model", "--data", args.data]
+    command += ["--model_name_or_path", args.model_name_or_path]
     command += ["--max_new_tokens", str(args.max_new_tokens), "--num_draft_tokens", args.num_draft_tokens]
     command += ["--threads", str(args.threads), "--memory_probe", f"{mode}:{k}:{draft_folder}"]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
@@ -227,19 +223,13 @@ def table_rows(methods: list[DecodeMethod], results, memory: dict, draft_mb: dic
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.memory_probe:
-        memory_probe(args)
-        return 0
-    torch.set_num_threads(args.threads)
-    model, tokenizer, path = load_model(args.model_name_or_path)
-    depth, recorded = num_decoder_layers(model), recorded_exit_layers(model)
-    exits = args.draft_exits or default_draft_exits(depth, recorded)
+def _measure(args, model, tokenizer, path: str, exits: list[int]):
+    """Extract the draft exits, decode every method interleaved, then probe each method's memory in its own process;
+    ``(methods, results, memory, draft weights MB)``."""
+    from transformers import AutoModelForCausalLM
+
     prompts, _, _ = gsm8k_benchmark_data(args.data, args.num_prompts)
     with tempfile.TemporaryDirectory() as folder:
-        from transformers import AutoModelForCausalLM
-
         folders = extract_drafts(path, exits, folder)
         drafts = {k: AutoModelForCausalLM.from_pretrained(f, dtype=model.dtype).eval() for k, f in folders.items()}
         draft_mb = {k: sum(p.numel() * p.element_size() for p in d.parameters()) / 2**20 for k, d in drafts.items()}
@@ -249,7 +239,10 @@ def main(argv: list[str] | None = None) -> int:
         for method in methods[1:]:
             k = _exit_of(method)
             memory[method.setting] = measure_memory(args, method.mode, k, folders[k])
-    rows = table_rows(methods, results, memory, draft_mb)
+    return methods, results, memory, draft_mb, len(prompts)
+
+
+def _table(rows: list[dict]) -> list[str]:
     lines = [
         "| method | setting | tokens/s | x greedy | acceptance | tokens = greedy | draft weights (MB) "
         "| RSS loaded (MB) | decode peak above it (MB) | peak RSS (MB) | peak - greedy's (MB) |",
@@ -263,20 +256,29 @@ def main(argv: list[str] | None = None) -> int:
             f"| {row['loaded_rss_mb']:.0f} | {row['decode_extra_mb']:.0f} | {row['peak_rss_mb']:.0f} "
             f"| {row['peak_vs_greedy_mb']:+.0f} |"
         )
-    command = "python benchmarks/draft_model.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    return lines
+
+
+def draft_model(args: argparse.Namespace, command: str) -> int:
+    """The `draft-model` command (or, with ``--memory_probe``, one method's memory in this process)."""
+    if args.memory_probe:
+        memory_probe(args)
+        return 0
+    torch.set_num_threads(args.threads)
+    model, tokenizer, path = load_model(args.model_name_or_path)
+    depth, recorded = num_decoder_layers(model), recorded_exit_layers(model)
+    exits = args.draft_exits or default_draft_exits(depth, recorded)
+    methods, results, memory, draft_mb, num_prompts = _measure(args, model, tokenizer, path, exits)
+    rows = table_rows(methods, results, memory, draft_mb)
     header = [
         f"Model: `{path}` ({depth} layers, SoFT exits {recorded or 'not recorded: untrained'}), {model.dtype}.",
-        f"Prompts: {len(prompts)} GSM8K held-out, batch 1, max_new_tokens={args.max_new_tokens}, "
+        f"Prompts: {num_prompts} GSM8K held-out, batch 1, max_new_tokens={args.max_new_tokens}, "
         f"torch threads={args.threads}. Drafts: {exits}, written by `soft-peft extract`.",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}.",
+        machine_line(),
         f"Command: `{command.strip()}`",
         "",
     ]
-    emit(header, "\n".join(lines), args.output)
+    emit(header, "\n".join(_table(rows)), args.output)
     if args.json:
         Path(args.json).write_text(json.dumps({"command": command.strip(), "model": path, "rows": rows}, indent=1))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,5 @@
-"""How much self-speculative decoding can gain on this machine: two upper bounds, measured.
+"""`python -m benchmarks.decode_cost ceiling`: how much self-speculative decoding can gain on this machine, two upper
+bounds, measured.
 
 Cycle times. One draft-then-verify cycle of `self_speculative_generate` at draft exit d with g drafts is timed with the
 same `DecoderStack` calls it makes: g + 1 positions one at a time through layers 1..d and the draft head, layers d+1..L
@@ -13,53 +14,47 @@ one step of the same stack, to show `generate`'s own overhead).
    `--max_draft` per cycle: the speed-up is the greedy time of all tokens over the sum of those cycles' times. No
    confidence rule can do better at that exit on this checkpoint.
 
-    python benchmarks/speculative_ceiling.py                                        # ~5 min on 2 CPU cores
-    python benchmarks/speculative_ceiling.py --draft_exits 9,15,21 --max_draft 8 --num_prompts 16
-
-Timings are medians over interleaved rounds, so every entry was measured side by side.
+With `--shape NAME` the model is a random-init one of that shape (`benchmarks.common.SHAPES`) on `--device`: random
+weights measure the mechanics (kernel launches, cache handling, the head), which is what a GPU changes, so only the
+first bound is reported. Timings are medians over interleaved rounds, so every entry was measured side by side, with
+the device synchronised around each.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
-import sys
 import time
 
 import torch
-from decode_harness import DEFAULT_DATA, DEFAULT_MODEL, emit, gsm8k_benchmark_data, load_model, parse_ints
 from tqdm.auto import tqdm
 
+from benchmarks.common import SHAPES, machine_line, parse_ints, random_model, synchronize
+from benchmarks.decode_harness import emit, gsm8k_benchmark_data, load_model
 from soft_peft.inference import frequent_token_ids
 from soft_peft.inference.stack import DecoderStack
 from soft_peft.inference.tokens import exit_confidence
 from soft_peft.inference.vocab import SubsetHead
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--model_name_or_path", default=str(DEFAULT_MODEL), help="HF folder (default: SoFT GSM8K run)."
-    )
-    parser.add_argument(
-        "--data",
-        default=str(DEFAULT_DATA),
-        help="GSM8K train (openai/gsm8k or a local JSONL): held-out prompts, draft vocab.",
-    )
+def add_ceiling_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `ceiling` command's flags."""
+    from benchmarks.decode_cost import add_model_arguments
+
+    add_model_arguments(parser)
+    parser.add_argument("--shape", choices=list(SHAPES), help="A random-init model of this shape instead.")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="Where a --shape model runs.")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="Default: fp32; --shape: bf16.")
     parser.add_argument("--draft_exits", type=parse_ints, default=[9, 12, 15, 21])
     parser.add_argument("--max_draft", type=int, default=8, help="Longest draft timed (and per perfect-stop cycle).")
     parser.add_argument("--num_prompts", type=int, default=8, help="Held-out prompts for the perfect-stop bound.")
     parser.add_argument("--max_new_tokens", type=int, default=128, help="Greedy tokens per prompt to replay.")
+    parser.add_argument("--new_tokens", type=int, default=64, help="Greedy tokens per `generate` timing.")
     parser.add_argument("--context", type=int, default=160, help="Cached positions before each timed cycle.")
     parser.add_argument("--rounds", type=int, default=10, help="Timed rounds; each times every entry once.")
     parser.add_argument(
         "--vocab_size", type=int, default=4096, help="Draft head's frequent-token subset; 0: full head."
     )
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared CPU).")
-    parser.add_argument("--output", default=None, help="Also write the markdown tables to this file.")
-    return parser.parse_args(argv)
 
 
 def draft_token_fn(stack: DecoderStack, subset: SubsetHead | None = None):
@@ -81,8 +76,10 @@ def cycle_timer(stack: DecoderStack, cache, context: int, draft):
     was not verified). ``draft_exit=None`` times one greedy step. The cache is cropped back to ``context`` each time.
     """
     token = torch.zeros(1, 1, dtype=torch.long, device=stack.model.device)
+    device = stack.model.device.type
 
     def timer(draft_exit: int | None, drafts: int = 0, stopped: bool = False) -> float:
+        synchronize(device)
         started = time.perf_counter()
         if draft_exit is None:  # a greedy step: every layer, then the head, on one position
             inputs = stack.step_inputs(None, context, 1, 1)
@@ -100,6 +97,7 @@ def cycle_timer(stack: DecoderStack, cache, context: int, draft):
             upper = stack.run_layers(torch.cat(states, dim=1), draft_exit + 1, stack.num_layers, inputs, cache)
             stack.head.logits_from_raw(upper).argmax(-1)
         stack.crop(cache, 1, stack.num_layers, context)
+        synchronize(device)
         return time.perf_counter() - started
 
     return timer
@@ -109,8 +107,10 @@ def generate_token_seconds(model, prompt: torch.Tensor, new_tokens: int = 64) ->
     """Seconds per decoded token of greedy ``generate`` (its prefill and first token subtracted)."""
 
     def timed(count: int) -> float:
+        synchronize(model.device.type)
         started = time.perf_counter()
         model.generate(prompt, do_sample=False, max_new_tokens=count, min_new_tokens=count)
+        synchronize(model.device.type)
         return time.perf_counter() - started
 
     return (timed(new_tokens + 1) - timed(1)) / new_tokens
@@ -194,38 +194,18 @@ def _median_times(timer, entries, rounds: int, greedy_token) -> tuple[dict, floa
     return {entry: statistics.median(values) for entry, values in samples.items()}, statistics.median(greedy)
 
 
-@torch.inference_mode()
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    model, tokenizer, path = load_model(args.model_name_or_path)
-    stack = DecoderStack(model)
-    bad = [k for k in args.draft_exits if not 1 <= k < stack.num_layers]
-    if bad or args.max_draft < 1:
-        raise SystemExit(f"--draft_exits must lie in 1..{stack.num_layers - 1} (got {bad}) and --max_draft be >= 1.")
-    prompts, _, calibration = gsm8k_benchmark_data(args.data, args.num_prompts)
-    subset = (
-        SubsetHead(stack.head, frequent_token_ids(tokenizer, calibration, args.vocab_size))
-        if args.vocab_size
-        else None
-    )
-    draft = draft_token_fn(stack, subset)
-    vocab_note = "full head" if subset is None else f"{subset.size}-token subset"
+def _load(args):
+    """The model (a checkpoint, or a random-init ``--shape``), its tokenizer (``None`` for a shape) and a label."""
+    if args.shape:
+        dtype = getattr(torch, args.dtype or "bfloat16")
+        model = random_model(args.shape, args.device, dtype).eval()
+        return model, None, f"random-init `{args.shape}`"
+    model, tokenizer, path = load_model(args.model_name_or_path, getattr(torch, args.dtype or "float32"))
+    return model, tokenizer, f"`{path}`"
 
-    # Cycle times, side by side with greedy
-    generator = torch.Generator().manual_seed(0)
-    filler = torch.randint(0, stack.head.lm_head.weight.shape[0], (1, args.context), generator=generator)
-    cache = stack.new_cache()
-    inputs = stack.step_inputs(None, 0, args.context, 1)
-    stack.run_layers(stack.embed(filler, inputs), 1, stack.num_layers, inputs, cache)
-    timer = cycle_timer(stack, cache, args.context, draft)
-    # Only the cycles the tables use: all-accepted ones of 1..max drafts, stopped ones of 0..max-1 kept drafts
-    accepted = [(k, g, False) for k in args.draft_exits for g in range(1, args.max_draft + 1)]
-    stopped = [(k, g, True) for k in args.draft_exits for g in range(args.max_draft)]
-    entries = [(None,), *accepted, *stopped]
-    seconds, greedy_token = _median_times(timer, entries, args.rounds, lambda: generate_token_seconds(model, filler))
 
-    # The perfect-stop bound on real prompts' greedy outputs
+def _perfect_stop_rows(model, tokenizer, stack, draft, seconds, greedy_token, prompts, args) -> list[str]:
+    """The second bound: greedy outputs of real prompts replayed, drafting stopped at the first wrong draft."""
     totals = {k: [0.0, 0, 0, 0, 0] for k in args.draft_exits}  # seconds, tokens, cycles, right drafts, drafts
     for prompt in tqdm(prompts, desc="Replaying greedy outputs"):
         encoded = tokenizer(prompt, return_tensors="pt").input_ids
@@ -234,33 +214,62 @@ def main(argv: list[str] | None = None) -> int:
         for k, row in hits.items():
             replay = perfect_stop_seconds(row, args.max_draft, lambda g, stop, k=k: seconds[(k, g, stop)])
             totals[k] = [sum(pair) for pair in zip(totals[k], [*replay, sum(row), len(row)], strict=True)]
-
-    command = "python benchmarks/speculative_ceiling.py " + " ".join(sys.argv[1:] if argv is None else argv)
     lines = [
-        f"Model: `{path}` ({stack.num_layers} layers), fp32, torch threads={args.threads}, drafts on the "
+        "",
+        f"Speed-up over `generate` with a perfect draft stop, {len(prompts)} GSM8K held-out prompts, "
+        f"{args.max_new_tokens} greedy tokens each, at most {args.max_draft} drafts per cycle:",
+        "",
+        "| draft exit | drafts equal to greedy's token | tokens per cycle | speed-up bound |",
+        "|---|---|---|---|",
+    ]
+    for k, (spent, tokens, cycles, right, drafted) in totals.items():
+        bound = tokens * greedy_token / spent
+        lines.append(f"| {k} | {right / max(drafted, 1):.3f} | {tokens / max(cycles, 1):.2f} | {bound:.2f} |")
+    return lines
+
+
+@torch.inference_mode()
+def ceiling(args: argparse.Namespace, command: str) -> int:
+    """The `ceiling` command: cycle times side by side with greedy, then both bounds (the first only for a shape)."""
+    torch.set_num_threads(args.threads)
+    model, tokenizer, label = _load(args)
+    stack = DecoderStack(model)
+    bad = [k for k in args.draft_exits if not 1 <= k < stack.num_layers]
+    if bad or args.max_draft < 1:
+        raise SystemExit(f"--draft_exits must lie in 1..{stack.num_layers - 1} (got {bad}) and --max_draft be >= 1.")
+    prompts, _, calibration = gsm8k_benchmark_data(args.data, args.num_prompts) if tokenizer else ([], [], [])
+    subset = None
+    if tokenizer is not None and args.vocab_size:
+        subset = SubsetHead(stack.head, frequent_token_ids(tokenizer, calibration, args.vocab_size))
+    draft = draft_token_fn(stack, subset)
+
+    # Cycle times, side by side with greedy
+    generator = torch.Generator().manual_seed(0)
+    vocab = stack.head.lm_head.weight.shape[0]
+    filler = torch.randint(3, vocab, (1, args.context), generator=generator).to(model.device)
+    cache = stack.new_cache()
+    inputs = stack.step_inputs(None, 0, args.context, 1)
+    stack.run_layers(stack.embed(filler, inputs), 1, stack.num_layers, inputs, cache)
+    timer = cycle_timer(stack, cache, args.context, draft)
+    # Only the cycles the tables use: all-accepted ones of 1..max drafts, stopped ones of 0..max-1 kept drafts
+    accepted = [(k, g, False) for k in args.draft_exits for g in range(1, args.max_draft + 1)]
+    stopped = [(k, g, True) for k in args.draft_exits for g in range(args.max_draft)] if prompts else []
+    greedy = lambda: generate_token_seconds(model, filler, args.new_tokens)  # noqa: E731
+    seconds, greedy_token = _median_times(timer, [(None,), *accepted, *stopped], args.rounds, greedy)
+
+    vocab_note = "full head" if subset is None else f"{subset.size}-token subset"
+    digits = 2 if model.device.type == "cuda" else 0
+    lines = [
+        f"Model: {label} ({stack.num_layers} layers), {model.dtype}, torch threads={args.threads}, drafts on the "
         f"{vocab_note}; cycles timed at {args.context} cached positions, median of {args.rounds} interleaved rounds.",
-        f"One greedy token: {greedy_token * 1e3:.1f} ms with `generate`, {seconds[(None,)] * 1e3:.1f} ms as one step "
-        "of the layer-wise stack.",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}.",
+        f"One greedy token: {greedy_token * 1e3:.2f} ms with `generate`, {seconds[(None,)] * 1e3:.2f} ms as one "
+        "step of the layer-wise stack.",
+        machine_line(),
         f"Command: `{command.strip()}`",
         "",
-        *all_accepted_table(seconds, greedy_token, args.draft_exits, args.max_draft, ms_digits=0),
+        *all_accepted_table(seconds, greedy_token, args.draft_exits, args.max_draft, ms_digits=digits),
     ]
     if prompts:
-        lines += [
-            "",
-            f"Speed-up over `generate` with a perfect draft stop, {len(prompts)} GSM8K held-out prompts, "
-            f"{args.max_new_tokens} greedy tokens each, at most {args.max_draft} drafts per cycle:",
-            "",
-            "| draft exit | drafts equal to greedy's token | tokens per cycle | speed-up bound |",
-            "|---|---|---|---|",
-        ]
-        for k, (spent, tokens, cycles, right, drafted) in totals.items():
-            bound = tokens * greedy_token / spent
-            lines.append(f"| {k} | {right / max(drafted, 1):.3f} | {tokens / max(cycles, 1):.2f} | {bound:.2f} |")
+        lines += _perfect_stop_rows(model, tokenizer, stack, draft, seconds, greedy_token, prompts, args)
     emit(lines, "", args.output)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,15 +1,22 @@
-"""`benchmarks/draft_model.py`: the three ways of drafting with an exit decode greedy's tokens, transformers' drafts
-are counted right, and the table rows hold what was measured."""
+"""`python -m benchmarks.decode_cost draft-model` (benchmarks/decode_draft_model.py): the three ways of drafting with
+an exit decode greedy's tokens, transformers' drafts are counted right, and the table rows hold what was measured."""
 
 import argparse
 import copy
 
 import pytest
-from decode_harness import run_decode_benchmark
-from draft_model import count_assisted_drafts, default_draft_exits, extract_drafts, methods_for, table_rows
 from inference_helpers import prompts
 from tiny_models import tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
+
+from benchmarks.decode_draft_model import (
+    count_assisted_drafts,
+    default_draft_exits,
+    extract_drafts,
+    methods_for,
+    table_rows,
+)
+from benchmarks.decode_harness import run_decode_benchmark
 
 ARGS = argparse.Namespace(max_new_tokens=12, num_draft_tokens="adaptive")
 

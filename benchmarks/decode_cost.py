@@ -1,29 +1,34 @@
-"""Decoding speed of SoFT's inference modes against plain greedy `generate` and `assistant_early_exit`.
+"""Decoding cost of SoFT's decoders, measured side by side in one process. Three questions, one command each:
 
-Model: SmolLM2-135M-Instruct fine-tuned with the project's GSM8K example for 450 steps
-(`~/.cache/soft_peft/runs/gsm8k-soft-450`, made by `bash benchmarks/decode_checkpoint.sh`); without it, the untrained
-model, with a warning. Prompts: the GSM8K held-out split shared by all benchmarks (`held_out_split(test_size=200,
-seed=0)`); the frequent-token subset is counted on the other rows' completions.
+    # How fast each decoder is against greedy `generate` and transformers' `assistant_early_exit` (speed, exactness,
+    # GSM8K accuracy, batch by batch): self-speculative decoding per draft exit, dynamic exits per threshold
+    python -m benchmarks.decode_cost speed --num_prompts 4 --max_new_tokens 64         # ~7 min on 2 CPU cores
+    # How far self-speculative decoding can go on this machine: every draft accepted, and a perfect draft stop
+    python -m benchmarks.decode_cost ceiling --draft_exits 9,15,21 --max_draft 8       # ~5 min on 2 CPU cores
+    python -m benchmarks.decode_cost ceiling --shape llama3.2-1b --draft_exits 4,8,12 --max_draft 4   # a GPU, 1 min
+    # A SoFT exit as a separate draft model (`soft-peft extract` + `assistant_model`) against the shared-cache decoder
+    python -m benchmarks.decode_cost draft-model --num_prompts 4 --draft_exits 15,21
 
-    python benchmarks/decode_speed.py --output /tmp/decode_speed.md                # default: ~7 min on 2 CPU cores
-    python benchmarks/decode_speed.py --num_prompts 50 --max_new_tokens 256 --modes dynamic --batch_sizes 1
-
-Timing is interleaved batch by batch across methods, in one process, so the ratios are side by side.
+Model: a SoFT checkpoint (`--model_name_or_path`; default `~/.cache/soft_peft/runs/gsm8k-soft-450`, made by
+`bash benchmarks/decode_checkpoint.sh`; without it, the untrained SmolLM2-135M-Instruct, with a warning), or for
+`ceiling` a random-init model of a known shape (`--shape`: the mechanics, which a GPU changes, not a checkpoint's
+acceptance). Prompts: GSM8K's held-out split shared by all benchmarks (`held_out_split(test_size=200, seed=0)` of
+`openai/gsm8k`, or of `--data FILE`); the frequent-token subset is counted on the other rows' completions.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
+from argparse import RawDescriptionHelpFormatter as RawDescription
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from decode_harness import (
-    DEFAULT_DATA,
+
+from benchmarks.common import add_data_argument, machine_line, parse_floats, parse_ints
+from benchmarks.decode_harness import (
     DEFAULT_MODEL,
     MODES,
     add_decode_method_flags,
@@ -33,26 +38,24 @@ from decode_harness import (
     format_table,
     gsm8k_benchmark_data,
     load_model,
-    parse_ints,
     run_decode_benchmark,
     summary_rows,
 )
 
 
-def _floats(text: str) -> list[float]:
-    return [float(part) for part in text.split(",") if part.strip()]
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags every decoding command shares: the checkpoint, the data, the thread count and the outputs."""
     parser.add_argument(
         "--model_name_or_path", default=str(DEFAULT_MODEL), help="HF folder (default: SoFT GSM8K run)."
     )
-    parser.add_argument(
-        "--data",
-        default=str(DEFAULT_DATA),
-        help="GSM8K train: openai/gsm8k (default) or a local JSONL; prompts come from its held-out split.",
-    )
+    add_data_argument(parser, role="; prompts come from its held-out split")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared CPU).")
+    parser.add_argument("--output", default=None, help="Also write the markdown report to this file.")
+
+
+def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `speed` command's flags."""
+    add_model_arguments(parser)
     parser.add_argument("--num_prompts", type=int, default=4, help="Held-out prompts to decode.")
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--batch_sizes", type=parse_ints, default=[1, 4])
@@ -61,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--num_draft_tokens", default="adaptive", help="An int, or 'adaptive'.")
     parser.add_argument("--dynamic_exits", type=parse_ints, default=None, help="Default: dynamic_generate's default.")
-    parser.add_argument("--thresholds", type=_floats, default=[0.9, 0.7, 0.5])
+    parser.add_argument("--thresholds", type=parse_floats, default=[0.9, 0.7, 0.5])
     parser.add_argument("--kv_fills", default="recompute,propagate", help="Dynamic KV fills to compare.")
     parser.add_argument(
         "--assistant_exits",
@@ -78,15 +81,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_decode_method_flags(parser)
     parser.add_argument("--modes", default=",".join(MODES), help="Modes besides greedy, comma-separated.")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="Model weights' dtype.")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared CPU).")
-    parser.add_argument("--output", default=None, help="Also write the markdown table to this file.")
     parser.add_argument("--json", default=None, help="Also write the table's rows (and the command) to this file.")
-    return parser.parse_args(argv)
 
 
 @dataclass
 class DecodeRun:
-    """What one `decode_speed.py` run decodes, and with which methods' settings.
+    """What one `speed` run decodes, and with which methods' settings.
 
     Attributes:
         model, tokenizer, path: The loaded model (``path``: where it came from).
@@ -116,14 +116,14 @@ class DecodeRun:
             f"Prompts: {len(self.prompts)} GSM8K held-out, max_new_tokens={args.max_new_tokens}, {args.dtype}, "
             f"torch threads={args.threads}.",
             f"Vocabulary subset: {vocab} for drafting and confidence pre-checks, counted on the training completions.",
-            f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}.",
+            machine_line(),
             f"Command: `{command.strip()}`",
             "",
         ]
 
 
 def prepare_run(args: argparse.Namespace) -> DecodeRun:
-    """Load the model and prompts of a run and resolve its draft exits, as `decode_speed.py` runs them."""
+    """Load the model and prompts of a run and resolve its draft exits, as `speed` runs them."""
     from soft_peft.exits import parse_exit_layers, recorded_exit_layers
     from soft_peft.inference import frequent_token_ids
     from soft_peft.model_layout import num_decoder_layers
@@ -157,18 +157,48 @@ def prepare_run(args: argparse.Namespace) -> DecodeRun:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def speed(args: argparse.Namespace, command: str) -> int:
+    """The `speed` command: every method on the same prompts, one table (and its rows as JSON with ``--json``)."""
     run = prepare_run(args)
     methods = build_methods(run.model, *run.method_args, **run.method_kwargs)
     results = run_decode_benchmark(run.model, run.tokenizer, run.prompts, methods, args.batch_sizes)
-    command = "python benchmarks/decode_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
     emit(run.header(args, command), format_table(results, run.tokenizer, run.references), args.output)
     if args.json:
         rows = summary_rows(results, run.tokenizer, run.references)
-        summary = {"model": run.path, "num_prompts": len(run.prompts), "command": command.strip(), "rows": rows}
+        summary = {"model": run.path, "num_prompts": len(run.prompts), "command": command, "rows": rows}
         Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
     return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`speed`, `ceiling` and `draft-model`, each with its own flags."""
+    from benchmarks.decode_ceiling import add_ceiling_arguments
+    from benchmarks.decode_draft_model import add_draft_model_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.decode_cost", description=__doc__, formatter_class=RawDescription
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_speed_arguments(commands.add_parser("speed", help="Each decoder's speed against greedy `generate`."))
+    add_ceiling_arguments(commands.add_parser("ceiling", help="Self-speculative decoding's two upper bounds."))
+    add_draft_model_arguments(commands.add_parser("draft-model", help="A SoFT exit as a separate draft model."))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one decoding benchmark (see the module's docstring)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    command = " ".join(["python -m benchmarks.decode_cost", *argv])
+    if args.command == "speed":
+        return speed(args, command)
+    if args.command == "ceiling":
+        from benchmarks.decode_ceiling import ceiling
+
+        return ceiling(args, command)
+    from benchmarks.decode_draft_model import draft_model
+
+    return draft_model(args, command)
 
 
 if __name__ == "__main__":

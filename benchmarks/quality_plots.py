@@ -1,0 +1,151 @@
+"""The plots of the quality study's report: the frontier of the runs at one step count, and the learning curves
+(each run's held-out CE against SFT's at the same step, over steps).
+
+`python -m benchmarks.quality_study run --curve_every N` keeps the model every N steps and evaluates each
+(`result["curve"]`: ``{step: {exit: metrics}}``); `curve_section` turns the runs that have one into a table and a
+plot for the report.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _mid_exit(exits: list[int]) -> int:
+    """The exit nearest half depth (15 of 30), as the report's `summarize` picks it."""
+    last = max(exits)
+    return min(exits, key=lambda k: (abs(2 * k - last), k))
+
+
+def curve_ratios(result: dict, sft: dict) -> dict[int, tuple[float, float]]:
+    """``{step: (last-layer CE / SFT's, middle exit's CE / SFT's)}`` at the steps both runs evaluated."""
+    steps = sorted(set(map(int, result["curve"])) & set(map(int, sft["curve"])))
+    exits = sorted(int(k) for k in result["exits"])
+    last, mid = max(exits), _mid_exit(exits)
+    ratios = {}
+    for step in steps:
+        mine, theirs = result["curve"][str(step)], sft["curve"][str(step)]
+        ratios[step] = tuple(mine[str(k)]["loss"] / theirs[str(k)]["loss"] for k in (last, mid))
+    return ratios
+
+
+def _plot(curves: dict[str, dict[int, tuple[float, float]]], last: int, mid: int, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(9.6, 3.8))
+    FigureCanvasAgg(figure)
+    for index, (title, bound) in enumerate(((f"full model (exit {last})", 1.03), (f"exit {mid}", 0.30))):
+        axes = figure.add_subplot(1, 2, index + 1)
+        for run, ratios in curves.items():
+            steps = sorted(ratios)
+            axes.plot(steps, [ratios[s][index] for s in steps], marker="o", markersize=3, label=run)
+        axes.axhline(bound, color="tab:green", linestyle=":", linewidth=1, label=f"target {bound:.2f}x")
+        axes.set_xlabel("optimizer step")
+        axes.set_ylabel("held-out CE / SFT's at the same step")
+        axes.set_title(title)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def curve_section(group: dict[str, dict], steps: int, output: Path, results_dir: Path) -> list[str]:
+    """Markdown lines (table and plot) for the runs of `group` that have a curve, when SFT has one too; else none."""
+    sft = group.get("sft")
+    if sft is None or "curve" not in sft:
+        return []
+    curves = {run: curve_ratios(result, sft) for run, result in group.items() if run != "sft" and "curve" in result}
+    if not curves:
+        return []
+    exits = sorted(int(k) for k in sft["exits"])
+    last, mid = max(exits), _mid_exit(exits)
+    all_steps = sorted({s for ratios in curves.values() for s in ratios})
+    lines = [
+        f"Over steps: held-out CE / SFT's at the same step (full model exit {last} / exit {mid}).",
+        "",
+        "| run | " + " | ".join(f"step {s}" for s in all_steps) + " |",
+        "|---" * (len(all_steps) + 1) + "|",
+    ]
+    for run, ratios in curves.items():
+        cells = [f"{ratios[s][0]:.3f} / {ratios[s][1]:.3f}" if s in ratios else "–" for s in all_steps]
+        lines.append(f"| {run} | " + " | ".join(cells) + " |")
+    plot = results_dir / f"curves_{steps}.png"
+    _plot(curves, last, mid, plot)
+    return [*lines, "", f"![ratios to SFT over steps]({os.path.relpath(plot, output.parent)})", ""]
+
+
+def plot_frontier(
+    group: dict[str, dict], summaries: dict[str, dict], path: Path, last_bound: float, mid_bound: float
+) -> None:
+    """x = last-layer CE / SFT's, y = the middle exit's CE; one labelled point per run, both targets drawn (the
+    last layer's ``last_bound`` x SFT's, the middle exit's ``mid_bound`` x SFT's)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.4, 4.4))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    mid = next(iter(summaries.values()))["mid"]
+    points = {run: (summary["last_ce_vs_sft"], summary["mid_ce"]) for run, summary in summaries.items()}
+    for run, (x, y) in points.items():
+        style = {"sft": ("s", "tab:red"), "uniform": ("D", "tab:blue")}.get(run, ("o", "tab:gray"))
+        axes.scatter(x, y, marker=style[0], color=style[1], zorder=3)
+    axes.axvline(last_bound, color="tab:green", linestyle=":", linewidth=1,
+                 label=f"target: last layer <= {last_bound:.2f}x SFT")  # fmt: skip
+    if "sft" in summaries:
+        axes.axhline(mid_bound * summaries["sft"]["mid_ce"], color="tab:purple", linestyle=":", linewidth=1,
+                     label=f"target: exit {mid} <= {mid_bound:.2f}x SFT's")  # fmt: skip
+    axes.set_xlabel("last-layer held-out CE / SFT's (lower is better)")
+    axes.set_ylabel(f"exit {mid} held-out CE (nats)")
+    values = [summary["mid_ce"] for summary in summaries.values()]
+    if max(values) > 3 * min(values):  # SFT's untrained exits sit far above SoFT's
+        axes.set_yscale("log")
+    axes.set_title(
+        f"SoFT controls at {next(iter(group.values()))['max_steps']} steps: the frontier (targets: lower left)"
+    )
+    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    _label_points(figure, axes, points)  # after the layout: labels are placed in display space
+    figure.savefig(path, dpi=120)
+
+
+def _label_points(figure, axes, points: dict[str, tuple[float, float]]) -> None:
+    """Label each point beside it: of the places around it (nearest first), the first whose label stays inside the
+    axes and covers no other label or point, else the one covering the fewest; the screen's runs crowd together."""
+    from matplotlib.text import Text
+    from matplotlib.transforms import Bbox
+
+    renderer = figure.canvas.get_renderer()
+    inside = axes.get_window_extent(renderer)
+    centres = {run: axes.transData.transform(xy) for run, xy in points.items()}
+    markers = {run: Bbox.from_extents(cx - 5, cy - 5, cx + 5, cy + 5) for run, (cx, cy) in centres.items()}
+    # Nearest first; a thin line ties each label to its point, which matters where runs crowd together
+    sides = [(dx, dy) for dy in (8, -16, 20, -28, 36, -44, 52, -60) for dx in (12, -12, 28, -28, 56, -56)]
+    line = {"arrowstyle": "-", "linewidth": 0.7, "color": "0.35", "shrinkA": 1, "shrinkB": 3}
+
+    def label(run, xy, dx, dy):
+        return axes.annotate(run, xy, textcoords="offset points", xytext=(dx, dy), ha="left" if dx > 0 else "right",
+                             fontsize=8, arrowprops=line)  # fmt: skip
+
+    placed: list = []
+    for run, xy in sorted(points.items(), key=lambda item: item[1]):
+        others = [box for other, box in markers.items() if other != run] + placed
+        best = None
+        for side in sides:
+            trial = label(run, xy, *side)
+            # The text alone (placed first): an annotation's own extent also spans its leader line, which covers its
+            # point and its neighbours
+            trial.update_positions(renderer)
+            box = Text.get_window_extent(trial, renderer)
+            trial.remove()
+            outside = not (inside.contains(box.x0, box.y0) and inside.contains(box.x1, box.y1))
+            cost = (outside, sum(box.overlaps(other) for other in others))
+            if best is None or cost < best[0]:
+                best = (cost, side, box)
+            if cost == (False, 0):
+                break
+        label(run, xy, *best[1])
+        placed.append(best[2])
