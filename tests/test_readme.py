@@ -38,6 +38,14 @@ TINY_RUN = {"max_steps": 1, "per_device_train_batch_size": 2, "max_length": 64, 
 TINY_RUN.update(save_strategy="no", logging_steps=1)
 README_MAX_CHARS = 10_500  # a newcomer's five-minute read; reference material goes to docs/guide.md
 REPOSITORY_URL = "https://github.com/soft-peft/soft-peft/blob/main/"
+DOCS = ["README.md", "CONTRIBUTING.md", "docs/guide.md", "docs/measurements.md"]
+# A repository path a document names in its text or commands: `recipes/zero3.yaml`, `tests/test_serving.py`, ...
+NAMED_PATH = re.compile(
+    r"(?<![\w/.])(?:benchmarks|data|docs|examples|recipes|tests|tools)/[\w/.-]+\.(?:py|yaml|jsonl|sbatch|sh|md)"
+)
+# A shipped recipe or launch config by name (`smollm2_135m_alpaca_cpu`, `accelerate/zero3`) after `--config`,
+# `recipes copy` or `recipes path`
+RECIPE_NAME = re.compile(r"(?:--config|recipes copy|recipes path) (\w+[_/][\w/]+)(?=[\s)\"`])")
 
 
 def python_blocks(document: str) -> list[str]:
@@ -81,7 +89,7 @@ def anchors(path: Path) -> set[str]:
     return {github_anchor(heading) for heading in re.findall(r"^#+ (.+)$", path.read_text(), flags=re.M)}
 
 
-@pytest.mark.parametrize("document", ["README.md", "CONTRIBUTING.md", "docs/guide.md", "docs/measurements.md"])
+@pytest.mark.parametrize("document", DOCS)
 def test_links_land(document):
     """Relative links (and the README's absolute ones, which PyPI can follow) name a file of this repository, and a
     heading of it where they give an anchor."""
@@ -98,6 +106,14 @@ def test_links_land(document):
         f"{path.relative_to(ROOT)}#{anchor}" for path, anchor in targets if anchor and anchor not in anchors(path)
     ]
     assert broken == []
+
+
+@pytest.mark.parametrize("document", DOCS)
+def test_named_files_exist(document):
+    text = (ROOT / document).read_text()
+    missing = [name for name in NAMED_PATH.findall(text) if not (ROOT / name).exists()]
+    missing += [name for name in RECIPE_NAME.findall(text) if not (ROOT / "recipes" / f"{name}.yaml").exists()]
+    assert missing == [], f"{document} names what the repository does not have"
 
 
 def serve_from_hub_cache(cache: Path, repo_id: str, folder: Path) -> None:
