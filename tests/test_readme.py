@@ -1,28 +1,34 @@
-"""Every Python snippet of README.md runs as written, offline.
+"""Every Python block of README.md and docs/guide.md runs as written, offline, and does what its text says; the README
+stays short and its links land.
 
-How the Hub is replaced (nothing in the snippets' text changes):
+How the Hub is replaced (nothing in the blocks' text changes):
 - Models: the Hub id `HuggingFaceTB/SmolLM2-135M` is served from a temporary Hugging Face cache (HF_HUB_OFFLINE=1 is
-  set for tests), holding a tiny random Llama, or the real SmolLM2-135M-Instruct folder for the snippets whose exits
+  set for tests), holding a tiny random Llama, or the real SmolLM2-135M-Instruct folder for the blocks whose exits
   need its 30 layers (those are `slow`).
 - Datasets: `datasets.load_dataset("trl-lib/Capybara", ...)` returns the Alpaca seed tasks shipped in data/ as
   conversations.
-- Training: `SoFTConfig` gets a tiny run on top of the snippet's own arguments (1 step, batch 2, 64 tokens).
-Each snippet runs in a temporary folder holding a link to data/, as it would from the repository root.
+- Training: `SoFTConfig` gets a tiny run on top of the block's own arguments (1 step, batch 2, 64 tokens).
+Each block runs in a temporary folder holding a link to data/, as it would from the repository root.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
 import datasets
 import pytest
+import torch
 from datasets import Dataset
 from huggingface_hub import constants
-from tiny_models import tiny_model, tiny_tokenizer
+from tiny_models import NUM_LAYERS, tiny_model, tiny_tokenizer
+from transformers import AutoModelForCausalLM
 
 import soft_peft
+from soft_peft.checkpoints import load_causal_lm
+from soft_peft.exits import default_exit_layers, recorded_exit_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 HUB_MODEL = "HuggingFaceTB/SmolLM2-135M"
@@ -30,24 +36,84 @@ FAKE_COMMIT = "0" * 40
 LOAD_DATASET = datasets.load_dataset
 TINY_RUN = {"max_steps": 1, "per_device_train_batch_size": 2, "max_length": 64, "report_to": "none"}
 TINY_RUN.update(save_strategy="no", logging_steps=1)
+README_MAX_CHARS = 10_500  # a newcomer's five-minute read; reference material goes to docs/guide.md
+REPOSITORY_URL = "https://github.com/soft-peft/soft-peft/blob/main/"
+DOCS = ["README.md", "CONTRIBUTING.md", "docs/guide.md", "docs/measurements.md"]
+# A repository path a document names in its text or commands: `recipes/zero3.yaml`, `tests/test_serving.py`, ...
+NAMED_PATH = re.compile(
+    r"(?<![\w/.])(?:benchmarks|data|docs|examples|recipes|tests|tools)/[\w/.-]+\.(?:py|yaml|jsonl|sbatch|sh|md)"
+)
+# A shipped recipe or launch config by name (`smollm2_135m_alpaca_cpu`, `accelerate/zero3`) after `--config`,
+# `recipes copy` or `recipes path`
+RECIPE_NAME = re.compile(r"(?:--config|recipes copy|recipes path) (\w+[_/][\w/]+)(?=[\s)\"`])")
 
 
-def readme_snippets() -> list[str]:
-    return re.findall(r"^```python\n(.*?)^```", (ROOT / "README.md").read_text(), flags=re.S | re.M)
+def python_blocks(document: str) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", (ROOT / document).read_text(), flags=re.S | re.M)
 
 
-# One entry per README snippet, found by a line it contains: whether it needs the real model's 30 layers
+# Each document's Python blocks, each found by a line only it contains: whether it needs the real model's 30 layers
 SNIPPETS = {
-    "trainer = SoFTTrainer(": False,
-    "soft = SortedLossWrapper(model)": False,
-    "peft_config = LoraConfig(": False,
-    "out = self_speculative_generate(": True,
+    "README.md": {
+        "# was: from trl import SFTConfig, SFTTrainer": False,
+        "peft_config=LoraConfig(": False,
+        "soft.save_pretrained(": False,
+        "out = self_speculative_generate(": True,
+    },
+    "docs/guide.md": {
+        "schedule=ExitSchedule(": False,
+        "draft_vocab=vocab": True,
+    },
 }
+CASES = [(document, key) for document, keys in SNIPPETS.items() for key in keys]
 
 
-def test_every_snippet_is_listed():
-    found = [next((key for key in SNIPPETS if key in snippet), snippet[:60]) for snippet in readme_snippets()]
-    assert found == list(SNIPPETS)
+@pytest.mark.parametrize("document", SNIPPETS)
+def test_every_block_is_listed_once(document):
+    blocks = python_blocks(document)
+    found = [[key for key in SNIPPETS[document] if key in block] for block in blocks]
+    assert found == [[key] for key in SNIPPETS[document]], f"{document}: add each new block to SNIPPETS"
+
+
+def test_the_readme_is_a_five_minute_read():
+    length = len((ROOT / "README.md").read_text())
+    assert length <= README_MAX_CHARS, f"README.md has {length} characters; move reference material to docs/guide.md"
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    return {github_anchor(heading) for heading in re.findall(r"^#+ (.+)$", path.read_text(), flags=re.M)}
+
+
+@pytest.mark.parametrize("document", DOCS)
+def test_links_land(document):
+    """Relative links (and the README's absolute ones, which PyPI can follow) name a file of this repository, and a
+    heading of it where they give an anchor."""
+    text = (ROOT / document).read_text()
+    targets = [
+        (ROOT / name, anchor)
+        for name, anchor in re.findall(re.escape(REPOSITORY_URL) + r"([^)#\s]+)#?([^)\s]*)", text)
+    ]
+    for name, anchor in re.findall(r"\]\((?!https?:|mailto:)([^)#\s]*)#?([^)\s]*)\)", text):
+        targets.append(((ROOT / document).parent / name if name else ROOT / document, anchor))
+    assert targets, f"{document} links nowhere"
+    broken = [f"{path.relative_to(ROOT)}#{anchor}" for path, anchor in targets if not path.resolve().exists()]
+    broken += [
+        f"{path.relative_to(ROOT)}#{anchor}" for path, anchor in targets if anchor and anchor not in anchors(path)
+    ]
+    assert broken == []
+
+
+@pytest.mark.parametrize("document", DOCS)
+def test_named_files_exist(document):
+    text = (ROOT / document).read_text()
+    missing = [name for name in NAMED_PATH.findall(text) if not (ROOT / name).exists()]
+    missing += [name for name in RECIPE_NAME.findall(text) if not (ROOT / "recipes" / f"{name}.yaml").exists()]
+    assert missing == [], f"{document} names what the repository does not have"
 
 
 def serve_from_hub_cache(cache: Path, repo_id: str, folder: Path) -> None:
@@ -79,8 +145,8 @@ def capybara_from_alpaca_seed(*args, **kwargs) -> Dataset:
     )
 
 
-def run_snippet(key: str, model_folder: Path, tmp_path: Path, monkeypatch) -> dict:
-    snippet = next(snippet for snippet in readme_snippets() if key in snippet)
+def run_snippet(document: str, key: str, model_folder: Path, tmp_path: Path, monkeypatch) -> dict:
+    snippet = next(snippet for snippet in python_blocks(document) if key in snippet)
     cache = tmp_path / "hub-cache"
     serve_from_hub_cache(cache, HUB_MODEL, model_folder)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
@@ -92,8 +158,92 @@ def run_snippet(key: str, model_folder: Path, tmp_path: Path, monkeypatch) -> di
     (work / "data").symlink_to(ROOT / "data")
     monkeypatch.chdir(work)
     namespace: dict = {"__name__": "readme"}
-    exec(compile(snippet, f"README.md snippet {key!r}", "exec"), namespace)
+    exec(compile(snippet, f"{document} block {key!r}", "exec"), namespace)
     return namespace
+
+
+def logged_exit_losses(trainer) -> dict[int, float]:
+    """The `exit_{k}/loss` values of the trainer's first training log."""
+    logs = next(entry for entry in trainer.state.log_history if "loss" in entry)
+    return {int(m[1]): value for name, value in logs.items() if (m := re.fullmatch(r"exit_(\d+)/loss", name))}
+
+
+def check_quickstart(namespace: dict, work: Path) -> None:
+    trainer = namespace["trainer"]
+    assert trainer.state.global_step == 1
+    assert not trainer.args.bf16  # the block itself turns bf16 off without a GPU
+    losses = logged_exit_losses(trainer)  # the paper's exits of the model's depth, each logged
+    assert sorted(losses) == default_exit_layers(NUM_LAYERS)
+    assert all(math.isfinite(loss) and loss > 0 for loss in losses.values())
+
+
+def check_lora(namespace: dict, work: Path) -> None:
+    trainer = namespace["trainer"]
+    trainable = [name for name, param in trainer.model.named_parameters() if param.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)  # the head and the norm stay frozen
+    losses = logged_exit_losses(trainer)
+    assert sorted(losses) == default_exit_layers(NUM_LAYERS)
+    assert all(math.isfinite(loss) and loss > 0 for loss in losses.values())
+    # The saved adapter records its exits and, loaded on its base model, computes what the trained model computes
+    adapter = work / "smollm2-soft-lora"
+    assert (adapter / "adapter_config.json").exists() and not (adapter / "config.json").exists()
+    assert json.loads((adapter / "soft_peft_config.json").read_text())["soft_exit_layers"] == sorted(losses)
+    reloaded = load_causal_lm(str(adapter)).eval()
+    assert recorded_exit_layers(reloaded) == sorted(losses)
+    input_ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    with torch.no_grad():
+        expected = trainer.model.eval()(input_ids=input_ids).logits
+        torch.testing.assert_close(reloaded(input_ids=input_ids).logits, expected)
+
+
+def check_plain_pytorch(namespace: dict, work: Path) -> None:
+    exits = default_exit_layers(NUM_LAYERS)
+    losses = namespace["out"].exit_losses
+    assert sorted(losses) == exits and all(torch.isfinite(loss) for loss in losses.values())
+    assert namespace["model"].get_output_embeddings().weight.grad is not None  # backward reached the shared head
+    saved = AutoModelForCausalLM.from_pretrained(work / "smollm2-soft")
+    assert recorded_exit_layers(saved) == exits
+    torch.testing.assert_close(saved.state_dict(), namespace["model"].state_dict())
+
+
+def check_schedule(namespace: dict, work: Path) -> None:
+    assert torch.isfinite(namespace["out"].loss)
+    before = AutoModelForCausalLM.from_pretrained(HUB_MODEL).state_dict()
+    after = namespace["model"].state_dict()
+    assert any(not torch.equal(before[name], after[name]) for name in before)  # three optimizer steps trained it
+
+
+def assert_greedy(namespace: dict, **draft) -> None:
+    """Self-speculative decoding as the block calls it gives `generate`'s greedy tokens."""
+    model, input_ids = namespace["model"], namespace["input_ids"]
+    expected = model.generate(input_ids, max_new_tokens=8, do_sample=False)
+    out = soft_peft.self_speculative_generate(model, input_ids, max_new_tokens=8, **draft)
+    assert torch.equal(out.sequences, expected)
+
+
+def check_inference(namespace: dict, work: Path) -> None:
+    assert namespace["small"].config.num_hidden_layers == 15
+    out, input_ids = namespace["out"], namespace["input_ids"]
+    assert out.sequences.shape[0] == 1 and torch.equal(out.sequences[:, : input_ids.shape[1]], input_ids)
+    assert out.sequences.shape[1] > input_ids.shape[1]
+    assert_greedy(namespace, draft_exit=15, attention_mask=namespace["mask"])
+
+
+def check_vocabulary_subsets(namespace: dict, work: Path) -> None:
+    vocab = namespace["vocab"]
+    # At most 4096 distinct ids (300 GSM8K completions hold fewer distinct tokens)
+    assert vocab.dim() == 1 and 0 < vocab.numel() <= 4096 and vocab.unique().numel() == vocab.numel()
+    assert_greedy(namespace, draft_exit=24, draft_vocab=vocab)  # "same outputs"
+
+
+CHECKS = {
+    "# was: from trl import SFTConfig, SFTTrainer": check_quickstart,
+    "peft_config=LoraConfig(": check_lora,
+    "soft.save_pretrained(": check_plain_pytorch,
+    "out = self_speculative_generate(": check_inference,
+    "schedule=ExitSchedule(": check_schedule,
+    "draft_vocab=vocab": check_vocabulary_subsets,
+}
 
 
 @pytest.fixture
@@ -104,18 +254,14 @@ def tiny_model_folder(tmp_path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("key", [key for key, real in SNIPPETS.items() if not real])
-def test_snippet_runs_with_a_tiny_model(key, tiny_model_folder, tmp_path, monkeypatch):
-    namespace = run_snippet(key, tiny_model_folder, tmp_path, monkeypatch)
-    if "trainer" in namespace:
-        assert namespace["trainer"].state.global_step == 1
-        assert not namespace["trainer"].args.bf16  # the snippet itself turns bf16 off without a GPU
-    if "soft" in namespace:
-        assert (tmp_path / "work" / "smollm2-soft" / "config.json").exists()
+@pytest.mark.parametrize(("document", "key"), [case for case in CASES if not SNIPPETS[case[0]][case[1]]])
+def test_block_runs_with_a_tiny_model(document, key, tiny_model_folder, tmp_path, monkeypatch):
+    namespace = run_snippet(document, key, tiny_model_folder, tmp_path, monkeypatch)
+    CHECKS[key](namespace, tmp_path / "work")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("key", [key for key, real in SNIPPETS.items() if real])
-def test_snippet_runs_with_the_real_model(key, smollm2_path, tmp_path, monkeypatch):
-    namespace = run_snippet(key, smollm2_path, tmp_path, monkeypatch)
-    assert namespace["out"].sequences.shape[0] == 1
+@pytest.mark.parametrize(("document", "key"), [case for case in CASES if SNIPPETS[case[0]][case[1]]])
+def test_block_runs_with_the_real_model(document, key, smollm2_path, tmp_path, monkeypatch):
+    namespace = run_snippet(document, key, smollm2_path, tmp_path, monkeypatch)
+    CHECKS[key](namespace, tmp_path / "work")
