@@ -126,28 +126,19 @@ def _task(dataset_format: str, references: list[str]) -> str:
     return "text"
 
 
-def run_evaluation(settings: EvalSettings) -> dict:
-    """Run the evaluation and write ``metrics.json``, ``report.md`` and the plots to ``settings.output_dir``.
-
-    Returns:
-        The ``metrics.json`` content: ``{"exits": {"<k>": {...}}, "settings": {...}, ...}``; with ``compare_to``
-        also ``"compare_exits"`` (model B's per-exit numbers) and ``"similarity"`` (the matrices).
-
-    Raises:
-        ValueError / DatasetFormatError: for unusable exits, models or datasets, with the fix in the message.
-    """
+def _check_settings(settings: EvalSettings) -> bool:
+    """Refuse contradictory settings before anything loads; returns whether a judge is wanted."""
     require_matplotlib()  # the plots come last: fail before the models load, not after the evaluation
     if settings.judge_model is not None and settings.judge is not None:
         raise ValueError("Give either judge_model or judge, not both.")
     wants_judge = settings.judge_model is not None or settings.judge is not None
     if wants_judge and (settings.compare_to is None or not settings.generate):
         raise ValueError("Pairwise judging compares generations of two models: it needs --compare_to and --generate.")
-    # Every model is checked before any loads: a missing folder or an unreachable Hub fails at once, in one line
-    paths = {
-        name: resolve_model_path(name)
-        for name in (settings.model_name_or_path, settings.compare_to, settings.judge_model)
-        if name is not None
-    }
+    return wants_judge
+
+
+def _load_compared_models(settings: EvalSettings, paths: dict[str, str]):
+    """Load model A (and B with ``compare_to``); returns ``(models, names, tokenizer)``."""
     model_a, tokenizer = _load(paths[settings.model_name_or_path], settings.dtype)
     models, names = [model_a], [settings.model_name_or_path]
     if settings.compare_to is not None:
@@ -159,9 +150,64 @@ def run_evaluation(settings: EvalSettings) -> dict:
             )
         models.append(model_b)
         names.append(settings.compare_to)
+    return models, names, tokenizer
+
+
+def _generate_and_judge(settings, paths, models, tokenizer, examples, dataset_format, evaluation):
+    """Generate at every evaluated exit and score it; with a judge, also judge model A's exits against B's last
+    layer. Returns ``(generation_scores, judgements, samples)``."""
+    subset = examples[: settings.generate_samples] if settings.generate_samples else examples
+    references = [e.reference for e in subset]
+    task = _task(dataset_format, references)
+    generation_scores, texts = [], []
+    for index, model in enumerate(models):
+        generations = generate_at_exits(
+            model, tokenizer, subset, evaluation.exit_layers[index], settings.max_new_tokens, settings.progress
+        )
+        generation_scores.append({k: score_generations(g, references, task) for k, g in generations.items()})
+        texts.append({k: g.texts for k, g in generations.items()})
+    samples = {"prompt": subset[0].prompt, "reference": references[0]}
+    samples.update({f"model_{i}_exit_{k}": t[0] for i, per in enumerate(texts) for k, t in per.items()})
+    judgements = {}
+    if settings.judge_model is not None or settings.judge is not None:
+        judge = settings.judge
+        if judge is None:
+            judge_model, judge_tokenizer = _load(paths[settings.judge_model], settings.dtype)
+            judge = LMJudge(judge_model, judge_tokenizer)
+        prompts = [e.prompt for e in subset]
+        reference_texts = texts[1][evaluation.exit_layers[1][-1]]  # model B's last layer
+        for layer, generated in texts[0].items():
+            result = judge_pairwise(prompts, generated, reference_texts, judge, settings.progress)
+            judgements[layer] = {
+                "wins": result.wins,
+                "losses": result.losses,
+                "ties": result.ties,
+                "win_rate": result.win_rate,
+            }
+    return generation_scores, judgements, samples
+
+
+def run_evaluation(settings: EvalSettings) -> dict:
+    """Run the evaluation and write ``metrics.json``, ``report.md`` and the plots to ``settings.output_dir``.
+
+    Returns:
+        The ``metrics.json`` content: ``{"exits": {"<k>": {...}}, "settings": {...}, ...}``; with ``compare_to``
+        also ``"compare_exits"`` (model B's per-exit numbers) and ``"similarity"`` (the matrices).
+
+    Raises:
+        ValueError / DatasetFormatError: for unusable exits, models or datasets, with the fix in the message.
+    """
+    wants_judge = _check_settings(settings)
+    # Every model is checked before any loads: a missing folder or an unreachable Hub fails at once, in one line
+    paths = {
+        name: resolve_model_path(name)
+        for name in (settings.model_name_or_path, settings.compare_to, settings.judge_model)
+        if name is not None
+    }
+    models, names, tokenizer = _load_compared_models(settings, paths)
     # Without --exit_layers, a model that records no exits borrows the other compared model's
     fallback = recorded_exit_layers(models[1]) if len(models) == 2 else None
-    exits = [resolve_eval_exits(model_a, settings.exit_layers, names[0], fallback=fallback)]
+    exits = [resolve_eval_exits(models[0], settings.exit_layers, names[0], fallback=fallback)]
     if len(models) == 2:
         exits.append(resolve_eval_exits(models[1], settings.exit_layers, names[1], fallback=exits[0]))
     dataset, dataset_format = load_eval_dataset(
@@ -180,33 +226,9 @@ def run_evaluation(settings: EvalSettings) -> dict:
     )
     generation_scores, judgements, samples = [{}, {}][: len(models)], {}, {}
     if settings.generate:
-        subset = examples[: settings.generate_samples] if settings.generate_samples else examples
-        references = [e.reference for e in subset]
-        task = _task(dataset_format, references)
-        texts = []
-        for index, model in enumerate(models):
-            generations = generate_at_exits(
-                model, tokenizer, subset, evaluation.exit_layers[index], settings.max_new_tokens, settings.progress
-            )
-            generation_scores[index] = {k: score_generations(g, references, task) for k, g in generations.items()}
-            texts.append({k: g.texts for k, g in generations.items()})
-        samples = {"prompt": subset[0].prompt, "reference": references[0]}
-        samples.update({f"model_{i}_exit_{k}": t[0] for i, per in enumerate(texts) for k, t in per.items()})
-        if wants_judge:
-            judge = settings.judge
-            if judge is None:
-                judge_model, judge_tokenizer = _load(paths[settings.judge_model], settings.dtype)
-                judge = LMJudge(judge_model, judge_tokenizer)
-            prompts = [e.prompt for e in subset]
-            reference_texts = texts[1][evaluation.exit_layers[1][-1]]  # model B's last layer
-            for layer, generated in texts[0].items():
-                result = judge_pairwise(prompts, generated, reference_texts, judge, settings.progress)
-                judgements[layer] = {
-                    "wins": result.wins,
-                    "losses": result.losses,
-                    "ties": result.ties,
-                    "win_rate": result.win_rate,
-                }
+        generation_scores, judgements, samples = _generate_and_judge(
+            settings, paths, models, tokenizer, examples, dataset_format, evaluation
+        )
     recorded = {k: v for k, v in asdict(settings).items() if k != "judge"}
     recorded.update(
         dataset_format=dataset_format,
