@@ -7,7 +7,7 @@ The top level holds the training and exit API and the three ways to run a SoFT m
 [`soft_peft.evaluation`] and is imported only when used (it needs the ``eval`` extra for plots).
 """
 
-__version__ = "0.1.0.dev0"
+__version__ = "0.1.0"
 
 import importlib
 import importlib.util

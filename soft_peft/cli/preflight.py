@@ -89,9 +89,9 @@ def check_exits_against_model(
         UsageError: when the config cannot be read, the model is an encoder-decoder, or the exits or weights do not
             fit the model, naming its depth and a valid example.
     """
+    from ..exit_weights import exit_loss_weights
     from ..exits import parse_exit_layers
     from ..model_layout import num_decoder_layers
-    from ..exit_weights import exit_loss_weights
 
     try:
         config = _read_config(model_name_or_path, revision=revision, trust_remote_code=trust_remote_code)

@@ -27,9 +27,9 @@ from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from ..config import SoFTConfig
 from ..data import DatasetFormatError, held_out_split, load_trl_dataset
+from ..exit_weights import exit_loss_weights
 from ..exits import exit_layers_as_written
 from ..hub import ModelNotFoundError, resolve_model_path
-from ..exit_weights import exit_loss_weights
 from ..trainer import SoFTTrainer
 from ..wrapper import exit_loss_weights_of
 from .output_dir_lock import OutputDirInUse, OutputDirLock, holds_output_dir_lock

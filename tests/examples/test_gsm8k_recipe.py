@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 from example_runs import RECIPES, gsm8k_rows, run_example, save_tiny_model, step_logs, write_jsonl
 
-from soft_peft.exit_weights import DEFAULT_EXIT_LOSS_WEIGHTS, exit_loss_weights
 from soft_peft.cli.train_args import parse_args
+from soft_peft.exit_weights import DEFAULT_EXIT_LOSS_WEIGHTS, exit_loss_weights
 from soft_peft.exits import parse_exit_layers
 from soft_peft.schedule import scheduled_exit_weights
 
