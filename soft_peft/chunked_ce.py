@@ -3,7 +3,7 @@
 TRL's ``ChunkedLogProbFunction`` (used on CUDA/XPU, where it runs Triton kernels) folds ``[tokens, 32768]`` tiles with
 about a dozen separate torch element-wise passes when Triton is absent. On CPU this function is faster: each
 ``[chunk, V]`` block goes through one matmul and PyTorch's fused ``logsumexp`` / ``softmax`` kernels, and the backward
-rebuilds the block once. See ``benchmarks/head_kernel.py`` for the measurement that picked it.
+rebuilds the block once. See ``python -m benchmarks.train_cost head-kernel`` for the measurement that picked it.
 """
 
 from __future__ import annotations

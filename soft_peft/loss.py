@@ -6,8 +6,8 @@ are recomputed in backward. Two kernels do that, chosen per device (``kernel="au
 * CUDA/XPU with Triton: TRL's ``ChunkedLogProbFunction`` (``trl.kernels``), the kernel behind ``SFTTrainer``'s fused
   LM head, reused as is.
 * elsewhere (CPU): ``soft_peft.chunked_ce``. Without Triton, TRL's kernel folds its tiles with a dozen torch
-  element-wise passes, which is slower and uses more memory on a CPU (``benchmarks/head_kernel.py`` measures both;
-  figures in ``benchmarks/README.md``).
+  element-wise passes, which is slower and uses more memory on a CPU (``python -m benchmarks.train_cost
+  head-kernel`` measures both; figures in ``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
