@@ -61,7 +61,7 @@ SNIPPETS = {
         "out = self_speculative_generate(": True,
     },
     "docs/guide.md": {
-        "schedule=ExitSchedule(": False,
+        "exit_ramp_steps=100, exit_rotation=2": False,
         "draft_vocab=vocab": True,
     },
 }
@@ -241,7 +241,7 @@ CHECKS = {
     "peft_config=LoraConfig(": check_lora,
     "soft.save_pretrained(": check_plain_pytorch,
     "out = self_speculative_generate(": check_inference,
-    "schedule=ExitSchedule(": check_schedule,
+    "exit_ramp_steps=100, exit_rotation=2": check_schedule,
     "draft_vocab=vocab": check_vocabulary_subsets,
 }
 
