@@ -72,8 +72,8 @@ class SubsetHead:
     warning: correct, but no faster.
 
     Args:
-        head: The model's [`~soft_peft.exit_head.ExitHead`] (``find_exit_head(model)``). Passing a
-            [`DecoderStack`] (its ``.head`` is used) is deprecated.
+        head: The model's [`~soft_peft.exit_head.ExitHead`] (``find_exit_head(model)``, or a
+            [`DecoderStack`]'s ``.head``).
         token_ids: 1-D ids in ``0..V-1``, unique (from [`frequent_token_ids`], say).
 
     Attributes:
@@ -85,18 +85,9 @@ class SubsetHead:
     """
 
     def __init__(self, head: ExitHead, token_ids: torch.Tensor | Sequence[int]):
-        if not isinstance(head, ExitHead) and isinstance(getattr(head, "head", None), ExitHead):
-            warnings.warn(
-                "`SubsetHead(stack, ids)` is deprecated and will be removed in the next release; pass the exit head: "
-                "`SubsetHead(stack.head, ids)` or `SubsetHead(find_exit_head(model), ids)`.",
-                FutureWarning,
-                stacklevel=2,
-            )
-            head = head.head
         if not isinstance(head, ExitHead):
-            raise ValueError(
-                f"SubsetHead needs the model's ExitHead, got {type(head).__name__}; pass `find_exit_head(model)`."
-            )
+            hint = "`stack.head`" if isinstance(getattr(head, "head", None), ExitHead) else "`find_exit_head(model)`"
+            raise ValueError(f"SubsetHead needs the model's ExitHead, got {type(head).__name__}; pass {hint}.")
         self.head = head
         lm_head = head.lm_head
         self.vocab_size = vocab_size = lm_head.weight.shape[0]
@@ -137,16 +128,6 @@ class SubsetHead:
         else:
             scores = F.linear(normed, self.weight, self.bias)
         return self.head.post_process(scores)  # (..., K)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Deprecated: use [`logits_from_raw`] (the same contract as ``ExitHead.logits_from_raw``)."""
-        warnings.warn(
-            "`SubsetHead.logits(raw)` is deprecated and will be removed in the next release; use "
-            "`SubsetHead.logits_from_raw(raw)` instead.",
-            FutureWarning,
-            stacklevel=2,
-        )
-        return self.logits_from_raw(hidden)
 
     def to_vocab(self, values: torch.Tensor) -> torch.Tensor:
         """Scatter subset values ``(..., K)`` (probabilities, say) into zeros of the full vocabulary ``(..., V)``."""

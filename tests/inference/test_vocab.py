@@ -212,3 +212,11 @@ def test_dynamic_exit_on_subset_samples_only_subset_tokens_at_early_exits(model)
     early = out.stats.exits_taken < NUM_LAYERS
     assert bool(early.any()) and out.stats.full_checks == 0
     assert bool(torch.isin(out.sequences[0, input_ids.shape[1] :][early], subset).all())
+
+
+def test_subset_head_refuses_anything_but_the_exit_head_and_names_the_fix():
+    stack = DecoderStack(tiny_model("llama"))
+    with pytest.raises(ValueError, match=r"got DecoderStack; pass `stack.head`"):
+        SubsetHead(stack, [0, 1])
+    with pytest.raises(ValueError, match=r"got Linear; pass `find_exit_head\(model\)`"):
+        SubsetHead(torch.nn.Linear(2, 2), [0, 1])
