@@ -8,7 +8,8 @@ import sys
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from soft_peft.cli.train_args import parse_args, train
+from soft_peft.cli.train import train
+from soft_peft.cli.train_args import parse_args
 
 
 class KillAfterCheckpoint(TrainerCallback):
