@@ -117,53 +117,10 @@ def build_methods(
         early_draft_exit_sets: ``early_draft_exits`` settings to run every draft exit with a stop threshold with;
             exits at or above the draft exit are dropped, and settings left empty run only once.
     """
-    bad_rules = set(dynamic_rules) - {"exact", "subset"}
-    if bad_rules or not dynamic_rules:
-        raise ValueError(f"`dynamic_rules` takes 'exact' and/or 'subset', got {list(dynamic_rules)}.")
-    if "subset" in dynamic_rules and vocab is None:
-        raise ValueError("The 'subset' dynamic rule needs `vocab`: the subset the early exits decide on.")
-    common = dict(do_sample=False, max_new_tokens=max_new_tokens)
-    num_layers = num_decoder_layers(model)
-
-    def greedy(input_ids, attention_mask):
-        return model.generate(input_ids, attention_mask=attention_mask, **common), {}
-
-    def speculative(draft_exit, stop, early=()):
-        def run(input_ids, attention_mask):
-            out = self_speculative_generate(
-                model, input_ids, draft_exit, max_new_tokens, attention_mask, num_draft_tokens=num_draft_tokens,
-                draft_vocab=vocab, draft_stop_threshold=stop, early_draft_exits=early,
-            )  # fmt: skip
-            # Draft cost in full forwards: each drafted token runs its exit's share of the layers
-            draft_cost = sum(count * exit / num_layers for exit, count in out.stats.drafts_by_exit.items())
-            counters = {"drafted": out.stats.drafted, "accepted": out.stats.accepted, "cycles": out.stats.cycles}
-            return out.sequences, {**counters, "draft_cost": draft_cost}
-
-        return run
-
-    def dynamic(threshold, kv_fill, exit_on_subset=False):
-        def run(input_ids, attention_mask):
-            out = dynamic_generate(
-                model, input_ids, dynamic_exits, threshold, max_new_tokens, attention_mask, kv_fill=kv_fill,
-                check_vocab=vocab, exit_on_subset=exit_on_subset,
-            )  # fmt: skip
-            return out.sequences, {"depth_sum": float(out.stats.exits_taken.sum()), "steps": out.stats.new_tokens}
-
-        return run
-
-    def assisted(layer):
-        def run(input_ids, attention_mask):
-            sequences = model.generate(input_ids, attention_mask=attention_mask, assistant_early_exit=layer, **common)
-            return sequences, {}
-
-        return run
-
-    unknown = set(modes or ()) - set(MODES)
-    if unknown:
-        raise ValueError(f"Unknown modes {sorted(unknown)}; choose from {list(MODES)}.")
+    _check_method_options(modes, dynamic_rules, vocab)
     modes = MODES if modes is None else modes
     subset = "" if vocab is None else f", {vocab.numel()}-token vocab"
-    methods = [DecodeMethod("greedy", "generate(do_sample=False)", greedy)]
+    methods = [DecodeMethod("greedy", "generate(do_sample=False)", _greedy(model, max_new_tokens))]
     for draft_exit in draft_exits if "self-speculative" in modes else ():
         for stop in draft_stop_thresholds:
             stopping = "" if stop is None else f", stop at confidence <= {stop:g}"
@@ -172,20 +129,84 @@ def build_methods(
             for early in [()] if stop is None else early_sets:
                 first = f", drafts from {','.join(map(str, early))} first" if early else ""
                 setting = f"draft exit {draft_exit}, {num_draft_tokens} drafts{subset}{stopping}{first}"
-                methods.append(DecodeMethod("self-speculative", setting, speculative(draft_exit, stop, early)))
+                run = _speculative(model, max_new_tokens, draft_exit, num_draft_tokens, vocab, stop, early)
+                methods.append(DecodeMethod("self-speculative", setting, run))
     middle = thresholds[len(thresholds) // 2] if thresholds else None
     for threshold in thresholds if "dynamic" in modes else ():
         for kv_fill in kv_fills if "exact" in dynamic_rules else ():
             if kv_fill != kv_fills[0] and threshold != middle:
                 continue
-            setting = f"threshold {threshold:g}, kv {kv_fill}{subset}"
-            methods.append(DecodeMethod("dynamic", setting, dynamic(threshold, kv_fill)))
+            run = _dynamic(model, max_new_tokens, dynamic_exits, threshold, kv_fill, vocab)
+            methods.append(DecodeMethod("dynamic", f"threshold {threshold:g}, kv {kv_fill}{subset}", run))
         if "subset" in dynamic_rules:
             setting = f"threshold {threshold:g}, kv {kv_fills[0]}, exits on the {vocab.numel()}-token vocab"
-            methods.append(DecodeMethod("dynamic", setting, dynamic(threshold, kv_fills[0], exit_on_subset=True)))
+            run = _dynamic(model, max_new_tokens, dynamic_exits, threshold, kv_fills[0], vocab, exit_on_subset=True)
+            methods.append(DecodeMethod("dynamic", setting, run))
     for layer in assistant_exits if "assistant_early_exit" in modes else ():
-        methods.append(DecodeMethod("assistant_early_exit", f"k={layer}", assisted(layer), batch_one_only=True))
+        run = _assisted(model, max_new_tokens, layer)
+        methods.append(DecodeMethod("assistant_early_exit", f"k={layer}", run, batch_one_only=True))
     return methods
+
+
+def _check_method_options(modes: Sequence[str] | None, dynamic_rules: Sequence[str], vocab) -> None:
+    unknown = set(modes or ()) - set(MODES)
+    if unknown:
+        raise ValueError(f"Unknown modes {sorted(unknown)}; choose from {list(MODES)}.")
+    bad_rules = set(dynamic_rules) - {"exact", "subset"}
+    if bad_rules or not dynamic_rules:
+        raise ValueError(f"`dynamic_rules` takes 'exact' and/or 'subset', got {list(dynamic_rules)}.")
+    if "subset" in dynamic_rules and vocab is None:
+        raise ValueError("The 'subset' dynamic rule needs `vocab`: the subset the early exits decide on.")
+
+
+# Each builder returns a DecodeMethod's `run(input_ids, attention_mask) -> (sequences, counters)`
+
+
+def _greedy(model: nn.Module, max_new_tokens: int):
+    def run(input_ids, attention_mask):
+        return model.generate(
+            input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=max_new_tokens
+        ), {}
+
+    return run
+
+
+def _speculative(model, max_new_tokens, draft_exit, num_draft_tokens, vocab, stop, early):
+    num_layers = num_decoder_layers(model)
+
+    def run(input_ids, attention_mask):
+        out = self_speculative_generate(
+            model, input_ids, draft_exit, max_new_tokens, attention_mask, num_draft_tokens=num_draft_tokens,
+            draft_vocab=vocab, draft_stop_threshold=stop, early_draft_exits=early,
+        )  # fmt: skip
+        # Draft cost in full forwards: each drafted token runs its exit's share of the layers
+        draft_cost = sum(count * exit / num_layers for exit, count in out.stats.drafts_by_exit.items())
+        counters = {"drafted": out.stats.drafted, "accepted": out.stats.accepted, "cycles": out.stats.cycles}
+        return out.sequences, {**counters, "draft_cost": draft_cost}
+
+    return run
+
+
+def _dynamic(model, max_new_tokens, dynamic_exits, threshold, kv_fill, vocab, exit_on_subset=False):
+    def run(input_ids, attention_mask):
+        out = dynamic_generate(
+            model, input_ids, dynamic_exits, threshold, max_new_tokens, attention_mask, kv_fill=kv_fill,
+            check_vocab=vocab, exit_on_subset=exit_on_subset,
+        )  # fmt: skip
+        return out.sequences, {"depth_sum": float(out.stats.exits_taken.sum()), "steps": out.stats.new_tokens}
+
+    return run
+
+
+def _assisted(model: nn.Module, max_new_tokens: int, layer: int):
+    def run(input_ids, attention_mask):
+        sequences = model.generate(
+            input_ids, attention_mask=attention_mask, assistant_early_exit=layer, do_sample=False,
+            max_new_tokens=max_new_tokens,
+        )  # fmt: skip
+        return sequences, {}
+
+    return run
 
 
 def gsm8k_benchmark_data(path: str, num_prompts: int) -> tuple[list[str], list[str], list[str]]:

@@ -11,6 +11,9 @@ weights and Adam moments; Rajbhandari et al., 2020), which the LoRA rows keep fo
 Activations with checkpointing keep each layer's bf16 input (batch * seq * hidden * 2 bytes per layer) plus one layer
 recomputed in full, estimated as (34 h + 5 a s) bytes per token (Korthikanti et al., 2022, no sequence parallelism).
 The SoFT head adds the chunked logits of one exit at a time, in fp32: tokens * min(vocab, chunk) * 4 bytes.
+
+Parameters are counted in closed form, so that the script runs in a moment without torch; the tests check the counts
+against transformers' model and PEFT's LoRA layers built on the meta device.
 """
 
 from __future__ import annotations

@@ -31,3 +31,20 @@ def gsm8k_path() -> Path:
 def alpaca_seed_path() -> Path:
     """The 175 Alpaca seed tasks, shipped in data/alpaca_seed."""
     return DATA / "alpaca_seed" / "seed_tasks_alpaca.jsonl"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved tiny random Llama (4 decoder layers, with a tokenizer), shared by the session: copy it before changing
+    any of its files."""
+    from example_runs import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture
+def alpaca_file(tmp_path) -> Path:
+    """A small Alpaca-format JSONL file in the test's own folder."""
+    from example_runs import alpaca_rows, write_jsonl
+
+    return write_jsonl(tmp_path / "alpaca.jsonl", alpaca_rows())

@@ -14,7 +14,6 @@ from example_runs import (  # noqa: E402
     gsm8k_rows,
     run,
     run_example,
-    save_tiny_model,
     step_logs,
     triviaqa_rows,
     write_jsonl,
@@ -35,11 +34,6 @@ EXAMPLE_HUB_CALLS = {
     "gsm8k": (("openai/gsm8k", "main"), {"split": "train"}, gsm8k_rows),
     "triviaqa": (("mandarjoshi/trivia_qa", "rc.nocontext"), {"split": "train"}, triviaqa_rows),
 }
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLE_HUB_CALLS))

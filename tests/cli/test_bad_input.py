@@ -17,10 +17,8 @@ import pytest
 from example_runs import (
     CPU_LAUNCH,
     TINY_TRAIN_ARGS,
-    alpaca_rows,
     free_port,
     run,
-    save_tiny_model,
     step_logs,
     write_jsonl,
 )
@@ -33,16 +31,6 @@ from soft_peft.cli.preflight import read_model_facts, untrained_exit_warning
 from soft_peft.cli.train import main as train_main
 
 TRAIN_ERROR = "soft-peft train: error: "
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))  # 4 decoder layers
-
-
-@pytest.fixture
-def alpaca_file(tmp_path):
-    return write_jsonl(tmp_path / "alpaca.jsonl", alpaca_rows())
 
 
 @pytest.fixture

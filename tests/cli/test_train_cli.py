@@ -8,22 +8,12 @@ import time
 
 import pytest
 import yaml
-from example_runs import TINY_TRAIN_ARGS, alpaca_rows, run, save_tiny_model, step_logs, write_jsonl
+from example_runs import TINY_TRAIN_ARGS, alpaca_rows, run, step_logs, write_jsonl
 
 from soft_peft.cli import main as soft_peft_main
 from soft_peft.cli.train import main as train_main
 from soft_peft.cli.train_args import parse_args
 from soft_peft.data import ALPACA_PROMPT_NO_INPUT
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
-
-
-@pytest.fixture
-def alpaca_file(tmp_path):
-    return write_jsonl(tmp_path / "alpaca.jsonl", alpaca_rows())
 
 
 def error_line(capsys, argv: list[str]) -> str:

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-from example_runs import save_tiny_model
 from train_cli_helpers import Loaded, alpaca_data, refuse_loading, train_argv
 
 from soft_peft.cli import output_dir_lock
@@ -51,11 +50,6 @@ def start_holder(folder: Path, go: str = "-", hold: float = 60.0) -> subprocess.
 
 def wait_locked(process: subprocess.Popen) -> None:
     assert process.stdout.readline().strip() == "locked"
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def test_a_second_run_on_a_locked_folder_refuses_at_once_naming_the_holder(

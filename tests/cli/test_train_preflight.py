@@ -7,21 +7,11 @@ import json
 import os
 
 import pytest
-from example_runs import TINY_TRAIN_ARGS, save_tiny_model, step_logs
-from train_cli_helpers import Loaded, alpaca_data, refuse_loading, train_argv, train_error
+from example_runs import TINY_TRAIN_ARGS, step_logs
+from train_cli_helpers import Loaded, refuse_loading, train_argv, train_error
 
 from soft_peft.cli.preflight import UsageError, check_output_dir, resolve_resume_checkpoint
 from soft_peft.cli.train import main as train_main
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))  # 4 decoder layers
-
-
-@pytest.fixture
-def alpaca_file(tmp_path):
-    return alpaca_data(tmp_path)
 
 
 @pytest.mark.parametrize(

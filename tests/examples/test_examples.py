@@ -13,7 +13,6 @@ from example_runs import (
     gsm8k_rows,
     log_history,
     run_example,
-    save_tiny_model,
     saved_model_exit_losses,
     step_logs,
     triviaqa_rows,
@@ -21,11 +20,6 @@ from example_runs import (
 )
 
 EXAMPLE_DATA = {"alpaca": alpaca_rows, "gsm8k": gsm8k_rows, "triviaqa": triviaqa_rows}
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLE_DATA))

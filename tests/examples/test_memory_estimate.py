@@ -48,6 +48,20 @@ def test_zero3_model_states_equal_deepspeeds_estimator(estimate, gpus, variant):
     assert (ours["weights_GB"] + ours["grads_adam_GB"]) * estimate.GB == pytest.approx(gpu_bytes, rel=1e-9)
 
 
+def test_lora_parameter_count_equals_peft_on_every_linear_layer(estimate):
+    """The closed-form LoRA count is what PEFT trains with `target_modules="all-linear"` (grouped-query attention)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    shape = {**estimate.LLAMA2_13B, "num_hidden_layers": 2, "num_key_value_heads": 8}
+    with torch.device("meta"):
+        model = get_peft_model(
+            AutoModelForCausalLM.from_config(LlamaConfig(**shape)), LoraConfig(r=32, target_modules="all-linear")
+        )
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert estimate.lora_parameter_count(shape, 32) == trained
+
+
 def test_readme_memory_table_is_the_scripts(estimate):
     """The README's full fine-tuning rows are what the script prints for LLaMA-2 13B, 8 GPUs, 4 x 512 tokens."""
     readme = (RECIPES / "README.md").read_text()
