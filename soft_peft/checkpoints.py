@@ -75,8 +75,10 @@ def save_run_record(
     base_model_config: dict,
     exit_layers: Sequence[int],
     exit_loss_weights: Sequence[float],
+    num_tokens: int | None = None,
 ) -> None:
-    """Write ``folder/soft_peft_run.json``: what a run was configured with, for [`read_run_record`] on resume.
+    """Write ``folder/soft_peft_run.json``: what a run was configured with, and how far it got, for
+    [`read_run_record`] on resume.
 
     Args:
         folder: A checkpoint or output folder (created if missing).
@@ -84,6 +86,7 @@ def save_run_record(
         base_model_config: That model's config as a dict (``config.to_dict()``): the shape a resumed model must have.
         exit_layers: The configured exits, ascending.
         exit_loss_weights: Their normalised weights, one per exit.
+        num_tokens: The tokens trained on so far, as TRL's logged ``num_tokens`` counts them (``None``: not known).
     """
     record = {
         "base_model": base_model,
@@ -91,6 +94,8 @@ def save_run_record(
         "exit_loss_weights": [float(w) for w in exit_loss_weights],
         "base_model_config": base_model_config,
     }
+    if num_tokens is not None:
+        record["num_tokens"] = int(num_tokens)
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, RUN_RECORD_FILE), "w", encoding="utf-8") as handle:
         json.dump(record, handle, indent=2, default=str)
@@ -102,7 +107,8 @@ def read_run_record(folder: str | os.PathLike) -> dict | None:
     `SoFTTrainer`).
 
     Returns:
-        ``{"base_model", "base_model_config", "exit_layers", "exit_loss_weights"}``.
+        ``{"base_model", "base_model_config", "exit_layers", "exit_loss_weights"}``, and ``"num_tokens"`` when the
+        trainer counted them.
     """
     path = os.path.join(folder, RUN_RECORD_FILE)
     if not os.path.isfile(path):

@@ -8,10 +8,11 @@ import os
 import torch
 from torch import nn
 from transformers import TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
 
-from .checkpoints import save_adapter_exit_layers, save_run_record, saves_an_adapter
+from .checkpoints import read_run_record, save_adapter_exit_layers, save_run_record, saves_an_adapter
 from .config import SoFTConfig, read_soft_settings
 from .exits import recorded_exit_layers
 from .model_card import add_soft_section, card_metadata
@@ -123,7 +124,22 @@ class SoFTTrainer(SFTTrainer):
             base_model_config=base.config.to_dict(),
             exit_layers=self.exit_layers,
             exit_loss_weights=list(exit_loss_weights_of(self.model).values()),
+            num_tokens=getattr(self, "_total_train_tokens", None),
         )
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """`Trainer.train`; a run resumed from a checkpoint of `SoFTTrainer` also continues TRL's `num_tokens` count.
+
+        `SFTTrainer` keeps that count on the trainer, not in the checkpoint, so a plain resumed run logs it from 0
+        again; the count saved with each checkpoint (`soft_peft_run.json`) is restored here.
+        """
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)  # as `Trainer.train` resolves it
+        record = read_run_record(checkpoint) if isinstance(checkpoint, str | os.PathLike) else None
+        if record is not None and "num_tokens" in record and hasattr(self, "_total_train_tokens"):
+            self._total_train_tokens = record["num_tokens"]
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
         """TRL's model card, then the SoFT section: depth, parameters, base model, licence and exits trained."""

@@ -3,6 +3,7 @@
 import copy
 import itertools
 import json
+import shutil
 
 import pytest
 import torch
@@ -285,3 +286,29 @@ def test_self_distillation_logs_agreement_with_the_last_exit(tmp_path):
         trainer.compute_loss(trainer.model, inputs)
         outputs = trainer.model(**inputs, soft_exit_loss=True)
     assert trainer._metrics["train"]["exit_2/agreement"] == [pytest.approx(outputs.exit_agreement[2].item())]
+
+
+@pytest.mark.parametrize("resume", ["path", "latest"])
+def test_a_resumed_run_continues_the_num_tokens_count(tmp_path, resume):
+    """TRL keeps `num_tokens` on the trainer only (a resumed `SFTTrainer` counts from 0 again); SoFTTrainer saves it
+    with each checkpoint and restores it, so the resumed run logs what the uninterrupted one logs."""
+
+    def trainer(output_dir):
+        args = config(
+            tmp_path, output_dir=str(output_dir), max_steps=4, logging_steps=1, save_strategy="steps", save_steps=2
+        )
+        return SoFTTrainer(
+            model=tiny_model("llama"), args=args, train_dataset=arithmetic(), processing_class=tiny_tokenizer()
+        )
+
+    full = trainer(tmp_path / "full")
+    full.train()
+    expected = {entry["step"]: entry["num_tokens"] for entry in full.state.log_history if "num_tokens" in entry}
+    assert expected[4] > expected[3] > expected[2] > 0
+    # A run stopped after its checkpoint of step 2 (what remains of a crash), then resumed by a new trainer
+    crashed = tmp_path / "crashed"
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", crashed / "checkpoint-2")
+    resumed = trainer(crashed)
+    resumed.train(resume_from_checkpoint=str(crashed / "checkpoint-2") if resume == "path" else True)
+    got = {entry["step"]: entry["num_tokens"] for entry in resumed.state.log_history if "num_tokens" in entry}
+    assert got == expected

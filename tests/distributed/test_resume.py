@@ -92,6 +92,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(config, resume_runs):
     assert sorted(logs) == list(range(1, STEPS + 1))  # steps before the crash come back with the checkpoint's state
     for step in logs:
         assert exit_metrics(logs[step]) == pytest.approx(exit_metrics(expected_logs[step]), abs=ATOL), step
+        assert logs[step]["num_tokens"] == expected_logs[step]["num_tokens"], step  # counted on, not from 0
     assert {"exit_2/loss", "exit_4/loss"} <= set(logs[STEPS])
 
 
