@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import re
 import shutil
 import sys
@@ -138,12 +139,20 @@ def main(argv: list[str] | None = None) -> int:
         print(source)
         return 0
     target = Path(args.dest) if args.dest else Path(source.name)
-    if target.is_dir():
+    # `dest/` names a folder even before it exists (Path drops the slash): never write a file called `dest`
+    if target.is_dir() or (args.dest and args.dest.endswith(("/", os.sep))):
         target = target / source.name
     if target.exists() and not args.force:
         print(f"soft-peft recipes: {target} exists; pass --force to overwrite it.", file=sys.stderr)
         return 2
-    shutil.copyfile(source, target)
+    if not target.parent.is_dir():
+        print(f"soft-peft recipes: no folder {target.parent} to copy into; create it first.", file=sys.stderr)
+        return 2
+    try:
+        shutil.copyfile(source, target)
+    except OSError as error:
+        print(f"soft-peft recipes: cannot write {target}: {error.strerror}.", file=sys.stderr)
+        return 2
     print(target)
     return 0
 

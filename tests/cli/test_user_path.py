@@ -64,3 +64,16 @@ def test_eval_without_matplotlib_says_which_extra_in_one_line(tmp_path, monkeypa
     assert err.startswith("soft-peft eval: error: ") and "\n" not in err
     assert 'pip install "soft-peft[eval]"' in err
     assert not (tmp_path / "out").exists()
+
+
+def test_copy_into_a_folder_that_is_not_there_refuses_in_one_line(tmp_path, monkeypatch, capsys):
+    """`copy NAME missing/` wrote a file called `missing` (Path drops the slash), `copy NAME missing/x.yaml` raised a
+    traceback: both now refuse, naming the folder, and write nothing."""
+    monkeypatch.chdir(tmp_path)
+    for dest in ("missing/", "missing/mine.yaml"):
+        assert soft_peft_main(["recipes", "copy", "accelerate/ddp", dest]) == 2
+        assert capsys.readouterr().err.strip() == "soft-peft recipes: no folder missing to copy into; create it first."
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "configs").mkdir()
+    assert soft_peft_main(["recipes", "copy", "accelerate/ddp", "configs/"]) == 0  # an existing folder, with a slash
+    assert (tmp_path / "configs" / "ddp.yaml").read_text() == (ROOT / "recipes/accelerate/ddp.yaml").read_text()
