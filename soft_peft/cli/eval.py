@@ -23,7 +23,7 @@ from ..evaluation.pipeline import EvalSettings, resolve_eval_exits, run_evaluati
 from ..evaluation.report import require_matplotlib
 from ..hub import resolve_model_path
 from .arg_types import positive_int
-from .preflight import check_model_files, read_model_facts
+from .preflight import UsageError, check_model_files, check_output_dir, read_model_facts
 
 __all__ = ["build_parser", "main"]
 
@@ -121,9 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     # Far-tail probabilities underflow to denormal floats, which CPUs process many times slower; zero is as good
     torch.set_flush_denormal(True)
     try:
+        # The outputs are written last: an unusable --output_dir must fail now, not after the whole evaluation
+        check_output_dir(args.output_dir, overwrite=True)
         _check_exits_before_loading(args)
         metrics = run_evaluation(settings)
-    except (ValueError, DatasetFormatError) as error:
+    except (ValueError, DatasetFormatError, UsageError) as error:
         print(f"soft-peft eval: error: {error}", file=sys.stderr)
         return 2
     print(f"Wrote metrics.json, report.md and plots for {len(metrics['exits'])} exits to {args.output_dir}")

@@ -77,3 +77,23 @@ def test_copy_into_a_folder_that_is_not_there_refuses_in_one_line(tmp_path, monk
     (tmp_path / "configs").mkdir()
     assert soft_peft_main(["recipes", "copy", "accelerate/ddp", "configs/"]) == 0  # an existing folder, with a slash
     assert (tmp_path / "configs" / "ddp.yaml").read_text() == (ROOT / "recipes/accelerate/ddp.yaml").read_text()
+
+
+def test_eval_refuses_an_output_dir_that_is_a_file_before_evaluating(tmp_path, monkeypatch, capsys):
+    """The outputs are written after the whole evaluation: a file in the way lost it all, with a traceback."""
+    import soft_peft.cli.eval as eval_cli
+
+    def never(*args, **kwargs):
+        raise AssertionError("the evaluation ran")
+
+    monkeypatch.setattr(eval_cli, "run_evaluation", never)
+    (tmp_path / "taken").write_text("")
+    code = soft_peft_main(
+        ["eval", "--model_name_or_path", str(tmp_path / "model"), "--dataset_name", str(tmp_path / "data.jsonl")]
+        + ["--output_dir", str(tmp_path / "taken" / "eval")]
+    )
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"soft-peft eval: error: --output_dir {tmp_path / 'taken' / 'eval'}: {tmp_path / 'taken'} is a file, not a "
+        "folder; choose another folder."
+    )
