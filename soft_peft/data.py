@@ -137,7 +137,8 @@ def _load_hub_dataset(name: str, config_name: str | None, split: str) -> Dataset
     try:
         return datasets.load_dataset(name, config_name, split=split)
     except ConnectionError as error:  # datasets' "Couldn't reach ... on the Hub", offline mode included
-        local = "a local JSON/JSONL file (e.g. --dataset_name data/gsm8k/train_300.jsonl)"
+        # No path of a clone here: a user of the installed package has none of the repository's data/ files
+        local = "a local JSON/JSONL file of the same rows (--dataset_name my_data.jsonl)"
         if huggingface_hub.constants.HF_HUB_OFFLINE:
             reason = "HF_HUB_OFFLINE=1 is set and it is not in the datasets cache"
             fix = f"Work offline with {local}, or load it once online to cache it"

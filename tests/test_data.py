@@ -63,7 +63,7 @@ def test_offline_hub_dataset_fails_in_one_line(tiny_model_dir, tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         "soft-peft train: error: tatsu-lab/alpaca: no such local file or folder, and the Hub could not be reached "
         "(HF_HUB_OFFLINE=1 is set and it is not in the datasets cache). Work offline with a local JSON/JSONL file "
-        "(e.g. --dataset_name data/gsm8k/train_300.jsonl), or load it once online to cache it."
+        "of the same rows (--dataset_name my_data.jsonl), or load it once online to cache it."
     )
 
 

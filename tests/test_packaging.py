@@ -17,7 +17,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 from example_runs import save_tiny_model
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
@@ -114,10 +116,13 @@ def test_wheel_and_sdist_build_check_install_and_train_a_packaged_recipe(tmp_pat
 
     # One training step from the packaged recipe by name (a tiny model and the Alpaca seed tasks shipped in data/)
     model = save_tiny_model(tmp_path / "tiny-llama")
+    before = load_file(model / "model.safetensors")
     overrides = [
         "--model_name_or_path", model,
         "--dataset_name", ROOT / "data" / "alpaca_seed" / "seed_tasks_alpaca.jsonl",
         "--max_steps", "1",
+        # The recipe's warm-up ratio makes a 1-step run's only step one at learning rate 0, which changes nothing
+        "--warmup_steps", "0",
         "--per_device_train_batch_size", "2",
         "--exit_layers", "2,4",
     ]  # fmt: skip
@@ -134,3 +139,5 @@ def test_wheel_and_sdist_build_check_install_and_train_a_packaged_recipe(tmp_pat
     for output in ("cli", "launched"):
         assert json.loads((work / output / "config.json").read_text())["soft_exit_layers"] == [2, 4]
         assert json.loads((work / output / "trainer_state.json").read_text())["global_step"] == 1
+        trained = load_file(work / output / "model.safetensors")
+        assert any(not torch.equal(trained[name], tensor) for name, tensor in before.items() if name in trained)

@@ -24,7 +24,7 @@ import torch
 from datasets import Dataset
 from huggingface_hub import constants
 from tiny_models import NUM_LAYERS, tiny_model, tiny_tokenizer
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import soft_peft
 from soft_peft.checkpoints import load_causal_lm
@@ -175,6 +175,14 @@ def check_quickstart(namespace: dict, work: Path) -> None:
     losses = logged_exit_losses(trainer)  # the paper's exits of the model's depth, each logged
     assert sorted(losses) == default_exit_layers(NUM_LAYERS)
     assert all(math.isfinite(loss) and loss > 0 for loss in losses.values())
+    assert_inference_folder(work / "smollm2-soft", sorted(losses))
+
+
+def assert_inference_folder(folder: Path, exits: list[int]) -> None:
+    """`folder` is what the inference block's "your SoFT checkpoint's folder, e.g. smollm2-soft" loads: a tokenizer
+    and a model that records its exits."""
+    AutoTokenizer.from_pretrained(folder)
+    assert recorded_exit_layers(AutoModelForCausalLM.from_pretrained(folder)) == exits
 
 
 def check_lora(namespace: dict, work: Path) -> None:
@@ -202,8 +210,8 @@ def check_plain_pytorch(namespace: dict, work: Path) -> None:
     assert sorted(losses) == exits and all(torch.isfinite(loss) for loss in losses.values())
     assert namespace["model"].get_output_embeddings().weight.grad is not None  # backward reached the shared head
     saved = AutoModelForCausalLM.from_pretrained(work / "smollm2-soft")
-    assert recorded_exit_layers(saved) == exits
     torch.testing.assert_close(saved.state_dict(), namespace["model"].state_dict())
+    assert_inference_folder(work / "smollm2-soft", exits)
 
 
 def check_schedule(namespace: dict, work: Path) -> None:

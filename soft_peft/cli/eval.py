@@ -20,9 +20,10 @@ from types import SimpleNamespace
 
 from ..data import DATASET_FORMATS, DatasetFormatError
 from ..evaluation.pipeline import EvalSettings, resolve_eval_exits, run_evaluation
+from ..evaluation.report import require_matplotlib
 from ..hub import resolve_model_path
 from .arg_types import positive_int
-from .preflight import check_model_files, read_model_facts
+from .preflight import UsageError, check_model_files, check_output_dir, read_model_facts
 
 __all__ = ["build_parser", "main"]
 
@@ -88,6 +89,13 @@ def _check_exits_before_loading(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run `soft-peft eval` with `argv`; returns 0, or 2 with a message on stderr for unusable input."""
     args = build_parser().parse_args(argv)
+    try:
+        # The plots need the `eval` extra, which `pip install soft-peft` does not bring: say so in one line, not as a
+        # traceback (run_evaluation checks it too, for API users)
+        require_matplotlib()
+    except ImportError as error:
+        print(f"soft-peft eval: error: {error}", file=sys.stderr)
+        return 2
     settings = EvalSettings(
         model_name_or_path=args.model_name_or_path,
         dataset_name=args.dataset_name,
@@ -113,9 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     # Far-tail probabilities underflow to denormal floats, which CPUs process many times slower; zero is as good
     torch.set_flush_denormal(True)
     try:
+        # The outputs are written last: an unusable --output_dir must fail now, not after the whole evaluation
+        check_output_dir(args.output_dir, overwrite=True)
         _check_exits_before_loading(args)
         metrics = run_evaluation(settings)
-    except (ValueError, DatasetFormatError) as error:
+    except (ValueError, DatasetFormatError, UsageError) as error:
         print(f"soft-peft eval: error: {error}", file=sys.stderr)
         return 2
     print(f"Wrote metrics.json, report.md and plots for {len(metrics['exits'])} exits to {args.output_dir}")

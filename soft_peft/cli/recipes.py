@@ -17,12 +17,14 @@ accelerate launch --config_file "$(soft-peft recipes path accelerate/zero3)" \\
 from __future__ import annotations
 
 import argparse
+import difflib
+import os
 import re
 import shutil
 import sys
 from pathlib import Path
 
-__all__ = ["main", "recipe_names", "recipes_dir", "resolve_config"]
+__all__ = ["closest_name", "main", "recipe_names", "recipes_dir", "resolve_config"]
 
 ACCELERATE = "accelerate"
 
@@ -53,6 +55,16 @@ def _shipped(name: str) -> Path | None:
     return recipes_dir() / f"{name}.yaml" if name in recipe_names() else None
 
 
+def closest_name(name: str) -> str | None:
+    """The shipped name a mistyped `name` most likely meant, or None when none is close.
+
+    Args:
+        name: The name the user gave (with or without `.yaml`).
+    """
+    close = difflib.get_close_matches(name.removesuffix(".yaml"), recipe_names(), n=1)
+    return close[0] if close else None
+
+
 def resolve_config(value: str) -> str:
     """The recipe file that `--config value` means: an existing file as given, else a shipped recipe of that name.
 
@@ -72,19 +84,23 @@ def resolve_config(value: str) -> str:
     if shipped is not None:
         return str(shipped)
     names = ", ".join(name for name in recipe_names() if not name.startswith(f"{ACCELERATE}/"))
+    hint = f" Did you mean {close!r}?" if (close := closest_name(value)) else ""
     raise FileNotFoundError(
         f"--config expects a YAML recipe file or the name of a shipped recipe, got {value!r} (no such file or "
-        f"name). Shipped recipes: {names}; `soft-peft recipes` lists them."
+        f"name).{hint} Shipped recipes: {names}; `soft-peft recipes` lists them."
     )
 
 
 def _summary(path: Path) -> str:
-    """The first phrase of a recipe's leading comment (up to its first `: ` or `. `)."""
+    """The first phrase of a recipe's leading comment (up to its first `: ` or `. `), which may wrap over lines."""
+    paragraph = []
     for line in path.read_text().splitlines():
-        text = line.lstrip("# ").strip()
-        if line.startswith("#") and text:
-            return re.split(r"[:.] ", text, maxsplit=1)[0].rstrip(".:")
-    return ""
+        text = line.lstrip("#").strip()
+        if not line.startswith("#") or (not text and paragraph):
+            break
+        if text:
+            paragraph.append(text)
+    return re.split(r"[:.](?: |$)", " ".join(paragraph), maxsplit=1)[0]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -115,18 +131,28 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     source = _shipped(args.name)
     if source is None:
-        print(f"soft-peft recipes: no shipped recipe {args.name!r}; `soft-peft recipes` lists them.", file=sys.stderr)
+        hint = f" did you mean {close!r}?" if (close := closest_name(args.name)) else ""
+        message = f"soft-peft recipes: no shipped recipe {args.name!r};{hint} `soft-peft recipes` lists them."
+        print(message, file=sys.stderr)
         return 2
     if args.command == "path":
         print(source)
         return 0
     target = Path(args.dest) if args.dest else Path(source.name)
-    if target.is_dir():
+    # `dest/` names a folder even before it exists (Path drops the slash): never write a file called `dest`
+    if target.is_dir() or (args.dest and args.dest.endswith(("/", os.sep))):
         target = target / source.name
     if target.exists() and not args.force:
         print(f"soft-peft recipes: {target} exists; pass --force to overwrite it.", file=sys.stderr)
         return 2
-    shutil.copyfile(source, target)
+    if not target.parent.is_dir():
+        print(f"soft-peft recipes: no folder {target.parent} to copy into; create it first.", file=sys.stderr)
+        return 2
+    try:
+        shutil.copyfile(source, target)
+    except OSError as error:
+        print(f"soft-peft recipes: cannot write {target}: {error.strerror}.", file=sys.stderr)
+        return 2
     print(target)
     return 0
 

@@ -66,7 +66,8 @@ def test_copy_writes_the_file_and_refuses_to_overwrite(tmp_path, monkeypatch, ca
 def test_an_unknown_name_fails_in_one_line(command, capsys):
     assert soft_peft_main(["recipes", command, "smollm2_alpaca"]) == 2
     assert capsys.readouterr().err.strip() == (
-        "soft-peft recipes: no shipped recipe 'smollm2_alpaca'; `soft-peft recipes` lists them."
+        "soft-peft recipes: no shipped recipe 'smollm2_alpaca'; did you mean 'smollm2_135m_alpaca_cpu'? "
+        "`soft-peft recipes` lists them."
     )
 
 
