@@ -18,11 +18,13 @@ __all__ = [
     "card_metadata",
     "load_eval_metrics",
     "model_card_text",
+    "model_label",
     "soft_card_section",
     "write_model_card",
 ]
 
 _TAGS = ["soft-peft", "sorted-fine-tuning", "early-exit"]
+_TRL_UNNAMED_BASE = "[None](https://huggingface.co/None)"
 
 
 def card_metadata(folder: str | os.PathLike) -> dict:
@@ -76,6 +78,16 @@ def _metrics_table(metrics: Mapping[int, Mapping[str, float]], marked: int | Non
     return lines
 
 
+def model_label(name_or_path: str) -> str:
+    """How a card names a model: a Hub id as is, a local folder by its name only (its full path would publish the
+    training machine's layout with the card)."""
+    from .hub import looks_like_hub_id
+
+    if looks_like_hub_id(name_or_path) and not os.path.isdir(name_or_path):
+        return name_or_path
+    return Path(name_or_path).resolve().name
+
+
 def soft_card_section(
     num_layers: int,
     num_parameters: int,
@@ -118,8 +130,8 @@ def soft_card_section(
         "|---|---|",
         f"| depth | {depth} |",
         f"| parameters | {num_parameters:,}{share} |",
-        f"| {'extracted from' if source_layers else 'model'} | `{source}` |",
-        f"| base model | {f'`{base_model}`' if base_model else 'not recorded'} |",
+        f"| {'extracted from' if source_layers else 'model'} | `{model_label(source)}` |",
+        f"| base model | {f'`{model_label(base_model)}`' if base_model else 'not recorded'} |",
         f"| licence | {license or 'not recorded: the base model licence applies'} |",
         f"| SoFT exits trained | {trained} |",
     ]
@@ -203,6 +215,8 @@ def add_soft_section(readme: str | os.PathLike, license: str | None, **facts) ->
     from huggingface_hub import ModelCard
 
     card = ModelCard.load(readme)
+    # TRL links a base model it could not name (a local folder) as [None](https://huggingface.co/None)
+    card.text = card.text.replace(_TRL_UNNAMED_BASE, "a local model")
     card.data.tags = sorted(set(card.data.tags or []) | set(_TAGS))
     if license and not card.data.license:
         card.data.license = license

@@ -158,7 +158,7 @@ def main(argv: list[str]) -> int:
     from ..exits import recorded_exit_layers
     from ..hub import push_folders_to_hub
     from ..inference import extract_submodel
-    from ..model_card import write_model_card
+    from ..model_card import model_label, write_model_card
     from ..model_layout import num_decoder_layers
     from ..serving import draft_model_invocations
 
@@ -180,8 +180,10 @@ def main(argv: list[str]) -> int:
             submodel.save_pretrained(folder)
             tokenizer.save_pretrained(folder)
             draft = repo_ids[k] if args.push_to_hub else folders[k]
+            name = os.path.basename(os.path.normpath(folders[k]))
+            title = f"{name}: exit {k} of {model_label(args.model_name_or_path)}"
             write_model_card(
-                folder, f"{os.path.basename(os.path.normpath(folders[k]))}: exit {k} of {args.model_name_or_path}",
+                folder, title,
                 license, base_model, num_layers=k, num_parameters=submodel.num_parameters(),
                 source=args.model_name_or_path, exits_trained=exits_trained,
                 source_layers=num_decoder_layers(model), source_parameters=total, eval_metrics=eval_metrics,
