@@ -33,6 +33,9 @@ class StopOnSignal(TrainerCallback):
     noted, not acted on (a launcher forwards the Ctrl-C that its workers already got); SIGKILL or Ctrl-\\ still end
     the process at once, without a checkpoint.
 
+    A signal during the last optimizer step does not stop the run: training is complete, and the caller saves the
+    final model as usual. A signal the process started with ignored (SIGINT in a shell's background job) stays ignored.
+
     After `trainer.train()` returns, `signal_name` tells whether a signal stopped it (`None` if not), and
     [`resume_hint`] gives the line saying how to resume.
     """
@@ -43,6 +46,7 @@ class StopOnSignal(TrainerCallback):
         self.checkpoint: str | None = None
         self._received: int | None = None
         self._previous: dict[int, object] = {}
+        self._noted_complete = False
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
@@ -59,7 +63,10 @@ class StopOnSignal(TrainerCallback):
         if threading.current_thread() is not threading.main_thread():  # Python handles signals in the main thread
             return
         for signum in _SIGNALS:
-            self._previous[signum] = signal.signal(signum, self._handle)
+            # An ignored signal stays ignored: a shell starts background jobs (`cmd &`) with SIGINT ignored, so that
+            # a Ctrl-C meant for the terminal's foreground job does not stop them
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                self._previous[signum] = signal.signal(signum, self._handle)
 
     def on_step_end(self, args, state, control, **kwargs):
         received = self._received or 0
@@ -68,6 +75,17 @@ class StopOnSignal(TrainerCallback):
             flag = torch.tensor([received], dtype=torch.int64, device=args.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             received = int(flag.item())
+        if received and state.max_steps > 0 and state.global_step >= state.max_steps:
+            # The last step is done, so nothing remains to resume: let the run end as usual, with its final model
+            if not self._noted_complete:
+                self._noted_complete = True
+                print(
+                    f"[soft-peft] {signal.Signals(received).name} came during the last step, which completed "
+                    "training: saving the final model as usual.",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return control
         if received:
             self.signal_name = signal.Signals(received).name
             self.step = state.global_step
