@@ -1,4 +1,5 @@
-"""Which exits a model has: ``exit_layers`` settings, the paper's defaults, and the exits recorded in a checkpoint.
+"""Which exits a model has: exit settings (``exit_layers``, ``exits``), the paper's defaults, and the exits recorded
+in a checkpoint.
 
 What an exit *computes* (the final norm and shared head applied to a layer's hidden state) is
 [`soft_peft.exit_head`]; where the model keeps those parts is [`soft_peft.model_layout`].
@@ -55,38 +56,38 @@ def default_exit_layers(num_layers: int) -> list[int]:
 
 
 class _SpecError(ValueError):
-    """A syntax error in an ``exit_layers`` setting; the public parsers add the advice that fits what they know."""
+    """A syntax error in an exit setting; the public parsers add the advice that fits what they know."""
 
 
-def _invalid(message: str, num_layers: int) -> ValueError:
+def _invalid(message: str, num_layers: int, setting: str) -> ValueError:
     default = default_exit_layers(num_layers)
     gaps = {b - a for a, b in pairwise(default)}
     # The slice that spells the default when it is evenly spaced (most depths), else every layer from its first exit
     step, meaning = (gaps.pop(), "the same exits") if len(gaps) == 1 else (1, f"every layer from {default[0]}")
     return ValueError(
         f"{message} The model has {num_layers} decoder layers, so exits must be distinct integers in 1..{num_layers}, "
-        f"e.g. exit_layers=[{','.join(map(str, default))}] or the slice string "
+        f"e.g. {setting}=[{','.join(map(str, default))}] or the slice string "
         f"'{default[0]}:{num_layers + 1}:{step}' ({meaning})."
     )
 
 
-def _parse_syntax(spec: str | Sequence[int]) -> list[int] | slice:
+def _parse_syntax(spec: str | Sequence[int], setting: str) -> list[int] | slice:
     if isinstance(spec, str):
         text = spec.strip()
         if ":" in text:
             parts = text.split(":")
             if len(parts) not in (2, 3):
-                raise _SpecError(f"Cannot parse exit_layers={spec!r} as 'start:stop:step'.")
+                raise _SpecError(f"Cannot parse {setting}={spec!r} as 'start:stop:step'.")
             try:
                 start, stop, step = (int(p) if p.strip() else None for p in (parts + [""])[:3])
             except ValueError:
-                raise _SpecError(f"exit_layers={spec!r} has a non-integer slice bound.") from None
+                raise _SpecError(f"{setting}={spec!r} has a non-integer slice bound.") from None
             start = 1 if start is None else start
             step = 1 if step is None else step
             if step < 1:
-                raise _SpecError(f"exit_layers={spec!r} needs a positive step.")
+                raise _SpecError(f"{setting}={spec!r} needs a positive step.")
             if start < 1:
-                raise _SpecError(f"exit_layers={spec!r} starts at layer {start}; layers are counted from 1.")
+                raise _SpecError(f"{setting}={spec!r} starts at layer {start}; layers are counted from 1.")
             if stop is None:  # up to the last layer: only the model's depth can resolve it
                 return slice(start, None, step)
             layers = list(range(start, stop, step))
@@ -94,20 +95,20 @@ def _parse_syntax(spec: str | Sequence[int]) -> list[int] | slice:
             try:
                 layers = [int(p) for p in text.replace(" ", ",").split(",") if p]
             except ValueError:
-                raise _SpecError(f"exit_layers={spec!r} is not a list of integers.") from None
+                raise _SpecError(f"{setting}={spec!r} is not a list of integers.") from None
     else:
         layers = list(spec)
     for layer in layers:
         # bool is an int subclass; a float such as 12.0 is rejected rather than truncated
         if isinstance(layer, bool) or not isinstance(layer, int):
-            raise _SpecError(f"exit_layers contains {layer!r}, which is not an integer.")
+            raise _SpecError(f"{setting} contains {layer!r}, which is not an integer.")
     if not layers:
-        raise _SpecError(f"exit_layers={spec!r} selects no layer.")
+        raise _SpecError(f"{setting}={spec!r} selects no layer.")
     if len(set(layers)) != len(layers):
-        raise _SpecError(f"exit_layers={layers} has duplicates.")
+        raise _SpecError(f"{setting}={layers} has duplicates.")
     bad = [k for k in layers if k < 1]
     if bad:
-        raise _SpecError(f"exit_layers has {bad}, but layers are counted from 1 (exit k follows the k-th layer).")
+        raise _SpecError(f"{setting} has {bad}, but layers are counted from 1 (exit k follows the k-th layer).")
     return layers  # as written: explicit exit weights follow this order
 
 
@@ -130,7 +131,7 @@ def parse_exit_spec(spec: str | Sequence[int] | None) -> list[int] | slice | Non
     if spec is None:
         return None
     try:
-        parsed = _parse_syntax(spec)
+        parsed = _parse_syntax(spec, "exit_layers")
     except _SpecError as error:
         raise ValueError(
             f"{error} Exits are distinct layer numbers from 1 to the model's depth, e.g. exit_layers='9,12,15' or "
@@ -139,14 +140,16 @@ def parse_exit_spec(spec: str | Sequence[int] | None) -> list[int] | slice | Non
     return parsed if isinstance(parsed, slice) else sorted(parsed)
 
 
-def parse_exit_layers(spec: str | Sequence[int] | None, num_layers: int) -> list[int]:
-    """Resolve an ``exit_layers`` setting against a model's depth.
+def parse_exit_layers(spec: str | Sequence[int] | None, num_layers: int, setting: str = "exit_layers") -> list[int]:
+    """Resolve an exit setting against a model's depth: the trained ``exit_layers``, or the ``exits`` an inference or
+    evaluation call uses (same syntax).
 
     Args:
         spec: ``None`` (the paper's default, see [`default_exit_layers`]), a list of ints, a comma-separated string
             ``"12,16,20"``, or a ``"start:stop:step"`` slice string over layer numbers (``"12:41:4"`` gives
             12, 16, ..., 40; as in Python, ``stop`` is excluded and may be omitted to mean ``num_layers + 1``).
         num_layers: Decoder depth of the model.
+        setting: The setting's name, for messages (``"exits"`` for the exits a decoder or evaluation uses).
 
     Returns:
         The exits, sorted ascending.
@@ -155,14 +158,16 @@ def parse_exit_layers(spec: str | Sequence[int] | None, num_layers: int) -> list
         ValueError: for non-integers, duplicates, or layers outside ``1..num_layers``, naming the depth and a valid
             example.
     """
-    return sorted(exit_layers_as_written(spec, num_layers))
+    return sorted(exit_layers_as_written(spec, num_layers, setting))
 
 
-def exit_layers_as_written(spec: str | Sequence[int] | None, num_layers: int) -> list[int]:
+def exit_layers_as_written(
+    spec: str | Sequence[int] | None, num_layers: int, setting: str = "exit_layers"
+) -> list[int]:
     """As [`parse_exit_layers`], but in the order the user wrote them (the order explicit exit weights follow).
 
     Args:
-        spec, num_layers: As for [`parse_exit_layers`].
+        spec, num_layers, setting: As for [`parse_exit_layers`].
 
     Returns:
         The exits of a list or comma-separated string in their given order; a slice or the default, ascending.
@@ -173,16 +178,16 @@ def exit_layers_as_written(spec: str | Sequence[int] | None, num_layers: int) ->
     if spec is None:
         return default_exit_layers(num_layers)
     try:
-        parsed = _parse_syntax(spec)
+        parsed = _parse_syntax(spec, setting)
     except _SpecError as error:
-        raise _invalid(str(error), num_layers) from None
+        raise _invalid(str(error), num_layers, setting) from None
     if isinstance(parsed, slice):
         parsed = list(range(parsed.start, num_layers + 1, parsed.step))
         if not parsed:
-            raise _invalid(f"exit_layers={spec!r} selects no layer.", num_layers)
+            raise _invalid(f"{setting}={spec!r} selects no layer.", num_layers, setting)
     bad = [k for k in parsed if not 1 <= k <= num_layers]
     if bad:
-        raise _invalid(f"exit_layers has {bad} outside 1..{num_layers}.", num_layers)
+        raise _invalid(f"{setting} has {bad} outside 1..{num_layers}.", num_layers, setting)
     return parsed
 
 

@@ -44,6 +44,14 @@ def test_invalid_exit_layers_name_depth_and_example(spec):
         parse_exit_layers(spec, 40)
 
 
+@pytest.mark.parametrize("spec", [[0, 4], [41], [4, 4], [2.0, 4], "a,b", "1:10:0", "50:60", [True]])
+def test_invalid_exits_of_an_operation_are_named_by_their_setting(spec):
+    # The exits a decoder or evaluation uses are `exits`; `exit_layers` names only the trained exits
+    with pytest.raises(ValueError, match=r"^exits.*40 decoder layers.*e\.g\. exits=\[12,16") as error:
+        parse_exit_layers(spec, 40, "exits")
+    assert "exit_layers" not in str(error.value)
+
+
 def test_exit_layers_are_recorded_in_the_config(tmp_path):
     model = tiny_model("llama")
     assert recorded_exit_layers(model) is None

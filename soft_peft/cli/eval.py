@@ -3,11 +3,11 @@
 ```bash
 soft-peft eval --model_name_or_path runs/soft --dataset_name data/gsm8k.jsonl --output_dir eval/soft --max_samples 64
 soft-peft eval --model_name_or_path runs/soft --compare_to runs/sft --dataset_name data/gsm8k.jsonl \
-    --output_dir eval/soft_vs_sft --exit_layers 9,12,15,18,21,24,27,30 --generate --max_new_tokens 192
+    --output_dir eval/soft_vs_sft --exits 9,12,15,18,21,24,27,30 --generate --max_new_tokens 192
 ```
 
 Exits: by default the model's recorded `soft_exit_layers` (written by SoFTTrainer). A model without them is an error
-unless `--exit_layers` is given: `--exit_layers default` means every 4th layer plus the last. With `--compare_to`, a
+unless `--exits` is given: `--exits default` means every 4th layer plus the last. With `--compare_to`, a
 model without recorded exits uses the other model's. The last layer is always evaluated (it is the reference).
 Writes `metrics.json`, `report.md`, `exit_curves.png`, `similarity_kl.png` and `similarity_cosine.png`.
 """
@@ -50,8 +50,9 @@ def build_parser(prog: str = "soft-peft eval") -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--max_samples", type=positive_int, help="Evaluate only the first N rows.")
     parser.add_argument(
-        "--exit_layers",
-        help="'default' (every 4th layer + last), '9,12,30' or 'start:stop:step'. Default: the recorded exits.",
+        "--exits",
+        help="Exits to evaluate: 'default' (every 4th layer + last), '9,12,30' or 'start:stop:step'. Default: the "
+        "recorded exits.",
     )
     parser.add_argument("--batch_size", type=positive_int, default=4)
     parser.add_argument("--max_length", type=positive_int, default=1024, help="Truncate examples to this many tokens.")
@@ -71,7 +72,7 @@ def _check_exits_before_loading(args: argparse.Namespace) -> None:
     """Resolve each model's exits from its config alone, as the evaluation will once the weights are loaded.
 
     Raises:
-        ValueError: for exits outside a model's depth, or a model without recorded exits and no `--exit_layers`.
+        ValueError: for exits outside a model's depth, or a model without recorded exits and no `--exits`.
     """
     # A missing folder or an unreachable Hub is said first, in one line (ModelNotFoundError is a ValueError)
     names = [resolve_model_path(name) for name in (args.model_name_or_path, args.compare_to) if name]
@@ -81,9 +82,9 @@ def _check_exits_before_loading(args: argparse.Namespace) -> None:
     # The evaluation's own resolution, given objects that carry only the configs
     models = [SimpleNamespace(config=fact.config) for fact in facts]
     fallback = facts[1].recorded_exits if len(facts) == 2 else None
-    exits = resolve_eval_exits(models[0], args.exit_layers, facts[0].name, fallback=fallback)
+    exits = resolve_eval_exits(models[0], args.exits, facts[0].name, fallback=fallback)
     if len(facts) == 2:
-        resolve_eval_exits(models[1], args.exit_layers, facts[1].name, fallback=exits)
+        resolve_eval_exits(models[1], args.exits, facts[1].name, fallback=exits)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         dataset_name=args.dataset_name,
         output_dir=args.output_dir,
         compare_to=args.compare_to,
-        exit_layers=args.exit_layers,
+        exits=args.exits,
         max_samples=args.max_samples,
         dataset_split=args.dataset_split,
         dataset_config=args.dataset_config,

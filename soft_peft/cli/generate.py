@@ -1,7 +1,7 @@
 """`soft-peft generate`: decode one prompt with a sub-model, self-speculative decoding or dynamic early exit.
 
     soft-peft generate --model_name_or_path RUN --prompt "Question: ...\\nAnswer:" --draft_exit 15
-    soft-peft generate --model_name_or_path RUN --prompt "..." --thresholds 0.9 [--exit_layers 15,21,27]
+    soft-peft generate --model_name_or_path RUN --prompt "..." --thresholds 0.9 [--exits 15,21,27]
     soft-peft generate --model_name_or_path RUN --prompt "..." --num_layers 18      # greedy with a sub-model
 
 Add ``--vocab_texts train.jsonl`` to draft and pre-check confidence on the ``--vocab_size`` most frequent tokens of
@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         help="Exits below --draft_exit to draft from first ('9,12'; needs a stop).",
     )
-    parser.add_argument("--exit_layers", default=None, help="Exits checked by dynamic early exit ('15,21,27').")
+    parser.add_argument("--exits", default=None, help="Exits checked by dynamic early exit ('15,21,27').")
     parser.add_argument("--confidence", default="max_prob", choices=["max_prob", "margin"])
     parser.add_argument("--kv_fill", default="recompute", choices=["recompute", "propagate"])
     parser.add_argument("--do_sample", action="store_true")
@@ -106,8 +106,8 @@ def _check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Nam
         args.early_draft_exits or args.draft_stop_threshold is not None or args.num_draft_tokens != "adaptive"
     ):
         parser.error("--num_draft_tokens, --draft_stop_threshold and --early_draft_exits need --draft_exit.")
-    if args.exit_layers is not None and args.thresholds is None:
-        parser.error("--exit_layers chooses the exits of dynamic early exit: it needs --thresholds.")
+    if args.exits is not None and args.thresholds is None:
+        parser.error("--exits chooses the exits of dynamic early exit: it needs --thresholds.")
     if args.vocab_texts is not None:
         if args.draft_exit is None and args.thresholds is None:
             parser.error("--vocab_texts needs --draft_exit or --thresholds (a decoder that drafts/checks).")
@@ -119,7 +119,7 @@ def _check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Nam
 
 def _check_before_loading(parser: argparse.ArgumentParser, args: argparse.Namespace, facts: ModelFacts) -> None:
     """Every flag that the model's config can judge, by the decoders' own checks, as an argparse error (exit code 2);
-    warnings for untrained exits. With ``--thresholds``, ``args.exit_layers`` becomes the resolved exits and
+    warnings for untrained exits. With ``--thresholds``, ``args.exits`` becomes the resolved exits and
     ``args.thresholds`` one threshold per exit."""
     from ..inference import check_dynamic_settings, check_speculative_settings, dynamic_exit_thresholds
     from ..inference.tokens import check_sampling
@@ -138,9 +138,9 @@ def _check_before_loading(parser: argparse.ArgumentParser, args: argparse.Namesp
         elif args.thresholds is not None:
             check_dynamic_settings(args.confidence, args.kv_fill, args.exit_on_subset, args.vocab_texts is not None)
             values = args.thresholds[0] if len(args.thresholds) == 1 else args.thresholds
-            resolved = dynamic_exit_thresholds(depth, args.exit_layers, values, facts.recorded_exits)
-            args.exit_layers, args.thresholds = list(resolved), list(resolved.values())
-            warn(parser.prog, untrained_exit_warning(facts, args.exit_layers, "--thresholds at exits"))
+            resolved = dynamic_exit_thresholds(depth, args.exits, values, facts.recorded_exits)
+            args.exits, args.thresholds = list(resolved), list(resolved.values())
+            warn(parser.prog, untrained_exit_warning(facts, args.exits, "--thresholds at exits"))
     except ValueError as error:
         parser.error(str(error))
     if args.num_layers is not None:
@@ -188,7 +188,7 @@ def _decode(args: argparse.Namespace, model, input_ids, vocab_subset) -> tuple:
         return out.sequences, _stats_json(out.stats)
     if args.thresholds is not None:
         out = dynamic_generate(
-            model, input_ids, args.exit_layers, args.thresholds, args.max_new_tokens, confidence=args.confidence,
+            model, input_ids, args.exits, args.thresholds, args.max_new_tokens, confidence=args.confidence,
             kv_fill=args.kv_fill, generator=generator, check_vocab=vocab_subset, exit_on_subset=args.exit_on_subset,
             **sampling,
         )  # fmt: skip

@@ -303,7 +303,7 @@ def untrained_exit_warning(facts: ModelFacts, exits: list[int], flag: str) -> st
     """The warning for decoding with exits below the last layer that the checkpoint did not train, else ``None``.
 
     As ``extract_submodel`` warns: an exit that is not one of the recorded ``soft_exit_layers``, or any early exit of
-    a model without them (``soft-peft eval`` refuses such a model unless ``--exit_layers`` is given).
+    a model without them (``soft-peft eval`` refuses such a model unless ``--exits`` is given).
 
     Args:
         facts: The model's facts.

@@ -49,7 +49,7 @@ def generate_at_exits(
     model: nn.Module,
     tokenizer,
     examples: Sequence[EvalExample],
-    exit_layers: Sequence[int],
+    exits: Sequence[int],
     max_new_tokens: int = 256,
     progress: bool = True,
 ) -> dict[int, ExitGenerations]:
@@ -59,7 +59,7 @@ def generate_at_exits(
         model: A transformers causal LM.
         tokenizer: Its tokenizer (for EOS, padding and decoding).
         examples: Examples with a non-empty prompt.
-        exit_layers: Exits to decode with.
+        exits: Exits to decode with.
         max_new_tokens: Generation budget per example.
         progress: Show a tqdm bar.
 
@@ -76,9 +76,9 @@ def generate_at_exits(
         )
     model.eval()
     results = {}
-    bar = tqdm(total=len(examples) * len(exit_layers), desc="generation", disable=not progress)
+    bar = tqdm(total=len(examples) * len(exits), desc="generation", disable=not progress)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    for layer in exit_layers:
+    for layer in exits:
         submodel = extract_submodel(model, layer)
         texts, num_new, seconds = [], 0, 0.0
         device = next(model.parameters()).device

@@ -40,7 +40,7 @@ class ExitEvaluation:
     """Result of [`evaluate_exits`].
 
     Attributes:
-        exit_layers: Per model, the evaluated exits (ascending, always ending with the last layer).
+        exits: Per model, the evaluated exits (ascending, always ending with the last layer).
         num_tokens: Scored completion tokens.
         metrics: Per model, ``{layer: {"loss", "perplexity", "token_accuracy", "kl_to_last", "agreement_with_last",
             "cosine_to_last"}}``;
@@ -50,7 +50,7 @@ class ExitEvaluation:
         cosine: ``{(a, b): I x J matrix}``, mean cosine similarity of normed hidden states.
     """
 
-    exit_layers: list[list[int]]
+    exits: list[list[int]]
     num_tokens: int
     metrics: list[dict[int, dict[str, float]]]
     kl: dict[tuple[int, int], list[list[float]]] = field(default_factory=dict)
@@ -77,7 +77,7 @@ def make_batches(examples: Sequence[EvalExample], batch_size: int, pad_token_id:
     return batches
 
 
-def _normed_exit_states(model: nn.Module, batch: dict, exit_layers: Sequence[int]) -> torch.Tensor:
+def _normed_exit_states(model: nn.Module, batch: dict, exits: Sequence[int]) -> torch.Tensor:
     """``(E, N, H)`` normed hidden states of each exit at the positions that predict completion tokens."""
     head = find_exit_head(model)
     device = head.lm_head.weight.device
@@ -85,7 +85,7 @@ def _normed_exit_states(model: nn.Module, batch: dict, exit_layers: Sequence[int
         model, input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
     )
     predicting = batch["completion_mask"][:, 1:].to(device)  # (B, T-1): position t predicts token t+1
-    states = [head.exit_state(outputs, layer, lambda state: state[:, :-1][predicting]) for layer in exit_layers]
+    states = [head.exit_state(outputs, layer, lambda state: state[:, :-1][predicting]) for layer in exits]
     return torch.stack(states)  # (E, N, H)
 
 
@@ -121,7 +121,7 @@ def _per_exit_metrics(layers, nll, correct, agree, kl, cosine, denominator) -> l
 
 def evaluate_exits(
     models: Sequence[nn.Module],
-    exit_layers: Sequence[Sequence[int]],
+    exits: Sequence[Sequence[int]],
     examples: Sequence[EvalExample],
     pad_token_id: int,
     batch_size: int = 4,
@@ -132,7 +132,7 @@ def evaluate_exits(
 
     Args:
         models: One model, or two models sharing a tokenizer and vocabulary (model 0 is compared to model 1).
-        exit_layers: Per model, the exits to evaluate; the last layer is added when missing (it is the reference).
+        exits: Per model, the exits to evaluate; the last layer is added when missing (it is the reference).
         examples: Tokenized examples (see [`tokenize_examples`]).
         pad_token_id: Token used for right padding (masked out).
         batch_size: Examples per forward.
@@ -145,10 +145,10 @@ def evaluate_exits(
     Raises:
         ValueError: for more than two models, or models whose vocabularies differ.
     """
-    if not 1 <= len(models) <= 2 or len(exit_layers) != len(models):
+    if not 1 <= len(models) <= 2 or len(exits) != len(models):
         raise ValueError("evaluate_exits takes one or two models, with one list of exits per model.")
     layers = []
-    for model, requested in zip(models, exit_layers, strict=True):
+    for model, requested in zip(models, exits, strict=True):
         depth = num_decoder_layers(model)
         layers.append(sorted(set(requested) | {depth}))
     vocab_sizes = {find_exit_head(m).lm_head.weight.shape[0] for m in models}
@@ -189,4 +189,4 @@ def evaluate_exits(
     kl = {p: (s / denominator).tolist() for p, s in kl_sums.items()}
     cosine = {p: (s / denominator).tolist() for p, s in cos_sums.items()}
     metrics = _per_exit_metrics(layers, nll, correct, agree, kl, cosine, denominator)
-    return ExitEvaluation(exit_layers=layers, num_tokens=num_tokens, metrics=metrics, kl=kl, cosine=cosine)
+    return ExitEvaluation(exits=layers, num_tokens=num_tokens, metrics=metrics, kl=kl, cosine=cosine)

@@ -33,8 +33,8 @@ class EvalSettings:
         dataset_name: Dataset file, folder or Hub name (see [`load_eval_dataset`]).
         output_dir: Where ``metrics.json``, ``report.md`` and the PNG plots go.
         compare_to: Model B, compared exit by exit with model A (same tokenizer vocabulary).
-        exit_layers: ``None`` (the recorded ``soft_exit_layers``), ``"default"`` (every 4th layer plus the last), or a
-            list / string accepted by [`parse_exit_layers`].
+        exits: The exits to evaluate: ``None`` (the recorded ``soft_exit_layers``), ``"default"`` (every 4th layer
+            plus the last), or a list / string accepted by [`parse_exit_layers`].
         max_samples: Evaluate the first ``max_samples`` rows only.
         dataset_split, dataset_config: Hub split and configuration.
         dataset_format: The rows' format, one of [`~soft_peft.data.DATASET_FORMATS`] (training's vocabulary);
@@ -55,7 +55,7 @@ class EvalSettings:
     dataset_name: str
     output_dir: str
     compare_to: str | None = None
-    exit_layers: str | list[int] | None = None
+    exits: str | list[int] | None = None
     max_samples: int | None = None
     dataset_split: str = "train"
     dataset_config: str | None = None
@@ -73,7 +73,7 @@ class EvalSettings:
 
 
 def every_fourth_layer(num_layers: int) -> list[int]:
-    """Layers ``4, 8, ...`` plus the last: the exits evaluated by ``--exit_layers default``."""
+    """Layers ``4, 8, ...`` plus the last: the exits evaluated by ``--exits default``."""
     return sorted(set(range(4, num_layers + 1, 4)) | {num_layers})
 
 
@@ -102,11 +102,11 @@ def resolve_eval_exits(model: nn.Module, spec, name: str, fallback: list[int] | 
             return parse_exit_layers([k for k in fallback if k <= depth] or [depth], depth)
         raise ValueError(
             f"{name} records no SoFT exits (`soft_exit_layers` is missing from its config.json: it was not trained "
-            f"with SoFTTrainer). Choose the exits: --exit_layers default (every 4th layer plus the last: "
-            f"{every_fourth_layer(depth)}) or an explicit list such as --exit_layers {max(1, depth // 2)},{depth}."
+            f"with SoFTTrainer). Choose the exits: --exits default (every 4th layer plus the last: "
+            f"{every_fourth_layer(depth)}) or an explicit list such as --exits {max(1, depth // 2)},{depth}."
         )
     try:
-        return parse_exit_layers(spec, depth)
+        return parse_exit_layers(spec, depth, "exits")
     except ValueError as error:
         raise ValueError(f"{name}: {error}") from None
 
@@ -150,7 +150,7 @@ def _generate(settings: EvalSettings, models, tokenizer, subset, evaluation, dat
     texts, generation_scores = [], [{} for _ in models]
     for index, model in enumerate(models):
         generations = generate_at_exits(
-            model, tokenizer, subset, evaluation.exit_layers[index], settings.max_new_tokens, settings.progress
+            model, tokenizer, subset, evaluation.exits[index], settings.max_new_tokens, settings.progress
         )
         generation_scores[index] = {k: score_generations(g, references, task) for k, g in generations.items()}
         texts.append({k: g.texts for k, g in generations.items()})
@@ -166,7 +166,7 @@ def _judge(settings: EvalSettings, paths: dict, subset, texts, evaluation) -> di
         judge_model, judge_tokenizer = _load(paths[settings.judge_model], settings.dtype)
         judge = LMJudge(judge_model, judge_tokenizer)
     prompts = [e.prompt for e in subset]
-    reference_texts = texts[1][evaluation.exit_layers[1][-1]]  # model B's last layer
+    reference_texts = texts[1][evaluation.exits[1][-1]]  # model B's last layer
     judgements = {}
     for layer, generated in texts[0].items():
         result = judge_pairwise(prompts, generated, reference_texts, judge, settings.progress)
@@ -203,11 +203,11 @@ def run_evaluation(settings: EvalSettings) -> dict:
     }
     models, names, tokenizer = _load_compared_models(settings, paths)
     model_a = models[0]
-    # Without --exit_layers, a model that records no exits borrows the other compared model's
+    # Without --exits, a model that records no exits borrows the other compared model's
     fallback = recorded_exit_layers(models[1]) if len(models) == 2 else None
-    exits = [resolve_eval_exits(model_a, settings.exit_layers, names[0], fallback=fallback)]
+    exits = [resolve_eval_exits(model_a, settings.exits, names[0], fallback=fallback)]
     if len(models) == 2:
-        exits.append(resolve_eval_exits(models[1], settings.exit_layers, names[1], fallback=exits[0]))
+        exits.append(resolve_eval_exits(models[1], settings.exits, names[1], fallback=exits[0]))
     dataset, dataset_format = load_eval_dataset(
         settings.dataset_name,
         settings.max_samples,
@@ -233,8 +233,8 @@ def run_evaluation(settings: EvalSettings) -> dict:
         dataset_format=dataset_format,
         num_examples=len(examples),
         num_tokens=evaluation.num_tokens,
-        exit_layers=evaluation.exit_layers[0],
-        compare_exit_layers=evaluation.exit_layers[1] if len(models) == 2 else None,
+        exits=evaluation.exits[0],
+        compare_exits=evaluation.exits[1] if len(models) == 2 else None,
         judge=None if not wants_judge else settings.judge_model or getattr(settings.judge, "__name__", "callable"),
     )
     return write_outputs(settings.output_dir, names, evaluation, generation_scores, judgements, recorded, samples)

@@ -189,8 +189,8 @@ def _metrics_json(names, labels, per_model, evaluation: ExitEvaluation, judgemen
         "normed hidden states",
         "pairs": {
             f"{labels[a]} vs {labels[b]}": {
-                "row_exits": evaluation.exit_layers[a],
-                "column_exits": evaluation.exit_layers[b],
+                "row_exits": evaluation.exits[a],
+                "column_exits": evaluation.exits[b],
                 "kl": evaluation.kl[(a, b)],
                 "cosine": evaluation.cosine[(a, b)],
             }
@@ -209,8 +209,7 @@ def _write_plots(out: Path, labels, per_model, evaluation: ExitEvaluation) -> No
     for metric, title in (("kl", "KL divergence (nats)"), ("cosine", "cosine similarity of hidden states")):
         source = evaluation.kl if metric == "kl" else evaluation.cosine
         matrices = {
-            (labels[a], labels[b]): (source[(a, b)], evaluation.exit_layers[a], evaluation.exit_layers[b])
-            for a, b in source
+            (labels[a], labels[b]): (source[(a, b)], evaluation.exits[a], evaluation.exits[b]) for a, b in source
         }
         plot_similarity(matrices, title, str(out / f"similarity_{metric}.png"))
 

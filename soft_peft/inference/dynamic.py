@@ -55,7 +55,7 @@ class DynamicStats(DecodeStats):
 
     Attributes:
         exits_taken: ``(new_tokens,)`` the layer each generated position exited at (the whole batch exits together);
-            not to be confused with the ``exit_layers`` argument, the exits that may be taken.
+            not to be confused with the ``exits`` argument, the exits that may be taken.
         average_depth: Mean of ``exits_taken``.
         checks: Confidence checks at non-final exits (on the vocabulary subset when one is given).
         full_checks: Of those, the ones that ran the full-vocabulary head.
@@ -88,7 +88,7 @@ def default_dynamic_exits(num_layers: int, recorded_exits: Sequence[int] | None 
 
 def dynamic_exit_thresholds(
     num_layers: int,
-    exit_layers: Sequence[int] | str | None = None,
+    exits: Sequence[int] | str | None = None,
     thresholds: float | Sequence[float] = 0.9,
     recorded_exits: Sequence[int] | None = None,
 ) -> dict[int, float]:
@@ -96,7 +96,7 @@ def dynamic_exit_thresholds(
 
     Args:
         num_layers: The model's number of decoder layers ``L``.
-        exit_layers, thresholds: As for [`dynamic_generate`].
+        exits, thresholds: As for [`dynamic_generate`].
         recorded_exits: The exits the model was trained with, for the default exits ([`default_dynamic_exits`]).
 
     Returns:
@@ -106,23 +106,23 @@ def dynamic_exit_thresholds(
         ValueError: for exits outside ``1..L``, a threshold outside (0, 1], or a threshold count that does not match
             the exits.
     """
-    if exit_layers is None:
-        exits = default_dynamic_exits(num_layers, recorded_exits)
-    else:
-        exits = [k for k in parse_exit_layers(exit_layers, num_layers) if k < num_layers]  # the last: the fallback
+    if exits is None:
+        checked = default_dynamic_exits(num_layers, recorded_exits)
+    else:  # the last layer takes no threshold: it is the fallback
+        checked = [k for k in parse_exit_layers(exits, num_layers, "exits") if k < num_layers]
     if isinstance(thresholds, (int, float)) and not isinstance(thresholds, bool):
-        values = [float(thresholds)] * len(exits)
+        values = [float(thresholds)] * len(checked)
     else:
         values = [float(t) for t in thresholds]
-        if len(values) != len(exits):
+        if len(values) != len(checked):
             raise ValueError(
-                f"Got {len(values)} thresholds for the {len(exits)} exits {exits} (the last layer takes none); pass "
-                "one float for all, or one per exit."
+                f"Got {len(values)} thresholds for the {len(checked)} exits {checked} (the last layer takes none); "
+                "pass one float for all, or one per exit."
             )
     bad = [t for t in values if not 0 < t <= 1]
     if bad:
         raise ValueError(f"Thresholds must be in (0, 1], got {bad}; 1.0 disables an exit.")
-    return dict(zip(exits, values, strict=True))
+    return dict(zip(checked, values, strict=True))
 
 
 def check_dynamic_settings(confidence: str, kv_fill: str, exit_on_subset: bool, has_check_vocab: bool) -> None:
@@ -211,7 +211,7 @@ def _exit_token(
 def dynamic_generate(
     model: nn.Module,
     input_ids: torch.Tensor,
-    exit_layers: Sequence[int] | str | None = None,
+    exits: Sequence[int] | str | None = None,
     thresholds: float | Sequence[float] = 0.9,
     max_new_tokens: int = 128,
     attention_mask: torch.Tensor | None = None,
@@ -235,7 +235,7 @@ def dynamic_generate(
     Args:
         model: A causal LM of a supported family (see [`DecoderStack`]), possibly PEFT-wrapped.
         input_ids: ``(B, T)`` prompts, left-padded for ``B > 1``.
-        exit_layers: Exits to check (list, ``"12,16"`` or ``"start:stop:step"``); default [`default_dynamic_exits`].
+        exits: Exits to check (list, ``"12,16"`` or ``"start:stop:step"``); default [`default_dynamic_exits`].
         thresholds: One float for all exits, or one per exit, each in (0, 1]; a token exits when its confidence is
             strictly greater. 1.0 disables an exit (and skips its head).
         max_new_tokens: Number of tokens to generate (>= 1).
@@ -263,7 +263,7 @@ def dynamic_generate(
             ``exit_on_subset`` without ``check_vocab``.
     """
     stack = DecoderStack(model)
-    resolved = dynamic_exit_thresholds(stack.num_layers, exit_layers, thresholds, recorded_exit_layers(stack.model))
+    resolved = dynamic_exit_thresholds(stack.num_layers, exits, thresholds, recorded_exit_layers(stack.model))
     thresholds = {k: t for k, t in resolved.items() if t < 1.0}  # an exit at 1.0 is never checked
     check_dynamic_settings(confidence, kv_fill, exit_on_subset, check_vocab is not None)
     sampling = SamplingSettings(do_sample, temperature, top_p, generator)

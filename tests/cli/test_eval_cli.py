@@ -52,6 +52,8 @@ def test_eval_writes_metrics_report_and_plots(models, gsm8k_file, tmp_path):
     assert metrics["exits"]["4"]["kl_to_last"] == pytest.approx(0.0, abs=1e-6)
     assert metrics["settings"]["num_examples"] == 8
     assert metrics["settings"]["dataset_format"] == "gsm8k"
+    # The evaluated exits, resolved; `exit_layers` names only the exits a model was trained with
+    assert metrics["settings"]["exits"] == [2, 4] and "exit_layers" not in metrics["settings"]
     report = (out / "report.md").read_text()
     assert "| exit | loss | perplexity | token_accuracy" in report
     for name in ("exit_curves.png", "similarity_kl.png", "similarity_cosine.png"):
@@ -69,6 +71,7 @@ def test_compare_generate_and_judge(models, gsm8k_file, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     # The model without recorded exits uses the other model's
     assert sorted(metrics["compare_exits"], key=int) == ["2", "4"]
+    assert metrics["settings"]["exits"] == [2, 4] and metrics["settings"]["compare_exits"] == [2, 4]
     exit_2 = metrics["exits"]["2"]
     assert {"kl_to_other_last", "cosine_to_other_last", "gsm8k_accuracy", "ms_per_token"} <= set(exit_2)
     assert exit_2["num_generated"] == 3
@@ -108,7 +111,8 @@ def test_text_and_messages_datasets(models, tmp_path):
     ("extra", "rows", "message"),
     [
         (["--model", "plain"], None, "records no SoFT exits"),
-        (["--exit_layers", "2,9"], None, "outside 1..4"),
+        (["--model", "plain"], None, "Choose the exits: --exits default"),
+        (["--exits", "2,9"], None, "exits has [9] outside 1..4"),
         ([], [{"foo": 1}], "cannot tell the dataset format"),
         ([], [{"question": "q"}], "cannot tell the dataset format"),
         ([], [], "empty"),
@@ -142,7 +146,7 @@ def test_default_keyword_evaluates_every_fourth_layer(models, gsm8k_file, tmp_pa
                 gsm8k_file,
                 "--output_dir",
                 str(out),
-                "--exit_layers",
+                "--exits",
                 "default",
                 "--max_samples",
                 "2",

@@ -21,7 +21,7 @@ def saved_model(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "mode", [["--draft_exit", "2"], ["--thresholds", "0.5", "--exit_layers", "2"], ["--num_layers", "2"], []]
+    "mode", [["--draft_exit", "2"], ["--thresholds", "0.5", "--exits", "2"], ["--num_layers", "2"], []]
 )
 def test_generate_prints_text_and_stats(saved_model, capsys, mode):
     """The printed text is the decoder's output (greedy `generate`'s for the exact modes) and the stats are its own."""
@@ -51,7 +51,7 @@ def test_generate_prints_text_and_stats(saved_model, capsys, mode):
     assert text == tokenizer.decode(sequences[0, input_ids.shape[1] :], skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("mode", [["--draft_exit", "1"], ["--thresholds", "0.05", "--exit_layers", "1,2"]])
+@pytest.mark.parametrize("mode", [["--draft_exit", "1"], ["--thresholds", "0.05", "--exits", "1,2"]])
 @pytest.mark.parametrize("suffix", [".jsonl", ".txt"])
 def test_generate_with_vocab_texts_prints_the_same_text(saved_model, tmp_path, capsys, mode, suffix):
     texts = tmp_path / f"texts{suffix}"
@@ -94,7 +94,7 @@ def test_generate_exit_on_subset(saved_model, tmp_path, capsys):
     texts = tmp_path / "t.txt"
     texts.write_text("hello there\nlo and behold\n")
     base = ["generate", "--model_name_or_path", str(saved_model), "--prompt", "hello", "--max_new_tokens", "8"]
-    argv = [*base, "--thresholds", "0.05", "--exit_layers", "1,2", "--vocab_texts", str(texts), "--exit_on_subset"]
+    argv = [*base, "--thresholds", "0.05", "--exits", "1,2", "--vocab_texts", str(texts), "--exit_on_subset"]
     assert soft_peft_main(argv) == 0
     stats = json.loads(capsys.readouterr().out.rstrip("\n").rsplit("\n", 1)[1])
     assert stats["full_checks"] == 0 and len(stats["exits_taken"]) == 8

@@ -74,9 +74,10 @@ def usage_error(capsys, argv: list[str], prog: str = "soft-peft generate") -> st
         (["--num_layers", "5"], "--num_layers 5: must be in 1..4"),
         (["--thresholds", "x"], "argument --thresholds: 'x' is not a number or a comma-separated list of numbers"),
         (["--thresholds", "1.5"], "Thresholds must be in (0, 1], got [1.5]; 1.0 disables an exit."),
-        (["--thresholds", "0.9", "--exit_layers", "5"], "exit_layers has [5] outside 1..4"),
-        (["--thresholds", "0.9,0.8", "--exit_layers", "1,2,3"], "Got 2 thresholds for the 3 exits [1, 2, 3]"),
-        (["--exit_layers", "2"], "--exit_layers chooses the exits of dynamic early exit: it needs --thresholds."),
+        (["--thresholds", "0.9", "--exits", "5"], "exits has [5] outside 1..4"),
+        (["--thresholds", "0.9", "--exits", "x"], "exits='x' is not a list of integers."),
+        (["--thresholds", "0.9,0.8", "--exits", "1,2,3"], "Got 2 thresholds for the 3 exits [1, 2, 3]"),
+        (["--exits", "2"], "--exits chooses the exits of dynamic early exit: it needs --thresholds."),
         (["--max_new_tokens", "0"], "argument --max_new_tokens: must be >= 1, got 0"),
         (["--num_draft_tokens", "0"], "argument --num_draft_tokens: must be >= 1, got 0"),
         (["--draft_exit", "2", "--early_draft_exits", "1"], "`early_draft_exits` needs `draft_stop_threshold`"),
@@ -119,7 +120,7 @@ def test_generate_checks_thresholds_against_the_default_exits_before_loading(sof
         ),
         (["--thresholds", "0"], lambda m, ids: dynamic_generate(m, ids, None, 0.0, 4)),
         (
-            ["--thresholds", "0.9,0.8", "--exit_layers", "1:4"],
+            ["--thresholds", "0.9,0.8", "--exits", "1:4"],
             lambda m, ids: dynamic_generate(m, ids, "1:4", [0.9, 0.8]),
         ),
         (
@@ -139,7 +140,7 @@ def test_generate_refuses_with_the_decoders_own_message(soft_model, capsys, monk
 
 
 def test_generate_default_dynamic_exits_are_the_decoders(tmp_path, capsys, monkeypatch):
-    """Without --exit_layers, dynamic early exit checks `default_dynamic_exits` of the model's recorded exits: at most
+    """Without --exits, dynamic early exit checks `default_dynamic_exits` of the model's recorded exits: at most
     three of the upper half, here 4, 6 and 7 of 4, 5, 6, 7 (not all four)."""
     model = tiny_model("llama", num_hidden_layers=8)
     model.config.soft_exit_layers = [2, 4, 5, 6, 7, 8]
@@ -149,9 +150,9 @@ def test_generate_default_dynamic_exits_are_the_decoders(tmp_path, capsys, monke
     assert expected == [4, 6, 7]
     calls = []
 
-    def recording(model, input_ids, exit_layers, thresholds, *args, **kwargs):
-        calls.append((list(exit_layers), thresholds))
-        return dynamic_generate(model, input_ids, exit_layers, thresholds, *args, **kwargs)
+    def recording(model, input_ids, exits, thresholds, *args, **kwargs):
+        calls.append((list(exits), thresholds))
+        return dynamic_generate(model, input_ids, exits, thresholds, *args, **kwargs)
 
     monkeypatch.setattr(soft_peft.inference, "dynamic_generate", recording)
     argv = ["generate", "--model_name_or_path", str(tmp_path), "--prompt", "hi", "--max_new_tokens", "3"]
@@ -167,7 +168,7 @@ def test_generate_default_dynamic_exits_are_the_decoders(tmp_path, capsys, monke
     [
         (["--draft_exit", "1"], "--draft_exit 1 is not one of the exits"),
         (["--num_layers", "3"], "--num_layers 3 is not one of the exits"),
-        (["--thresholds", "0.5", "--exit_layers", "1,2"], "--thresholds at exits 1 is not one of the exits"),
+        (["--thresholds", "0.5", "--exits", "1,2"], "--thresholds at exits 1 is not one of the exits"),
         (["--draft_exit", "2"], None),
         (["--num_layers", "4"], None),
     ],
@@ -207,9 +208,10 @@ def test_extract_warns_like_generate(plain_model, tmp_path, capsys):
 @pytest.mark.parametrize(
     "model, flags, message",
     [
-        ("soft", ["--exit_layers", "0"], "layers are counted from 1"),
-        ("soft", ["--exit_layers", "5"], "exit_layers has [5] outside 1..4"),
+        ("soft", ["--exits", "0"], "exits has [0], but layers are counted from 1"),
+        ("soft", ["--exits", "5"], "exits has [5] outside 1..4"),
         ("plain", [], "records no SoFT exits"),
+        ("plain", [], "or an explicit list such as --exits 2,4."),
     ],
 )
 def test_eval_bad_exits_fail_before_loading(

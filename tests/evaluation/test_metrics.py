@@ -104,7 +104,7 @@ def test_per_exit_metrics_match_naive_reference():
     examples = tokenize_examples(Dataset.from_list(rows), tokenizer, "prompt_completion")
     # Small chunks and batches on purpose: results must not depend on them
     result = evaluate_exits([model], [[1, 3]], examples, 0, batch_size=2, token_chunk_size=3, progress=False)
-    assert result.exit_layers == [[1, 3, 4]]  # the last layer is always added
+    assert result.exits == [[1, 3, 4]]  # the last layer is always added
     nll, correct, kl, count = {1: 0.0, 3: 0.0, 4: 0.0}, {1: 0, 3: 0, 4: 0}, {1: 0.0, 3: 0.0}, 0
     agree = {1: 0, 3: 0, 4: 0}
     with torch.no_grad():

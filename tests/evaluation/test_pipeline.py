@@ -23,7 +23,7 @@ def test_exit_resolution_order():
     assert resolve_eval_exits(plain, "default", "plain") == [4]
     # A model without recorded exits borrows the compared model's, dropping those beyond its depth
     assert resolve_eval_exits(plain, None, "plain", fallback=[2, 9]) == [2]
-    with pytest.raises(ValueError, match="records no SoFT exits.*--exit_layers default"):
+    with pytest.raises(ValueError, match="records no SoFT exits.*--exits default"):
         resolve_eval_exits(plain, None, "plain")
-    with pytest.raises(ValueError, match="outside 1..4"):
+    with pytest.raises(ValueError, match=r"soft: exits has \[5\] outside 1..4.*e\.g\. exits=\["):
         resolve_eval_exits(soft, "2,5", "soft")

@@ -116,13 +116,14 @@ def test_default_exits_use_recorded_layers():
         (dict(max_new_tokens=0), "max_new_tokens"),
         (dict(confidence="entropy"), "confidence"),
         (dict(kv_fill="copy"), "kv_fill"),
-        (dict(exit_layers=[0]), "exit"),
+        (dict(exits=[0]), r"exits has \[0\], but layers are counted from 1"),
+        (dict(exits="12"), r"exits has \[12\] outside 1\.\.4\. .*e\.g\. exits=\["),
     ],
 )
 def test_bad_arguments_raise(kwargs, match):
     model = tiny_model("llama")
     input_ids, _ = prompts(1, 4)
-    arguments = dict(exit_layers=[1, 2], thresholds=0.9, max_new_tokens=4) | kwargs
+    arguments = dict(exits=[1, 2], thresholds=0.9, max_new_tokens=4) | kwargs
     with pytest.raises(ValueError, match=match):
         dynamic_generate(model, input_ids, **arguments)
 
