@@ -4,7 +4,9 @@ one import path per name."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
+import re
 import subprocess
 import sys
 
@@ -140,3 +142,35 @@ def test_subpackages_are_attributes_of_the_lazy_package():
         "soft_peft.inference.speculative LayerDropout",
         "module 'soft_peft' has no attribute 'not_a_module'",
     ]
+
+
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # `soft_peft.schedule.ExitSchedule`: its parent is a module, not a package
+        return False
+
+
+def test_the_guides_api_table_names_what_each_module_exports():
+    """docs/guide.md's "Public API" table: every name it lists is exported where the row says it lives."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "guide.md").read_text()
+    table = text.split("| name | what it is |", 1)[1].split("\n\n", 1)[0]
+    checked = 0
+    for row in table.splitlines()[2:]:
+        first, second = row.split(" | ")[:2]
+        names = re.findall(r"`([\w.]+)", first)
+        if not names or not names[0].startswith("soft_peft"):  # the top level, or the `soft-peft` command
+            where, listed = soft_peft, [n for n in names if n != "soft"]
+        elif _is_module(names[0]):  # a module: the names its row lists
+            where, listed = importlib.import_module(names[0]), re.findall(r"`(\w+)[`(]", second)
+        else:  # `soft_peft.module.name`
+            module, name = names[0].rsplit(".", 1)
+            where, listed = importlib.import_module(module), [name]
+        for name in listed:
+            assert name in where.__all__, (
+                f"docs/guide.md lists {name} under {where.__name__}, which does not export it"
+            )
+            checked += 1
+    assert checked >= 20
