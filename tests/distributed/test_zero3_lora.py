@@ -112,5 +112,5 @@ def test_eval_reads_the_zero3_adapter(adapters, tmp_path):
     assert sorted(losses, key=int) == ["2", "4"]  # the exits recorded beside the adapter
     assert losses == pytest.approx(exit_losses(tmp_path / "merged"), rel=EVAL_RTOL)
     # The base model alone scores differently: the adapter was applied
-    base = exit_losses(model_dir, "--exit_layers", "2,4")
+    base = exit_losses(model_dir, "--exits", "2,4")
     assert all(abs(losses[exit] - base[exit]) > 1e-4 for exit in losses)
