@@ -22,7 +22,7 @@ from ..data import DATASET_FORMATS, DatasetFormatError
 from ..evaluation.pipeline import EvalSettings, resolve_eval_exits, run_evaluation
 from ..evaluation.report import require_matplotlib
 from ..hub import resolve_model_path
-from .arg_types import positive_int
+from .arg_types import positive_int, refuse_option
 from .preflight import UsageError, check_model_files, check_output_dir, read_model_facts
 
 __all__ = ["build_parser", "main"]
@@ -53,6 +53,12 @@ def build_parser(prog: str = "soft-peft eval") -> argparse.ArgumentParser:
         "--exits",
         help="Exits to evaluate: 'default' (every 4th layer + last), '9,12,30' or 'start:stop:step'. Default: the "
         "recorded exits.",
+    )
+    refuse_option(
+        parser,
+        "--exit_layers",
+        "--exit_layers is training's setting (the exits a model is trained at); the exits to evaluate are --exits, "
+        "such as --exits 9,15,30.",
     )
     parser.add_argument("--batch_size", type=positive_int, default=4)
     parser.add_argument("--max_length", type=positive_int, default=1024, help="Truncate examples to this many tokens.")

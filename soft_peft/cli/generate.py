@@ -20,7 +20,7 @@ import os
 import warnings
 
 from ..hub import resolve_model_path
-from .arg_types import parse_ints, positive_int
+from .arg_types import parse_ints, positive_int, refuse_option
 from .preflight import ModelFacts, check_model_files, read_model_facts, untrained_exit_warning, warn
 
 __all__ = ["main"]
@@ -73,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
         help="Exits below --draft_exit to draft from first ('9,12'; needs a stop).",
     )
     parser.add_argument("--exits", default=None, help="Exits checked by dynamic early exit ('15,21,27').")
+    refuse_option(
+        parser,
+        "--exit_layers",
+        "--exit_layers is training's setting (the exits a model is trained at); the exits dynamic early exit checks "
+        "are --exits, such as --thresholds 0.9 --exits 15,21,27.",
+    )
     parser.add_argument("--confidence", default="max_prob", choices=["max_prob", "margin"])
     parser.add_argument("--kv_fill", default="recompute", choices=["recompute", "propagate"])
     parser.add_argument("--do_sample", action="store_true")

@@ -78,6 +78,8 @@ def usage_error(capsys, argv: list[str], prog: str = "soft-peft generate") -> st
         (["--thresholds", "0.9", "--exits", "x"], "exits='x' is not a list of integers."),
         (["--thresholds", "0.9,0.8", "--exits", "1,2,3"], "Got 2 thresholds for the 3 exits [1, 2, 3]"),
         (["--exits", "2"], "--exits chooses the exits of dynamic early exit: it needs --thresholds."),
+        # Training's flag, brought to generate: the line names the flag generate takes
+        (["--exit_layers", "15"], "the exits dynamic early exit checks are --exits, such as --thresholds 0.9"),
         (["--max_new_tokens", "0"], "argument --max_new_tokens: must be >= 1, got 0"),
         (["--num_draft_tokens", "0"], "argument --num_draft_tokens: must be >= 1, got 0"),
         (["--draft_exit", "2", "--early_draft_exits", "1"], "`early_draft_exits` needs `draft_stop_threshold`"),
@@ -221,6 +223,13 @@ def test_eval_bad_exits_fail_before_loading(
     argv = ["eval", "--model_name_or_path", name, "--dataset_name", "x.jsonl", "--output_dir", str(tmp_path), *flags]
     assert soft_peft_main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", [["2,4"], []])
+def test_eval_names_its_flag_when_given_trainings_exit_layers(soft_model, tmp_path, capsys, no_loading, value):
+    argv = ["eval", "--model_name_or_path", soft_model, "--dataset_name", "x.jsonl", "--output_dir", str(tmp_path)]
+    line = usage_error(capsys, [*argv, "--exit_layers", *value], prog="soft-peft eval")
+    assert line.endswith("the exits to evaluate are --exits, such as --exits 9,15,30.")
 
 
 def test_eval_non_positive_counts_are_usage_errors(soft_model, tmp_path, capsys):
