@@ -52,7 +52,12 @@ def resolve_model_path(name_or_path: str, revision: str | None = None) -> str:
     """
     import huggingface_hub
     from huggingface_hub import constants
-    from huggingface_hub.errors import OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     path = os.path.expanduser(name_or_path)
     if os.path.isdir(path):
@@ -69,8 +74,17 @@ def resolve_model_path(name_or_path: str, revision: str | None = None) -> str:
             f"{name_or_path}: no such local folder, and the Hub could not be reached (HF_HUB_OFFLINE=1 is set and "
             "the model is not in the Hugging Face cache). Pass a local model folder, or unset HF_HUB_OFFLINE."
         )
+    api = huggingface_hub.HfApi()
     try:
-        huggingface_hub.HfApi().model_info(name_or_path, revision=revision, timeout=_PROBE_TIMEOUT_S)
+        info = api.model_info(name_or_path, revision=revision, timeout=_PROBE_TIMEOUT_S)
+        # A gated model's card is public, its weights are not: without access, loading fails after the data is read
+        if getattr(info, "gated", False):
+            api.auth_check(name_or_path)
+    except GatedRepoError:
+        raise ModelNotFoundError(
+            f"{name_or_path} is a gated model, and this machine's Hub token has no access to it: accept its licence "
+            f"on https://huggingface.co/{name_or_path}, then `hf auth login` (or set HF_TOKEN)."
+        ) from None
     except (RepositoryNotFoundError, RevisionNotFoundError) as error:
         what = f"revision {revision!r} of {name_or_path}" if isinstance(error, RevisionNotFoundError) else "it"
         raise ModelNotFoundError(

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import http.server
+import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import huggingface_hub
 import pytest
@@ -73,6 +75,37 @@ def test_a_hub_id_is_probed_once_with_a_short_timeout(online, monkeypatch):
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, *a, **k: calls.append((a, k)))
     assert resolve_model_path("HuggingFaceTB/SmolLM2-135M", revision="main") == "HuggingFaceTB/SmolLM2-135M"
     assert calls == [(("HuggingFaceTB/SmolLM2-135M",), {"revision": "main", "timeout": 10.0})]
+
+
+@pytest.mark.parametrize("gated, access", [(False, None), ("manual", True), ("auto", False)])
+def test_a_gated_model_without_access_is_refused_before_loading(online, monkeypatch, gated, access):
+    """The paper's `meta-llama/Llama-2-13b-hf` is gated: its card is public, its weights need an accepted licence."""
+    from huggingface_hub.errors import GatedRepoError
+
+    # The HTTP client huggingface_hub uses (httpx in 1.x, httpx2 in 2.x) builds the error's response
+    client = sys.modules[type(huggingface_hub.get_session()).__module__.split(".")[0]]
+
+    checked = []
+
+    def auth_check(self, repo_id, **kwargs):
+        checked.append((repo_id, kwargs))
+        if not access:
+            response = client.Response(401, request=client.Request("GET", f"https://huggingface.co/{repo_id}"))
+            raise GatedRepoError("Access to model is restricted.", response=response)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, *a, **k: SimpleNamespace(gated=gated))
+    monkeypatch.setattr(huggingface_hub.HfApi, "auth_check", auth_check)
+    name = "meta-llama/Llama-2-13b-hf"
+    if access is False:
+        with pytest.raises(ModelNotFoundError) as raised:
+            resolve_model_path(name)
+        assert str(raised.value) == (
+            f"{name} is a gated model, and this machine's Hub token has no access to it: accept its licence on "
+            f"https://huggingface.co/{name}, then `hf auth login` (or set HF_TOKEN)."
+        )
+    else:
+        assert resolve_model_path(name) == name
+    assert checked == ([(name, {})] if gated else [])
 
 
 def test_an_unreachable_hub_fails_at_once(online, monkeypatch):
