@@ -23,10 +23,16 @@ from datasets.exceptions import DatasetGenerationError, DatasetNotFoundError
 
 from .data_rows import DatasetFormatError, check_one_format_per_row, check_row_types
 from .hub import looks_like_hub_id
+from .prompt_templates import (
+    ALPACA_PROMPT,
+    ALPACA_PROMPT_NO_INPUT,
+    ANSWER_SEPARATOR,
+    GSM8K_PROMPT,
+    PROMPT_FORMATS,
+    TRIVIAQA_PROMPT,
+)
 
 __all__ = [
-    "ALPACA_PROMPT",
-    "ALPACA_PROMPT_NO_INPUT",
     "DATASET_FORMATS",
     "DatasetFormatError",
     "alpaca_to_prompt_completion",
@@ -44,28 +50,12 @@ __all__ = [
 # TRL's dataset types, trained and scored as they are
 TRL_FORMATS = ("messages", "prompt_completion", "text")
 # The paper's datasets, converted to prompt-completion by the templates below
-CONVERTED_FORMATS = ("alpaca", "gsm8k", "triviaqa")
+CONVERTED_FORMATS = PROMPT_FORMATS
 DATASET_FORMATS = ("auto", *TRL_FORMATS, *CONVERTED_FORMATS)
 # The columns each TRL type needs (the converters below check their own), and for the empty-completion check the
 # column each format's completion comes from
 _FORMAT_COLUMNS = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"), "text": ("text",)}
 _COMPLETION_COLUMNS = {"prompt_completion": "completion", "alpaca": "output", "gsm8k": "answer", "triviaqa": "answer"}
-
-# The Stanford Alpaca prompt templates (tatsu-lab/stanford_alpaca, train.py)
-ALPACA_PROMPT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-ALPACA_PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
-# The prompt ends on "Answer:" and the completion starts with the space: a trailing space would be a token of its own
-# at inference but merge into the answer's first token in training (TRL warns that the prompt tokens then differ)
-GSM8K_PROMPT = "Question: {question}\nAnswer:"
-TRIVIAQA_PROMPT = "Question: {question}\nAnswer:"
-ANSWER_SEPARATOR = " "
 
 _GSM8K_ANSWER = re.compile(r"####\s*([-+]?[\d,]*\.?\d+)")
 _LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}

@@ -1,6 +1,6 @@
 """`soft-peft generate`: decode one prompt with a sub-model, self-speculative decoding or dynamic early exit.
 
-    soft-peft generate --model_name_or_path RUN --prompt "Question: ...\\nAnswer:" --draft_exit 15
+    soft-peft generate --model_name_or_path RUN --prompt_format gsm8k --prompt "Janet has 3 apples ..." --draft_exit 15
     soft-peft generate --model_name_or_path RUN --prompt "..." --thresholds 0.9 [--exits 15,21,27]
     soft-peft generate --model_name_or_path RUN --prompt "..." --num_layers 18      # greedy with a sub-model
 
@@ -20,6 +20,7 @@ import os
 import warnings
 
 from ..hub import resolve_model_path
+from ..prompt_templates import PROMPT_FORMATS, format_prompt
 from .arg_types import parse_ints, positive_int, refuse_option
 from .preflight import ModelFacts, check_model_files, read_model_facts, untrained_exit_warning, warn
 
@@ -51,8 +52,17 @@ def _parser() -> argparse.ArgumentParser:
         "--tokenizer_name_or_path",
         help="The tokenizer's folder or Hub name, when the model folder has none (default: the model's own).",
     )
-    parser.add_argument("--prompt", required=True, help="Prompt text (use --chat to wrap it in the chat template).")
-    parser.add_argument("--chat", action="store_true", help="Apply the tokenizer's chat template to the prompt.")
+    parser.add_argument(
+        "--prompt", required=True, help="Prompt text; --prompt_format or --chat wrap it as the model was trained."
+    )
+    wrap = parser.add_mutually_exclusive_group()
+    wrap.add_argument(
+        "--prompt_format",
+        choices=PROMPT_FORMATS,
+        help="Wrap the prompt in the template training used for this --dataset_format: 'alpaca' (the instruction "
+        "template; the alpaca recipes), 'gsm8k' or 'triviaqa' ('Question: ...\\nAnswer:').",
+    )
+    wrap.add_argument("--chat", action="store_true", help="Apply the tokenizer's chat template to the prompt.")
     parser.add_argument("--max_new_tokens", type=positive_int, default=128)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--draft_exit", type=int, help="Self-speculative decoding drafting with this exit.")
@@ -230,6 +240,8 @@ def main(argv: list[str]) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name_or_path or model_path)
     text = args.prompt.replace("\\n", "\n")
+    if args.prompt_format:
+        text = format_prompt(text, args.prompt_format)
     if args.chat:
         messages = [{"role": "user", "content": text}]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -13,6 +13,7 @@ import torch
 from tiny_models import tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
+import soft_peft.cli.generate
 import soft_peft.inference
 from soft_peft.cli import main as soft_peft_main
 from soft_peft.inference import default_dynamic_exits, dynamic_generate, self_speculative_generate
@@ -163,6 +164,36 @@ def test_generate_default_dynamic_exits_are_the_decoders(tmp_path, capsys, monke
     assert calls == [(expected, [0.5, 0.5, 0.5]), (expected, [0.5, 0.6, 0.7])]
     stats = json.loads(capsys.readouterr().out.rstrip("\n").rsplit("\n", 1)[1])
     assert len(stats["exits_taken"]) == 3 and set(stats["exits_taken"]) <= {*expected, 8}
+
+
+@pytest.mark.parametrize("prompt_format", ["gsm8k", "triviaqa"])
+def test_generate_prompt_format_wraps_the_prompt_as_training_did(soft_model, capsys, monkeypatch, prompt_format):
+    """The model sees exactly the prompt a training row of that format had (the converter's, `soft_peft.data`)."""
+    from datasets import Dataset
+
+    from soft_peft.data import to_trl_format
+
+    seen = []
+
+    def recording(args, model, input_ids, vocab_subset):
+        seen.append(tiny_tokenizer().decode(input_ids[0]))
+        return input_ids, {}
+
+    monkeypatch.setattr(soft_peft.cli.generate, "_decode", recording)
+    argv = ["generate", "--model_name_or_path", soft_model, "--prompt", "2+2?", "--max_new_tokens", "3"]
+    assert soft_peft_main([*argv, "--prompt_format", prompt_format]) == 0
+    row = Dataset.from_list([{"question": "2+2?", "answer": "4"}])
+    assert seen == [to_trl_format(row, prompt_format)[0][0]["prompt"]] == ["Question: 2+2?\nAnswer:"]
+
+
+def test_generate_checks_the_formatted_prompt_against_the_context(soft_model, capsys, no_loading):
+    """The Alpaca template is ~150 characters: the tiny model's 64-token context is checked on the wrapped prompt."""
+    argv = ["generate", "--model_name_or_path", soft_model, "--prompt", "hi", "--max_new_tokens", "3"]
+    line = usage_error(capsys, [*argv, "--prompt_format", "alpaca"])
+    assert "the prompt is 1" in line and f"context is {CONTEXT} tokens" in line
+    assert "argument --chat: not allowed with argument --prompt_format" in usage_error(
+        capsys, [*argv, "--prompt_format", "gsm8k", "--chat"]
+    )
 
 
 @pytest.mark.parametrize(

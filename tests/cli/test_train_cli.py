@@ -13,7 +13,7 @@ from example_runs import TINY_TRAIN_ARGS, alpaca_rows, run, step_logs, write_jso
 from soft_peft.cli import main as soft_peft_main
 from soft_peft.cli.train import main as train_main
 from soft_peft.cli.train_args import parse_args
-from soft_peft.data import ALPACA_PROMPT_NO_INPUT
+from soft_peft.prompt_templates import ALPACA_PROMPT_NO_INPUT
 
 
 def error_line(capsys, argv: list[str]) -> str:
