@@ -155,6 +155,7 @@ def main(argv: list[str]) -> int:
             parser.error(f"--eval_results {error}")
     tokenizer = _load_tokenizer(parser, sources)
 
+    from ..checkpoints import read_run_record
     from ..exits import recorded_exit_layers
     from ..hub import push_folders_to_hub
     from ..inference import extract_submodel
@@ -166,7 +167,15 @@ def main(argv: list[str]) -> int:
     exits_trained = recorded_exit_layers(model)
     source_cards = [card_metadata(s) for s in sources if os.path.isdir(s)]
     license = args.license or next((c["license"] for c in source_cards if c.get("license")), None)
-    base_model = adapter_base or next((c["base_model"] for c in source_cards if c.get("base_model")), None)
+    # The base model: an adapter's own, a Hub id in the source's card, else the run record SoFTTrainer saved with the
+    # model (a local base, which cards leave out of their metadata)
+    record = read_run_record(model_path) if os.path.isdir(model_path) else None
+    base_model = (
+        adapter_base
+        or next((c["base_model"] for c in source_cards if c.get("base_model")), None)
+        or (record or {}).get("base_model")
+        or None
+    )
     total = model.num_parameters()
     repo_ids = _repo_ids(args, layers)
     family = len(layers) > 1

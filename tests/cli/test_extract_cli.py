@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from unittest import mock
 
 import pytest
 import torch
-from huggingface_hub import RepoUrl
+from huggingface_hub import ModelCard, RepoUrl
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from tiny_models import tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from soft_peft.checkpoints import save_adapter_exit_layers
+from soft_peft.checkpoints import save_adapter_exit_layers, save_run_record
 from soft_peft.cli import main as soft_peft_main
 from soft_peft.exit_head import find_exit_head
 
@@ -82,6 +83,25 @@ def test_full_model_exit_reloads_with_the_exit_logits_tokenizer_card_and_invocat
     assert "assistant_model=assistant" in printed and f"from_pretrained({str(output)!r})" in printed
     assert '"method": "draft_model"' in printed and "--speculative-algorithm STANDALONE" in printed
     assert f"--speculative-draft-model-path {output}" in printed
+
+
+HUB_BASE = "HuggingFaceTB/SmolLM2-135M"
+
+
+@pytest.mark.parametrize(
+    "recorded, shown, metadata",
+    [("/data/models/smollm2-base", "smollm2-base", None), (HUB_BASE, HUB_BASE, HUB_BASE)],
+)
+def test_the_card_names_the_base_model_from_the_run_record(full_model, tmp_path, recorded, shown, metadata):
+    """A model SoFTTrainer saved carries soft_peft_run.json: its base model reaches the sub-model's card (a local
+    base by folder name only, and only a Hub id in the metadata)."""
+    source, output = tmp_path / "run", tmp_path / "sub"
+    shutil.copytree(full_model, source)
+    save_run_record(source, base_model=recorded, base_model_config={}, exit_layers=[2, 4], exit_loss_weights=[1, 1])
+    assert extract("--model_name_or_path", str(source), "--num_layers", "2", "--output_dir", str(output)) == 0
+    card = ModelCard.load(output / "README.md")
+    assert f"| base model | `{shown}` |" in card.text and card.data.base_model == metadata
+    assert "/data/models" not in card.text
 
 
 def test_adapter_is_merged_and_reloads_without_peft(full_model, adapter, tmp_path, capsys):
