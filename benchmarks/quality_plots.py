@@ -1,5 +1,5 @@
 """The plots of the quality study's report: the frontier of the runs at one step count, and the learning curves
-(each run's held-out CE against SFT's at the same step, over steps).
+(each run's held-out full-model CE over steps, and its CE against SFT's at the same step).
 
 `python -m benchmarks.quality_study run --curve_every N` keeps the model every N steps and evaluates each
 (`result["curve"]`: ``{step: {exit: metrics}}``); `curve_section` turns the runs that have one into a table and a
@@ -30,21 +30,34 @@ def curve_ratios(result: dict, sft: dict) -> dict[int, tuple[float, float]]:
     return ratios
 
 
-def _plot(curves: dict[str, dict[int, tuple[float, float]]], last: int, mid: int, path: Path) -> None:
+def _plot(
+    curves: dict[str, dict[int, tuple[float, float]]],
+    absolute: dict[str, dict[int, float]],
+    last: int,
+    mid: int,
+    path: Path,
+) -> None:
+    """Three panels: every run's full-model CE over steps (has each flattened?), then the two ratios to SFT."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(9.6, 3.8))
+    figure = Figure(figsize=(13.5, 3.8))
     FigureCanvasAgg(figure)
+    colour = {run: f"C{index}" for index, run in enumerate(absolute)}  # one colour per run in every panel
+    axes = figure.add_subplot(1, 3, 1)
+    for run, losses in absolute.items():
+        steps = sorted(losses)
+        axes.plot(steps, [losses[s] for s in steps], marker="o", markersize=3, label=run, color=colour[run])
+    axes.set(xlabel="optimizer step", ylabel="held-out CE (nats/token)", title=f"full model (exit {last})")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
     for index, (title, bound) in enumerate(((f"full model (exit {last})", 1.03), (f"exit {mid}", 0.30))):
-        axes = figure.add_subplot(1, 2, index + 1)
+        axes = figure.add_subplot(1, 3, index + 2)
         for run, ratios in curves.items():
             steps = sorted(ratios)
-            axes.plot(steps, [ratios[s][index] for s in steps], marker="o", markersize=3, label=run)
-        axes.axhline(bound, color="tab:green", linestyle=":", linewidth=1, label=f"target {bound:.2f}x")
-        axes.set_xlabel("optimizer step")
-        axes.set_ylabel("held-out CE / SFT's at the same step")
-        axes.set_title(title)
+            axes.plot(steps, [ratios[s][index] for s in steps], marker="o", markersize=3, label=run, color=colour[run])
+        axes.axhline(bound, color="black", linestyle=":", linewidth=1, label=f"target {bound:.2f}x")
+        axes.set(xlabel="optimizer step", ylabel="held-out CE / SFT's at the same step", title=f"{title}, ×SFT")
         axes.grid(alpha=0.3)
         axes.legend(fontsize=8)
     figure.tight_layout()
@@ -62,18 +75,27 @@ def curve_section(group: dict[str, dict], steps: int, output: Path, results_dir:
     exits = sorted(int(k) for k in sft["exits"])
     last, mid = max(exits), _mid_exit(exits)
     all_steps = sorted({s for ratios in curves.values() for s in ratios})
+    absolute = {
+        run: {int(step): metrics[str(last)]["loss"] for step, metrics in result["curve"].items()}
+        for run, result in group.items()
+        if "curve" in result
+    }
     lines = [
-        f"Over steps: held-out CE / SFT's at the same step (full model exit {last} / exit {mid}).",
+        f"Over steps: held-out CE / SFT's at the same step (full model exit {last} / exit {mid}), and each run's "
+        f"full-model held-out CE (nats per token).",
         "",
         "| run | " + " | ".join(f"step {s}" for s in all_steps) + " |",
         "|---" * (len(all_steps) + 1) + "|",
     ]
     for run, ratios in curves.items():
         cells = [f"{ratios[s][0]:.3f} / {ratios[s][1]:.3f}" if s in ratios else "–" for s in all_steps]
-        lines.append(f"| {run} | " + " | ".join(cells) + " |")
+        lines.append(f"| {run}, ×SFT | " + " | ".join(cells) + " |")
+    for run, losses in absolute.items():
+        cells = [f"{losses[s]:.3f}" if s in losses else "–" for s in all_steps]
+        lines.append(f"| {run}, CE | " + " | ".join(cells) + " |")
     plot = results_dir / f"curves_{steps}.png"
-    _plot(curves, last, mid, plot)
-    return [*lines, "", f"![ratios to SFT over steps]({os.path.relpath(plot, output.parent)})", ""]
+    _plot(curves, absolute, last, mid, plot)
+    return [*lines, "", f"![held-out CE and ratios to SFT over steps]({os.path.relpath(plot, output.parent)})", ""]
 
 
 def plot_frontier(

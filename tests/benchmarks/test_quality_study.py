@@ -234,10 +234,12 @@ def test_curve_every_keeps_and_evaluates_snapshots_across_an_interruption_and_th
     text = report.read_text()
     table = text.splitlines()
     header = table.index("| run | step 1 | step 2 |")  # the curve table
-    row = next(line for line in table[header:] if line.startswith("| uniform | "))
+    row = next(line for line in table[header:] if line.startswith("| uniform, ×SFT | "))
     sft, uniform = results["sft"]["curve"], results["uniform"]["curve"]
     expected = uniform["1"]["4"]["loss"] / sft["1"]["4"]["loss"]
     assert f"{expected:.3f} / " in row
+    sft_row = next(line for line in table[header:] if line.startswith("| sft, CE | "))
+    assert sft_row.split(" | ")[1:] == [f"{sft['1']['4']['loss']:.3f}", f"{sft['2']['4']['loss']:.3f} |"]
     assert (tmp_path / "results" / "curves_2.png").stat().st_size
 
 
