@@ -292,8 +292,46 @@ def _target_verdicts(summaries: dict[str, dict]) -> list[str]:
             found = ", ".join(f"{run} ({soft[run][key]:.3f})" for run in meets)
         else:
             nearest = (min if op == "<=" else max)(soft, key=lambda run: soft[run][key])
-            found = f"**none**; the nearest is {nearest} at {soft[nearest][key]:.3f}"
+            found = _miss(nearest, soft[nearest][key], bound)
         lines.append(f"- {name} {op} {bound}{unit}: {found}")
+    return [*lines, ""]
+
+
+def _miss(nearest: str, value: float, bound: float) -> str:
+    """A missed target in words: the nearest run, its value and how far it is from the bound."""
+    return f"**none**; the nearest is {nearest} at {value:.3f}, {abs(value - bound):.3f} from the target"
+
+
+# Targets of issue 23 for drafting from the shallowest exit (self-speculative decoding, batch 1): the acceptance and
+# the accepted tokens per verify cycle, which carry to an accelerator where a verify pass costs about one forward
+DRAFT_TARGETS = {"acceptance": 0.85, "accepted_per_cycle": 3.0}
+
+
+def _draft_verdicts(steps: int, group: dict[str, dict], results_dir: Path) -> list[str]:
+    """One line per drafting target for the SoFT runs decoded with the cycle counters at this step count; none
+    when no run was."""
+    shallow = min(int(k) for k in next(iter(group.values()))["exits"])
+    rows = {}
+    for run in group:
+        path = results_dir / f"{run}-{steps}.decode.json"
+        if run == "sft" or not path.exists():
+            continue
+        for row in json.loads(path.read_text())["rows"]:
+            if row["batch"] == 1 and row["mode"] == "self-speculative" and row.get("accepted_per_cycle") is not None:
+                if row["setting"].startswith(f"draft exit {shallow},"):
+                    rows[run] = row
+    if not rows:
+        return []
+    names = {"acceptance": "draft acceptance", "accepted_per_cycle": "accepted tokens per verify cycle"}
+    lines = [f"Drafting targets from exit {shallow} (self-speculative decoding, batch 1):", ""]
+    for key, bound in DRAFT_TARGETS.items():
+        meets = [run for run, row in rows.items() if row[key] >= bound]
+        if meets:
+            found = ", ".join(f"{run} ({rows[run][key]:.3f})" for run in meets)
+        else:
+            nearest = max(rows, key=lambda run: rows[run][key])
+            found = _miss(nearest, rows[nearest][key], bound)
+        lines.append(f"- exit {shallow} {names[key]} >= {bound}: {found}")
     return [*lines, ""]
 
 
@@ -322,6 +360,7 @@ def _results_block(by_steps: dict[int, dict[str, dict]], results_md: Path, outpu
         heading = f"### {steps} steps{role}"
         lines += [heading, "", f"{len(group)} runs of {steps} steps each.", "", *_headline_table(summaries), ""]
         lines += _target_verdicts(summaries)
+        lines += _draft_verdicts(steps, group, results_dir)
         lines += [f"![frontier at {steps} steps]({plot})", ""]
     return "\n".join([*lines, end])
 

@@ -206,9 +206,29 @@ def test_results_md_says_plainly_which_runs_meet_each_target_and_how_close_the_n
     lines = {line.split(":")[0]: line for line in text.splitlines() if line.startswith("- ")}
     assert lines["- last-layer CE <= 1.03x SFT's"].endswith(": a (1.020)")
     assert lines["- exit 15 CE <= 0.3x SFT's"].endswith(": a (0.200)")
-    assert lines["- exit 9 agreement with the last layer >= 0.75"].endswith("**none**; the nearest is b at 0.600")
+    assert lines["- exit 9 agreement with the last layer >= 0.75"].endswith(
+        "**none**; the nearest is b at 0.600, 0.150 from the target"
+    )
     assert lines["- s/step <= 1.5x SFT's"].endswith(": b (1.200)")
     assert lines["- peak RSS <= 1.05x SFT's"].endswith(": a (1.000)")
+    assert "Drafting targets" not in text  # nothing decoded with the cycle counters
+
+    def decoded(run, acceptance, per_cycle):
+        rows = [{"batch": 1, "mode": "greedy", "setting": "generate(do_sample=False)"}]
+        for exit_layer, scale in ((9, 1.0), (15, 2.0)):  # exit 15's better numbers must not count for exit 9
+            rows.append({"batch": 1, "mode": "self-speculative", "setting": f"draft exit {exit_layer}, adaptive",
+                         "acceptance": acceptance * scale, "accepted_per_cycle": per_cycle * scale})  # fmt: skip
+        (tmp_path / f"{run}-4.decode.json").write_text(json.dumps({"rows": rows}))
+
+    decoded("sft", 0.99, 9.0)  # SFT's drafts are no SoFT result
+    decoded("a", 0.80, 3.5)
+    decoded("b", 0.84, 2.0)
+    text = _results_block({4: group}, tmp_path / "results.md", tmp_path / "report.md", tmp_path)
+    lines = {line.split(":")[0]: line for line in text.splitlines() if line.startswith("- ")}
+    assert lines["- exit 9 draft acceptance >= 0.85"].endswith(
+        "**none**; the nearest is b at 0.840, 0.010 from the target"
+    )
+    assert lines["- exit 9 accepted tokens per verify cycle >= 3.0"].endswith(": a (3.500)")
 
 
 def test_curve_every_keeps_and_evaluates_snapshots_across_an_interruption_and_the_report_draws_them(tmp_path):
