@@ -287,18 +287,18 @@ def _target_verdicts(summaries: dict[str, dict]) -> list[str]:
     lines = ["Targets for the SoFT runs:", ""]
     for key, (op, bound) in TARGETS.items():
         name, unit = names[key]
-        meets = [run for run, summary in soft.items() if _meets(summary, key)]
-        if meets:
-            found = ", ".join(f"{run} ({soft[run][key]:.3f})" for run in meets)
-        else:
-            nearest = (min if op == "<=" else max)(soft, key=lambda run: soft[run][key])
-            found = _miss(nearest, soft[nearest][key], bound)
+        found = _verdict({run: summary[key] for run, summary in soft.items()}, op, bound)
         lines.append(f"- {name} {op} {bound}{unit}: {found}")
     return [*lines, ""]
 
 
-def _miss(nearest: str, value: float, bound: float) -> str:
-    """A missed target in words: the nearest run, its value and how far it is from the bound."""
+def _verdict(values: dict[str, float], op: str, bound: float) -> str:
+    """The runs whose value meets ``op bound``, or plainly none: the nearest run, its value and its distance."""
+    meets = [run for run, value in values.items() if (value <= bound if op == "<=" else value >= bound)]
+    if meets:
+        return ", ".join(f"{run} ({values[run]:.3f})" for run in meets)
+    nearest = (min if op == "<=" else max)(values, key=values.get)
+    value = values[nearest]
     return f"**none**; the nearest is {nearest} at {value:.3f}, {abs(value - bound):.3f} from the target"
 
 
@@ -325,12 +325,7 @@ def _draft_verdicts(steps: int, group: dict[str, dict], results_dir: Path) -> li
     names = {"acceptance": "draft acceptance", "accepted_per_cycle": "accepted tokens per verify cycle"}
     lines = [f"Drafting targets from exit {shallow} (self-speculative decoding, batch 1):", ""]
     for key, bound in DRAFT_TARGETS.items():
-        meets = [run for run, row in rows.items() if row[key] >= bound]
-        if meets:
-            found = ", ".join(f"{run} ({rows[run][key]:.3f})" for run in meets)
-        else:
-            nearest = max(rows, key=lambda run: rows[run][key])
-            found = _miss(nearest, rows[nearest][key], bound)
+        found = _verdict({run: row[key] for run, row in rows.items()}, ">=", bound)
         lines.append(f"- exit {shallow} {names[key]} >= {bound}: {found}")
     return [*lines, ""]
 

@@ -23,14 +23,7 @@ from datasets.exceptions import DatasetGenerationError, DatasetNotFoundError
 
 from .data_rows import DatasetFormatError, check_one_format_per_row, check_row_types
 from .hub import looks_like_hub_id
-from .prompt_templates import (
-    ALPACA_PROMPT,
-    ALPACA_PROMPT_NO_INPUT,
-    ANSWER_SEPARATOR,
-    GSM8K_PROMPT,
-    PROMPT_FORMATS,
-    TRIVIAQA_PROMPT,
-)
+from .prompt_templates import ANSWER_SEPARATOR, PROMPT_FORMATS, format_prompt
 
 __all__ = [
     "DATASET_FORMATS",
@@ -182,12 +175,8 @@ def alpaca_to_prompt_completion(dataset: Dataset, source: str = "dataset") -> Da
     _require_columns(dataset, ("instruction", "output"), "Alpaca", source)
 
     def convert(row):
-        extra = (row.get("input") or "").strip()
-        template = ALPACA_PROMPT if extra else ALPACA_PROMPT_NO_INPUT
-        return {
-            "prompt": template.format(instruction=row["instruction"].strip(), input=extra),
-            "completion": row["output"],
-        }
+        prompt = format_prompt(row["instruction"], "alpaca", context=row.get("input") or "")
+        return {"prompt": prompt, "completion": row["output"]}
 
     return dataset.map(convert, remove_columns=dataset.column_names)
 
@@ -204,7 +193,7 @@ def gsm8k_to_prompt_completion(dataset: Dataset, source: str = "dataset") -> Dat
     _require_columns(dataset, ("question", "answer"), "GSM8K", source)
     return dataset.map(
         lambda row: {
-            "prompt": GSM8K_PROMPT.format(question=row["question"].strip()),
+            "prompt": format_prompt(row["question"], "gsm8k"),
             "completion": ANSWER_SEPARATOR + row["answer"].lstrip(),
         },
         remove_columns=dataset.column_names,
@@ -220,7 +209,7 @@ def triviaqa_to_prompt_completion(dataset: Dataset, source: str = "dataset") -> 
         answer = row["answer"]
         answer = answer.get("value") if isinstance(answer, dict) else answer
         return {
-            "prompt": TRIVIAQA_PROMPT.format(question=row["question"].strip()),
+            "prompt": format_prompt(row["question"], "triviaqa"),
             "completion": ANSWER_SEPARATOR + str(answer).lstrip(),
         }
 

@@ -37,24 +37,29 @@ ANSWER_SEPARATOR = " "
 PROMPT_FORMATS = ("alpaca", "gsm8k", "triviaqa")
 
 
-def format_prompt(text: str, prompt_format: str) -> str:
-    """``text`` as the prompt of a training row of ``prompt_format``: the Alpaca instruction template (no input), or
-    GSM8K's and TriviaQA's ``"Question: ...\\nAnswer:"``.
+# GSM8K and TriviaQA share the question-answer layout
+_QUESTION_TEMPLATES = {"gsm8k": GSM8K_PROMPT, "triviaqa": TRIVIAQA_PROMPT}
+
+
+def format_prompt(text: str, prompt_format: str, context: str = "") -> str:
+    """``text`` as the prompt of a training row of ``prompt_format``: the Alpaca instruction template, or GSM8K's and
+    TriviaQA's ``"Question: ...\\nAnswer:"``. The data converters build every training prompt with it.
 
     Args:
         text: The instruction (Alpaca) or the question (GSM8K, TriviaQA).
         prompt_format: One of [`PROMPT_FORMATS`].
+        context: Alpaca's ``input`` column; empty (the default) selects the template without an input.
 
     Returns:
-        The prompt, exactly as training formatted it.
+        The prompt, exactly as training formats it.
 
     Raises:
         ValueError: for another format.
     """
     if prompt_format == "alpaca":
-        return ALPACA_PROMPT_NO_INPUT.format(instruction=text.strip())
-    if prompt_format == "gsm8k":
-        return GSM8K_PROMPT.format(question=text.strip())
-    if prompt_format == "triviaqa":
-        return TRIVIAQA_PROMPT.format(question=text.strip())
+        context = context.strip()
+        template = ALPACA_PROMPT if context else ALPACA_PROMPT_NO_INPUT
+        return template.format(instruction=text.strip(), input=context)
+    if prompt_format in _QUESTION_TEMPLATES:
+        return _QUESTION_TEMPLATES[prompt_format].format(question=text.strip())
     raise ValueError(f"prompt_format={prompt_format!r}: expected one of {', '.join(PROMPT_FORMATS)}.")
