@@ -13,7 +13,7 @@ data="${GSM8K_TRAIN:-openai/gsm8k}"
 base="$(python tools/get_smollm2.py)"
 common=(--dataset_name "$data" --per_device_train_batch_size 4 --max_length 256 --learning_rate 1e-4
         --logging_steps 10 --save_strategy no --use_cpu true --eval_holdout_size 200 --eval_strategy steps
-        --eval_steps 100000 --report_to none
+        --eval_steps 100000 --report_to none --bf16 true
         --exit_loss_weights uniform)  # as it was made: the paper's loss, soft-peft's default before last:0.75
 [ -f "$runs/gsm8k-soft-150/config.json" ] ||
     python examples/gsm8k.py --model_name_or_path "$base" --output_dir "$runs/gsm8k-soft-150" --max_steps 150 "${common[@]}"
