@@ -262,9 +262,7 @@ def decode_one(args, run: str) -> str:
     if code != 0:
         print(f"[study] {name}: decoding failed (exit {code}); see {run_dir / 'study.log'}", file=sys.stderr)
         return "failed"
-    summary = json.loads(decoded.read_text())
-    summary["command"] = shlex.join(_portable(shlex.split(summary["command"]), args))
-    decoded.write_text(json.dumps(summary, indent=1) + "\n")
+    make_decode_portable(decoded, args.data)
     print(f"[study] {name}: decoded, {decoded}")
     return "done"
 
@@ -273,6 +271,22 @@ def _portable(argv: list[str], args) -> list[str]:
     """The training command with machine paths replaced by the commands that produce them."""
     home = str(Path.home())
     return [a.replace(str(REPO) + "/", "").replace(home, "~") for a in argv]
+
+
+def make_decode_portable(decoded: Path, data: str, repo: Path = REPO) -> None:
+    """Rewrite a decode's `.decode.json` and `.decode.md` so that they name no path of this machine: the repository
+    and home folders become relative and `~`, and a local copy of GSM8K (`--data FILE`) is named by its Hub id, which
+    gives the same prompts. These files are committed, and read by people on other machines. `repo`: the checkout
+    the decode ran from."""
+    replacements = [(str(repo) + "/", ""), (str(Path.home()), "~")]
+    local = Path(data).expanduser()
+    if local.exists():  # the copy's path, as given and resolved, before home becomes ~
+        replacements[:0] = [(str(local.resolve()), GSM8K), (str(data), GSM8K)]
+    for path in (decoded, decoded.with_suffix(".md")):
+        text = path.read_text()
+        for old, new in replacements:
+            text = text.replace(old, new)
+        path.write_text(text)
 
 
 def _curve(args, run_dir: Path, held_out: Path, exits: str, log: Path) -> dict[str, dict] | None:

@@ -278,3 +278,38 @@ def test_variants_are_parsed_and_refused_as_the_command_line_says(tmp_path):
     assert "mine             --exit_rotation 3" in listed and listed.startswith("sft ")
     refused = study(tmp_path, "--variant", "mine", command="list")
     assert refused.returncode == 2 and 'expected NAME="--flag value ..."' in refused.stderr
+
+
+def test_decode_results_name_no_path_of_this_machine(tmp_path):
+    """The decode files are committed: the checkout, the home folder and a local GSM8K copy must not appear in them
+    (the copy is named by its Hub id, which gives the same prompts)."""
+    from benchmarks.quality_study import make_decode_portable
+
+    data = tmp_path / "gsm8k" / "train.jsonl"
+    data.parent.mkdir()
+    data.write_text("{}\n")
+    checkout = tmp_path / "checkout"
+    model = f"{Path.home()}/.cache/soft_peft/study/sft-1819"
+    command = (
+        f"python -m benchmarks.decode_cost speed --model_name_or_path {model} --data {data} "
+        f"--output {checkout}/docs/study/sft-1819.decode.md"
+    )
+    decoded = tmp_path / "sft-1819.decode.json"
+    decoded.write_text(json.dumps({"model": model, "command": command, "rows": [{"tokens_per_second": 17.5}]}))
+    decoded.with_suffix(".md").write_text(f"Model: `{model}`.\nCommand: `{command}`\n| 1 | greedy | 17.5 |\n")
+
+    make_decode_portable(decoded, str(data), repo=checkout)
+
+    summary = json.loads(decoded.read_text())
+    expected = (
+        "python -m benchmarks.decode_cost speed --model_name_or_path ~/.cache/soft_peft/study/sft-1819 "
+        "--data openai/gsm8k --output docs/study/sft-1819.decode.md"
+    )
+    assert summary == {
+        "model": "~/.cache/soft_peft/study/sft-1819",
+        "command": expected,
+        "rows": [{"tokens_per_second": 17.5}],
+    }
+    assert decoded.with_suffix(".md").read_text() == (
+        f"Model: `~/.cache/soft_peft/study/sft-1819`.\nCommand: `{expected}`\n| 1 | greedy | 17.5 |\n"
+    )
