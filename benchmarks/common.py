@@ -49,6 +49,12 @@ SHAPES = {
 }  # fmt: skip
 
 
+def portable(text: str, repo: Path = REPO) -> str:
+    """`text` naming no path of this machine: the checkout's paths become relative and the home folder `~`. For what
+    the benchmarks write into files that are committed and read on other machines."""
+    return text.replace(str(repo) + "/", "").replace(str(Path.home()), "~")
+
+
 def gsm8k_config(data: str) -> str | None:
     """The dataset configuration to load ``data`` with: ``"main"`` for the Hub dataset, ``None`` for a local file."""
     return None if os.path.exists(os.path.expanduser(data)) else "main"

@@ -37,7 +37,16 @@ import time
 from argparse import RawDescriptionHelpFormatter as RawDescription
 from pathlib import Path
 
-from benchmarks.common import GSM8K, REPO, SPLIT_SEED, add_data_argument, gsm8k_split, parse_variant, smollm2_path
+from benchmarks.common import (
+    GSM8K,
+    REPO,
+    SPLIT_SEED,
+    add_data_argument,
+    gsm8k_split,
+    parse_variant,
+    portable,
+    smollm2_path,
+)
 
 RECIPE = REPO / "recipes" / "smollm2_135m_gsm8k_soft.yaml"
 # The Hub dataset by default; `--data FILE` for a local copy of its train split (JSONL with question/answer)
@@ -269,8 +278,7 @@ def decode_one(args, run: str) -> str:
 
 def _portable(argv: list[str], args) -> list[str]:
     """The training command with machine paths replaced by the commands that produce them."""
-    home = str(Path.home())
-    return [a.replace(str(REPO) + "/", "").replace(home, "~") for a in argv]
+    return [portable(a) for a in argv]
 
 
 def make_decode_portable(decoded: Path, data: str, repo: Path = REPO) -> None:
@@ -278,15 +286,13 @@ def make_decode_portable(decoded: Path, data: str, repo: Path = REPO) -> None:
     and home folders become relative and `~`, and a local copy of GSM8K (`--data FILE`) is named by its Hub id, which
     gives the same prompts. These files are committed, and read by people on other machines. `repo`: the checkout
     the decode ran from."""
-    replacements = [(str(repo) + "/", ""), (str(Path.home()), "~")]
     local = Path(data).expanduser()
-    if local.exists():  # the copy's path, as given and resolved, before home becomes ~
-        replacements[:0] = [(str(local.resolve()), GSM8K), (str(data), GSM8K)]
+    copies = [str(local.resolve()), str(data)] if local.exists() else []  # as given and resolved, before home is ~
     for path in (decoded, decoded.with_suffix(".md")):
         text = path.read_text()
-        for old, new in replacements:
-            text = text.replace(old, new)
-        path.write_text(text)
+        for copy in copies:
+            text = text.replace(copy, GSM8K)
+        path.write_text(portable(text, repo))
 
 
 def _curve(args, run_dir: Path, held_out: Path, exits: str, log: Path) -> dict[str, dict] | None:

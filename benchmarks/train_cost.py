@@ -45,6 +45,7 @@ from benchmarks.common import (
     parameter_count,
     parse_variant,
     peak_rss_gb,
+    portable,
     print_and_write,
     random_model,
     synchronize,
@@ -398,7 +399,7 @@ def _trainers(args) -> int:
         args.shape = shape
         results = run_modes(args, runs)
         precision = "fp32" if args.fp32 else "bf16"
-        model = f"random-init `{shape}`" if shape else f"`{args.model_name_or_path}` on GSM8K"
+        model = f"random-init `{shape}`" if shape else f"`{portable(args.model_name_or_path)}` on GSM8K"
         lines += report(results, f"### {model}, {args.device}, {precision}, {args.steps} steps", args.variant)
         lines.append("")
         everything += [{"shape": shape, "run": name, **result} for name, result in results.items()]
