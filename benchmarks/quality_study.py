@@ -219,7 +219,7 @@ def run_one(args, run: str, template: str) -> str:
         "run": run,
         "flags": flags,
         "max_steps": args.max_steps,
-        "command": shlex.join(["python", "examples/gsm8k.py", *_portable(argv, args)]),
+        "command": shlex.join(["python", "examples/gsm8k.py", *map(portable, argv)]),  # no path of this machine
         "seconds_per_step": statistics.median(timed),
         "peak_rss_gb": max(json.loads(line)["peak_rss_gb"] for line in segments.read_text().splitlines()),
         "final_train_loss": train_losses[-1] if train_losses else None,
@@ -274,11 +274,6 @@ def decode_one(args, run: str) -> str:
     make_decode_portable(decoded, args.data)
     print(f"[study] {name}: decoded, {decoded}")
     return "done"
-
-
-def _portable(argv: list[str], args) -> list[str]:
-    """The training command with machine paths replaced by the commands that produce them."""
-    return [portable(a) for a in argv]
 
 
 def make_decode_portable(decoded: Path, data: str, repo: Path = REPO) -> None:
