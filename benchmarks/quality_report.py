@@ -191,13 +191,15 @@ def _drafting_table(decoded: dict[str, dict]) -> list[str]:
     ]
 
 
+def _decoded(steps: int, group: dict[str, dict], results_dir: Path) -> dict[str, dict]:
+    """The decode results (`<run>-<steps>.decode.json`) of the runs of `group` that `quality_study decode` measured."""
+    paths = {run: results_dir / f"{run}-{steps}.decode.json" for run in group}
+    return {run: json.loads(path.read_text()) for run, path in paths.items() if path.exists()}
+
+
 def _decode_section(steps: int, group: dict[str, dict], results_dir: Path, output: Path) -> list[str]:
     """The decoding speed of the runs `quality_study decode` has measured at this step count (none: no lines)."""
-    decoded = {}
-    for run in group:
-        path = results_dir / f"{run}-{steps}.decode.json"
-        if path.exists():
-            decoded[run] = json.loads(path.read_text())
+    decoded = _decoded(steps, group, results_dir)
     if not decoded:
         return []
     any_summary = next(iter(decoded.values()))
@@ -312,11 +314,10 @@ def _draft_verdicts(steps: int, group: dict[str, dict], results_dir: Path) -> li
     when no run was."""
     shallow = min(int(k) for k in next(iter(group.values()))["exits"])
     rows = {}
-    for run in group:
-        path = results_dir / f"{run}-{steps}.decode.json"
-        if run == "sft" or not path.exists():
+    for run, decoded in _decoded(steps, group, results_dir).items():
+        if run == "sft":
             continue
-        for row in json.loads(path.read_text())["rows"]:
+        for row in decoded["rows"]:
             if row["batch"] == 1 and row["mode"] == "self-speculative" and row.get("accepted_per_cycle") is not None:
                 if row["setting"].startswith(f"draft exit {shallow},"):
                     rows[run] = row
@@ -332,7 +333,8 @@ def _draft_verdicts(steps: int, group: dict[str, dict], results_dir: Path) -> li
 
 def _results_block(by_steps: dict[int, dict[str, dict]], results_md: Path, output: Path, results_dir: Path) -> str:
     """The summary for docs/results.md: for every step count where SFT and a SoFT run have both run, largest first
-    (the final runs, then the screen), the headline table and its frontier plot."""
+    (the final runs, then the screen), the headline table and its frontier plot; for the final runs also their
+    curves over steps and their drafting table, when they have them."""
     begin, end = RESULTS_BLOCK
     lines = [begin, "", "## Quality study: the SoFT controls against SFT at equal budget", ""]
     with_sft = [steps for steps, group in by_steps.items() if "sft" in group]
@@ -351,12 +353,16 @@ def _results_block(by_steps: dict[int, dict[str, dict]], results_md: Path, outpu
         group = by_steps[steps]
         summaries = {run: summarize(result, group["sft"]) for run, result in group.items()}
         plot = Path(os.path.relpath(results_dir / f"frontier_{steps}.png", results_md.parent))
-        role = "" if len(compared) == 1 else " (final runs)" if steps == compared[0] else " (screen)"
-        heading = f"### {steps} steps{role}"
+        heading = f"### {steps} steps"
+        if len(compared) > 1 and steps in (compared[0], compared[-1]):  # a middle budget has no role to name
+            heading += " (final runs)" if steps == compared[0] else " (screen)"
         lines += [heading, "", f"{len(group)} runs of {steps} steps each.", "", *_headline_table(summaries), ""]
         lines += _target_verdicts(summaries)
         lines += _draft_verdicts(steps, group, results_dir)
         lines += [f"![frontier at {steps} steps]({plot})", ""]
+        if steps == compared[0]:  # the final runs: how they got there, and what their drafts are worth
+            lines += curve_section(group, steps, results_md, results_dir)
+            lines += _drafting_table(_decoded(steps, group, results_dir))
     return "\n".join([*lines, end])
 
 

@@ -147,9 +147,13 @@ def test_decode_measures_finished_runs_with_the_same_exits_and_the_report_shows_
     again = study(tmp_path, "--runs", "sft", *decode, check=True, command="decode")
     assert "sft-2: decoded, skipped" in again.stdout
 
-    report = tmp_path / "report.md"
-    write_report(tmp_path / "results", report, ROOT)
+    report, results_md = tmp_path / "report.md", tmp_path / "results.md"
+    write_report(tmp_path / "results", report, ROOT, results_md)
     text = report.read_text()
+    # docs/results.md shows the final runs' drafting table (the full decode tables stay in the report)
+    summary = results_md.read_text()
+    assert "× greedy, projected (accelerator)" in summary and "| uniform | 1 |" in summary
+    assert "| run | greedy tok/s |" not in summary
     assert "| run | greedy tok/s |" in text and "[uniform](results/uniform-2.decode.md)" in text
     row = next(line for line in text.splitlines() if line.startswith("| uniform | ") and "draft exit" in line)
     assert "acceptance" in row and "threshold" in row and row.count("|") == 7  # no assistant_early_exit column
@@ -186,6 +190,10 @@ def test_results_md_summarizes_every_step_count_where_sft_has_company_largest_fi
     final, screen = text.index("### 400 steps (final runs)"), text.index("### 100 steps (screen)")
     assert final < screen and "frontier_400.png" in text[final:screen] and "frontier_100.png" in text[screen:]
     assert text[final:screen].count("| last_75 |") == 1 and "| uniform |" not in text[final:screen]
+    by_steps[1819] = group("sft", "last_75")  # a third budget: the largest is final, the smallest the screen
+    text = block(by_steps)
+    final, middle = text.index("### 1819 steps (final runs)"), text.index("### 400 steps\n")
+    assert final < middle < text.index("### 100 steps (screen)")
 
 
 def test_results_md_says_plainly_which_runs_meet_each_target_and_how_close_the_nearest_gets(tmp_path):
@@ -217,7 +225,8 @@ def test_results_md_says_plainly_which_runs_meet_each_target_and_how_close_the_n
         rows = [{"batch": 1, "mode": "greedy", "setting": "generate(do_sample=False)"}]
         for exit_layer, scale in ((9, 1.0), (15, 2.0)):  # exit 15's better numbers must not count for exit 9
             rows.append({"batch": 1, "mode": "self-speculative", "setting": f"draft exit {exit_layer}, adaptive",
-                         "acceptance": acceptance * scale, "accepted_per_cycle": per_cycle * scale})  # fmt: skip
+                         "acceptance": acceptance * scale, "accepted_per_cycle": per_cycle * scale,
+                         "vs_greedy": 0.9, "projected_speedup": 1.5})  # fmt: skip
         (tmp_path / f"{run}-4.decode.json").write_text(json.dumps({"rows": rows}))
 
     decoded("sft", 0.99, 9.0)  # SFT's drafts are no SoFT result
@@ -249,9 +258,12 @@ def test_curve_every_keeps_and_evaluates_snapshots_across_an_interruption_and_th
         assert sorted(result["curve"]) == ["1", "2"] and result["curve"]["2"] == result["exits"]
         assert result["curve"]["1"] != result["curve"]["2"]  # another model: trained one step less
 
-    report = tmp_path / "report.md"
-    write_report(tmp_path / "results", report, ROOT)
+    report, results_md = tmp_path / "report.md", tmp_path / "results.md"
+    write_report(tmp_path / "results", report, ROOT, results_md)
     text = report.read_text()
+    # docs/results.md shows the final runs' curves too, its plot linked from where it lies
+    summary = results_md.read_text()
+    assert "| run | step 1 | step 2 |" in summary and "](results/curves_2.png)" in summary
     table = text.splitlines()
     header = table.index("| run | step 1 | step 2 |")  # the curve table
     row = next(line for line in table[header:] if line.startswith("| uniform, ×SFT | "))
