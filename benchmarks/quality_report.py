@@ -309,15 +309,15 @@ def _verdict(values: dict[str, float], op: str, bound: float) -> str:
 DRAFT_TARGETS = {"acceptance": 0.85, "accepted_per_cycle": 3.0}
 
 
-def _draft_verdicts(steps: int, group: dict[str, dict], results_dir: Path) -> list[str]:
-    """One line per drafting target for the SoFT runs decoded with the cycle counters at this step count; none
-    when no run was."""
+def _draft_verdicts(group: dict[str, dict], decoded: dict[str, dict]) -> list[str]:
+    """One line per drafting target for the SoFT runs of `group` decoded with the cycle counters (`decoded`: their
+    decode results, from `_decoded`); none when no run was."""
     shallow = min(int(k) for k in next(iter(group.values()))["exits"])
     rows = {}
-    for run, decoded in _decoded(steps, group, results_dir).items():
+    for run, summary in decoded.items():
         if run == "sft":
             continue
-        for row in decoded["rows"]:
+        for row in summary["rows"]:
             if row["batch"] == 1 and row["mode"] == "self-speculative" and row.get("accepted_per_cycle") is not None:
                 if row["setting"].startswith(f"draft exit {shallow},"):
                     rows[run] = row
@@ -358,11 +358,12 @@ def _results_block(by_steps: dict[int, dict[str, dict]], results_md: Path, outpu
             heading += " (final runs)" if steps == compared[0] else " (screen)"
         lines += [heading, "", f"{len(group)} runs of {steps} steps each.", "", *_headline_table(summaries), ""]
         lines += _target_verdicts(summaries)
-        lines += _draft_verdicts(steps, group, results_dir)
+        decoded = _decoded(steps, group, results_dir)
+        lines += _draft_verdicts(group, decoded)
         lines += [f"![frontier at {steps} steps]({plot})", ""]
         if steps == compared[0]:  # the final runs: how they got there, and what their drafts are worth
             lines += curve_section(group, steps, results_md, results_dir)
-            lines += _drafting_table(_decoded(steps, group, results_dir))
+            lines += _drafting_table(decoded)
     return "\n".join([*lines, end])
 
 
