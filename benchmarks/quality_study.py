@@ -80,6 +80,11 @@ RUNS = {
     "layerdrop": "--exit_layers {last} --layer_dropout 0.1",  # layer dropout alone: SFT's loss, no early exit
     # recipes/smollm2_135m_gsm8k_layerskip.yaml: every layer an exit, 1 in rotation, 1:1 with the last, dropout 0.1
     "layerskip": "--exit_layers 1:{stop} --exit_loss_weights last:0.5 --exit_rotation 1 --layer_dropout 0.1",
+    # Issue 34's candidates for parity at one epoch, each the recommended recipe plus one flag: more weight on the
+    # last exit all along, or the early exits' share annealed away over the final half / final tenth of the run
+    "rec_last_85": "--exit_loss_weights last:0.85 --exit_rotation 2",
+    "rec_anneal_half": "--exit_loss_weights last:0.75 --exit_rotation 2 --exit_anneal_fraction 0.5",
+    "rec_tail_tenth": "--exit_loss_weights last:0.75 --exit_rotation 2 --exit_anneal_fraction 0.1",
 }
 
 
