@@ -114,9 +114,10 @@ class SoFTConfig(SoFTSettings, SFTConfig):
     Configuration of the [`SoFTTrainer`]: every [`~trl.SFTConfig`] parameter, plus the SoFT fields documented on
     [`~soft_peft.settings.SoFTSettings`] (`exit_layers`, `exit_loss_weights`, `exit_head_grad`,
     `exit_distill_weight`, `exit_distill_temperature`, `exit_vocab_chunk_size`, `exit_loss_kernel`,
-    `exit_ramp_steps`, `exit_ramp_order`, `exit_rotation`, `exit_start_steps`, `layer_dropout`,
-    `layer_dropout_scale`, `layer_dropout_ramp_steps`). Each is also a command-line flag and a YAML key of
-    `TrlParser` recipes. TRL's `loss_type` is applied at every exit and takes `"nll"` or `"dft"`.
+    `exit_ramp_steps`, `exit_ramp_order`, `exit_rotation`, `exit_start_steps`, `exit_anneal_fraction`,
+    `exit_anneal_floor`, `layer_dropout`, `layer_dropout_scale`, `layer_dropout_ramp_steps`). Each is also a
+    command-line flag and a YAML key of `TrlParser` recipes. TRL's `loss_type` is applied at every exit and takes
+    `"nll"` or `"dft"`.
     """
 
     def __post_init__(self):

@@ -64,8 +64,9 @@ class ResolvedExitLoss:
             raise ValueError(
                 f"{len(self.exit_loss_weights)} exit weights for {len(self.exit_layers)} exits {self.exit_layers}."
             )
-        # Fail now on a schedule that trains nothing at its first step
-        scheduled_exit_weights(list(self.exit_loss_weights), 0, self.schedule)
+        # Fail now on a schedule that trains nothing at its first step (an anneal never can: the deepest exit takes
+        # what the early exits lose, so any run length checks it)
+        scheduled_exit_weights(list(self.exit_loss_weights), 0, self.schedule, total_steps=1)
         num_early = len(self.exit_layers) - 1
         rotation = self.schedule.rotation
         # A rotation that rotates nothing is a mistake, except with no early exit at all (plain SFT)
@@ -244,8 +245,11 @@ def _router_aux_loss(router_logits, text_config, attention_mask, device: torch.d
     return aux_loss.to(device)
 
 
-def _exits_at_step(loss: ResolvedExitLoss, step: int | None, training: bool) -> tuple[dict[int, float], list[int]]:
-    """Every exit's weight at ``step`` and the exits to compute (ascending): a scheduled 0 never reaches the head."""
+def _exits_at_step(
+    loss: ResolvedExitLoss, step: int | None, total_steps: int | None, training: bool
+) -> tuple[dict[int, float], list[int]]:
+    """Every exit's weight at ``step`` of a run of ``total_steps`` and the exits to compute (ascending): a scheduled
+    0 never reaches the head."""
     all_exits, schedule = loss.exit_layers, loss.schedule
     if schedule.is_constant:  # every exit is computed, zero weights included (their metrics are still logged)
         return dict(zip(all_exits, loss.exit_loss_weights, strict=True)), list(all_exits)
@@ -256,7 +260,13 @@ def _exits_at_step(loss: ResolvedExitLoss, step: int | None, training: bool) -> 
                 "`soft_exit_step=step` (or `step=` to SortedLossWrapper), the number of optimizer steps taken."
             )
         return dict(zip(all_exits, loss.exit_loss_weights, strict=True)), list(all_exits)  # evaluation: base weights
-    weights = scheduled_exit_weights(loss.exit_loss_weights, step, schedule)
+    if schedule.anneals and total_steps is None:
+        raise ValueError(
+            f"This model's exit schedule anneals (exit_anneal_fraction={schedule.anneal_fraction}) over the end of "
+            "the run, so a training forward needs the run's length: pass `soft_exit_total_steps=T` (or "
+            "`total_steps=` to SortedLossWrapper), the total number of optimizer steps of the run."
+        )
+    weights = scheduled_exit_weights(loss.exit_loss_weights, step, schedule, total_steps)
     # The deepest exit is always computed: it carries the last-layer metrics
     computed = [k for k, w in zip(all_exits, weights, strict=True) if w > 0 or k == all_exits[-1]]
     return dict(zip(all_exits, weights, strict=True)), computed
@@ -354,6 +364,7 @@ def sorted_exit_forward(
     num_items_in_batch,
     loss: ResolvedExitLoss,
     step: int | None = None,
+    total_steps: int | None = None,
 ) -> SortedExitOutput:
     """Run the backbone once with hidden states, then the loss over every exit active at ``step``.
 
@@ -366,13 +377,14 @@ def sorted_exit_forward(
         num_items_in_batch: The token count the Trainer passes under gradient accumulation, or ``None``.
         loss: The model's [`ResolvedExitLoss`].
         step: Optimizer steps taken (for a schedule or a layer dropout ramp); ``None`` outside training.
+        total_steps: Optimizer steps of the whole run (for an anneal); ``None`` outside training.
 
     Returns:
         A [`SortedExitOutput`].
     """
     settings = loss.settings
     head = find_exit_head(model, final_norm=loss.final_norm)
-    exit_weights, computed = _exits_at_step(loss, step, model.training)
+    exit_weights, computed = _exits_at_step(loss, step, total_steps, model.training)
     draw_layer_dropout(model, loss.layer_dropout, labels if shift_labels is None else shift_labels, step)
     config = model.config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config

@@ -1,11 +1,12 @@
-"""Curriculum over training steps for the exit losses: exits ramped in, and a rotation of the early exits.
+"""Curriculum over training steps for the exit losses: exits ramped in or annealed out, and a rotation of the early
+exits.
 
 A schedule is a pure function of the optimizer step and the base weights (see [`scheduled_exit_weights`]), so it
 needs no state of its own: a run resumed from a checkpoint restores ``state.global_step`` and with it the schedule,
 and every micro-batch of one optimizer step (gradient accumulation) gets the same weights.
 
 The deepest exit (normally the model's last layer) is always trained at its full base weight. The other ("early")
-exits are changed in three ways, applied in this order:
+exits are changed in four ways, applied in this order:
 
 * **Late start** (``start_steps > 0``): for the first ``start_steps`` steps the early exits have weight 0 and the
   loss is plain SFT on the deepest exit; from step ``start_steps`` on they train (published early-exit results report
@@ -18,6 +19,15 @@ exits are changed in three ways, applied in this order:
   first, so shallower exits only start when the deeper ones are fully in. The ramped weights are renormalised to sum
   to 1 at every step: at step 0 the loss is plain SFT on the deepest exit, and after ``ramp_steps`` it is the base
   mix, with the loss scale of both unchanged.
+
+* **Anneal** (``anneal_fraction = f > 0``): over the final fraction ``f`` of the run's ``T`` optimizer steps
+  (``TrainerState.max_steps``) the early exits' share of the loss decays linearly to ``anneal_floor`` times its
+  value, and the deepest exit takes the rest, so the weights still sum to 1. With ``start = T * (1 - f)``, step ``s``
+  multiplies every early exit's weight by ``a(s) = 1`` while ``s + 1 <= start``, else by
+  ``floor + (1 - floor) * max(0, 1 - (s + 1 - start) / (T - start))``: the last step (``s = T - 1``) gets exactly
+  the floor, and with ``anneal_floor = 0`` it is plain SFT on the deepest exit. The anneal counts absolute steps
+  (not from a late start), so it needs ``T`` at every training forward.
+
 * **Rotation** (``rotation = k > 0``): at step ``s`` only ``k`` early exits are active, positions
   ``(s * k + m) mod num_early`` for ``m < k`` (so every ``num_early`` consecutive steps train each early exit exactly
   ``k`` times). An active early exit's weight is multiplied by ``num_early / k``, so the loss *averaged over a cycle*
@@ -25,14 +35,16 @@ exits are changed in three ways, applied in this order:
 
 Weights of exactly 0 mark exits that are skipped (never projected through the head) that step.
 
-In a plain PyTorch loop pass the number of optimizer steps already taken:
-``SortedLossWrapper(model, exit_rotation=2)(**batch, labels=labels, step=step)``.
+In a plain PyTorch loop pass the number of optimizer steps already taken, and with an anneal the run's total:
+``SortedLossWrapper(model, exit_rotation=2)(**batch, labels=labels, step=step)``,
+``SortedLossWrapper(model, exit_anneal_fraction=0.1)(**batch, labels=labels, step=step, total_steps=T)``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from math import isfinite
 
 __all__ = ["RAMP_ORDERS", "ExitSchedule", "scheduled_exit_weights"]
 
@@ -48,12 +60,16 @@ class ExitSchedule:
         ramp_steps: Steps over which the early exits are ramped in (after ``start_steps``); 0 = no ramp.
         ramp_order: ``"deepest_first"`` (one exit after the other, deepest first) or ``"all"`` (all together).
         rotation: Early exits active per step besides the deepest exit; 0 = all of them every step.
+        anneal_fraction: Final fraction in [0, 1) of the run's steps over which the early exits anneal; 0 = none.
+        anneal_floor: Factor in [0, 1] of the early exits' weights at the last step (with ``anneal_fraction > 0``).
     """
 
     ramp_steps: int = 0
     ramp_order: str = "deepest_first"
     rotation: int = 0
     start_steps: int = 0
+    anneal_fraction: float = 0.0
+    anneal_floor: float = 0.0
 
     def __post_init__(self):
         if self.start_steps < 0:
@@ -64,6 +80,22 @@ class ExitSchedule:
             raise ValueError(f"exit_ramp_order must be one of {RAMP_ORDERS}, got {self.ramp_order!r}.")
         if self.rotation < 0:
             raise ValueError(f"exit_rotation must be >= 0 (0 = every exit every step), got {self.rotation}.")
+        # `not (a <= x < b)` is also true for NaN; inf is out of range
+        if not (isfinite(self.anneal_fraction) and 0 <= self.anneal_fraction < 1):
+            raise ValueError(
+                "exit_anneal_fraction must be a number in [0, 1) (the final fraction of the run's steps over which "
+                f"the early exits anneal; 0 = no anneal), got {self.anneal_fraction}."
+            )
+        if not (isfinite(self.anneal_floor) and 0 <= self.anneal_floor <= 1):
+            raise ValueError(
+                "exit_anneal_floor must be a number in [0, 1] (the factor of the early exits' weights at the last "
+                f"step; 0 = plain SFT on the deepest exit), got {self.anneal_floor}."
+            )
+        if self.anneal_floor > 0 and self.anneal_fraction == 0:
+            raise ValueError(
+                f"exit_anneal_floor={self.anneal_floor} has no effect without an anneal: set exit_anneal_fraction "
+                "above 0 (the final fraction of the run's steps to anneal over), or leave exit_anneal_floor at 0."
+            )
 
     def rotates(self, num_early: int) -> bool:
         """True when the rotation trains fewer than all ``num_early`` early exits per step (below that, every exit
@@ -73,7 +105,23 @@ class ExitSchedule:
     @property
     def is_constant(self) -> bool:
         """True when the schedule never changes the base weights (the default)."""
-        return self.ramp_steps == 0 and self.rotation == 0 and self.start_steps == 0
+        return self.ramp_steps == 0 and self.rotation == 0 and self.start_steps == 0 and not self.anneals
+
+    @property
+    def anneals(self) -> bool:
+        """True when the early exits anneal at the end of the run (the schedule then needs the total steps)."""
+        return self.anneal_fraction > 0
+
+    def anneal_factor(self, step: int, total_steps: int) -> float:
+        """The anneal's factor ``a(step)`` of the early exits' weights in a run of ``total_steps`` (see the module
+        docstring): 1 before the anneal, ``anneal_floor`` at the last step."""
+        if not self.anneals:
+            return 1.0
+        start = total_steps * (1 - self.anneal_fraction)
+        if step + 1 <= start:
+            return 1.0
+        # Step s is the (s+1)-th update, as for the ramp: the last one (s = T - 1) reaches the floor exactly
+        return self.anneal_floor + (1 - self.anneal_floor) * max(0.0, 1 - (step + 1 - start) / (total_steps - start))
 
 
 def _ramp_factor(early_rank: int, num_early: int, step: int, schedule: ExitSchedule) -> float:
@@ -89,7 +137,9 @@ def _ramp_factor(early_rank: int, num_early: int, step: int, schedule: ExitSched
     return min(1.0, max(0.0, (step + 1 - start) / length))
 
 
-def scheduled_exit_weights(weights: Sequence[float], step: int, schedule: ExitSchedule | None) -> list[float]:
+def scheduled_exit_weights(
+    weights: Sequence[float], step: int, schedule: ExitSchedule | None, total_steps: int | None = None
+) -> list[float]:
     """The exit weights to use at optimizer step ``step``.
 
     Args:
@@ -97,12 +147,14 @@ def scheduled_exit_weights(weights: Sequence[float], step: int, schedule: ExitSc
             (see [`~soft_peft.loss.exit_loss_weights`]).
         step: Optimizer steps already taken (``TrainerState.global_step`` during the step), >= 0.
         schedule: The schedule; ``None`` or a constant schedule returns ``weights`` unchanged.
+        total_steps: Optimizer steps of the whole run (``TrainerState.max_steps``), >= 1; needed by an anneal
+            (``schedule.anneal_fraction > 0``), not read otherwise.
 
     Returns:
         One weight per exit; 0 for an exit skipped this step. With only one exit, ``weights`` unchanged.
 
     Raises:
-        ValueError: for a negative step.
+        ValueError: for a negative step, or an anneal without a positive ``total_steps``.
     """
     weights = [float(w) for w in weights]
     if step < 0:
@@ -110,9 +162,16 @@ def scheduled_exit_weights(weights: Sequence[float], step: int, schedule: ExitSc
     num_early = len(weights) - 1
     if schedule is None or schedule.is_constant or num_early == 0:
         return weights
-    if step < schedule.start_steps:  # late start: plain SFT on the deepest exit
+    if schedule.anneals and (total_steps is None or total_steps < 1):
+        raise ValueError(
+            f"exit_anneal_fraction={schedule.anneal_fraction} anneals over the end of the run, so the schedule needs "
+            f"the run's total optimizer steps: pass total_steps >= 1 (got {total_steps}); SoFTTrainer passes "
+            "TrainerState.max_steps, a plain loop passes `total_steps=` to SortedLossWrapper."
+        )
+    annealed = schedule.anneal_factor(step, total_steps) if schedule.anneals else 1.0
+    if step < schedule.start_steps:  # late start: plain SFT on the deepest exit (an anneal cannot change it)
         return [0.0] * num_early + [1.0]
-    step -= schedule.start_steps  # the ramp and the rotation count from the start of the exits
+    step -= schedule.start_steps  # the ramp and the rotation count from the start of the exits (the anneal did not)
     # Early exits ranked from the deepest (rank 0, index num_early - 1) to the shallowest (index 0)
     ramped = [w * _ramp_factor(num_early - 1 - i, num_early, step, schedule) for i, w in enumerate(weights[:-1])]
     ramped.append(weights[-1])
@@ -123,6 +182,9 @@ def scheduled_exit_weights(weights: Sequence[float], step: int, schedule: ExitSc
             "is never ramped, so give it a positive weight in exit_loss_weights, or set exit_ramp_steps=0."
         )
     ramped = [w / total for w in ramped]
+    if annealed != 1.0:  # the deepest exit takes what the early exits lose, so the weights still sum to 1
+        early = [w * annealed for w in ramped[:-1]]
+        ramped = [*early, 1.0 - sum(early)]
     if not schedule.rotates(num_early):
         return ramped
     active = {(step * schedule.rotation + m) % num_early for m in range(schedule.rotation)}

@@ -69,6 +69,13 @@ class SoFTSettings(ExitLossOptions):
         exit_start_steps (`int`, *optional*, defaults to `0`):
             Late start: the first `exit_start_steps` optimizer steps train the deepest exit alone (plain SFT), then
             the early exits join (a ramp and a rotation count from there). 0 = every exit from the first step.
+        exit_anneal_fraction (`float`, *optional*, defaults to `0.0`):
+            Over the final fraction `f` in [0, 1) of the run's optimizer steps (`max_steps`, however it was set),
+            the early exits' share of the loss decays linearly to `exit_anneal_floor` times its value and the
+            deepest exit takes the rest (weights still sum to 1; the last step gets exactly the floor). 0 = off.
+        exit_anneal_floor (`float`, *optional*, defaults to `0.0`):
+            The factor in [0, 1] of the early exits' weights at the last step of an anneal: 0 makes the last step
+            plain SFT on the deepest exit. Needs `exit_anneal_fraction > 0`.
         layer_dropout (`float`, *optional*, defaults to `0.0`):
             LayerSkip's layer dropout: the largest probability `p_max` in [0, 1) that a sample skips a decoder layer
             in a training forward (the layer is the identity for it). 0 = off. Never active in evaluation or decoding.
@@ -116,6 +123,20 @@ class SoFTSettings(ExitLossOptions):
             "help": "Steps of plain SFT (the deepest exit alone) before the early exits join (0 = from the start)."
         },
     )
+    exit_anneal_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "Final fraction in [0, 1) of the run's optimizer steps over which the early exits' share of the "
+            "loss decays linearly to exit_anneal_floor times its value, the deepest exit taking the rest (0 = off)."
+        },
+    )
+    exit_anneal_floor: float = field(
+        default=0.0,
+        metadata={
+            "help": "Factor in [0, 1] of the early exits' weights at the last step of the anneal (0 = the last step "
+            "is plain SFT on the deepest exit); needs exit_anneal_fraction > 0."
+        },
+    )
     layer_dropout: float = field(
         default=0.0,
         metadata={
@@ -151,9 +172,16 @@ class SoFTSettings(ExitLossOptions):
         self.layer_dropout_settings()  # and the layer dropout's
 
     def exit_schedule(self) -> ExitSchedule:
-        """The [`~soft_peft.schedule.ExitSchedule`] of `exit_ramp_steps`, `exit_ramp_order`, `exit_rotation` and
-        `exit_start_steps`."""
-        return ExitSchedule(self.exit_ramp_steps, self.exit_ramp_order, self.exit_rotation, self.exit_start_steps)
+        """The [`~soft_peft.schedule.ExitSchedule`] of `exit_ramp_steps`, `exit_ramp_order`, `exit_rotation`,
+        `exit_start_steps`, `exit_anneal_fraction` and `exit_anneal_floor`."""
+        return ExitSchedule(
+            self.exit_ramp_steps,
+            self.exit_ramp_order,
+            self.exit_rotation,
+            self.exit_start_steps,
+            self.exit_anneal_fraction,
+            self.exit_anneal_floor,
+        )
 
     def layer_dropout_settings(self, seed: int = 0) -> LayerDropout:
         """The [`~soft_peft.layer_dropout.LayerDropout`] of `layer_dropout`, `layer_dropout_scale` and

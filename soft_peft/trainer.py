@@ -44,7 +44,8 @@ class SoFTTrainer(SFTTrainer):
     Logged through `SFTTrainer`'s metrics (so every `report_to` backend gets them): `exit_{k}/loss` and
     `exit_{k}/mean_token_accuracy` for every exit, prefixed `eval_` in evaluation. `loss` stays the combined loss and
     `mean_token_accuracy` / `entropy` the model's last layer's; MoE models also log `aux_loss`, as `SFTTrainer` does.
-    With an exit schedule (`exit_ramp_steps`, `exit_rotation`), also `exit_{k}/weight`, and an exit's loss and
+    With an exit schedule (`exit_ramp_steps`, `exit_rotation`, `exit_start_steps`, `exit_anneal_fraction`), also
+    `exit_{k}/weight` (the weights the loss used that step, annealed ones included), and an exit's loss and
     accuracy only on the steps that train it; without one, `exit_{k}/weight` once, in the first training log (the
     weights also go to `transformers.logging` at info level). With self-distillation (`exit_distill_weight > 0`) also
     `exit_{k}/distill_loss` and `exit_{k}/agreement` (top-1 agreement with the deepest exit) per early exit.
@@ -164,9 +165,17 @@ class SoFTTrainer(SFTTrainer):
         inputs["use_cache"] = False
         if self.aux_loss_enabled:  # MoE: as in `SFTTrainer`, the forward returns the router load-balancing loss
             inputs["output_router_logits"] = True
-        # The schedule follows the optimizer step: the same for every micro-batch of a step, restored on resume
+        # The schedule follows the optimizer step: the same for every micro-batch of a step, restored on resume; an
+        # anneal also follows the run's length, which a resumed run recomputes from the same arguments
         step = self.state.global_step if mode == "train" else None
-        outputs = model(**inputs, soft_exit_loss=True, num_items_in_batch=num_items_in_batch, soft_exit_step=step)
+        total_steps = self.state.max_steps if mode == "train" else None
+        outputs = model(
+            **inputs,
+            soft_exit_loss=True,
+            num_items_in_batch=num_items_in_batch,
+            soft_exit_step=step,
+            soft_exit_total_steps=total_steps,
+        )
         # The exits' loss; with a router loss, without it (added below as SFTTrainer adds it). Both are top-level
         # outputs, which ZeRO-3 hooks so that the shared head is gathered again for its gradient
         loss = outputs.loss if outputs.aux_loss is None else outputs.loss_without_aux

@@ -65,8 +65,8 @@ def add_sorted_exit_loss(
         model: A transformers causal LM or a PEFT model around one.
         settings: The [`~soft_peft.settings.SoFTSettings`] (exits, weights, loss knobs, schedule, layer dropout);
             ``None`` is the defaults. With a schedule or a layer dropout ramp, a training forward needs
-            ``soft_exit_step=`` the optimizer steps taken; without a step (evaluation) every exit is computed at its
-            base weight.
+            ``soft_exit_step=`` the optimizer steps taken, and with an anneal also ``soft_exit_total_steps=`` the
+            run's total optimizer steps; without a step (evaluation) every exit is computed at its base weight.
         final_norm: The final norm, where [`~soft_peft.model_layout.find_final_norm`] cannot tell it.
         last_layer_metrics: Also report the model's last layer's token accuracy and entropy (``SFTTrainer``'s
             metrics), with a no-grad head pass when the last layer is not an exit.
@@ -115,6 +115,7 @@ def _wrap_forward(base: nn.Module) -> None:
         shift_labels=None,
         num_items_in_batch=None,
         soft_exit_step=None,
+        soft_exit_total_steps=None,
         **kwargs,
     ):
         if not soft_exit_loss:
@@ -126,7 +127,15 @@ def _wrap_forward(base: nn.Module) -> None:
         if labels is None and shift_labels is None:
             raise ValueError("`soft_exit_loss=True` needs `labels` (use -100 for positions without a loss).")
         return sorted_exit_forward(
-            base, args, kwargs, labels, shift_labels, num_items_in_batch, getattr(base, _PATCHED), soft_exit_step
+            base,
+            args,
+            kwargs,
+            labels,
+            shift_labels,
+            num_items_in_batch,
+            getattr(base, _PATCHED),
+            soft_exit_step,
+            soft_exit_total_steps,
         )
 
     base.forward = forward
@@ -176,7 +185,8 @@ class SortedLossWrapper(nn.Module):
             ``exit_distill_weight=0.2``, ``exit_rotation=2`` or ``layer_dropout=0.1``. With a schedule
             (``exit_ramp_steps``, ``exit_rotation``, ``exit_start_steps``) or ``layer_dropout_ramp_steps``, pass
             ``step=`` (optimizer steps taken so far) to every training forward; every micro-batch of one optimizer
-            step must get the same step.
+            step must get the same step. With ``exit_anneal_fraction > 0`` also pass ``total_steps=`` (the run's
+            total optimizer steps).
 
     Raises:
         TypeError: for an override that is not a [`~soft_peft.settings.SoFTSettings`] field.
@@ -212,9 +222,9 @@ class SortedLossWrapper(nn.Module):
         """The wrapped model's config (carries ``soft_exit_layers``)."""
         return unwrap_model(self.model).config
 
-    def forward(self, *args, labels=None, num_items_in_batch=None, step=None, **kwargs):
-        """Forward with the SoFT loss when ``labels`` are given (``step``: optimizer steps taken, for a schedule),
-        else the model's own forward."""
+    def forward(self, *args, labels=None, num_items_in_batch=None, step=None, total_steps=None, **kwargs):
+        """Forward with the SoFT loss when ``labels`` are given (``step``: optimizer steps taken, for a schedule;
+        ``total_steps``: the run's optimizer steps, for an anneal), else the model's own forward."""
         if labels is None:
             return self.model(*args, **kwargs)
         return self.model(
@@ -223,6 +233,7 @@ class SortedLossWrapper(nn.Module):
             num_items_in_batch=num_items_in_batch,
             soft_exit_loss=True,
             soft_exit_step=step,
+            soft_exit_total_steps=total_steps,
             **kwargs,
         )
 

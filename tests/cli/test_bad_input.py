@@ -204,6 +204,10 @@ def test_malformed_rows_are_refused_naming_file_and_row(
         (["--dataloader_num_workers", "-1"], "dataloader_num_workers=-1"),
         (["--max_length", "0"], "max_length=0"),
         (["--save_strategy", "steps", "--save_steps", "0"], "save_steps=0"),
+        (["--exit_anneal_fraction", "1"], "exit_anneal_fraction must be a number in [0, 1)"),
+        (["--exit_anneal_fraction", "nan"], "exit_anneal_fraction must be a number in [0, 1)"),
+        (["--exit_anneal_fraction", "0.5", "--exit_anneal_floor", "inf"], "exit_anneal_floor must be a number in"),
+        (["--exit_anneal_floor", "0.2"], "set exit_anneal_fraction above 0"),
     ],
 )
 def test_training_numbers_out_of_range_are_refused(
