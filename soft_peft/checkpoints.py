@@ -6,7 +6,8 @@ A full model records them as ``soft_exit_layers`` in ``config.json``. A PEFT ada
 config, where [`~soft_peft.exits.recorded_exit_layers`] finds them.
 
 Every save of `SoFTTrainer` (checkpoints and the final model) also writes ``soft_peft_run.json``: what the run was
-configured with (base model, its config, exits and their weights), which a resumed run must match.
+configured with (base model, its config, exits and their weights, the exit schedule and layer dropout, and the run's
+length when the schedule depends on it), which a resumed run must match.
 """
 
 from __future__ import annotations
@@ -14,17 +15,23 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from .exits import CONFIG_KEY, record_exit_layers
+
+if TYPE_CHECKING:
+    from .settings import SoFTSettings
 
 __all__ = [
     "ADAPTER_EXITS_FILE",
     "RUN_RECORD_FILE",
     "load_causal_lm",
     "read_adapter_exit_layers",
+    "SCHEDULE_SETTINGS",
     "read_run_record",
+    "run_schedule",
     "save_adapter_exit_layers",
     "save_run_record",
     "saves_an_adapter",
@@ -32,6 +39,18 @@ __all__ = [
 
 ADAPTER_EXITS_FILE = "soft_peft_config.json"
 RUN_RECORD_FILE = "soft_peft_run.json"
+# The SoFT settings that change the loss step by step: a resumed run must keep them to continue the same run
+SCHEDULE_SETTINGS = (
+    "exit_ramp_steps",
+    "exit_ramp_order",
+    "exit_rotation",
+    "exit_start_steps",
+    "exit_anneal_fraction",
+    "exit_anneal_floor",
+    "layer_dropout",
+    "layer_dropout_scale",
+    "layer_dropout_ramp_steps",
+)
 
 
 def saves_an_adapter(model: nn.Module) -> bool:
@@ -69,6 +88,21 @@ def read_adapter_exit_layers(folder: str | os.PathLike) -> list[int] | None:
     return None if layers is None else [int(k) for k in layers]
 
 
+def run_schedule(settings: SoFTSettings, max_steps: int, num_train_epochs: float) -> dict:
+    """A run's [`SCHEDULE_SETTINGS`] by name, with its length (``max_steps`` and ``num_train_epochs``) when an anneal
+    is on: the anneal starts at a fraction of the run's total steps, which these set (the ramp, late start, rotation
+    and layer dropout count steps from the start, so a longer run does not move them).
+
+    Args:
+        settings: The run's SoFT settings (a [`~soft_peft.settings.SoFTSettings`] or `SoFTConfig`).
+        max_steps, num_train_epochs: The run's `TrainingArguments` of those names.
+    """
+    schedule = {name: getattr(settings, name) for name in SCHEDULE_SETTINGS}
+    if settings.exit_schedule().anneals:
+        schedule.update(max_steps=int(max_steps), num_train_epochs=float(num_train_epochs))
+    return schedule
+
+
 def save_run_record(
     folder: str | os.PathLike,
     base_model: str,
@@ -76,6 +110,7 @@ def save_run_record(
     exit_layers: Sequence[int],
     exit_loss_weights: Sequence[float],
     num_tokens: int | None = None,
+    schedule: dict | None = None,
 ) -> None:
     """Write ``folder/soft_peft_run.json``: what a run was configured with, and how far it got, for
     [`read_run_record`] on resume.
@@ -87,6 +122,8 @@ def save_run_record(
         exit_layers: The configured exits, ascending.
         exit_loss_weights: Their normalised weights, one per exit.
         num_tokens: The tokens trained on so far, as TRL's logged ``num_tokens`` counts them (``None``: not known).
+        schedule: The run's exit schedule, layer dropout and (with an anneal) length, as [`run_schedule`] gives them
+            (``None``: not recorded).
     """
     record = {
         "base_model": base_model,
@@ -96,6 +133,8 @@ def save_run_record(
     }
     if num_tokens is not None:
         record["num_tokens"] = int(num_tokens)
+    if schedule is not None:
+        record["schedule"] = dict(schedule)
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, RUN_RECORD_FILE), "w", encoding="utf-8") as handle:
         json.dump(record, handle, indent=2, default=str)
@@ -107,8 +146,9 @@ def read_run_record(folder: str | os.PathLike) -> dict | None:
     `SoFTTrainer`).
 
     Returns:
-        ``{"base_model", "base_model_config", "exit_layers", "exit_loss_weights"}``, and ``"num_tokens"`` when the
-        trainer counted them.
+        ``{"base_model", "base_model_config", "exit_layers", "exit_loss_weights"}``, ``"num_tokens"`` when the
+        trainer counted them, and ``"schedule"`` ([`run_schedule`]'s) when the record was written by a soft-peft that
+        records it.
     """
     path = os.path.join(folder, RUN_RECORD_FILE)
     if not os.path.isfile(path):

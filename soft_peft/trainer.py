@@ -12,7 +12,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
 
-from .checkpoints import read_run_record, save_adapter_exit_layers, save_run_record, saves_an_adapter
+from .checkpoints import read_run_record, run_schedule, save_adapter_exit_layers, save_run_record, saves_an_adapter
 from .config import SoFTConfig, read_soft_settings
 from .exits import recorded_exit_layers
 from .model_card import add_soft_section, card_metadata
@@ -126,6 +126,7 @@ class SoFTTrainer(SFTTrainer):
             exit_layers=self.exit_layers,
             exit_loss_weights=list(exit_loss_weights_of(self.model).values()),
             num_tokens=getattr(self, "_total_train_tokens", None),
+            schedule=run_schedule(self.soft_settings, self.args.max_steps, self.args.num_train_epochs),
         )
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):

@@ -1,9 +1,10 @@
 """Checks that a resumed run continues the run its checkpoint came from, before any weight loads.
 
 A checkpoint saved by `SoFTTrainer` carries `soft_peft_run.json` (see [`~soft_peft.checkpoints.save_run_record`]): the
-base model, its config, the exits and their weights. Resuming onto a model of another shape would fail minutes later
-with a size-mismatch traceback, so it is refused at once; resuming with another base model, exit set or exit weights
-would train on silently, so it is refused unless the user opts in (`--allow_resume_changes`).
+base model, its config, the exits and their weights, the exit schedule and layer dropout, and (with an anneal, which
+starts at a fraction of the run's total steps) the run's length. Resuming onto a model of another shape would fail
+minutes later with a size-mismatch traceback, so it is refused at once; resuming with any other of these settings would
+train on silently, so it is refused unless the user opts in (`--allow_resume_changes`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
@@ -97,6 +98,30 @@ def _weights_text(layers: Sequence[int], weights: Sequence[float]) -> str:
     return "{" + ", ".join(f"{k}: {w:.6g}" for k, w in zip(layers, weights, strict=True)) + "}"
 
 
+def _value_text(value) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def _schedule_changes(checkpoint: str, recorded: Mapping | None, schedule: Mapping | None) -> list[str]:
+    """The schedule settings (and run length) this run changes, as ``--name old in the checkpoint, new now``."""
+    if schedule is None:
+        return []
+    if recorded is None:  # written before the record kept them: nothing to compare, said once
+        _print_once(
+            f"[soft-peft] {checkpoint}/{RUN_RECORD_FILE} does not record the exit schedule, layer dropout or run "
+            "length (saved by an older soft-peft): they cannot be checked against this run's."
+        )
+        return []
+    # `max_steps > 0` overrides the epochs (as in `TrainingArguments`): then only `max_steps` sets the length
+    epochs_ignored = recorded.get("max_steps", 0) > 0 or schedule.get("max_steps", 0) > 0
+    return [
+        f"--{name} {_value_text(value)} in the checkpoint, {_value_text(schedule[name])} now"
+        for name, value in recorded.items()
+        # A key missing on either side is not recorded: a length without an anneal on that side is not compared
+        if name in schedule and schedule[name] != value and not (name == "num_train_epochs" and epochs_ignored)
+    ]
+
+
 def check_resume_matches(
     checkpoint: str,
     model_name_or_path: str,
@@ -105,18 +130,23 @@ def check_resume_matches(
     allow_changes: bool = False,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    schedule: Mapping[str, object] | None = None,
 ) -> None:
     """Refuse to resume `checkpoint` onto another model shape, or (unless `allow_changes`) with another base model,
-    exit set or exit weights than it recorded. Reads configs and JSON only; builds shapes on the meta device.
+    exit set, exit weights, exit schedule, layer dropout or (with an anneal) run length than it recorded. Reads
+    configs and JSON only; builds shapes on the meta device.
 
     Args:
         checkpoint: The `checkpoint-N` folder being resumed.
         model_name_or_path: The model of this run (`--model_name_or_path`, resolved).
         exit_layers: This run's exits, ascending.
         exit_loss_weights: Their normalised weights.
-        allow_changes: Continue with another base model, exits or weights (`--allow_resume_changes`), with a line
-            per change instead of a refusal.
+        allow_changes: Continue with any of those changes (`--allow_resume_changes`), with a line per change
+            instead of a refusal.
         revision, trust_remote_code: As for `AutoConfig.from_pretrained`.
+        schedule: This run's exit schedule, layer dropout and (with an anneal) length, as
+            [`~soft_peft.checkpoints.run_schedule`] gives them (``None``: not checked). A record without them (an
+            older soft-peft's) is resumed with a note.
 
     Raises:
         UsageError: naming both values, for a model of another shape (always) or a changed setting (unless
@@ -141,8 +171,8 @@ def check_resume_matches(
             )
     if record is None:
         _print_once(
-            f"[soft-peft] {checkpoint} has no {RUN_RECORD_FILE} (not saved by SoFTTrainer): its base model, exits "
-            "and exit weights cannot be checked against this run's."
+            f"[soft-peft] {checkpoint} has no {RUN_RECORD_FILE} (not saved by SoFTTrainer): its base model, exits, "
+            "exit weights and schedule cannot be checked against this run's."
         )
         return
     changes = []
@@ -154,6 +184,7 @@ def check_resume_matches(
     weights = _weights_text(exit_layers, exit_loss_weights)
     if recorded_weights != weights:
         changes.append(f"--exit_loss_weights {recorded_weights} in the checkpoint, {weights} now")
+    changes += _schedule_changes(checkpoint, record.get("schedule"), schedule)
     if not changes:
         return
     if not allow_changes:

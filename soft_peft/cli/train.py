@@ -25,6 +25,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
+from ..checkpoints import run_schedule
 from ..config import SoFTConfig
 from ..data import DatasetFormatError, held_out_split, load_trl_dataset
 from ..exit_weights import exit_loss_weights
@@ -155,8 +156,9 @@ def train(
     the model's config, the output folder is checked (writable, and holding no previous run unless
     `--overwrite_output_dir` or `--resume_from_checkpoint`), `--resume_from_checkpoint` is resolved to a complete
     checkpoint (alone or `true`: the latest one that has its `trainer_state.json`) and checked against this run (the
-    model's shape; its base model, exits and weights unless `--allow_resume_changes`). The run's main process holds a
-    lock on `--output_dir` until it returns, so a second run on the same folder refuses, naming it.
+    model's shape; its base model, exits, weights, exit schedule, layer dropout and, with an anneal, its length
+    unless `--allow_resume_changes`). The run's main process holds a lock on `--output_dir` until it returns, so a
+    second run on the same folder refuses, naming it.
 
     SIGTERM and SIGINT during training save a `checkpoint-N` at the end of the current optimizer step
     ([`StopOnSignal`]) and raise [`TrainingInterrupted`] with the resume line, instead of saving a final model.
@@ -217,6 +219,7 @@ def _check_before_loading(script_args, training_args, model_args, model_name_or_
             allow_changes=script_args.allow_resume_changes,
             revision=model_args.model_revision,
             trust_remote_code=training_args.trust_remote_code,
+            schedule=run_schedule(training_args, training_args.max_steps, training_args.num_train_epochs),
         )
 
 

@@ -36,8 +36,9 @@ class SoFTScriptArguments(ScriptArguments):
             `eval_strategy` is not `"no"`: a fraction below 1 or a count. 0 uses `dataset_test_split` instead.
         overwrite_output_dir (`bool`, defaults to `False`): Train into an `output_dir` that holds a previous run
             (its model, `trainer_state.json` or checkpoints), which is otherwise refused.
-        allow_resume_changes (`bool`, defaults to `False`): Resume a checkpoint with another base model, exit set or
-            exit weights than it was trained with (otherwise refused, naming both values); each change is printed.
+        allow_resume_changes (`bool`, defaults to `False`): Resume a checkpoint with another base model, exit set,
+            exit weights, exit schedule, layer dropout or (with an anneal) `max_steps` / `num_train_epochs` than it
+            was trained with (otherwise refused, naming both values); each change is printed.
     """
 
     dataset_format: str = field(
@@ -64,8 +65,8 @@ class SoFTScriptArguments(ScriptArguments):
     allow_resume_changes: bool = field(
         default=False,
         metadata={
-            "help": "Resume with another --model_name_or_path, --exit_layers or --exit_loss_weights than the "
-            "checkpoint was trained with (refused otherwise)."
+            "help": "Resume with another --model_name_or_path, --exit_layers, --exit_loss_weights, exit schedule, "
+            "layer dropout or (with an anneal) run length than the checkpoint was trained with (refused otherwise)."
         },
     )
 
