@@ -142,11 +142,11 @@ def test_the_same_settings_resume(capsys, trained, monkeypatch):
     assert "in the checkpoint" not in capsys.readouterr().err
 
 
-def _check_schedule(checkpoint, trained, recorded, now, **run) -> None:
+def _check_schedule(checkpoint, trained, recorded, now) -> None:
     """Record `recorded` = (settings, max_steps, num_train_epochs) as the trainer would, then resume with `now`."""
     config, model = tiny_model().config.to_dict(), str(trained["model"])
     save_run_record(checkpoint, model, config, [2, 4], [0.25, 0.75], schedule=run_schedule(*recorded))
-    check_resume_matches(str(checkpoint), model, [2, 4], [0.25, 0.75], schedule=run_schedule(*now), **run)
+    check_resume_matches(str(checkpoint), model, [2, 4], [0.25, 0.75], schedule=run_schedule(*now))
 
 
 def test_the_run_length_is_checked_only_when_an_anneal_depends_on_it(tmp_path, trained):
