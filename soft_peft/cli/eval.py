@@ -10,6 +10,8 @@ Exits: by default the model's recorded `soft_exit_layers` (written by SoFTTraine
 unless `--exits` is given: `--exits default` means every 4th layer plus the last. With `--compare_to`, a
 model without recorded exits uses the other model's. The last layer is always evaluated (it is the reference).
 Writes `metrics.json`, `report.md`, `exit_curves.png`, `similarity_kl.png` and `similarity_cosine.png`.
+`--config RECIPE` reads the training recipe's keys that are flags here (model, dataset, `max_length`); the split
+evaluated is `--dataset_test_split`, as in training.
 """
 
 from __future__ import annotations

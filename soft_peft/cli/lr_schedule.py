@@ -1,5 +1,6 @@
 """The learning rate a run's schedule gives each optimizer step, worked out before the model loads: a run whose rate
-is 0 at every step (a warm-up as long as the run, or `learning_rate 0`) trains nothing, which nothing else shows."""
+is 0 at every step trains nothing, which nothing else shows. Warm-up starts at rate 0, so a one-step run of a recipe
+with a warm-up (`--max_steps 1`, `warmup_steps: 0.05` makes 1 warm-up step) is one; so is `learning_rate 0`."""
 
 from __future__ import annotations
 

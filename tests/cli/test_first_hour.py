@@ -30,8 +30,12 @@ def test_train_help_leads_with_config_and_the_soft_settings(capsys):
     headings = [line for line in out.splitlines() if line and not line[0].isspace() and line.endswith(":")]
     assert headings[0].startswith("SoFT settings") and headings[1] == "soft-peft run options:"
     soft, trl = out.index("SoFT settings"), out.index("TRL and transformers options")
-    assert soft < out.index("--exit_layers") < out.index("--exit_rotation") < out.index("--dataset_format") < trl
-    assert trl < out.index("--learning_rate") and trl < out.index("--dataset_train_split")
+
+    def listed(flag: str) -> int:  # where the flag's own help entry starts
+        return out.index(f"\n  {flag} ")
+
+    assert soft < listed("--exit_layers") < listed("--exit_rotation") < listed("--dataset_format") < trl
+    assert trl < listed("--learning_rate") and trl < listed("--dataset_train_split")
 
 
 def warnings_of(err: str) -> list[str]:
@@ -58,10 +62,10 @@ def test_a_run_at_learning_rate_zero_at_every_step_says_so_before_loading(
     ("settings", "trains"),
     [
         (dict(max_steps=1, warmup_steps=0.05), False),
-        (dict(max_steps=3, warmup_steps=3), False),
-        (dict(max_steps=4, warmup_steps=3), True),
+        (dict(max_steps=1, warmup_steps=1, lr_scheduler_type="constant_with_warmup"), False),
+        (dict(max_steps=3, warmup_steps=3), True),  # warm-up's rate is 0 at step 1 only
         (dict(max_steps=5, learning_rate=0.0), False),
-        (dict(max_steps=2, lr_scheduler_type="constant_with_warmup", warmup_steps=2), False),
+        (dict(max_steps=2, lr_scheduler_type="cosine", warmup_steps=0.5), True),
         (dict(max_steps=1, lr_scheduler_type="cosine"), True),
         (dict(max_steps=-1, num_train_epochs=1, warmup_steps=5), True),  # counted in epochs: unknown before loading
     ],
