@@ -2,10 +2,11 @@
 
     python -m benchmarks.cli_startup [--repeats 5]
 
-`soft-peft --help` and `--version` import neither torch nor transformers (the subcommands and the top-level names load
-on first use), so they should answer in well under a second; `import soft_peft` is as light, and the first use of a
-training name (`from soft_peft import SoFTTrainer`) pays for the stack. Prints a Markdown table of the median and
-fastest wall time per command, and which heavy modules each one loaded.
+`soft-peft --help`, `--version` and `eval`/`generate`/`extract --help` import neither torch nor transformers (the
+subcommands and the top-level names load on first use), so they should answer in well under a second;
+`import soft_peft` is as light, and the first use of a training name (`from soft_peft import SoFTTrainer`) pays for
+the stack. Prints a Markdown table of the median and fastest wall time per command, and which heavy modules each one
+loaded.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import time
 
-HEAVY = ("torch", "transformers", "trl")
+HEAVY = ("torch", "transformers", "trl", "datasets")
 # Python code whose process prints the heavy modules it loaded, after running `body`
 _PROBE = "import sys\n{body}\nprint('LOADED', ','.join(m for m in {heavy!r} if m in sys.modules))"
 
@@ -31,6 +32,8 @@ def commands() -> dict[str, list[str]]:
         "python -m soft_peft.cli --help": [*python, "-m", "soft_peft.cli", "--help"],
         "python -m soft_peft.cli --version": [*python, "-m", "soft_peft.cli", "--version"],
     }
+    for name in ("eval", "generate", "extract"):  # a subcommand's help imports its parser only, not the model stack
+        measured[f"python -m soft_peft.cli {name} --help"] = [*python, "-m", "soft_peft.cli", name, "--help"]
     script = shutil.which("soft-peft")
     if script:
         measured["soft-peft --version (console script)"] = [script, "--version"]
@@ -49,7 +52,9 @@ def loaded_modules(command: list[str]) -> str:
         body = command[2]
     else:  # -m soft_peft.cli ARGS: run the CLI's main in-process, keeping its exit
         body = "from soft_peft.cli import main\nimport contextlib, io\n"
-        body += f"with contextlib.redirect_stdout(io.StringIO()):\n    main({command[3:]!r})"
+        # A subcommand's `--help` ends in argparse's SystemExit(0), which must not end the probe before it prints
+        body += "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        body += f"    main({command[3:]!r})"
     probe = _PROBE.format(body=body, heavy=HEAVY)
     output = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     line = next(line for line in output.splitlines() if line.startswith("LOADED"))

@@ -8,7 +8,7 @@ is the one function that turns training arguments into the `SoFTSettings` the tr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from trl import SFTConfig
 
@@ -120,7 +120,16 @@ class SoFTConfig(SoFTSettings, SFTConfig):
     `"nll"` or `"dft"`.
     """
 
+    # TRL 1.16 gives the deprecated `gradient_checkpointing` its default (True), so transformers warns on every
+    # config, even one that never names it; here the old name is unset and the default goes to the new name
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Deprecated name of --activation_checkpointing (which defaults to true, as in TRL)."},
+    )
+
     def __post_init__(self):
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True  # TRL's default, under the name transformers reads
         SFTConfig.__post_init__(self)
         SoFTSettings.__post_init__(self)
         _refuse_label_smoothing(self.label_smoothing_factor)

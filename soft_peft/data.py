@@ -23,7 +23,12 @@ from datasets.exceptions import DatasetGenerationError, DatasetNotFoundError
 
 from .data_rows import DatasetFormatError, check_one_format_per_row, check_row_types
 from .hub import looks_like_hub_id
-from .prompt_templates import ANSWER_SEPARATOR, PROMPT_FORMATS, format_prompt
+from .prompt_templates import (
+    ANSWER_SEPARATOR,
+    CONVERTED_FORMATS,
+    DATASET_FORMATS,
+    format_prompt,
+)
 
 __all__ = [
     "DATASET_FORMATS",
@@ -40,11 +45,7 @@ __all__ = [
     "triviaqa_to_prompt_completion",
 ]
 
-# TRL's dataset types, trained and scored as they are
-TRL_FORMATS = ("messages", "prompt_completion", "text")
-# The paper's datasets, converted to prompt-completion by the templates below
-CONVERTED_FORMATS = PROMPT_FORMATS
-DATASET_FORMATS = ("auto", *TRL_FORMATS, *CONVERTED_FORMATS)
+# DATASET_FORMATS, TRL_FORMATS and CONVERTED_FORMATS live in prompt_templates, which imports nothing heavy
 # The columns each TRL type needs (the converters below check their own), and for the empty-completion check the
 # column each format's completion comes from
 _FORMAT_COLUMNS = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"), "text": ("text",)}

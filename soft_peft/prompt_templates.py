@@ -11,9 +11,12 @@ __all__ = [
     "ALPACA_PROMPT",
     "ALPACA_PROMPT_NO_INPUT",
     "ANSWER_SEPARATOR",
+    "CONVERTED_FORMATS",
+    "DATASET_FORMATS",
     "GSM8K_PROMPT",
     "PROMPT_FORMATS",
     "TRIVIAQA_PROMPT",
+    "TRL_FORMATS",
     "format_prompt",
 ]
 
@@ -35,6 +38,12 @@ ANSWER_SEPARATOR = " "
 
 # The dataset formats whose rows these templates turn into prompt-completion (`--dataset_format` in training)
 PROMPT_FORMATS = ("alpaca", "gsm8k", "triviaqa")
+# The row formats of training and evaluation data (`--dataset_format`), here rather than in soft_peft.data so that the
+# command line's `--help` lists them without importing `datasets`: TRL's dataset types, trained and scored as they
+# are, then the paper's datasets, converted to prompt-completion by the templates of this module
+TRL_FORMATS = ("messages", "prompt_completion", "text")
+CONVERTED_FORMATS = PROMPT_FORMATS
+DATASET_FORMATS = ("auto", *TRL_FORMATS, *CONVERTED_FORMATS)
 
 
 # GSM8K and TriviaQA share the question-answer layout

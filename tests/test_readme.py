@@ -8,7 +8,9 @@ How the Hub is replaced (nothing in the blocks' text changes):
 - Datasets: `datasets.load_dataset("trl-lib/Capybara", ...)` returns the Alpaca seed tasks shipped in data/ as
   conversations.
 - Training: `SoFTConfig` gets a tiny run on top of the block's own arguments (1 step, batch 2, 64 tokens).
-Each block runs in a temporary folder holding a link to data/, as it would from the repository root.
+Each block runs in a temporary folder holding a link to data/, as it would from the repository root; a block run
+alone finds the folder an earlier block saves (the inference block's `smollm2-soft`) as a link to the served model.
+`test_readme_runs_top_to_bottom` runs the README's blocks in order in one folder, as a reader does.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ SNIPPETS = {
     },
 }
 CASES = [(document, key) for document, keys in SNIPPETS.items() for key in keys]
+# The folder a block loads that an earlier block of its document saves
+LOADS_EARLIER_OUTPUT = {"out = self_speculative_generate(": "smollm2-soft"}
 
 
 @pytest.mark.parametrize("document", SNIPPETS)
@@ -145,8 +149,9 @@ def capybara_from_alpaca_seed(*args, **kwargs) -> Dataset:
     )
 
 
-def run_snippet(document: str, key: str, model_folder: Path, tmp_path: Path, monkeypatch) -> dict:
-    snippet = next(snippet for snippet in python_blocks(document) if key in snippet)
+def offline_work_folder(model_folder: Path, tmp_path: Path, monkeypatch) -> Path:
+    """The folder the blocks run in (the current directory), with the Hub model served from `model_folder`, the
+    Capybara dataset replaced and `SoFTConfig` given the tiny run."""
     cache = tmp_path / "hub-cache"
     serve_from_hub_cache(cache, HUB_MODEL, model_folder)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
@@ -157,9 +162,21 @@ def run_snippet(document: str, key: str, model_folder: Path, tmp_path: Path, mon
     work.mkdir()
     (work / "data").symlink_to(ROOT / "data")
     monkeypatch.chdir(work)
+    return work
+
+
+def exec_block(document: str, key: str) -> dict:
+    snippet = next(snippet for snippet in python_blocks(document) if key in snippet)
     namespace: dict = {"__name__": "readme"}
     exec(compile(snippet, f"{document} block {key!r}", "exec"), namespace)
     return namespace
+
+
+def run_snippet(document: str, key: str, model_folder: Path, tmp_path: Path, monkeypatch) -> dict:
+    work = offline_work_folder(model_folder, tmp_path, monkeypatch)
+    if key in LOADS_EARLIER_OUTPUT:  # run alone: the earlier block's output is the served model itself
+        (work / LOADS_EARLIER_OUTPUT[key]).symlink_to(model_folder.resolve())
+    return exec_block(document, key)
 
 
 def logged_exit_losses(trainer) -> dict[int, float]:
@@ -209,9 +226,9 @@ def check_plain_pytorch(namespace: dict, work: Path) -> None:
     losses = namespace["out"].exit_losses
     assert sorted(losses) == exits and all(torch.isfinite(loss) for loss in losses.values())
     assert namespace["model"].get_output_embeddings().weight.grad is not None  # backward reached the shared head
-    saved = AutoModelForCausalLM.from_pretrained(work / "smollm2-soft")
+    saved = AutoModelForCausalLM.from_pretrained(work / "smollm2-plain-loop")
     torch.testing.assert_close(saved.state_dict(), namespace["model"].state_dict())
-    assert_inference_folder(work / "smollm2-soft", exits)
+    assert_inference_folder(work / "smollm2-plain-loop", exits)
 
 
 def check_schedule(namespace: dict, work: Path) -> None:
@@ -273,3 +290,24 @@ def test_block_runs_with_a_tiny_model(document, key, tiny_model_folder, tmp_path
 def test_block_runs_with_the_real_model(document, key, smollm2_path, tmp_path, monkeypatch):
     namespace = run_snippet(document, key, smollm2_path, tmp_path, monkeypatch)
     CHECKS[key](namespace, tmp_path / "work")
+
+
+def test_readme_runs_top_to_bottom(tmp_path, monkeypatch):
+    """A reader who runs every README block in order, in one folder, decodes with the model SoFTTrainer trained: no
+    later block overwrites its folder (the plain PyTorch block once saved its untrained model there)."""
+    folder = tmp_path / "tiny-30"  # the depth of SmolLM2, so that the README's exits (9, ..., 30; draft 15) exist
+    tiny_model("llama", num_hidden_layers=30).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    work = offline_work_folder(folder, tmp_path, monkeypatch)
+    base = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+    trained = None
+    for key in SNIPPETS["README.md"]:
+        namespace = exec_block("README.md", key)
+        if key == "# was: from trl import SFTConfig, SFTTrainer":
+            trained = {name: value.clone() for name, value in namespace["trainer"].model.state_dict().items()}
+    assert trained is not None and any(not torch.equal(trained[name], base[name]) for name in base)  # it trained
+    assert (work / "smollm2-plain-loop" / "config.json").exists()  # the plain loop's model, in a folder of its own
+    loaded = namespace["model"].state_dict()  # the inference block's, the last block
+    assert loaded.keys() == trained.keys()
+    for name in trained:
+        torch.testing.assert_close(loaded[name], trained[name], rtol=0, atol=0)

@@ -10,6 +10,8 @@ Exits: by default the model's recorded `soft_exit_layers` (written by SoFTTraine
 unless `--exits` is given: `--exits default` means every 4th layer plus the last. With `--compare_to`, a
 model without recorded exits uses the other model's. The last layer is always evaluated (it is the reference).
 Writes `metrics.json`, `report.md`, `exit_curves.png`, `similarity_kl.png` and `similarity_cosine.png`.
+`--config RECIPE` reads the training recipe's keys that are flags here (model, dataset, `max_length`); the split
+evaluated is `--dataset_test_split`, as in training.
 """
 
 from __future__ import annotations
@@ -18,11 +20,9 @@ import argparse
 import sys
 from types import SimpleNamespace
 
-from ..data import DATASET_FORMATS, DatasetFormatError
-from ..evaluation.pipeline import EvalSettings, resolve_eval_exits, run_evaluation
-from ..evaluation.report import require_matplotlib
 from ..hub import resolve_model_path
-from .arg_types import positive_int, refuse_option
+from ..prompt_templates import DATASET_FORMATS
+from .arg_types import OneLineErrorParser, add_config_option, positive_int, recipe_argv, refuse_option
 from .preflight import UsageError, check_model_files, check_output_dir, read_model_facts
 
 __all__ = ["build_parser", "main"]
@@ -30,7 +30,9 @@ __all__ = ["build_parser", "main"]
 
 def build_parser(prog: str = "soft-peft eval") -> argparse.ArgumentParser:
     """The `soft-peft eval` argument parser."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = OneLineErrorParser(prog=prog, description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    # A training recipe's output_dir is the trained model's folder, which eval reads (--model_name_or_path)
+    add_config_option(parser, ignored={"output_dir": "training's folder; pass eval's own --output_dir"})
     parser.add_argument("--model_name_or_path", required=True, help="Model A: a folder or Hub name.")
     parser.add_argument("--compare_to", help="Model B, compared exit by exit (same tokenizer vocabulary).")
     parser.add_argument(
@@ -45,7 +47,11 @@ def build_parser(prog: str = "soft-peft eval") -> argparse.ArgumentParser:
         help="Row format, as `soft-peft train` takes it; 'auto' (default) tells it by the columns: 'messages', "
         "'prompt'/'completion', Alpaca 'instruction'/'output', 'question'/'answer' (GSM8K, TriviaQA), 'text'.",
     )
-    parser.add_argument("--dataset_split", default="train")
+    parser.add_argument(
+        "--dataset_test_split",
+        default="test",
+        help="The split evaluated, as training's --dataset_test_split (a single file is its one split).",
+    )
     parser.add_argument("--dataset_config", default=None)
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--max_samples", type=positive_int, help="Evaluate only the first N rows.")
@@ -85,6 +91,8 @@ def _check_exits_before_loading(args: argparse.Namespace) -> None:
     facts = [read_model_facts(name) for name in names]
     for name in names:  # the evaluation loads each model's own tokenizer
         check_model_files(name, tokenizer_flag=None)
+    from ..evaluation.pipeline import resolve_eval_exits
+
     # The evaluation's own resolution, given objects that carry only the configs
     models = [SimpleNamespace(config=fact.config) for fact in facts]
     fallback = facts[1].recorded_exits if len(facts) == 2 else None
@@ -95,7 +103,13 @@ def _check_exits_before_loading(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run `soft-peft eval` with `argv`; returns 0, or 2 with a message on stderr for unusable input."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(recipe_argv(parser, list(sys.argv[1:] if argv is None else argv)))
+    # Imported after parsing: `--help` and a refused flag answer without loading torch
+    from ..data import DatasetFormatError
+    from ..evaluation.pipeline import EvalSettings, run_evaluation
+    from ..evaluation.report import require_matplotlib
+
     try:
         # The plots need the `eval` extra, which `pip install soft-peft` does not bring: say so in one line, not as a
         # traceback (run_evaluation checks it too, for API users)
@@ -110,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         compare_to=args.compare_to,
         exits=args.exits,
         max_samples=args.max_samples,
-        dataset_split=args.dataset_split,
+        dataset_test_split=args.dataset_test_split,
         dataset_config=args.dataset_config,
         dataset_format=args.dataset_format,
         batch_size=args.batch_size,

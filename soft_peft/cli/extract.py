@@ -20,7 +20,7 @@ import sys
 import warnings
 
 from ..hub import looks_like_hub_id, resolve_model_path
-from .arg_types import parse_ints, positive_int
+from .arg_types import OneLineErrorParser, add_config_option, parse_ints, positive_int, recipe_argv
 from .export_folder import check_export_folder, staged_folder
 from .preflight import error_reason, read_model_facts, untrained_exit_warning, warn
 
@@ -28,7 +28,16 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="soft-peft extract", description=__doc__.split("\n")[0])
+    parser = OneLineErrorParser(prog="soft-peft extract", description=__doc__.split("\n")[0])
+    # A training recipe's output_dir and Hub repository are the trained model's, not the sub-models'
+    add_config_option(
+        parser,
+        ignored={
+            "output_dir": "training's folder; pass --output_dir for the sub-models",
+            "push_to_hub": "training's upload",
+            "hub_model_id": "training's repository",
+        },
+    )
     parser.add_argument("--model_name_or_path", required=True, help="A model or LoRA adapter folder, or Hub name.")
     parser.add_argument(
         "--num_layers",
@@ -136,7 +145,7 @@ def _load_merged(model_path: str, adapter_base: str | None):
 def main(argv: list[str]) -> int:
     """Run `soft-peft extract`; returns the exit status (2, with one line on stderr, for unusable flags)."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(recipe_argv(parser, list(argv)))
     try:
         model_path = resolve_model_path(args.model_name_or_path)
         facts = read_model_facts(model_path)

@@ -21,7 +21,7 @@ import warnings
 
 from ..hub import resolve_model_path
 from ..prompt_templates import PROMPT_FORMATS, format_prompt
-from .arg_types import parse_ints, positive_int, refuse_option
+from .arg_types import OneLineErrorParser, add_config_option, parse_ints, positive_int, recipe_argv, refuse_option
 from .preflight import ModelFacts, check_model_files, read_model_facts, untrained_exit_warning, warn
 
 __all__ = ["main"]
@@ -46,7 +46,8 @@ def _draft_length(text: str) -> str | int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="soft-peft generate", description=__doc__.split("\n")[0])
+    parser = OneLineErrorParser(prog="soft-peft generate", description=__doc__.split("\n")[0])
+    add_config_option(parser)
     parser.add_argument("--model_name_or_path", required=True, help="A local HF folder or Hub name.")
     parser.add_argument(
         "--tokenizer_name_or_path",
@@ -222,7 +223,7 @@ def _decode(args: argparse.Namespace, model, input_ids, vocab_subset) -> tuple:
 def main(argv: list[str]) -> int:
     """Run `soft-peft generate`; returns the exit status (2, with one line on stderr, for unusable flags)."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(recipe_argv(parser, list(argv)))
     if not args.prompt:
         parser.error("--prompt is empty: give the text to continue.")
     try:

@@ -33,6 +33,7 @@ from ..exits import exit_layers_as_written
 from ..hub import ModelNotFoundError, resolve_model_path
 from ..trainer import SoFTTrainer
 from ..wrapper import exit_loss_weights_of
+from .lr_schedule import zero_learning_rate_warning
 from .output_dir_lock import OutputDirInUse, OutputDirLock, holds_output_dir_lock
 from .preflight import (
     UsageError,
@@ -41,6 +42,7 @@ from .preflight import (
     check_output_dir,
     error_reason,
     resolve_resume_checkpoint,
+    warn,
 )
 from .resume_checks import check_resume_matches
 from .stop_on_signal import StopOnSignal
@@ -188,6 +190,8 @@ def train(
         check_model_files(model_name_or_path, script_args.tokenizer_name_or_path)
     except ValueError as error:
         raise UsageError(f"--model_name_or_path {error}") from None
+    if int(os.environ.get("RANK", "0")) == 0:  # one line per launch, not one per process
+        warn("soft-peft train", zero_learning_rate_warning(training_args))
     resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     if not holds_output_dir_lock(training_args.save_on_each_node):  # the run's main process locks for every rank
         _check_before_loading(script_args, training_args, model_args, model_name_or_path, layers, resume)

@@ -5,20 +5,23 @@ command-line overrides, which win.
 
 from __future__ import annotations
 
+import argparse
+import os
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from transformers.utils import is_torch_bf16_gpu_available
-from trl import ModelConfig, ScriptArguments, TrlParser
+from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
 from ..config import SoFTConfig
 from ..data import DATASET_FORMATS
+from ..settings import SoFTSettings
 from .preflight import UsageError, error_reason
 from .recipes import resolve_config
 
-__all__ = ["DEFAULT_MODEL", "SoFTScriptArguments", "make_parser", "parse_args"]
+__all__ = ["DEFAULT_MODEL", "SoFTScriptArguments", "check_launch_fits_machine", "make_parser", "parse_args"]
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M"
 
@@ -71,10 +74,70 @@ class SoFTScriptArguments(ScriptArguments):
     )
 
 
+USAGE = "{prog} [--config NAME|FILE] [--FLAG VALUE ...]"
+DESCRIPTION = """Fine-tune a causal LM with Sorted Fine-Tuning (SoFT): TRL's SFT with every listed exit trained.
+
+--config NAME|FILE  A training recipe: a shipped recipe's name (`soft-peft recipes list` lists them) or a YAML
+                    file of the flags below (`soft-peft recipes copy NAME` copies one to edit). Flags on the
+                    command line override the recipe.
+
+Example: soft-peft train --config smollm2_135m_alpaca_cpu --output_dir runs/soft --max_steps 20
+
+The SoFT settings come first, then soft-peft's run options, then the flags of `trl sft` (TRL's SFTConfig,
+transformers' TrainingArguments and TRL's ModelConfig).
+"""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written (its lines are laid out), each flag's default shown as HfArgumentParser shows it."""
+
+
+def _soft_flags_first(parser: TrlParser) -> None:
+    """Move the SoFT settings and soft-peft's own run options out of argparse's one list of ~300 flags, into headed
+    groups shown first by `--help`; the rest keeps argparse's group, headed as TRL's."""
+    trl_names = {f.name for f in fields(SFTConfig)} | {f.name for f in fields(ScriptArguments)}
+    own = {
+        "SoFT settings (SoFTConfig; docs/guide.md, Settings)": [f.name for f in fields(SoFTSettings)],
+        "soft-peft run options": [f.name for f in fields(SoFTScriptArguments)],
+    }
+    rest = parser._optionals  # argparse's own group of optional arguments
+    for position, (title, names) in enumerate(own.items()):
+        group = parser.add_argument_group(title)
+        for action in [action for action in rest._group_actions if action.dest in names]:
+            if action.dest not in trl_names:
+                rest._group_actions.remove(action)
+                group._group_actions.append(action)
+        parser._action_groups.remove(group)
+        parser._action_groups.insert(position, group)
+    rest.title = "TRL and transformers options (as `trl sft`)"
+
+
 class _OneLineErrorParser(TrlParser):
     # argparse prints the whole usage (hundreds of TrainingArguments flags) before an error: raise one line instead
     def error(self, message):
         raise UsageError(message)
+
+
+def _deepspeed_launch_without_gpu() -> bool:
+    """Whether `accelerate launch` started this process with a DeepSpeed config on a machine without a GPU."""
+    import torch
+
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not torch.cuda.is_available()
+
+
+def check_launch_fits_machine() -> None:
+    """Refuse a DeepSpeed launch config made for GPUs (mixed precision) on a machine without one, naming the CPU
+    config, before DeepSpeed fails on it with a long traceback.
+
+    Raises:
+        UsageError: for such a launch.
+    """
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if _deepspeed_launch_without_gpu() and precision != "no":
+        raise UsageError(
+            f"this DeepSpeed launch config asks for {precision} mixed precision on GPUs, and this machine has none: "
+            'on CPUs launch with --config_file "$(soft-peft recipes path accelerate/zero3_cpu)".'
+        )
 
 
 def make_parser(prog: str | None = None, **defaults) -> TrlParser:
@@ -85,7 +148,14 @@ def make_parser(prog: str | None = None, **defaults) -> TrlParser:
         **defaults: Default values that a recipe (`--config`) or the command line override, e.g. an example's
             `dataset_name` and `dataset_format`.
     """
-    parser = _OneLineErrorParser((SoFTScriptArguments, SoFTConfig, ModelConfig), prog=prog)
+    parser = _OneLineErrorParser(
+        (SoFTScriptArguments, SoFTConfig, ModelConfig),
+        prog=prog,
+        usage=USAGE.format(prog=prog or "soft-peft train"),
+        description=DESCRIPTION,
+        formatter_class=_HelpFormatter,
+    )
+    _soft_flags_first(parser)
     for action in parser._actions:
         # argparse %-formats help strings: a bare "30% depth" would crash `--help`
         if action.help:
@@ -101,6 +171,8 @@ def make_parser(prog: str | None = None, **defaults) -> TrlParser:
     base_defaults = {"model_name_or_path": DEFAULT_MODEL}
     if not is_torch_bf16_gpu_available():
         base_defaults["bf16"] = False
+    if _deepspeed_launch_without_gpu():  # DeepSpeed on CPUs forms no process group without gloo (zero3_cpu.yaml)
+        base_defaults["ddp_backend"] = "gloo"
     parser.set_defaults(**{**base_defaults, **defaults})
     return parser
 
@@ -113,6 +185,7 @@ def parse_args(
     Raises:
         UsageError: for unknown flags or recipe keys, a missing recipe file, or an invalid value.
     """
+    check_launch_fits_machine()
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" in argv:
         index = argv.index("--config")

@@ -36,7 +36,8 @@ class EvalSettings:
         exits: The exits to evaluate: ``None`` (the recorded ``soft_exit_layers``), ``"default"`` (every 4th layer
             plus the last), or a list / string accepted by [`parse_exit_layers`].
         max_samples: Evaluate the first ``max_samples`` rows only.
-        dataset_split, dataset_config: Hub split and configuration.
+        dataset_test_split, dataset_config: The split evaluated (TRL's name for it; a single file is its one split
+            whatever this says) and the Hub configuration.
         dataset_format: The rows' format, one of [`~soft_peft.data.DATASET_FORMATS`] (training's vocabulary);
             ``"auto"`` tells it by the columns.
         batch_size: Examples per forward.
@@ -57,7 +58,7 @@ class EvalSettings:
     compare_to: str | None = None
     exits: str | list[int] | None = None
     max_samples: int | None = None
-    dataset_split: str = "train"
+    dataset_test_split: str = "test"
     dataset_config: str | None = None
     dataset_format: str = "auto"
     batch_size: int = 4
@@ -211,7 +212,7 @@ def run_evaluation(settings: EvalSettings) -> dict:
     dataset, dataset_format = load_eval_dataset(
         settings.dataset_name,
         settings.max_samples,
-        settings.dataset_split,
+        settings.dataset_test_split,
         settings.dataset_config,
         dataset_format=settings.dataset_format,
     )

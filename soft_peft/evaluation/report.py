@@ -12,7 +12,7 @@ from .per_exit import ExitEvaluation
 __all__ = ["plot_exit_curves", "plot_similarity", "require_matplotlib", "short_name", "write_outputs"]
 
 _CURVES = (
-    ("loss", "held-out loss (nats)"),
+    ("loss", "loss on the evaluated rows (nats)"),
     ("token_accuracy", "completion token accuracy"),
     ("kl_to_last", "KL(last || exit) (nats)"),
     ("agreement_with_last", "top-1 agreement with last layer"),
@@ -216,15 +216,24 @@ def _write_plots(out: Path, labels, per_model, evaluation: ExitEvaluation) -> No
 
 def _report_lines(names, labels, per_model, judgements, settings, samples) -> list[str]:
     lines = [f"# Per-exit evaluation of {names[0]}", ""]
+    dataset = settings.get("dataset_name")
+    # A single file is one split whatever the setting names (soft_peft.data.load_raw_dataset)
+    split = "" if dataset and os.path.isfile(dataset) else f", split `{settings.get('dataset_test_split')}`"
+    columns = {key for metrics in per_model for values in metrics.values() for key in values}
     lines += [
-        f"Dataset `{settings.get('dataset_name')}` ({settings.get('dataset_format')}), "
-        f"{settings.get('num_examples')} examples, {settings.get('num_tokens')} scored completion tokens.",
+        f"Dataset `{dataset}` ({settings.get('dataset_format')}{split}), {settings.get('num_examples')} examples, "
+        f"{settings.get('num_tokens')} scored completion tokens. The loss is measured on these rows: held-out data "
+        "only if the model was not trained on them.",
         "",
         "`kl_to_last` = KL(P_last || P_exit); `agreement_with_last` = share of tokens whose argmax is the last "
         "layer's (about the greedy acceptance rate of drafting from that exit); `cosine_to_last` = cosine of normed "
-        "hidden states; "
-        "`*_other_last` compare against the other model's last layer. `ms_per_token` is greedy `generate` wall time "
-        "per generated token of the extracted sub-model (batch 1, prefill included).",
+        "hidden states; `*_other_last` compare against the other model's last layer."
+        + (
+            " `ms_per_token` is greedy `generate` wall time per generated token of the extracted sub-model (batch 1, "
+            "prefill included)."
+            if "ms_per_token" in columns
+            else ""
+        ),
         "",
     ]
     for label, metrics in zip(labels, per_model, strict=True):

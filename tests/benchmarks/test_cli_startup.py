@@ -28,3 +28,9 @@ def test_the_measured_commands_start_with_the_bare_interpreter():
     first = next(iter(commands.values()))
     assert first == [sys.executable, "-c", "pass"]
     assert commands["python -m soft_peft.cli --version"] == [sys.executable, "-m", "soft_peft.cli", "--version"]
+
+
+def test_the_subcommands_help_loads_no_heavy_module():
+    """`soft-peft eval --help` once imported torch, transformers and datasets first (~9 s)."""
+    for name in ("eval", "generate", "extract"):
+        assert cli_startup.loaded_modules(cli_startup.commands()[f"python -m soft_peft.cli {name} --help"]) == "none"

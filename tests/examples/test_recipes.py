@@ -30,6 +30,7 @@ def test_every_launch_config_is_shipped():
         "ddp",
         "zero3",
         "zero3_offload",
+        "zero3_cpu",
         "fsdp2",
         "zero3_multinode",
         "fsdp2_multinode",
@@ -44,6 +45,15 @@ def test_training_recipe_parses_and_states_its_command(recipe):
     text = header(recipe)
     assert f"--config recipes/{recipe.name}" in text or "soft-peft train --config" in text
     assert "accelerate launch" in text or "soft-peft train" in text
+    # An installed soft-peft has no clone paths: its command comes first, by the recipe's name
+    first_command = next(
+        line
+        for line in text.splitlines()
+        if re.match(r"#\s+(soft-peft (train|recipes)|accelerate launch|python) ", line)
+    )
+    assert f"soft-peft train --config {recipe.stem}" in first_command or "soft-peft recipes path" in first_command
+    if "soft-peft recipes path" in first_command:
+        assert f"-m soft_peft.cli train --config {recipe.stem}" in text
 
 
 @pytest.mark.parametrize("config", ACCELERATE_CONFIGS, ids=lambda p: p.stem)
@@ -51,6 +61,8 @@ def test_accelerate_config_loads_and_states_its_command(config):
     settings = yaml.safe_load(config.read_text())
     assert settings["distributed_type"] in ("NO", "MULTI_GPU", "DEEPSPEED", "FSDP")
     assert f"accelerate launch --config_file recipes/accelerate/{config.name}" in header(config)
+    if settings["num_machines"] == 1:  # and the installed form, by name
+        assert f'--config_file "$(soft-peft recipes path accelerate/{config.stem})"' in header(config)
     if settings["distributed_type"] == "DEEPSPEED":
         assert settings["deepspeed_config"]["zero_stage"] == 3
         assert settings["deepspeed_config"]["zero3_save_16bit_model"]  # a gathered, vanilla final checkpoint
