@@ -7,21 +7,31 @@
 Each folder is a plain transformers model (reloaded by `AutoModelForCausalLM.from_pretrained`, its logits those of
 exit N of the source), with the source's tokenizer and a model card (README.md). A LoRA adapter folder is merged
 into its base model first. The command prints the transformers, vLLM and SGLang invocations that serve the exit as
-the source's draft model. The output folder must be new or empty (`--overwrite_output_dir` replaces it), and is
-never the model being read.
+the source's draft model. The output folder must be new or empty (`--overwrite_output_dir` replaces one that holds
+a saved model), is never the model being read, and takes one export at a time.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 
 from ..hub import looks_like_hub_id, resolve_model_path
 from .arg_types import OneLineErrorParser, add_config_option, parse_ints, positive_int, recipe_argv
-from .export_folder import check_export_folder, staged_folder
+from .export_folder import (
+    adapter_base_of,
+    check_export_folder,
+    check_export_target,
+    export_lock,
+    recover_interrupted_export,
+    staged_folder,
+)
+from .folder_writes import write_failure
+from .output_dir_lock import OutputDirInUse
 from .preflight import error_reason, read_model_facts, untrained_exit_warning, warn
 
 __all__ = ["main"]
@@ -47,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output_dir", required=True, help="Folder to write the sub-model(s) to; new or empty.")
     parser.add_argument(
-        "--overwrite_output_dir", action="store_true", help="Replace the contents of a non-empty --output_dir."
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Replace a non-empty --output_dir that holds a saved model (an earlier export).",
     )
     parser.add_argument(
         "--num_speculative_tokens", type=positive_int, default=5, help="Drafts per step in the printed vLLM/SGLang."
@@ -65,15 +77,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--hub_private_repo", action="store_true", default=None, help="Create private repositories.")
     parser.add_argument("--hub_token", default=None, help="Hub token (default: `hf auth login`'s).")
     return parser
-
-
-def _adapter_base(model_path: str) -> str | None:
-    """The base model of a LoRA adapter folder, or ``None`` for a full model."""
-    adapter_config = os.path.join(model_path, "adapter_config.json")
-    if os.path.isfile(os.path.join(model_path, "config.json")) or not os.path.isfile(adapter_config):
-        return None
-    with open(adapter_config, encoding="utf-8") as handle:
-        return json.load(handle).get("base_model_name_or_path") or None
 
 
 def _load_tokenizer(parser: argparse.ArgumentParser, sources: list[str]):
@@ -110,7 +113,7 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace, facts, sou
             f"--num_layers {','.join(map(str, bad))}: must be in 1..{facts.num_layers} ({facts.name} has "
             f"{facts.num_layers} layers)."
         )
-    reason = check_export_folder(args.output_dir, sources, args.overwrite_output_dir)
+    reason = check_export_folder(args.output_dir, args.overwrite_output_dir)
     if reason:
         parser.error(reason)
     if args.push_to_hub:
@@ -143,7 +146,8 @@ def _load_merged(model_path: str, adapter_base: str | None):
 
 
 def main(argv: list[str]) -> int:
-    """Run `soft-peft extract`; returns the exit status (2, with one line on stderr, for unusable flags)."""
+    """Run `soft-peft extract`; returns the exit status (2, with one line on stderr, for unusable flags, a folder in
+    use by another export, or a save that failed for lack of space or permission)."""
     parser = _parser()
     args = parser.parse_args(recipe_argv(parser, list(argv)))
     try:
@@ -151,9 +155,41 @@ def main(argv: list[str]) -> int:
         facts = read_model_facts(model_path)
     except ValueError as error:  # ModelNotFoundError included
         parser.error(str(error))
-    adapter_base = _adapter_base(model_path)
-    sources = [model_path] + ([adapter_base] if adapter_base else [])
-    layers = _check(parser, args, facts, sources)
+    base = adapter_base_of(model_path)
+    sources = [model_path] + ([base] if base else [])
+    reason = check_export_target(args.output_dir, sources)
+    if reason:
+        parser.error(reason)
+    try:  # held to the end: a second export into this folder would otherwise replace this one as it finishes
+        lock = export_lock(args.output_dir).acquire()
+    except OutputDirInUse as error:
+        parser.error(str(error))
+    with lock:
+        for line in recover_interrupted_export(args.output_dir):
+            print(f"{parser.prog}: {line}", file=sys.stderr)
+        layers = _check(parser, args, facts, sources)
+        return _export(parser, args, model_path, base, sources, layers)
+
+
+@contextlib.contextmanager
+def _refusing_write_failures(parser: argparse.ArgumentParser, output_dir: str) -> Iterator[None]:
+    """A save that failed for lack of space or permission as one line (``staged_folder`` already undid it)."""
+    try:
+        yield
+    except Exception as error:
+        failure = write_failure(error)
+        if failure is None:
+            raise
+        reason, full = failure
+        fix = "Free space on its disk" if full else "Fix its permissions"
+        parser.error(
+            f"--output_dir {output_dir}: the export could not be written ({reason}); nothing was changed there. "
+            f"{fix} or choose another --output_dir."
+        )
+
+
+def _export(parser, args, model_path: str, adapter_base: str | None, sources: list[str], layers: list[int]) -> int:
+    """Load, extract, save (staged) and push; the checks have passed and the folder's lock is held."""
     from ..model_card import card_metadata, load_eval_metrics
 
     eval_metrics = None
@@ -189,7 +225,7 @@ def main(argv: list[str]) -> int:
     repo_ids = _repo_ids(args, layers)
     family = len(layers) > 1
     folders = {k: os.path.join(args.output_dir, f"{k}-layers") if family else args.output_dir for k in layers}
-    with staged_folder(args.output_dir) as staging:
+    with _refusing_write_failures(parser, args.output_dir), staged_folder(args.output_dir) as staging:
         for k in layers:
             folder = os.path.join(staging, f"{k}-layers") if family else staging
             with warnings.catch_warnings():

@@ -1,4 +1,4 @@
-"""One run per output folder: a lock file in `--output_dir` holding the holder's PID and host.
+"""One run per output folder: a lock file in `--output_dir` (or beside it) holding the holder's PID and host.
 
 The lock is an exclusive `flock` on `output_dir/.soft-peft.lock`, held until the process exits: the kernel gives it to
 one process only, so two runs started together cannot both pass, and it frees it when the holder dies however it
@@ -55,15 +55,18 @@ class OutputDirLock:
     """Exclusive lock of a training output folder, as a context manager (the kernel frees it if the process dies).
 
     Args:
-        output_dir: The folder (created if missing, as the run will write there anyway).
+        output_dir: The folder, as the user gave it (for the messages).
+        lock_file: The lock file: ``output_dir/.soft-peft.lock`` by default; one beside ``output_dir`` for a folder
+            that is replaced as a whole (an export). Its folder is created if missing, as the run writes there anyway.
 
     Raises:
         OutputDirInUse: on `acquire()`, when a live run holds the lock; the message names it.
     """
 
-    def __init__(self, output_dir: str | os.PathLike):
+    def __init__(self, output_dir: str | os.PathLike, lock_file: str | os.PathLike | None = None):
         self.output_dir = os.fspath(output_dir)
-        self.path = os.path.join(self.output_dir, LOCK_FILE)
+        self.path = os.fspath(lock_file) if lock_file is not None else os.path.join(self.output_dir, LOCK_FILE)
+        self._folder = os.path.dirname(self.path)
         self._fd: int | None = None
         self._created_dir = False
 
@@ -71,8 +74,8 @@ class OutputDirLock:
         """Take the lock, or raise `OutputDirInUse` naming the holder. A stale lock is taken over with a message."""
         import fcntl
 
-        self._created_dir = not os.path.isdir(self.output_dir)
-        os.makedirs(self.output_dir, exist_ok=True)
+        self._created_dir = not os.path.isdir(self._folder)
+        os.makedirs(self._folder, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -114,8 +117,8 @@ class OutputDirLock:
         return self
 
     def release(self) -> None:
-        """Remove the lock file and free the lock (idempotent); remove the folder too if the lock created it and it
-        is still empty (a run refused before writing anything)."""
+        """Remove the lock file and free the lock (idempotent); remove the lock file's folder too if the lock created
+        it and it is still empty (a run refused before writing anything)."""
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
@@ -126,7 +129,7 @@ class OutputDirLock:
         os.close(fd)
         if self._created_dir:
             try:
-                os.rmdir(self.output_dir)
+                os.rmdir(self._folder)
             except OSError:  # not empty: the run wrote there
                 pass
 

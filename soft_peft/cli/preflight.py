@@ -12,6 +12,7 @@ import os
 import sys
 from dataclasses import dataclass
 
+from .folder_writes import nearest_existing, unwritable_reason
 from .model_files import check_tokenizer_files, check_weight_files
 
 __all__ = [
@@ -153,16 +154,15 @@ def check_output_dir(output_dir: str, overwrite: bool = False, resuming: bool = 
         UsageError: for a folder that is a file, is not writable (or whose nearest existing parent is not), or holds
             a previous run while neither ``overwrite`` nor ``resuming`` is set.
     """
-    existing = os.path.abspath(output_dir)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
+    existing = nearest_existing(output_dir)
     if not os.path.isdir(existing):
         raise UsageError(f"--output_dir {output_dir}: {existing} is a file, not a folder; choose another folder.")
-    if not os.access(existing, os.W_OK | os.X_OK):
+    problem = unwritable_reason(existing)
+    if problem:
         where = "it" if existing == os.path.abspath(output_dir) else f"its parent {existing}"
         raise UsageError(
-            f"--output_dir {output_dir}: {where} is not writable, so nothing could be saved; choose another "
-            "--output_dir or fix its permissions."
+            f"--output_dir {output_dir}: {where} is not writable ({problem}), so nothing could be saved; choose "
+            "another --output_dir or fix its permissions."
         )
     previous = finished_run_files(output_dir)
     if previous and not (overwrite or resuming):

@@ -33,6 +33,8 @@ from ..exits import exit_layers_as_written
 from ..hub import ModelNotFoundError, resolve_model_path
 from ..trainer import SoFTTrainer
 from ..wrapper import exit_loss_weights_of
+from .export_folder import writes_over_model
+from .folder_writes import removing_new_files, write_failure
 from .lr_schedule import zero_learning_rate_warning
 from .output_dir_lock import OutputDirInUse, OutputDirLock, holds_output_dir_lock
 from .preflight import (
@@ -41,6 +43,7 @@ from .preflight import (
     check_model_files,
     check_output_dir,
     error_reason,
+    latest_complete_checkpoint,
     resolve_resume_checkpoint,
     warn,
 )
@@ -190,6 +193,11 @@ def train(
         check_model_files(model_name_or_path, script_args.tokenizer_name_or_path)
     except ValueError as error:
         raise UsageError(f"--model_name_or_path {error}") from None
+    # The final save would write over the model being read (`--overwrite_output_dir`): the same check as extract's.
+    # A LoRA adapter folder is no model to train from (its config is refused above), so it has no base to guard here
+    reason = writes_over_model(training_args.output_dir, [model_name_or_path])
+    if reason:
+        raise UsageError(reason)
     if int(os.environ.get("RANK", "0")) == 0:  # one line per launch, not one per process
         warn("soft-peft train", zero_learning_rate_warning(training_args))
     resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
@@ -255,6 +263,9 @@ def _train(script_args, training_args, model_args, model_name_or_path, resume, c
     trainer.accelerator.print(f"[soft-peft] exit loss weights ({training_args.exit_loss_weights}): {weights}")
     try:
         trainer.train(resume_from_checkpoint=resume)
+    except Exception as error:  # a checkpoint that did not fit on the disk ends the run in one line, saying so
+        _refuse_write_failure(error, training_args.output_dir, f"at step {trainer.state.global_step}")
+        raise
     finally:
         stop.restore_handlers()
     if stop.signal_name is not None:  # a checkpoint, not a final model: the run is not finished
@@ -262,14 +273,35 @@ def _train(script_args, training_args, model_args, model_name_or_path, resume, c
         if trainer.accelerator.is_main_process:
             print(hint, file=sys.stderr, flush=True)
         raise TrainingInterrupted(hint, stop.exit_code, trainer)
-    trainer.save_model(training_args.output_dir)
-    trainer.save_state()
-    # The card (TRL's, with the SoFT section) beside the final model too, not only in checkpoints and pushes
-    trainer.create_model_card(model_name=os.path.basename(os.path.normpath(training_args.output_dir)))
+    try:
+        # A save cut off half way leaves no config.json beside truncated weights (a model that looks finished)
+        with removing_new_files(training_args.output_dir):
+            trainer.save_model(training_args.output_dir)
+            trainer.save_state()
+            # The card (TRL's, with the SoFT section) beside the final model too, not only in checkpoints and pushes
+            trainer.create_model_card(model_name=os.path.basename(os.path.normpath(training_args.output_dir)))
+    except Exception as error:
+        _refuse_write_failure(error, training_args.output_dir, "while saving the final model (its files removed)")
+        raise
     trainer.accelerator.print(f"[soft-peft] exits {trainer.exit_layers}; model saved to {training_args.output_dir}")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
     return trainer
+
+
+def _refuse_write_failure(error: Exception, output_dir: str, when: str) -> None:
+    """Raise `UsageError` for a write into ``output_dir`` that failed for lack of space or permission, naming the fix
+    and the checkpoint to resume from; return for any other error, which the caller re-raises."""
+    failure = write_failure(error)
+    if failure is None:
+        return
+    reason, full = failure
+    latest, _ = latest_complete_checkpoint(output_dir)
+    then = f"then resume with --resume_from_checkpoint {latest}" if latest else "then run again"
+    fix = "Free space on its disk" if full else "Fix its permissions"
+    raise UsageError(
+        f"--output_dir {output_dir}: {reason} {when}. {fix} or choose another --output_dir, {then}."
+    ) from None
 
 
 def end_run(trainer: SoFTTrainer, exit_code: int = 0) -> None:

@@ -204,7 +204,7 @@ def test_overwrite_replaces_a_stale_adapter_folder(full_model, tmp_path):
 
 def test_a_failed_save_leaves_the_old_folder_as_it_was(full_model, tmp_path):
     output = tmp_path / "old"
-    output.mkdir()
+    shutil.copytree(full_model, output)  # an earlier export: what --overwrite_output_dir may replace
     (output / "notes.txt").write_text("mine")
     before = snapshot(output)
     argv = ["--model_name_or_path", str(full_model), "--num_layers", "2", "--output_dir", str(output)]
