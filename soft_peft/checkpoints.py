@@ -171,7 +171,8 @@ def load_causal_lm(name_or_path: str, **kwargs) -> nn.Module:
     """
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    # Never transformers' interactive `[y/N]` remote-code prompt: soft-peft does not run a model's own code
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, **{"trust_remote_code": False, **kwargs})
     adapter_exits = read_adapter_exit_layers(name_or_path)
     if adapter_exits is not None:  # the adapter's exits, not those of a SoFT base model it was trained on
         record_exit_layers(model, adapter_exits)

@@ -21,7 +21,8 @@ import huggingface_hub
 from datasets import Dataset
 from datasets.exceptions import DatasetGenerationError, DatasetNotFoundError
 
-from .data_rows import DatasetFormatError, check_one_format_per_row, check_row_types
+from .data_files import check_utf8, no_rows_reason
+from .data_rows import DatasetFormatError, check_messages, check_one_format_per_row, check_row_types
 from .hub import looks_like_hub_id
 from .prompt_templates import (
     ANSWER_SEPARATOR,
@@ -106,15 +107,22 @@ def _load_local_file(path: str) -> Dataset:
     with open(path, "rb") as handle:
         if not handle.read(4096).strip():
             raise DatasetFormatError(f"{path}: the dataset file is empty.")
+    if builder != "parquet":
+        check_utf8(path)  # before pyarrow, which loads other bytes and fails only when the row is read
     try:
         return datasets.load_dataset(builder, data_files=path, split="train")
     except (DatasetGenerationError, ValueError) as error:
         # pyarrow names neither the file nor the line of a syntax error: find it. datasets 4.x raises the JSON
         # parser's bare ValueError (while it infers the columns), 5.x a DatasetGenerationError; other errors re-raise
         location = _first_json_error(path) if builder == "json" else None
-        if location is None:
+        if location is not None:
+            fix = "Fix that line (JSONL: one JSON object per line)."
+            raise DatasetFormatError(f"{path}, {location}. {fix}") from error
+        # A file without rows fails as `Instruction "train" corresponds to no data!`: say which way it has none
+        reason = no_rows_reason(path, builder) if builder != "parquet" else None
+        if reason is None:
             raise
-        raise DatasetFormatError(f"{path}, {location}. Fix that line (JSONL: one JSON object per line).") from error
+        raise DatasetFormatError(f"{path}: the dataset has no rows: {reason}.") from None
 
 
 def _load_hub_dataset(name: str, config_name: str | None, split: str) -> Dataset:
@@ -155,7 +163,7 @@ def load_raw_dataset(name_or_path: str, split: str = "train", config_name: str |
 
     Raises:
         DatasetFormatError: one line for a missing path, an unreachable Hub (with how to work offline), malformed
-            JSON (naming the file and line), or an empty dataset.
+            JSON or bytes that are not UTF-8 (naming the file and line), or a dataset without rows.
     """
     path = os.path.expanduser(name_or_path)
     if os.path.isfile(path):
@@ -266,7 +274,8 @@ def to_trl_format(dataset: Dataset, dataset_format: str = "auto", source: str = 
 
     Raises:
         DatasetFormatError: for an unknown format, missing columns, rows that mix ``messages`` with
-            ``prompt``/``completion``, a null or mistyped field (naming the row, counted from 1), or when every
+            ``prompt``/``completion``, a null or mistyped field or a conversation that is empty or has a message
+            without its ``role`` (naming the row, counted from 1), or when every
             completion is empty (training would only teach the model to stop). Some empty completions only warn.
     """
     if dataset_format not in DATASET_FORMATS:
@@ -277,6 +286,7 @@ def to_trl_format(dataset: Dataset, dataset_format: str = "auto", source: str = 
     if dataset_format == "auto":
         dataset_format = detect_format(dataset, source)
     check_row_types(dataset, dataset_format, source)
+    check_messages(dataset, dataset_format, source)
     if dataset_format in _CONVERTERS:  # each converter checks its own columns
         dataset = _CONVERTERS[dataset_format](dataset, source=source)
     else:

@@ -1,14 +1,17 @@
-"""Checks of a dataset's rows before anything is tokenized: one format per dataset, and every field of the type its
-format needs. A null or a number where TRL expects text otherwise fails inside tokenization, after the model has
-loaded, without naming the row.
+"""Checks of a dataset's rows before anything is tokenized: one format per dataset, every field of the type its
+format needs, and every conversation with messages that have a role. A null or a number where TRL expects text
+otherwise fails inside tokenization, after the model has loaded, without naming the row; an empty conversation fails
+there too, and messages without a role come out as rows "longer than --max_length".
 """
 
 from __future__ import annotations
 
 import datasets
+import pyarrow as pa
+import pyarrow.compute as pc
 from datasets import Dataset
 
-__all__ = ["DatasetFormatError", "check_one_format_per_row", "check_row_types"]
+__all__ = ["DatasetFormatError", "check_messages", "check_one_format_per_row", "check_row_types"]
 
 
 class DatasetFormatError(ValueError):
@@ -27,6 +30,8 @@ _ROW_TYPES = {
     "triviaqa": {"question": (str,), "answer": (str, dict)},
 }
 _TYPE_NAMES = {str: "string", list: "list of messages", dict: "record", type(None): "null"}
+# The columns that may hold conversations (lists of messages), and whether such a list may be empty there
+_CONVERSATION_COLUMNS = {"messages": {"messages": False}, "prompt_completion": {"prompt": True, "completion": True}}
 
 
 def check_one_format_per_row(dataset: Dataset, source: str) -> None:
@@ -98,4 +103,58 @@ def check_row_types(dataset: Dataset, dataset_format: str, source: str) -> None:
                 raise DatasetFormatError(
                     f"{source}, row {index + 1}: {column!r} is {shown}, but {dataset_format} rows need a {expected} "
                     "there. Fix or remove that row."
+                )
+
+
+def _every_message_has_a_role(column: pa.ChunkedArray, may_be_empty: bool) -> bool:
+    """Whether a column of lists of records is sure to pass [`check_messages`], told by arrow without a row in Python.
+
+    ``False`` also when it cannot tell (JSON-typed or mixed columns): the rows are then looked at one by one.
+    """
+    kind = column.type
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)) or not pa.types.is_struct(kind.value_type):
+        return False
+    if kind.value_type.get_field_index("role") < 0 or column.null_count:
+        return False
+    if not may_be_empty and pc.min(pc.list_value_length(column)).as_py() == 0:
+        return False
+    return pc.struct_field(pc.list_flatten(column), "role").null_count == 0
+
+
+def _conversation_fault(conversation, may_be_empty: bool) -> str | None:
+    if not isinstance(conversation, list):
+        return None  # a prompt or completion string; its type was checked by `check_row_types`
+    if not conversation and not may_be_empty:
+        return "is an empty list: a conversation needs at least one message"
+    for number, message in enumerate(conversation, 1):
+        if not isinstance(message, dict):
+            return f"has message {number} {message!r} (of type {type(message).__name__}), not a record"
+        if not isinstance(message.get("role"), str):
+            # arrow gives every message all the keys of the column, a missing one as null: show the others
+            keys = sorted(key for key, value in message.items() if value is not None and key != "role")
+            return f"has message {number} without a 'role' (it has {keys})"
+    return None
+
+
+def check_messages(dataset: Dataset, dataset_format: str, source: str) -> None:
+    """Refuse the first conversation that is empty or has a message without a ``role``, naming the row and message.
+
+    Args:
+        dataset: The raw rows, after [`check_row_types`].
+        dataset_format: Their resolved format: ``messages``, or ``prompt_completion`` (whose prompt and completion
+            may be conversations); other formats have none.
+        source: The dataset's name, for the message.
+
+    Raises:
+        DatasetFormatError: naming the file, the row (counted from 1), the column and the message (counted from 1).
+    """
+    for column, may_be_empty in _CONVERSATION_COLUMNS.get(dataset_format, {}).items():
+        if column not in dataset.column_names or _every_message_has_a_role(dataset.data.column(column), may_be_empty):
+            continue
+        for index, conversation in enumerate(dataset[column]):
+            fault = _conversation_fault(conversation, may_be_empty)
+            if fault is not None:
+                raise DatasetFormatError(
+                    f"{source}, row {index + 1}: {column!r} {fault}. Each message needs a 'role' (system, user or "
+                    "assistant) and its 'content' (rename ShareGPT's 'from'/'value' to them). Fix or remove that row."
                 )

@@ -8,7 +8,6 @@ import os
 import torch
 from torch import nn
 from transformers import TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
 
@@ -130,14 +129,26 @@ class SoFTTrainer(SFTTrainer):
         )
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
-        """`Trainer.train`; a run resumed from a checkpoint of `SoFTTrainer` also continues TRL's `num_tokens` count.
+        """`Trainer.train`; `resume_from_checkpoint=True` skips checkpoints cut off while saving, and a run resumed
+        from a checkpoint of `SoFTTrainer` also continues TRL's `num_tokens` count.
 
-        `SFTTrainer` keeps that count on the trainer, not in the checkpoint, so a plain resumed run logs it from 0
-        again; the count saved with each checkpoint (`soft_peft_run.json`) is restored here.
+        `Trainer` resumes from the newest `checkpoint-N` even when a kill left it without its `trainer_state.json`
+        (written last), and then fails; here, as in `soft-peft train --resume_from_checkpoint`, `True` is the newest
+        complete one, and each newer incomplete one it skips is printed. `SFTTrainer` keeps the token count on the
+        trainer, not in the checkpoint, so a plain resumed run logs it from 0 again; the count saved with each
+        checkpoint (`soft_peft_run.json`) is restored here.
+
+        Raises:
+            ValueError: for `resume_from_checkpoint=True` when `output_dir` holds no complete checkpoint.
         """
+        if resume_from_checkpoint is True:
+            from .cli.preflight import UsageError, resolve_resume_checkpoint  # the command line's resolution
+
+            try:
+                resume_from_checkpoint = resolve_resume_checkpoint(True, self.args.output_dir)
+            except UsageError as error:  # no complete checkpoint: `Trainer` raises a ValueError there too
+                raise ValueError(str(error)) from None
         checkpoint = resume_from_checkpoint
-        if checkpoint is True:
-            checkpoint = get_last_checkpoint(self.args.output_dir)  # as `Trainer.train` resolves it
         record = read_run_record(checkpoint) if isinstance(checkpoint, str | os.PathLike) else None
         if record is not None and "num_tokens" in record and hasattr(self, "_total_train_tokens"):
             self._total_train_tokens = record["num_tokens"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from datasets import Dataset
 
-from soft_peft.data_rows import DatasetFormatError, check_one_format_per_row, check_row_types
+from soft_peft.data_rows import DatasetFormatError, check_messages, check_one_format_per_row, check_row_types
 
 CHAT = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
 
@@ -62,3 +62,42 @@ def test_the_first_bad_row_is_named(rows, dataset_format, message):
 )
 def test_well_formed_rows_pass(rows, dataset_format):
     check_row_types(Dataset.from_list(rows), dataset_format, "src")
+
+
+@pytest.mark.parametrize(
+    "rows, dataset_format, message",
+    [
+        ([{"messages": CHAT}, {"messages": []}], "messages", "row 2: 'messages' is an empty list"),
+        (
+            [{"messages": CHAT}, {"messages": [CHAT[0], {"content": "x"}]}],
+            "messages",
+            r"row 2: 'messages' has message 2 without a 'role' \(it has \['content'\]\)",
+        ),
+        (  # ShareGPT's keys: arrow's column has no `role` at all
+            [{"messages": [{"from": "human", "value": "hi"}]}],
+            "messages",
+            r"row 1: 'messages' has message 1 without a 'role' \(it has \['from', 'value'\]\)",
+        ),
+        (
+            [{"prompt": CHAT[:1], "completion": [{"content": "x"}]}],
+            "prompt_completion",
+            "row 1: 'completion' has message 1 without a 'role'",
+        ),
+    ],
+)
+def test_an_empty_conversation_or_a_message_without_a_role_is_named(rows, dataset_format, message):
+    with pytest.raises(DatasetFormatError, match=message):
+        check_messages(Dataset.from_list(rows), dataset_format, "src")
+
+
+@pytest.mark.parametrize(
+    "rows, dataset_format",
+    [
+        ([{"messages": CHAT}] * 3, "messages"),
+        ([{"prompt": CHAT[:1], "completion": CHAT[1:]}], "prompt_completion"),
+        ([{"prompt": [], "completion": CHAT[1:]}], "prompt_completion"),  # an empty conversational prompt is TRL's
+        ([{"prompt": "a", "completion": "b"}], "prompt_completion"),
+    ],
+)
+def test_conversations_with_roles_pass(rows, dataset_format):
+    check_messages(Dataset.from_list(rows), dataset_format, "src")

@@ -288,10 +288,12 @@ def test_self_distillation_logs_agreement_with_the_last_exit(tmp_path):
     assert trainer._metrics["train"]["exit_2/agreement"] == [pytest.approx(outputs.exit_agreement[2].item())]
 
 
-@pytest.mark.parametrize("resume", ["path", "latest"])
-def test_a_resumed_run_continues_the_num_tokens_count(tmp_path, resume):
+@pytest.mark.parametrize("resume", ["path", "latest", "latest past a partial checkpoint"])
+def test_a_resumed_run_continues_the_num_tokens_count(tmp_path, capsys, resume):
     """TRL keeps `num_tokens` on the trainer only (a resumed `SFTTrainer` counts from 0 again); SoFTTrainer saves it
-    with each checkpoint and restores it, so the resumed run logs what the uninterrupted one logs."""
+    with each checkpoint and restores it, so the resumed run logs what the uninterrupted one logs. `True` resumes from
+    the newest complete checkpoint, as `soft-peft train --resume_from_checkpoint` does: `Trainer` would pick a newer
+    one that a kill cut off while saving, and fail."""
 
     def trainer(output_dir):
         args = config(
@@ -308,7 +310,24 @@ def test_a_resumed_run_continues_the_num_tokens_count(tmp_path, resume):
     # A run stopped after its checkpoint of step 2 (what remains of a crash), then resumed by a new trainer
     crashed = tmp_path / "crashed"
     shutil.copytree(tmp_path / "full" / "checkpoint-2", crashed / "checkpoint-2")
+    if resume == "latest past a partial checkpoint":  # killed while saving step 3: its last files never written
+        partial = shutil.copytree(tmp_path / "full" / "checkpoint-4", crashed / "checkpoint-3")
+        for name in ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth"):
+            (partial / name).unlink()
     resumed = trainer(crashed)
     resumed.train(resume_from_checkpoint=str(crashed / "checkpoint-2") if resume == "path" else True)
     got = {entry["step"]: entry["num_tokens"] for entry in resumed.state.log_history if "num_tokens" in entry}
     assert got == expected
+    if resume == "latest past a partial checkpoint":
+        skipped = "checkpoint-3 is incomplete (no trainer_state.json); resuming from checkpoint-2"
+        assert skipped in capsys.readouterr().out
+
+
+def test_resuming_the_latest_checkpoint_without_a_complete_one_is_refused(tmp_path):
+    args = config(tmp_path, max_steps=2)
+    (tmp_path / "out" / "checkpoint-1").mkdir(parents=True)  # cut off before its trainer_state.json
+    trainer = SoFTTrainer(
+        model=tiny_model("llama"), args=args, train_dataset=arithmetic(), processing_class=tiny_tokenizer()
+    )
+    with pytest.raises(ValueError, match="nothing to resume in .*checkpoint-1 is incomplete"):
+        trainer.train(resume_from_checkpoint=True)

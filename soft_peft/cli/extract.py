@@ -86,7 +86,7 @@ def _load_tokenizer(parser: argparse.ArgumentParser, sources: list[str]):
     reasons = []
     for source in sources:
         try:
-            return AutoTokenizer.from_pretrained(source)
+            return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
         except (OSError, ValueError, TypeError) as error:
             reasons.append(f"{source}: {error_reason(error)}")
     parser.error(
@@ -134,11 +134,15 @@ def _load_merged(model_path: str, adapter_base: str | None):
     from ..exits import record_exit_layers
 
     if adapter_base is None:
-        return AutoModelForCausalLM.from_pretrained(model_path, dtype="auto").eval()
+        return AutoModelForCausalLM.from_pretrained(model_path, dtype="auto", trust_remote_code=False).eval()
     from peft import AutoPeftModelForCausalLM
 
     print(f"Merging the adapter {model_path} into its base model {adapter_base}", file=sys.stderr)
-    model = AutoPeftModelForCausalLM.from_pretrained(model_path, dtype="auto").merge_and_unload().eval()
+    model = (
+        AutoPeftModelForCausalLM.from_pretrained(model_path, dtype="auto", trust_remote_code=False)
+        .merge_and_unload()
+        .eval()
+    )
     exits = read_adapter_exit_layers(model_path)
     if exits is not None:  # the adapter's exits, not those of a SoFT base model it was trained on
         record_exit_layers(model, exits)

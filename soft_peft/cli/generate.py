@@ -239,7 +239,7 @@ def main(argv: list[str]) -> int:
     from ..checkpoints import load_causal_lm
     from ..inference import frequent_token_ids
 
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name_or_path or model_path)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name_or_path or model_path, trust_remote_code=False)
     text = args.prompt.replace("\\n", "\n")
     if args.prompt_format:
         text = format_prompt(text, args.prompt_format)

@@ -57,15 +57,41 @@ def error_reason(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def _refuse_remote_code(name_or_path: str, source: str, revision: str | None) -> None:
+    """Refuse a config that only the model's own code can read, as transformers decides it (`auto_map` names an
+    `AutoConfig` and `model_type` is none of its own); a known `model_type` loads with transformers' code."""
+    from transformers import PretrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config_dict, _ = PretrainedConfig.get_config_dict(source, revision=revision)
+    auto_map = config_dict.get("auto_map") or {}
+    model_type = config_dict.get("model_type")
+    if "AutoConfig" not in auto_map or model_type in CONFIG_MAPPING:
+        return
+    raise ValueError(
+        f"--model_name_or_path {name_or_path}: its config.json asks to run the model's own code (auto_map "
+        f"{auto_map['AutoConfig']}; model_type {model_type!r} is not in this transformers), and soft-peft does not "
+        "run remote code. Use a model whose architecture transformers implements (a newer transformers may add it)."
+    )
+
+
 def _read_config(name_or_path: str, source: str | None = None, **kwargs):
-    """``AutoConfig.from_pretrained(source or name_or_path, **kwargs)``; a ``ValueError`` naming ``name_or_path``."""
+    """``AutoConfig.from_pretrained(source or name_or_path, **kwargs)``, ``trust_remote_code=False`` unless given; a
+    ``ValueError`` naming ``name_or_path``, in one line also for a model that needs remote code (which transformers
+    refuses in a paragraph, or, not told ``trust_remote_code``, asks about with a ``[y/N]`` prompt)."""
     from transformers import AutoConfig
 
+    source = source or name_or_path
     try:
-        return AutoConfig.from_pretrained(source or name_or_path, **kwargs)
+        if kwargs.get("trust_remote_code"):  # `soft-peft train --trust_remote_code true`: refused before it runs too
+            _refuse_remote_code(name_or_path, source, kwargs.get("revision"))
+        return AutoConfig.from_pretrained(source, **{"trust_remote_code": False, **kwargs})
     except OSError as error:
         reason = error_reason(error)
         raise ValueError(f"--model_name_or_path {name_or_path}: cannot read its config.json ({reason})") from None
+    except ValueError:
+        _refuse_remote_code(name_or_path, source, kwargs.get("revision"))
+        raise
 
 
 def check_exits_against_model(
@@ -266,11 +292,29 @@ class ModelFacts:
     config: object = None
 
 
+def _adapter_base_model(adapter: str, base: str) -> str:
+    """The base model an adapter names, if it is a local folder or obtainable from the Hub; else a ``ValueError``.
+
+    A base folder that has moved or been deleted otherwise fails as a malformed Hub repository id.
+    """
+    from ..hub import ModelNotFoundError, resolve_model_path
+
+    try:
+        return resolve_model_path(base)
+    except ModelNotFoundError as error:
+        raise ValueError(
+            f"--model_name_or_path {adapter} is a PEFT adapter whose base model cannot be found: "
+            f"{error_reason(error)} Its adapter_config.json names it (base_model_name_or_path): put the base model "
+            f"back at {base}, or set base_model_name_or_path there to the base model's folder or Hub id."
+        ) from None
+
+
 def read_model_facts(name_or_path: str) -> ModelFacts:
     """Read a model's [`ModelFacts`] from its ``config.json`` (a PEFT adapter folder: its base model's config).
 
     Raises:
-        ValueError: when no config can be read or it has no usable depth, naming the model.
+        ValueError: when no config can be read, it needs the model's own (remote) code, an adapter's base model
+            cannot be found, or it has no usable depth, naming the model.
     """
     source, adapter_exits = name_or_path, None
     adapter_config = os.path.join(name_or_path, "adapter_config.json")
@@ -279,6 +323,7 @@ def read_model_facts(name_or_path: str) -> ModelFacts:
 
         with open(adapter_config, encoding="utf-8") as handle:
             source = json.load(handle).get("base_model_name_or_path") or name_or_path
+        source = _adapter_base_model(name_or_path, source) if source != name_or_path else source
         # An adapter's exits are recorded beside it (`soft_peft_config.json`), not in its base model's config
         adapter_exits = read_adapter_exit_layers(name_or_path)
     config = _read_config(name_or_path, source)

@@ -75,7 +75,7 @@ def _tokenizer(name_or_path: str | None):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(name_or_path)
+        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
     except (OSError, ValueError) as error:
         reason = error_reason(error)
         raise UsageError(f"--tokenizer_name_or_path {name_or_path}: cannot load a tokenizer ({reason}).") from None

@@ -119,7 +119,7 @@ def _load(name_or_path: str, dtype: str):
         raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}.")
     # A PEFT adapter folder loads with its base model, and its exits recorded beside it
     model = load_causal_lm(name_or_path, dtype=getattr(torch, dtype))
-    return model.eval(), AutoTokenizer.from_pretrained(name_or_path)
+    return model.eval(), AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
 
 
 def _task(dataset_format: str, references: list[str]) -> str:

@@ -55,8 +55,10 @@ def test_a_hub_id_reaches_from_pretrained_unchanged(tmp_path, monkeypatch):
         monkeypatch.setattr(auto_class, "from_pretrained", recording(auto_class))
     argv = ["--model_name_or_path", "HuggingFaceTB/SmolLM2-135M", "--num_layers", "2"]
     assert soft_peft_main(["extract", *argv, "--output_dir", str(tmp_path / "out")]) == 0
+    # Each with `trust_remote_code=False`: never transformers' `[y/N]` prompt, as soft-peft runs no remote code
+    no_remote = {"trust_remote_code": False}
     assert calls == [
-        ("AutoConfig", "HuggingFaceTB/SmolLM2-135M", (), {}),  # the flags are checked against it before loading
-        ("AutoTokenizer", "HuggingFaceTB/SmolLM2-135M", (), {}),  # a draft model needs it: checked before loading
-        ("AutoModelForCausalLM", "HuggingFaceTB/SmolLM2-135M", (), {"dtype": "auto"}),  # the checkpoint's own dtype
+        ("AutoConfig", "HuggingFaceTB/SmolLM2-135M", (), no_remote),  # the flags are checked against it before loading
+        ("AutoTokenizer", "HuggingFaceTB/SmolLM2-135M", (), no_remote),  # a draft model needs it: checked before
+        ("AutoModelForCausalLM", "HuggingFaceTB/SmolLM2-135M", (), {"dtype": "auto", **no_remote}),  # its own dtype
     ]
