@@ -54,7 +54,7 @@ def served(smollm2_path, tmp_path_factory) -> dict:
     python = vllm_python()
     has_vllm = subprocess.run([python, "-c", "import importlib.util as u, sys; sys.exit(not u.find_spec('vllm'))"])
     # A Python named on purpose that cannot run vLLM is a broken setup, not a reason to skip
-    assert has_vllm.returncode == 0, f"{VLLM_PYTHON}={python} has no vllm package"
+    assert has_vllm.returncode == 0, f"{VLLM_PYTHON}={python} has no vllm package: point it at a Python with vLLM"
     root = tmp_path_factory.mktemp("vllm")
     full, draft, results = root / "soft", root / f"soft-{DRAFT_EXIT}L", root / "results.json"
     # SoFT's checkpoint layout, its exits recorded in the config as training records them. The exits are untrained:
