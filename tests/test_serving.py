@@ -1,5 +1,6 @@
-"""The printed serving invocations use exactly the configuration keys the engines document (vLLM and SGLang cannot
-run here; transformers' is run by tests/inference/test_draft_model.py)."""
+"""The printed serving invocations use exactly the configuration keys the engines document (transformers' is run by
+tests/inference/test_draft_model.py, vLLM's in vLLM's CPU build by tests/benchmarks/test_serve_vllm.py where a vLLM
+venv exists; SGLang's cannot run on a CPU without Intel AMX)."""
 
 import ast
 import json
