@@ -115,18 +115,26 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace, facts, sou
 
 
 def _load_merged(model_path: str, adapter_base: str | None):
-    """The source as a plain transformers model in its own dtype; a LoRA adapter merged into its base model."""
+    """The source as a plain transformers model in its own dtype; a LoRA adapter merged into its base model.
+
+    Raises:
+        NonFiniteWeightsError: for a NaN or infinite weight (merged in: the adapter's or its base model's).
+    """
     from transformers import AutoModelForCausalLM
 
     from ..checkpoints import read_adapter_exit_layers
     from ..exits import record_exit_layers
+    from ..run_guards import check_finite_weights
 
     if adapter_base is None:
-        return AutoModelForCausalLM.from_pretrained(model_path, dtype="auto").eval()
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto").eval()
+        check_finite_weights(model, model_path)
+        return model
     from peft import AutoPeftModelForCausalLM
 
     print(f"Merging the adapter {model_path} into its base model {adapter_base}", file=sys.stderr)
     model = AutoPeftModelForCausalLM.from_pretrained(model_path, dtype="auto").merge_and_unload().eval()
+    check_finite_weights(model, model_path)
     exits = read_adapter_exit_layers(model_path)
     if exits is not None:  # the adapter's exits, not those of a SoFT base model it was trained on
         record_exit_layers(model, exits)
@@ -161,9 +169,13 @@ def main(argv: list[str]) -> int:
     from ..inference import extract_submodel
     from ..model_card import model_label, write_model_card
     from ..model_layout import num_decoder_layers
+    from ..run_guards import NonFiniteWeightsError
     from ..serving import draft_model_invocations
 
-    model = _load_merged(model_path, adapter_base)
+    try:
+        model = _load_merged(model_path, adapter_base)
+    except NonFiniteWeightsError as error:
+        parser.error(str(error))
     exits_trained = recorded_exit_layers(model)
     source_cards = [card_metadata(s) for s in sources if os.path.isdir(s)]
     license = args.license or next((c["license"] for c in source_cards if c.get("license")), None)
