@@ -67,9 +67,14 @@ class SoFTTrainer(SFTTrainer):
         final_norm (`nn.Module`, *optional*): The model's final norm, only for architectures where it is not found
             automatically.
 
+    Guards ([`soft_peft.run_guards`]): `hub_token` stays usable but is saved as `None` in `training_args.bin`; a
+    model with a NaN or infinite weight is refused; `train()` stops with `NonFiniteTrainingError` at the first
+    step whose exit losses, or logged `loss` / `grad_norm`, are NaN or infinite (before any further save); a loss
+    stuck at ln(vocabulary size) or a gradient norm of 0 for 3 logged steps prints a warning.
+
     Raises:
         ValueError: for settings that would remove what SoFT needs: `compute_loss_func`, label smoothing, and
-            context/sequence parallelism.
+            context/sequence parallelism; `NonFiniteWeightsError` (a `ValueError`) for NaN or infinite weights.
     """
 
     _tag_names = ["trl", "sft", "soft-peft"]
