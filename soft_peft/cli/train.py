@@ -329,7 +329,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "soft-peft train", **def
         return interrupted.exit_code
     except TrainingFailed as failed:  # every rank stops at the same step, on the same gathered values
         if failed.trainer.is_world_process_zero():
-            print(f"{prog}: error: {failed}", file=sys.stderr, flush=True)
+            print(f"\n{prog}: error: {failed}", file=sys.stderr, flush=True)  # below the progress bar it stopped
         end_run(failed.trainer, 1)
         return 1
     end_run(trainer)
