@@ -141,6 +141,16 @@ def _load_merged(model_path: str, adapter_base: str | None):
     return model
 
 
+def _load_or_refuse(parser: argparse.ArgumentParser, model_path: str, adapter_base: str | None):
+    """[`_load_merged`], with a model holding NaN or infinite weights refused in one line (exit 2)."""
+    from ..run_guards import NonFiniteWeightsError
+
+    try:
+        return _load_merged(model_path, adapter_base)
+    except NonFiniteWeightsError as error:
+        parser.error(str(error))
+
+
 def main(argv: list[str]) -> int:
     """Run `soft-peft extract`; returns the exit status (2, with one line on stderr, for unusable flags)."""
     parser = _parser()
@@ -169,13 +179,9 @@ def main(argv: list[str]) -> int:
     from ..inference import extract_submodel
     from ..model_card import model_label, write_model_card
     from ..model_layout import num_decoder_layers
-    from ..run_guards import NonFiniteWeightsError
     from ..serving import draft_model_invocations
 
-    try:
-        model = _load_merged(model_path, adapter_base)
-    except NonFiniteWeightsError as error:
-        parser.error(str(error))
+    model = _load_or_refuse(parser, model_path, adapter_base)
     exits_trained = recorded_exit_layers(model)
     source_cards = [card_metadata(s) for s in sources if os.path.isdir(s)]
     license = args.license or next((c["license"] for c in source_cards if c.get("license")), None)
