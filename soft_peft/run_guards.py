@@ -134,10 +134,10 @@ class TrainingHealth(TrainerCallback):
     training steps in a row (a collapsed run: the model predicts nothing, yet the run would end with success).
 
     Args:
-        vocab_size: The model's output vocabulary size.
+        vocab_size: The model's output vocabulary size (`None`: only the gradient norm is watched).
     """
 
-    def __init__(self, vocab_size: int):
+    def __init__(self, vocab_size: int | None):
         self.uniform_loss = math.log(vocab_size) if vocab_size and vocab_size > 1 else None
         self.collapsed_logs = 0
 

@@ -106,7 +106,7 @@ class SoFTTrainer(SFTTrainer):
         target = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         # NaN weights would train and save NaN; said here, before the norm probe fails on them without saying why
         check_finite_weights(target, str(getattr(target.config, "_name_or_path", "") or type(target).__name__))
-        self.add_callback(TrainingHealth(target.config.get_text_config().vocab_size))
+        self.add_callback(TrainingHealth(getattr(target.config.get_text_config(), "vocab_size", None)))
         self.exit_layers = add_sorted_exit_loss(
             target, self.soft_settings, final_norm=final_norm, last_layer_metrics=True, seed=self.args.seed
         )
