@@ -168,11 +168,17 @@ def load_causal_lm(name_or_path: str, **kwargs) -> nn.Module:
     Returns:
         The model; ``recorded_exit_layers(model)`` gives its trained exits, or ``None`` for a model not trained
         with SoFT.
+
+    Raises:
+        NonFiniteWeightsError: (a ``ValueError``) for a model with a NaN or infinite weight, naming it.
     """
     from transformers import AutoModelForCausalLM
 
+    from .run_guards import check_finite_weights
+
     # Never transformers' interactive `[y/N]` remote-code prompt: soft-peft does not run a model's own code
     model = AutoModelForCausalLM.from_pretrained(name_or_path, **{"trust_remote_code": False, **kwargs})
+    check_finite_weights(model, name_or_path)  # it would decode or score NaN without a word
     adapter_exits = read_adapter_exit_layers(name_or_path)
     if adapter_exits is not None:  # the adapter's exits, not those of a SoFT base model it was trained on
         record_exit_layers(model, adapter_exits)

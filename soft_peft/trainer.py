@@ -16,6 +16,14 @@ from .config import SoFTConfig, read_soft_settings
 from .exits import recorded_exit_layers
 from .model_card import add_soft_section, card_metadata
 from .model_layout import num_decoder_layers, unwrap_model
+from .run_guards import (
+    NonFiniteTrainingError,
+    TrainingHealth,
+    check_finite_weights,
+    divergence_message,
+    keep_tokens_unsaved,
+    nonfinite_values,
+)
 from .wrapper import add_sorted_exit_loss, exit_loss_weights_of
 
 __all__ = ["SoFTTrainer"]
@@ -59,9 +67,14 @@ class SoFTTrainer(SFTTrainer):
         final_norm (`nn.Module`, *optional*): The model's final norm, only for architectures where it is not found
             automatically.
 
+    Guards ([`soft_peft.run_guards`]): `hub_token` stays usable but is saved as `None` in `training_args.bin`; a
+    model with a NaN or infinite weight is refused; `train()` stops with `NonFiniteTrainingError` at the first
+    step whose exit losses, or logged `loss` / `grad_norm`, are NaN or infinite (before any further save); a loss
+    stuck at ln(vocabulary size) or a gradient norm of 0 for 3 logged steps prints a warning.
+
     Raises:
         ValueError: for settings that would remove what SoFT needs: `compute_loss_func`, label smoothing, and
-            context/sequence parallelism.
+            context/sequence parallelism; `NonFiniteWeightsError` (a `ValueError`) for NaN or infinite weights.
     """
 
     _tag_names = ["trl", "sft", "soft-peft"]
@@ -81,6 +94,7 @@ class SoFTTrainer(SFTTrainer):
         if args is None:
             args = _default_config(model)
         self.soft_settings = read_soft_settings(args)  # before minutes are spent loading the model and data
+        keep_tokens_unsaved(args)  # a push still uses the token; `training_args.bin` never holds it
         super().__init__(model, args, *positional, **kwargs)
         parallelism = self.accelerator.parallelism_config
         if parallelism is not None and (parallelism.cp_enabled or getattr(parallelism, "sp_enabled", False)):
@@ -90,6 +104,9 @@ class SoFTTrainer(SFTTrainer):
             )
         self.exit_schedule = self.soft_settings.exit_schedule()
         target = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        # NaN weights would train and save NaN; said here, before the norm probe fails on them without saying why
+        check_finite_weights(target, str(getattr(target.config, "_name_or_path", "") or type(target).__name__))
+        self.add_callback(TrainingHealth(getattr(target.config.get_text_config(), "vocab_size", None)))
         self.exit_layers = add_sorted_exit_loss(
             target, self.soft_settings, final_norm=final_norm, last_layer_metrics=True, seed=self.args.seed
         )
@@ -216,6 +233,8 @@ class SoFTTrainer(SFTTrainer):
         def per_token(total: float) -> float:
             return total / tokens if tokens else 0.0
 
+        if mode == "train":  # every micro-batch, before its backward writes NaN into the weights
+            self._stop_if_nonfinite(stats, per_token)
         metrics = self._metrics[mode]
         if mode == "train" and not self.exit_schedule.is_constant:
             for layer, weight in outputs.exit_weights.items():
@@ -241,3 +260,12 @@ class SoFTTrainer(SFTTrainer):
                 local_tokens = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
             self._total_train_tokens += int(self.accelerator.gather(local_tokens).sum().item()) // self._tp_size
         metrics["num_tokens"] = [self._total_train_tokens]
+
+    def _stop_if_nonfinite(self, stats, per_token) -> None:
+        # The sums are gathered over every rank, so every rank stops at the same step. `Trainer` logs a NaN step's
+        # loss as the running average (`logging_nan_inf_filter`), so the logs alone would not show it
+        sums = zip(stats.computed_exits, stats.exit_nll_sums, strict=True)
+        found = nonfinite_values({f"exit_{k}/loss": per_token(nll_sum) for k, nll_sum in sums})
+        if found:  # this step's update not yet made
+            step = self.state.global_step + 1
+            raise NonFiniteTrainingError(divergence_message(found, step, self.args.learning_rate))

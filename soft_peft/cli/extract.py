@@ -127,14 +127,21 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace, facts, sou
 
 
 def _load_merged(model_path: str, adapter_base: str | None):
-    """The source as a plain transformers model in its own dtype; a LoRA adapter merged into its base model."""
+    """The source as a plain transformers model in its own dtype; a LoRA adapter merged into its base model.
+
+    Raises:
+        NonFiniteWeightsError: for a NaN or infinite weight (merged in: the adapter's or its base model's).
+    """
     from transformers import AutoModelForCausalLM
 
     from ..checkpoints import read_adapter_exit_layers
     from ..exits import record_exit_layers
+    from ..run_guards import check_finite_weights
 
     if adapter_base is None:
-        return AutoModelForCausalLM.from_pretrained(model_path, dtype="auto", trust_remote_code=False).eval()
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto", trust_remote_code=False).eval()
+        check_finite_weights(model, model_path)
+        return model
     from peft import AutoPeftModelForCausalLM
 
     print(f"Merging the adapter {model_path} into its base model {adapter_base}", file=sys.stderr)
@@ -143,10 +150,21 @@ def _load_merged(model_path: str, adapter_base: str | None):
         .merge_and_unload()
         .eval()
     )
+    check_finite_weights(model, model_path)
     exits = read_adapter_exit_layers(model_path)
     if exits is not None:  # the adapter's exits, not those of a SoFT base model it was trained on
         record_exit_layers(model, exits)
     return model
+
+
+def _load_or_refuse(parser: argparse.ArgumentParser, model_path: str, adapter_base: str | None):
+    """[`_load_merged`], with a model holding NaN or infinite weights refused in one line (exit 2)."""
+    from ..run_guards import NonFiniteWeightsError
+
+    try:
+        return _load_merged(model_path, adapter_base)
+    except NonFiniteWeightsError as error:
+        parser.error(str(error))
 
 
 def main(argv: list[str]) -> int:
@@ -212,7 +230,7 @@ def _export(parser, args, model_path: str, adapter_base: str | None, sources: li
     from ..model_layout import num_decoder_layers
     from ..serving import draft_model_invocations
 
-    model = _load_merged(model_path, adapter_base)
+    model = _load_or_refuse(parser, model_path, adapter_base)
     exits_trained = recorded_exit_layers(model)
     source_cards = [card_metadata(s) for s in sources if os.path.isdir(s)]
     license = args.license or next((c["license"] for c in source_cards if c.get("license")), None)

@@ -238,6 +238,7 @@ def main(argv: list[str]) -> int:
 
     from ..checkpoints import load_causal_lm
     from ..inference import frequent_token_ids
+    from ..run_guards import NonFiniteWeightsError
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name_or_path or model_path, trust_remote_code=False)
     text = args.prompt.replace("\\n", "\n")
@@ -251,7 +252,10 @@ def main(argv: list[str]) -> int:
     vocab_subset = None
     if args.vocab_texts is not None:
         vocab_subset = frequent_token_ids(tokenizer, _read_texts(args.vocab_texts), args.vocab_size)
-    model = load_causal_lm(model_path).eval()  # a PEFT adapter folder too, with its recorded exits
+    try:
+        model = load_causal_lm(model_path).eval()  # a PEFT adapter folder too, with its recorded exits
+    except NonFiniteWeightsError as error:
+        parser.error(str(error))
     try:
         sequences, stats = _decode(args, model, input_ids, vocab_subset)
     except ValueError as error:  # what only the loaded model can judge (e.g. an unsupported architecture)

@@ -24,6 +24,7 @@ __all__ = [
     "error_reason",
     "finished_run_files",
     "latest_complete_checkpoint",
+    "not_a_causal_lm",
     "read_model_facts",
     "resolve_resume_checkpoint",
     "untrained_exit_warning",
@@ -94,6 +95,30 @@ def _read_config(name_or_path: str, source: str | None = None, **kwargs):
         raise
 
 
+# Configs with an `is_decoder` field (False by default) whose causal LM is causal all the same: GPT-NeoX does not read
+# it, TrOCR's causal LM sets it. In every other config that has it (BERT, RoBERTa, ELECTRA, ...) False means
+# bidirectional attention, and transformers' `*ForCausalLM` of those models predicts from the tokens after too
+_CAUSAL_DESPITE_IS_DECODER = ("gpt_neox", "gpt_neox_japanese", "trocr")
+
+
+def not_a_causal_lm(config) -> str | None:
+    """Why a model's config is no decoder-only causal LM (an encoder-decoder, or an encoder-only model), else ``None``.
+
+    Read from the config alone, so every command refuses such a model before its weights load.
+    """
+    needs = "SoFT needs a decoder-only causal LM (e.g. Llama, Qwen, SmolLM2), whose every prefix of layers is a model."
+    name = type(config).__name__
+    if getattr(config, "is_encoder_decoder", False):
+        return f"a {name} is an encoder-decoder model; {needs}"
+    if getattr(config, "is_decoder", None) is False and config.model_type not in _CAUSAL_DESPITE_IS_DECODER:
+        kind = f" ({', '.join(config.architectures)})" if getattr(config, "architectures", None) else ""
+        return (
+            f"a {name}{kind} is an encoder-only model: its attention sees the whole text (its config's is_decoder "
+            f"is false), so it cannot generate text left to right; {needs}"
+        )
+    return None
+
+
 def check_exits_against_model(
     model_name_or_path: str,
     exit_layers,
@@ -113,8 +138,8 @@ def check_exits_against_model(
         The exits, ascending.
 
     Raises:
-        UsageError: when the config cannot be read, the model is an encoder-decoder, or the exits or weights do not
-            fit the model, naming its depth and a valid example.
+        UsageError: when the config cannot be read, the model is no decoder-only causal LM, or the exits or weights
+            do not fit the model, naming its depth and a valid example.
     """
     from ..exit_weights import exit_loss_weights
     from ..exits import parse_exit_layers
@@ -124,11 +149,9 @@ def check_exits_against_model(
         config = _read_config(model_name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    if getattr(config, "is_encoder_decoder", False):
-        raise UsageError(
-            f"--model_name_or_path {model_name_or_path}: a {type(config).__name__} is an encoder-decoder model; SoFT "
-            "needs a decoder-only causal LM (e.g. Llama, Qwen, SmolLM2), whose every prefix of layers is a model."
-        )
+    reason = not_a_causal_lm(config)
+    if reason:
+        raise UsageError(f"--model_name_or_path {model_name_or_path}: {reason}")
     try:
         layers = parse_exit_layers(exit_layers, num_decoder_layers(config))
         exit_loss_weights(weights_spec, layers)
@@ -313,8 +336,9 @@ def read_model_facts(name_or_path: str) -> ModelFacts:
     """Read a model's [`ModelFacts`] from its ``config.json`` (a PEFT adapter folder: its base model's config).
 
     Raises:
-        ValueError: when no config can be read, it needs the model's own (remote) code, an adapter's base model
-            cannot be found, or it has no usable depth, naming the model.
+        ValueError: when no config can be read, it is no decoder-only causal LM ([`not_a_causal_lm`]), it needs
+            the model's own (remote) code, an adapter's base model cannot be found, or it has no usable depth, naming
+            the model.
     """
     source, adapter_exits = name_or_path, None
     adapter_config = os.path.join(name_or_path, "adapter_config.json")
@@ -327,6 +351,9 @@ def read_model_facts(name_or_path: str) -> ModelFacts:
         # An adapter's exits are recorded beside it (`soft_peft_config.json`), not in its base model's config
         adapter_exits = read_adapter_exit_layers(name_or_path)
     config = _read_config(name_or_path, source)
+    reason = not_a_causal_lm(config)
+    if reason:
+        raise ValueError(f"{name_or_path}: {reason}")
     text_config = config.get_text_config()
     num_layers = getattr(text_config, "num_hidden_layers", None)
     if not isinstance(num_layers, int) or num_layers < 1:

@@ -31,6 +31,7 @@ from ..data import DatasetFormatError, held_out_split, load_trl_dataset
 from ..exit_weights import exit_loss_weights
 from ..exits import exit_layers_as_written
 from ..hub import ModelNotFoundError, resolve_model_path
+from ..run_guards import NonFiniteTrainingError, NonFiniteWeightsError
 from ..trainer import SoFTTrainer
 from ..wrapper import exit_loss_weights_of
 from .export_folder import writes_over_model
@@ -51,7 +52,7 @@ from .resume_checks import check_resume_matches
 from .stop_on_signal import StopOnSignal
 from .train_args import SoFTScriptArguments, make_parser, parse_args
 
-__all__ = ["ShardingReport", "TrainingInterrupted", "end_run", "main", "train"]
+__all__ = ["ShardingReport", "TrainingFailed", "TrainingInterrupted", "end_run", "main", "train"]
 
 
 class TrainingInterrupted(Exception):
@@ -66,6 +67,19 @@ class TrainingInterrupted(Exception):
     def __init__(self, message: str, exit_code: int, trainer: SoFTTrainer):
         super().__init__(message)
         self.exit_code, self.trainer = exit_code, trainer
+
+
+class TrainingFailed(Exception):
+    """Training stopped on a NaN or infinite loss or gradient norm, without saving a final model.
+
+    Args:
+        message: What diverged, when, and what to change.
+        trainer: The trainer, to end the run with.
+    """
+
+    def __init__(self, message: str, trainer: SoFTTrainer):
+        super().__init__(message)
+        self.trainer = trainer
 
 
 def _tokenizer(name_or_path: str | None):
@@ -173,8 +187,9 @@ def train(
         processes (as `Trainer.end` says); [`main`] does.
 
     Raises:
-        UsageError: for any of the checks above.
+        UsageError: for any of the checks above, and for a model with NaN or infinite weights (found once loaded).
         TrainingInterrupted: when a signal stopped training (after its checkpoint is saved).
+        TrainingFailed: when the loss or gradient norm turned NaN or infinite (no final model is saved).
     """
     # A missing folder or an unreachable Hub fails here in one line, not after ~30 s of connection retries
     try:
@@ -247,22 +262,27 @@ def _train(script_args, training_args, model_args, model_name_or_path, resume, c
 
     train_dataset, eval_dataset = _load_datasets(script_args, training_args)
     stop = StopOnSignal()
-    trainer = SoFTTrainer(
-        model=model_name_or_path,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        callbacks=[ShardingReport(), *(callbacks or []), stop],
-        quantization_config=get_quantization_config(model_args),
-        peft_config=get_peft_config(model_args),
-        processing_class=_tokenizer(script_args.tokenizer_name_or_path),
-    )
+    try:
+        trainer = SoFTTrainer(
+            model=model_name_or_path,
+            args=training_args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            callbacks=[ShardingReport(), *(callbacks or []), stop],
+            quantization_config=get_quantization_config(model_args),
+            peft_config=get_peft_config(model_args),
+            processing_class=_tokenizer(script_args.tokenizer_name_or_path),
+        )
+    except NonFiniteWeightsError as error:  # found once loaded: the weights' values are not in any header
+        raise UsageError(f"--model_name_or_path {error}") from None
     _check_rows_survived_truncation(trainer, "train", train_dataset)
     _check_rows_survived_truncation(trainer, "eval", eval_dataset)
     weights = ", ".join(f"{layer}: {weight:.4g}" for layer, weight in exit_loss_weights_of(trainer.model).items())
     trainer.accelerator.print(f"[soft-peft] exit loss weights ({training_args.exit_loss_weights}): {weights}")
     try:
         trainer.train(resume_from_checkpoint=resume)
+    except NonFiniteTrainingError as error:  # no final save: it would hold NaN weights
+        raise TrainingFailed(str(error), trainer) from None
     except Exception as error:  # a checkpoint that did not fit on the disk ends the run in one line, saying so
         _refuse_write_failure(error, training_args.output_dir, f"at step {trainer.state.global_step}")
         raise
@@ -325,7 +345,8 @@ def end_run(trainer: SoFTTrainer, exit_code: int = 0) -> None:
 
 def main(argv: Sequence[str] | None = None, prog: str = "soft-peft train", **defaults) -> int:
     """Parse, train, save and end the run ([`end_run`]); user errors (flags, recipe, data) print one line and return 2;
-    a run stopped by SIGTERM/SIGINT saves a checkpoint, prints how to resume and returns 128 + the signal number.
+    a run stopped by SIGTERM/SIGINT saves a checkpoint, prints how to resume and returns 128 + the signal number; a
+    run whose loss or gradient norm turned NaN or infinite prints one line and returns 1.
 
     Args:
         argv: Arguments (default `sys.argv[1:]`).
@@ -345,6 +366,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "soft-peft train", **def
     except TrainingInterrupted as interrupted:
         end_run(interrupted.trainer, interrupted.exit_code)
         return interrupted.exit_code
+    except TrainingFailed as failed:  # every rank stops at the same step, on the same gathered values
+        if failed.trainer.is_world_process_zero():
+            print(f"\n{prog}: error: {failed}", file=sys.stderr, flush=True)  # below the progress bar it stopped
+        end_run(failed.trainer, 1)
+        return 1
     end_run(trainer)
     return 0
 
