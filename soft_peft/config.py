@@ -14,7 +14,8 @@ from trl import SFTConfig
 
 from .settings import SoFTSettings, soft_settings
 
-__all__ = ["SoFTConfig", "check_training_numbers", "read_soft_settings"]
+# One import path, the top level: `from soft_peft import SoFTConfig`
+__all__ = ["check_training_numbers", "read_soft_settings"]
 
 
 def _is_number_at_least(value, low: float) -> bool:

@@ -25,9 +25,9 @@ from .data_rows import DatasetFormatError, check_one_format_per_row, check_row_t
 from .hub import looks_like_hub_id
 from .prompt_templates import ANSWER_SEPARATOR, PROMPT_FORMATS, format_prompt
 
+# DatasetFormatError, raised here too, is imported from its module, `soft_peft.data_rows`
 __all__ = [
     "DATASET_FORMATS",
-    "DatasetFormatError",
     "alpaca_to_prompt_completion",
     "detect_format",
     "gsm8k_answer",

@@ -16,7 +16,8 @@ from .layer_dropout import LAYER_DROPOUT_SCALES, LayerDropout
 from .loss import ExitLossOptions
 from .schedule import RAMP_ORDERS, ExitSchedule
 
-__all__ = ["SoFTSettings", "soft_settings"]
+# One import path, the top level: `from soft_peft import SoFTSettings`
+__all__ = ["soft_settings"]
 
 
 def _normalize_list_setting(value, name: str):

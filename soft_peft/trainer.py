@@ -19,7 +19,8 @@ from .model_card import add_soft_section, card_metadata
 from .model_layout import num_decoder_layers, unwrap_model
 from .wrapper import add_sorted_exit_loss, exit_loss_weights_of
 
-__all__ = ["SoFTTrainer"]
+# One import path, the top level: `from soft_peft import SoFTTrainer`
+__all__: list[str] = []
 
 logger = logging.get_logger(__name__)
 

@@ -18,7 +18,8 @@ import argparse
 import sys
 from types import SimpleNamespace
 
-from ..data import DATASET_FORMATS, DatasetFormatError
+from ..data import DATASET_FORMATS
+from ..data_rows import DatasetFormatError
 from ..evaluation.pipeline import EvalSettings, resolve_eval_exits, run_evaluation
 from ..evaluation.report import require_matplotlib
 from ..hub import resolve_model_path

@@ -15,8 +15,9 @@ from transformers import AutoModelForCausalLM
 
 import soft_peft.cli.generate
 import soft_peft.inference
+from soft_peft import dynamic_generate, self_speculative_generate
 from soft_peft.cli import main as soft_peft_main
-from soft_peft.inference import default_dynamic_exits, dynamic_generate, self_speculative_generate
+from soft_peft.inference.dynamic import default_dynamic_exits
 
 CONTEXT = 64  # max_position_embeddings of the saved tiny models
 
