@@ -30,17 +30,14 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmarks.common import SHAPES, machine_line, parse_ints, random_model, synchronize
-from benchmarks.decode_harness import emit, gsm8k_benchmark_data, load_model
-from soft_peft.inference import frequent_token_ids
+from benchmarks.decode_harness import add_model_arguments, emit, gsm8k_benchmark_data, load_model
 from soft_peft.inference.stack import DecoderStack
 from soft_peft.inference.tokens import exit_confidence
-from soft_peft.inference.vocab import SubsetHead
+from soft_peft.inference.vocab import SubsetHead, frequent_token_ids
 
 
 def add_ceiling_arguments(parser: argparse.ArgumentParser) -> None:
     """The `ceiling` command's flags."""
-    from benchmarks.decode_cost import add_model_arguments
-
     add_model_arguments(parser)
     parser.add_argument("--shape", choices=list(SHAPES), help="A random-init model of this shape instead.")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="Where a --shape model runs.")

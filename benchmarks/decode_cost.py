@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import add_data_argument, machine_line, parse_floats, parse_ints
+from benchmarks.common import machine_line, parse_floats, parse_ints
 from benchmarks.decode_harness import (
-    DEFAULT_MODEL,
     MODES,
     add_decode_method_flags,
+    add_model_arguments,
     build_methods,
     decode_method_options,
     emit,
@@ -41,16 +41,6 @@ from benchmarks.decode_harness import (
     run_decode_benchmark,
     summary_rows,
 )
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags every decoding command shares: the checkpoint, the data, the thread count and the outputs."""
-    parser.add_argument(
-        "--model_name_or_path", default=str(DEFAULT_MODEL), help="HF folder (default: SoFT GSM8K run)."
-    )
-    add_data_argument(parser, role="; prompts come from its held-out split")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared CPU).")
-    parser.add_argument("--output", default=None, help="Also write the markdown report to this file.")
 
 
 def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
@@ -124,8 +114,9 @@ class DecodeRun:
 
 def prepare_run(args: argparse.Namespace) -> DecodeRun:
     """Load the model and prompts of a run and resolve its draft exits, as `speed` runs them."""
-    from soft_peft.exits import parse_exit_layers, recorded_exit_layers
-    from soft_peft.inference import frequent_token_ids
+    from soft_peft import recorded_exit_layers
+    from soft_peft.exits import parse_exit_layers
+    from soft_peft.inference.vocab import frequent_token_ids
     from soft_peft.model_layout import num_decoder_layers
 
     torch.set_num_threads(args.threads)

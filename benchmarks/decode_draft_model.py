@@ -30,21 +30,20 @@ from transformers.generation import candidate_generator
 from benchmarks.common import machine_line, parse_ints
 from benchmarks.decode_harness import (
     DecodeMethod,
+    add_model_arguments,
     build_methods,
     emit,
     gsm8k_benchmark_data,
     load_model,
     run_decode_benchmark,
 )
+from soft_peft import recorded_exit_layers
 from soft_peft.cli import main as soft_peft_main
-from soft_peft.exits import recorded_exit_layers
 from soft_peft.model_layout import num_decoder_layers
 
 
 def add_draft_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The `draft-model` command's flags."""
-    from benchmarks.decode_cost import add_model_arguments
-
     add_model_arguments(parser)
     parser.add_argument("--num_prompts", type=int, default=4)
     parser.add_argument("--max_new_tokens", type=int, default=64)

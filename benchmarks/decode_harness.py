@@ -3,7 +3,7 @@
 Every method decodes the same prompts in the same run, interleaved prompt by prompt so that a change in machine load
 hits all of them alike. Speed is generated tokens (up to and including EOS) per second of wall time; quality is
 compared with plain greedy ``generate`` at the same batch size, and GSM8K accuracy with the evaluation's numeric
-answer check. Also here: the decoding commands' model loading, report writing and decoder flags.
+answer check. Also here: the decoding commands' shared flags, model loading, report writing and decoder flags.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from benchmarks.common import gsm8k_split, parse_ints, smollm2_path
+from benchmarks.common import add_data_argument, gsm8k_split, parse_ints, smollm2_path
+from soft_peft import dynamic_generate, self_speculative_generate
 from soft_peft.evaluation.metrics import gsm8k_exact_match
-from soft_peft.inference import dynamic_generate, self_speculative_generate
 from soft_peft.model_layout import num_decoder_layers
 
 # The checkpoint the decoding tables measured: `bash benchmarks/decode_checkpoint.sh` makes it
@@ -399,6 +399,16 @@ def parse_draft_stop_thresholds(text: str) -> list[float | None]:
 def parse_early_draft_exit_sets(text: str) -> list[tuple[int, ...]]:
     """``"none/9/9,15"`` -> ``[(), (9,), (9, 15)]``: the command-line form of ``early_draft_exit_sets``."""
     return [() if part.strip().lower() in ("", "none") else tuple(parse_ints(part)) for part in text.split("/")]
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags every decoding command shares: the checkpoint, the data, the thread count and the outputs."""
+    parser.add_argument(
+        "--model_name_or_path", default=str(DEFAULT_MODEL), help="HF folder (default: SoFT GSM8K run)."
+    )
+    add_data_argument(parser, role="; prompts come from its held-out split")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared CPU).")
+    parser.add_argument("--output", default=None, help="Also write the markdown report to this file.")
 
 
 def add_decode_method_flags(parser: argparse.ArgumentParser) -> None:

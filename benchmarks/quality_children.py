@@ -65,7 +65,8 @@ def eval_child(model_dir, held_out, rows, max_length, exits, output) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from soft_peft.evaluation import evaluate_exits, load_eval_dataset, tokenize_examples
+    from soft_peft.evaluation.examples import load_eval_dataset, tokenize_examples
+    from soft_peft.evaluation.per_exit import evaluate_exits
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -17,7 +17,7 @@ to one core (`OMP_NUM_THREADS=1 taskset -c CORE`), plus the run's own flags; any
 
 Per run, `<cache>/<run>-<steps>/` holds the checkpoints: an interrupted run resumes from its latest complete one; a
 run whose `<results>/<run>-<steps>.json` exists is skipped. Each result holds, per exit, held-out CE, token accuracy
-and top-1 agreement with the last layer (`soft_peft.evaluation.evaluate_exits`), and the run's median training
+and top-1 agreement with the last layer (`soft_peft.evaluation.per_exit.evaluate_exits`), and the run's median training
 seconds/step (timed per step, not counting start-up) and peak RSS (the training process's `ru_maxrss`). `decode` runs
 `python -m benchmarks.decode_cost speed` on finished runs' checkpoints, every run with the same exits and prompts
 (the first 8 of the same held-out split), and keeps its rows in `<results>/<run>-<steps>.decode.json`.

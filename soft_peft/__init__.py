@@ -14,8 +14,9 @@ import importlib.util
 from typing import TYPE_CHECKING
 
 # Each top-level name and the module that defines it. They load on first use (PEP 562), so that `soft-peft --help`
-# and `--version` answer without importing torch and transformers. Everything else is imported from its module
-# (`soft_peft.exits`, `soft_peft.loss`, `soft_peft.schedule`, `soft_peft.inference`, `soft_peft.evaluation`, ...).
+# and `--version` answer without importing torch and transformers. The top level is these names' one import path (their
+# modules leave them out of `__all__`); every other public name is imported from the module that defines it
+# (`soft_peft.exits`, `soft_peft.loss`, `soft_peft.inference.vocab`, `soft_peft.evaluation.pipeline`, ...).
 _LAZY = {
     "SoFTConfig": ".config",
     "SoFTSettings": ".settings",
@@ -23,17 +24,19 @@ _LAZY = {
     "SortedExitOutput": ".exit_forward",
     "SortedLossWrapper": ".wrapper",
     "add_sorted_exit_loss": ".wrapper",
-    "dynamic_generate": ".inference",
-    "extract_submodel": ".inference",
+    "dynamic_generate": ".inference.dynamic",
+    "extract_submodel": ".inference.submodel",
     "recorded_exit_layers": ".exits",
-    "self_speculative_generate": ".inference",
+    "self_speculative_generate": ".inference.speculative",
 }
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from .config import SoFTConfig
     from .exit_forward import SortedExitOutput
     from .exits import recorded_exit_layers
-    from .inference import dynamic_generate, extract_submodel, self_speculative_generate
+    from .inference.dynamic import dynamic_generate
+    from .inference.speculative import self_speculative_generate
+    from .inference.submodel import extract_submodel
     from .settings import SoFTSettings
     from .trainer import SoFTTrainer
     from .wrapper import SortedLossWrapper, add_sorted_exit_loss
@@ -58,7 +61,7 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
         globals()[name] = value  # later lookups skip this function
         return value
-    # Subpackages as attributes (`soft_peft.inference.dynamic_generate`), as an eager `__init__` gave them
+    # Subpackages and modules as attributes (`soft_peft.layer_dropout.LayerDropout`), as an eager `__init__` gave them
     if importlib.util.find_spec(f"{__name__}.{name}") is not None:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

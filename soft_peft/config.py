@@ -14,7 +14,8 @@ from trl import SFTConfig
 
 from .settings import SoFTSettings, soft_settings
 
-__all__ = ["SoFTConfig", "check_training_numbers", "read_soft_settings"]
+# One import path, the top level: `from soft_peft import SoFTConfig`
+__all__ = ["check_training_numbers", "read_soft_settings"]
 
 
 def _is_number_at_least(value, low: float) -> bool:
@@ -85,13 +86,24 @@ def _refuse_label_smoothing(label_smoothing_factor: float) -> None:
         )
 
 
+def _copy_of_checked_settings(config: SoFTConfig) -> SoFTSettings:
+    # A SoFTConfig's SoFT fields were checked (and normalised) once, by its `__post_init__`: they are copied into a
+    # SoFTSettings without building one, which would check them a second time
+    settings = object.__new__(SoFTSettings)
+    for f in fields(SoFTSettings):
+        value = getattr(config, f.name)
+        setattr(settings, f.name, list(value) if isinstance(value, list) else value)  # a list is not shared
+    return settings
+
+
 def read_soft_settings(args) -> SoFTSettings:
-    """The SoFT settings of any training arguments, checked as [`SoFTConfig`] checks them; `args` is not changed.
+    """The SoFT settings of any training arguments, checked once, as [`SoFTConfig`] checks them; `args` is not changed.
 
     Args:
-        args: A [`SoFTConfig`], or any other arguments object (`SFTConfig`, a subclass of it, `TrainingArguments`):
-            each [`~soft_peft.settings.SoFTSettings`] field it has is read (TRL's `loss_type` among them), the others
-            get their defaults.
+        args: A [`SoFTConfig`] (checked when it was built: its SoFT fields are copied, not checked again), or any
+            other arguments object (`SFTConfig`, a subclass of it, `TrainingArguments`): each
+            [`~soft_peft.settings.SoFTSettings`] field it has is read (TRL's `loss_type` among them), the others get
+            their defaults, and all of it is checked here.
 
     Returns:
         A new [`~soft_peft.settings.SoFTSettings`].
@@ -100,6 +112,8 @@ def read_soft_settings(args) -> SoFTSettings:
         ValueError: for invalid SoFT settings, `label_smoothing_factor > 0`, and the out-of-range numbers of
             [`check_training_numbers`].
     """
+    if isinstance(args, SoFTConfig):
+        return _copy_of_checked_settings(args)
     settings = soft_settings(**{f.name: getattr(args, f.name) for f in fields(SoFTSettings) if hasattr(args, f.name)})
     _refuse_label_smoothing(getattr(args, "label_smoothing_factor", 0.0))
     check_training_numbers(args)

@@ -31,9 +31,9 @@ from .prompt_templates import (
     format_prompt,
 )
 
+# DatasetFormatError, raised here too, is imported from its module, `soft_peft.data_rows`
 __all__ = [
     "DATASET_FORMATS",
-    "DatasetFormatError",
     "alpaca_to_prompt_completion",
     "detect_format",
     "gsm8k_answer",

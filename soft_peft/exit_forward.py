@@ -32,7 +32,8 @@ from .schedule import ExitSchedule, scheduled_exit_weights
 if TYPE_CHECKING:
     from .settings import SoFTSettings
 
-__all__ = ["ExitStats", "LabelledPositions", "ResolvedExitLoss", "SortedExitOutput", "sorted_exit_forward"]
+# One import path, the top level: `from soft_peft import SortedExitOutput`
+__all__ = ["ExitStats", "LabelledPositions", "ResolvedExitLoss", "sorted_exit_forward"]
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from torch import nn
 
 from .model_layout import unwrap_model
 
+# One import path, the top level: `from soft_peft import recorded_exit_layers`
 __all__ = [
     "CONFIG_KEY",
     "default_exit_layers",
@@ -22,7 +23,6 @@ __all__ = [
     "parse_exit_layers",
     "parse_exit_spec",
     "record_exit_layers",
-    "recorded_exit_layers",
 ]
 
 # The paper's 8 sub-models of a 40-layer LLaMA-2 13B are layers 12, 16, ..., 40: exit i sits at (3 + i) / 10 of depth.

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -62,70 +62,17 @@ class ExitLossOptions:
     r"""
     The knobs of [`sorted_exit_loss`]: loss type, head kernel, and what each early exit learns. Validated when built.
     [`~soft_peft.settings.SoFTSettings`] extends it with the exits, their weights, the schedule and layer dropout, so
-    each knob has one name from the command line down to the loss.
-
-    Parameters:
-        loss_type (`str`, *optional*, defaults to `"nll"`):
-            TRL's `loss_type`, applied at every exit: `"nll"` (cross-entropy) or `"dft"` (Dynamic Fine-Tuning: each
-            token's NLL times its detached probability).
-        exit_loss_kernel (`str`, *optional*, defaults to `"auto"`):
-            Head kernel: `"trl"` (TRL's `ChunkedLogProbFunction`, Triton on CUDA/XPU), `"torch"`
-            (`soft_peft.chunked_ce`, faster without Triton) or `"auto"` (TRL's where it runs Triton, else torch).
-        exit_vocab_chunk_size (`int`, *optional*, defaults to `32768`):
-            Vocabulary columns per tile of TRL's chunked head kernel. Lower it to cut peak memory on very large
-            vocabularies; raise it to cut kernel launches.
-        exit_head_grad (`str`, *optional*, defaults to `"all"`):
-            `"all"`: every exit's loss updates the shared final norm and LM head (the paper). `"last"`: only the
-            deepest exit (the last in order of depth) updates them; the early exits use them without updating them
-            (their gradient still trains the layers below), so the norm and head (with a tied head, also the input
-            embedding through it) are trained by the deepest exit alone.
-        exit_distill_weight (`float`, *optional*, defaults to `0.0`):
-            Self-distillation `lambda` in [0, 1]: each early exit's loss becomes `(1 - lambda) * CE + lambda * T^2 *
-            KL(p_deepest || p_exit)` on the labelled tokens, with the deepest exit's distribution detached. `0` is
-            off; when on, `exit_{k}/agreement` (top-1 agreement with the deepest exit) and `exit_{k}/distill_loss`
-            are logged.
-        exit_distill_temperature (`float`, *optional*, defaults to `1.0`):
-            Temperature `T` of the distillation term (both distributions are `softmax(logits / T)`).
+    each knob has one name from the command line down to the loss. The fields are documented, with their
+    command-line help, on `SoFTSettings`, where every SoFT setting is declared; this small object carries no help
+    text, so the pure loss never imports the settings.
     """
 
-    loss_type: str = field(
-        default="nll",
-        metadata={
-            "help": "Loss at every exit (TRL's loss_type): 'nll' (cross-entropy) or 'dft' (Dynamic Fine-Tuning, "
-            "https://huggingface.co/papers/2508.05629).",
-            "choices": list(LOSS_TYPES),
-        },
-    )
-    exit_loss_kernel: str = field(
-        default="auto",
-        metadata={
-            "help": "Head kernel of the exit loss: 'trl' (TRL's chunked log-prob kernel, Triton on GPU), 'torch' "
-            "(soft_peft.chunked_ce, faster without Triton) or 'auto' (TRL's where Triton runs, else torch).",
-            "choices": list(KERNELS),
-        },
-    )
-    exit_vocab_chunk_size: int = field(
-        default=DEFAULT_VOCAB_CHUNK_SIZE,
-        metadata={"help": "Vocabulary columns per tile of TRL's chunked head kernel (memory/speed trade-off)."},
-    )
-    exit_head_grad: str = field(
-        default="all",
-        metadata={
-            "help": "Which exits update the shared final norm and LM head: 'all' (paper) or 'last' (only the deepest "
-            "exit; the early exits use them without updating them, their gradient still trains the layers below).",
-            "choices": list(HEAD_GRAD_MODES),
-        },
-    )
-    exit_distill_weight: float = field(
-        default=0.0,
-        metadata={
-            "help": "Self-distillation lambda in [0, 1]: each early exit's loss becomes (1 - lambda) * CE + lambda * "
-            "T^2 * KL(p_deepest || p_exit), deepest exit detached. 0 = off."
-        },
-    )
-    exit_distill_temperature: float = field(
-        default=1.0, metadata={"help": "Temperature T of the self-distillation term (> 0)."}
-    )
+    loss_type: str = "nll"
+    exit_loss_kernel: str = "auto"
+    exit_vocab_chunk_size: int = DEFAULT_VOCAB_CHUNK_SIZE
+    exit_head_grad: str = "all"
+    exit_distill_weight: float = 0.0
+    exit_distill_temperature: float = 1.0
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:

@@ -2,8 +2,9 @@
 
 `SoFTConfig` inherits it (so each field is also a command-line flag and a YAML key),
 [`~soft_peft.wrapper.SortedLossWrapper`] and [`~soft_peft.wrapper.add_sorted_exit_loss`] take it, and the pure loss
-reads its knobs through the [`~soft_peft.loss.ExitLossOptions`] it extends. A new SoFT setting is one new field
-here (and its check in `__post_init__`).
+reads its knobs through the [`~soft_peft.loss.ExitLossOptions`] it extends. Every SoFT field is declared here, with
+its command-line help (the loss knobs too: the small options object of the pure loss has no help text, so the loss
+never imports this module). A new SoFT setting is one new field here (and its check in `__post_init__`).
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from dataclasses import dataclass, field, fields
 from .exit_weights import DEFAULT_EXIT_LOSS_WEIGHTS, exit_loss_weights, parse_exit_loss_weights
 from .exits import parse_exit_spec
 from .layer_dropout import LAYER_DROPOUT_SCALES, LayerDropout
-from .loss import ExitLossOptions
+from .loss import DEFAULT_VOCAB_CHUNK_SIZE, HEAD_GRAD_MODES, KERNELS, LOSS_TYPES, ExitLossOptions
 from .schedule import RAMP_ORDERS, ExitSchedule
 
-__all__ = ["SoFTSettings", "soft_settings"]
+# One import path, the top level: `from soft_peft import SoFTSettings`
+__all__ = ["soft_settings"]
 
 
 def _normalize_list_setting(value, name: str):
@@ -32,17 +34,38 @@ def _normalize_list_setting(value, name: str):
 @dataclass
 class SoFTSettings(ExitLossOptions):
     r"""
-    Every setting of the SoFT loss: which exits, their weights, the loss knobs of
-    [`~soft_peft.loss.ExitLossOptions`] (`loss_type`, `exit_loss_kernel`, `exit_vocab_chunk_size`, `exit_head_grad`,
-    `exit_distill_weight`, `exit_distill_temperature`), the exit schedule and layer dropout. Every value is checked
-    when the object is built; what needs the model's depth (exit range, explicit weight count) is checked when it is
-    attached to a model.
+    Every setting of the SoFT loss: the loss knobs the pure loss reads as a [`~soft_peft.loss.ExitLossOptions`]
+    (`loss_type`, `exit_loss_kernel`, `exit_vocab_chunk_size`, `exit_head_grad`, `exit_distill_weight`,
+    `exit_distill_temperature`), which exits, their weights, the exit schedule and layer dropout. Every value is
+    checked once, when the object is built (`__post_init__`); what needs the model's depth (exit range, explicit
+    weight count) is checked when it is attached to a model.
 
     "Exit k" is the hidden state after k decoder layers through the model's own final norm and shared LM head. The
     *deepest exit* is the deepest of `exit_layers` (the model's last layer with the default exits); the early exits
     are the others.
 
     Parameters:
+        loss_type (`str`, *optional*, defaults to `"nll"`):
+            TRL's `loss_type`, applied at every exit: `"nll"` (cross-entropy) or `"dft"` (Dynamic Fine-Tuning: each
+            token's NLL times its detached probability).
+        exit_loss_kernel (`str`, *optional*, defaults to `"auto"`):
+            Head kernel: `"trl"` (TRL's `ChunkedLogProbFunction`, Triton on CUDA/XPU), `"torch"`
+            (`soft_peft.chunked_ce`, faster without Triton) or `"auto"` (TRL's where it runs Triton, else torch).
+        exit_vocab_chunk_size (`int`, *optional*, defaults to `32768`):
+            Vocabulary columns per tile of TRL's chunked head kernel. Lower it to cut peak memory on very large
+            vocabularies; raise it to cut kernel launches.
+        exit_head_grad (`str`, *optional*, defaults to `"all"`):
+            `"all"`: every exit's loss updates the shared final norm and LM head (the paper). `"last"`: only the
+            deepest exit (the last in order of depth) updates them; the early exits use them without updating them
+            (their gradient still trains the layers below), so the norm and head (with a tied head, also the input
+            embedding through it) are trained by the deepest exit alone.
+        exit_distill_weight (`float`, *optional*, defaults to `0.0`):
+            Self-distillation `lambda` in [0, 1]: each early exit's loss becomes `(1 - lambda) * CE + lambda * T^2 *
+            KL(p_deepest || p_exit)` on the labelled tokens, with the deepest exit's distribution detached. `0` is
+            off; when on, `exit_{k}/agreement` (top-1 agreement with the deepest exit) and `exit_{k}/distill_loss`
+            are logged.
+        exit_distill_temperature (`float`, *optional*, defaults to `1.0`):
+            Temperature `T` of the distillation term (both distributions are `softmax(logits / T)`).
         exit_layers (`str` or `list[int]`, *optional*):
             Decoder layers whose outputs are trained as sub-models. A list, a comma-separated string `"12,16,20"`,
             or a slice string `"start:stop:step"` (`"12:41:4"` = 12, 16, ..., 40; `"9::3"` = every 3rd layer from 9
@@ -86,6 +109,46 @@ class SoFTSettings(ExitLossOptions):
             Optimizer steps over which the drop probability rises from 0 to its full value (LayerSkip's exponential
             time curriculum); 0 = the full probability from the first step.
     """
+
+    # The loss knobs of ExitLossOptions, declared again with their help: every SoFT field is defined here
+    loss_type: str = field(
+        default="nll",
+        metadata={
+            "help": "Loss at every exit (TRL's loss_type): 'nll' (cross-entropy) or 'dft' (Dynamic Fine-Tuning, "
+            "https://huggingface.co/papers/2508.05629).",
+            "choices": list(LOSS_TYPES),
+        },
+    )
+    exit_loss_kernel: str = field(
+        default="auto",
+        metadata={
+            "help": "Head kernel of the exit loss: 'trl' (TRL's chunked log-prob kernel, Triton on GPU), 'torch' "
+            "(soft_peft.chunked_ce, faster without Triton) or 'auto' (TRL's where Triton runs, else torch).",
+            "choices": list(KERNELS),
+        },
+    )
+    exit_vocab_chunk_size: int = field(
+        default=DEFAULT_VOCAB_CHUNK_SIZE,
+        metadata={"help": "Vocabulary columns per tile of TRL's chunked head kernel (memory/speed trade-off)."},
+    )
+    exit_head_grad: str = field(
+        default="all",
+        metadata={
+            "help": "Which exits update the shared final norm and LM head: 'all' (paper) or 'last' (only the deepest "
+            "exit; the early exits use them without updating them, their gradient still trains the layers below).",
+            "choices": list(HEAD_GRAD_MODES),
+        },
+    )
+    exit_distill_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Self-distillation lambda in [0, 1]: each early exit's loss becomes (1 - lambda) * CE + lambda * "
+            "T^2 * KL(p_deepest || p_exit), deepest exit detached. 0 = off."
+        },
+    )
+    exit_distill_temperature: float = field(
+        default=1.0, metadata={"help": "Temperature T of the self-distillation term (> 0)."}
+    )
 
     exit_layers: str | None = field(
         default=None,

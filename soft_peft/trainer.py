@@ -26,7 +26,8 @@ from .run_guards import (
 )
 from .wrapper import add_sorted_exit_loss, exit_loss_weights_of
 
-__all__ = ["SoFTTrainer"]
+# One import path, the top level: `from soft_peft import SoFTTrainer`
+__all__: list[str] = []
 
 logger = logging.get_logger(__name__)
 

@@ -21,7 +21,8 @@ from .layer_dropout import install_layer_dropout, layer_dropout_state
 from .model_layout import unwrap_model
 from .settings import SoFTSettings, soft_settings
 
-__all__ = ["SortedLossWrapper", "add_sorted_exit_loss", "exit_loss_weights_of"]
+# One import path, the top level: `from soft_peft import SortedLossWrapper, add_sorted_exit_loss`
+__all__ = ["exit_loss_weights_of"]
 
 # The resolved loss of a model whose forward already carries the SoFT loss; also marks it, so it is never wrapped twice
 _PATCHED = "_soft_peft_exit_loss"

@@ -8,11 +8,10 @@ from datasets import Dataset
 from peft import LoraConfig
 from tiny_models import tiny_model, tiny_tokenizer
 
-from soft_peft import SoFTConfig, SoFTTrainer, SortedLossWrapper
+from soft_peft import SoFTConfig, SoFTTrainer, SortedLossWrapper, recorded_exit_layers
 from soft_peft.checkpoints import ADAPTER_EXITS_FILE, load_causal_lm, read_adapter_exit_layers
 from soft_peft.cli import main as soft_peft_main
 from soft_peft.evaluation.pipeline import resolve_eval_exits
-from soft_peft.exits import recorded_exit_layers
 
 
 @pytest.fixture

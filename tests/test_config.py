@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 from trl import SFTConfig, TrlParser
 
+import soft_peft.config
 from soft_peft import SoFTConfig, SoFTSettings
 from soft_peft.config import read_soft_settings
 
@@ -105,3 +106,30 @@ def test_loss_type_is_trls_field_with_the_values_soft_computes(tmp_path):
     plain = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, loss_type="dft")
     assert read_soft_settings(plain).loss_type == "dft"
     assert [f.name for f in dataclasses.fields(SoFTConfig)].count("loss_type") == 1
+
+
+def test_soft_settings_are_checked_once_on_the_way_to_the_trainer(tmp_path, monkeypatch):
+    # Each check counted: building a SoFTConfig checks it; reading its settings for the trainer copies them unchecked
+    calls = {"settings": 0, "numbers": 0}
+    settings_check, numbers_check = SoFTSettings.__post_init__, soft_peft.config.check_training_numbers
+
+    def counted_settings_check(self):
+        calls["settings"] += 1
+        settings_check(self)
+
+    def counted_numbers_check(args):
+        calls["numbers"] += 1
+        numbers_check(args)
+
+    monkeypatch.setattr(SoFTSettings, "__post_init__", counted_settings_check)
+    monkeypatch.setattr(soft_peft.config, "check_training_numbers", counted_numbers_check)
+    soft = config(tmp_path, exit_layers=[2, 4], exit_loss_weights="1,3", exit_head_grad="last")
+    assert calls == {"settings": 1, "numbers": 1}
+    settings = read_soft_settings(soft)
+    assert calls == {"settings": 1, "numbers": 1}
+    assert type(settings) is SoFTSettings
+    assert dataclasses.asdict(settings) == {f.name: getattr(soft, f.name) for f in dataclasses.fields(SoFTSettings)}
+    assert settings.exit_layers == [2, 4] and settings.exit_layers is not soft.exit_layers
+    # A plain SFTConfig was never checked for SoFT: reading it checks everything, once
+    read_soft_settings(SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False))
+    assert calls == {"settings": 2, "numbers": 2}

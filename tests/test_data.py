@@ -19,14 +19,8 @@ from example_runs import (  # noqa: E402
     write_jsonl,
 )
 
-from soft_peft.data import (
-    DatasetFormatError,
-    detect_format,
-    load_prompt_completion,
-    load_raw_dataset,
-    load_trl_dataset,
-    to_trl_format,
-)
+from soft_peft.data import detect_format, load_prompt_completion, load_raw_dataset, load_trl_dataset, to_trl_format
+from soft_peft.data_rows import DatasetFormatError
 
 # Each example's default dataset, exactly as it must reach `datasets.load_dataset`
 EXAMPLE_HUB_CALLS = {
@@ -178,7 +172,7 @@ def test_unknown_or_mismatched_formats_fail_in_one_line():
 
 
 def test_training_and_evaluation_load_the_same_rows(tmp_path):
-    from soft_peft.evaluation import load_eval_dataset
+    from soft_peft.evaluation.examples import load_eval_dataset
 
     path = str(write_jsonl(tmp_path / "gsm8k.jsonl", gsm8k_rows(6)))
     trained, fmt = load_trl_dataset(path)

@@ -9,7 +9,7 @@ from datasets import Dataset
 from get_smollm2 import DEFAULT_DIR
 
 from soft_peft.data import gsm8k_to_prompt_completion, triviaqa_to_prompt_completion
-from soft_peft.evaluation import tokenize_examples
+from soft_peft.evaluation.examples import tokenize_examples
 
 GSM8K_ROWS = [
     {

@@ -4,8 +4,8 @@ transformers shifts labels, and the logged sums travel across ranks by name."""
 import pytest
 import torch
 
+from soft_peft import SoFTSettings
 from soft_peft.exit_forward import ExitStats, LabelledPositions, ResolvedExitLoss
-from soft_peft.settings import SoFTSettings
 
 
 def test_a_weight_count_that_is_not_one_per_exit_is_refused():

@@ -10,7 +10,8 @@ import soft_peft.wrapper
 from soft_peft import SortedLossWrapper
 from soft_peft.evaluation.per_exit import _normed_exit_states
 from soft_peft.exit_head import find_exit_head
-from soft_peft.inference import DecoderStack, SubsetHead
+from soft_peft.inference.stack import DecoderStack
+from soft_peft.inference.vocab import SubsetHead
 from soft_peft.model_layout import backbone_outputs, get_decoder_layers
 
 EXITS = [1, 2, NUM_LAYERS]

@@ -3,13 +3,8 @@ import re
 import pytest
 from tiny_models import tiny_model
 
-from soft_peft.exits import (
-    default_exit_layers,
-    parse_exit_layers,
-    parse_exit_spec,
-    record_exit_layers,
-    recorded_exit_layers,
-)
+from soft_peft import recorded_exit_layers
+from soft_peft.exits import default_exit_layers, parse_exit_layers, parse_exit_spec, record_exit_layers
 
 
 def test_default_exits_match_the_paper_for_40_layers():

@@ -29,8 +29,9 @@ from tiny_models import NUM_LAYERS, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import soft_peft
+from soft_peft import recorded_exit_layers
 from soft_peft.checkpoints import load_causal_lm
-from soft_peft.exits import default_exit_layers, recorded_exit_layers
+from soft_peft.exits import default_exit_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 HUB_MODEL = "HuggingFaceTB/SmolLM2-135M"

@@ -59,3 +59,16 @@ def test_soft_settings_copies_only_the_soft_fields_and_applies_overrides(tmp_pat
         soft_settings(kernel="torch", weights=[1, 2])
     with pytest.raises(ValueError, match="exit_distill_weight must be in"):
         soft_settings(config, exit_distill_weight=2.0)
+
+
+def test_every_soft_field_is_declared_with_its_help_in_settings_and_the_loss_options_agree():
+    # One home: each SoFTSettings field, the loss knobs included, carries its command-line help from settings.py; the
+    # loss's small options object carries none, and has the same defaults
+    declared_here = SoFTSettings.__dict__["__annotations__"]
+    for f in dataclasses.fields(SoFTSettings):
+        assert f.name in declared_here, f.name
+        assert f.metadata.get("help"), f.name
+    for f in dataclasses.fields(ExitLossOptions):
+        assert not f.metadata, f.name
+    loss_defaults = dataclasses.asdict(ExitLossOptions())
+    assert {name: getattr(SoFTSettings(), name) for name in loss_defaults} == loss_defaults

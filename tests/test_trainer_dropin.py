@@ -11,8 +11,7 @@ from datasets import Dataset
 from tiny_models import NUM_LAYERS, tiny_model, tiny_tokenizer
 from trl import SFTConfig, SFTTrainer
 
-from soft_peft import SoFTConfig, SoFTTrainer
-from soft_peft.settings import SoFTSettings
+from soft_peft import SoFTConfig, SoFTSettings, SoFTTrainer
 
 
 def arithmetic(n=64):

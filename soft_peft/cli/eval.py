@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(recipe_argv(parser, list(sys.argv[1:] if argv is None else argv)))
     # Imported after parsing: `--help` and a refused flag answer without loading torch
-    from ..data import DatasetFormatError
+    from ..data_rows import DatasetFormatError
     from ..evaluation.pipeline import EvalSettings, run_evaluation
     from ..evaluation.report import require_matplotlib
 

@@ -225,7 +225,7 @@ def _export(parser, args, model_path: str, adapter_base: str | None, sources: li
     from ..checkpoints import read_run_record
     from ..exits import recorded_exit_layers
     from ..hub import push_folders_to_hub
-    from ..inference import extract_submodel
+    from ..inference.submodel import extract_submodel
     from ..model_card import model_label, write_model_card
     from ..model_layout import num_decoder_layers
     from ..serving import draft_model_invocations

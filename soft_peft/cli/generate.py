@@ -138,7 +138,8 @@ def _check_before_loading(parser: argparse.ArgumentParser, args: argparse.Namesp
     """Every flag that the model's config can judge, by the decoders' own checks, as an argparse error (exit code 2);
     warnings for untrained exits. With ``--thresholds``, ``args.exits`` becomes the resolved exits and
     ``args.thresholds`` one threshold per exit."""
-    from ..inference import check_dynamic_settings, check_speculative_settings, dynamic_exit_thresholds
+    from ..inference.dynamic import check_dynamic_settings, dynamic_exit_thresholds
+    from ..inference.speculative import check_speculative_settings
     from ..inference.tokens import check_sampling
 
     _check_flag_combinations(parser, args)
@@ -192,7 +193,9 @@ def _decode(args: argparse.Namespace, model, input_ids, vocab_subset) -> tuple:
     """Run the decoder the flags chose; returns ``(sequences, stats)``, the stats JSON-ready."""
     import torch
 
-    from ..inference import dynamic_generate, extract_submodel, self_speculative_generate
+    from ..inference.dynamic import dynamic_generate
+    from ..inference.speculative import self_speculative_generate
+    from ..inference.submodel import extract_submodel
 
     generator = torch.Generator().manual_seed(args.seed)
     sampling = dict(do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p)
@@ -237,7 +240,7 @@ def main(argv: list[str]) -> int:
     from transformers import AutoTokenizer
 
     from ..checkpoints import load_causal_lm
-    from ..inference import frequent_token_ids
+    from ..inference.vocab import frequent_token_ids
     from ..run_guards import NonFiniteWeightsError
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name_or_path or model_path, trust_remote_code=False)

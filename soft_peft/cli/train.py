@@ -27,7 +27,8 @@ from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from ..checkpoints import run_schedule
 from ..config import SoFTConfig
-from ..data import DatasetFormatError, held_out_split, load_trl_dataset
+from ..data import held_out_split, load_trl_dataset
+from ..data_rows import DatasetFormatError
 from ..exit_weights import exit_loss_weights
 from ..exits import exit_layers_as_written
 from ..hub import ModelNotFoundError, resolve_model_path

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from datasets import Dataset
 
-from ..data import DatasetFormatError, load_trl_dataset
+from ..data import load_trl_dataset
+from ..data_rows import DatasetFormatError
 
 __all__ = ["EvalExample", "load_eval_dataset", "tokenize_examples"]
 

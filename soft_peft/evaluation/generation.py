@@ -1,6 +1,6 @@
 """Greedy generation at each exit: quality against the reference and time per generated token.
 
-Each exit is decoded by [`soft_peft.inference.extract_submodel`], a standard transformers model that shares the
+Each exit is decoded by [`soft_peft.extract_submodel`], a standard transformers model that shares the
 parent's first ``k`` layers, final norm and head (no copy), so ``generate`` runs with its KV cache and only ``k``
 layers per token. Examples are decoded one at a time (batch 1), so padding never changes a sub-model's output and the
 timing is per sequence.
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..inference import extract_submodel
+from ..inference.submodel import extract_submodel
 from .examples import EvalExample
 from .metrics import exact_match, gsm8k_exact_match, token_f1
 

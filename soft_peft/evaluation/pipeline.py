@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..checkpoints import load_causal_lm
-from ..data import DatasetFormatError
+from ..data_rows import DatasetFormatError
 from ..exits import parse_exit_layers, recorded_exit_layers
 from ..hub import resolve_model_path
 from ..model_layout import num_decoder_layers

@@ -37,13 +37,8 @@ from .stack import DecoderStack, LaggingPositions
 from .tokens import CONFIDENCES, SamplingSettings, exit_confidence
 from .vocab import SubsetHead
 
-__all__ = [
-    "DynamicStats",
-    "check_dynamic_settings",
-    "default_dynamic_exits",
-    "dynamic_exit_thresholds",
-    "dynamic_generate",
-]
+# One import path, the top level: `from soft_peft import dynamic_generate`
+__all__ = ["DynamicStats", "check_dynamic_settings", "default_dynamic_exits", "dynamic_exit_thresholds"]
 
 _KV_FILLS = ("recompute", "propagate")
 _MAX_DEFAULT_CHECKS = 3

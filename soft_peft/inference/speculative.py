@@ -26,13 +26,14 @@ import torch
 from torch import nn
 
 from .decoding import DecodeOutput, DecodeStats, DecodingState
-from .drafter import ExitDrafter, choose_draft_length
+from .drafter import ExitDrafter
 from .stack import DecoderStack
 from .tokens import SamplingSettings
 from .verifier import Verifier
 from .vocab import SubsetHead
 
-__all__ = ["SpeculativeStats", "check_speculative_settings", "choose_draft_length", "self_speculative_generate"]
+# One import path, the top level: `from soft_peft import self_speculative_generate`
+__all__ = ["SpeculativeStats", "check_speculative_settings"]
 
 
 @dataclass

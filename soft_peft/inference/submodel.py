@@ -11,7 +11,8 @@ from torch import nn
 from ..exits import CONFIG_KEY, recorded_exit_layers
 from ..model_layout import get_decoder_layers, num_decoder_layers, unwrap_model
 
-__all__ = ["extract_submodel"]
+# One import path, the top level: `from soft_peft import extract_submodel`
+__all__: list[str] = []
 
 
 def _truncated_config(config, num_layers: int):

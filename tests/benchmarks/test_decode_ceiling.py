@@ -7,7 +7,7 @@ from tiny_models import NUM_LAYERS, VOCAB, tiny_model, tiny_tokenizer
 
 from benchmarks import decode_ceiling as speculative_ceiling
 from benchmarks.decode_cost import main
-from soft_peft.inference import self_speculative_generate
+from soft_peft import self_speculative_generate
 from soft_peft.inference.stack import DecoderStack
 from soft_peft.inference.vocab import SubsetHead
 

@@ -6,8 +6,8 @@ import pytest
 from tiny_models import NUM_LAYERS, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from soft_peft import dynamic_generate, extract_submodel
 from soft_peft.cli import main as soft_peft_main
-from soft_peft.inference import dynamic_generate, extract_submodel
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,10 @@ from tiny_models import tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 import soft_peft.cli.generate
-import soft_peft.inference
+import soft_peft.inference.dynamic
+from soft_peft import dynamic_generate, self_speculative_generate
 from soft_peft.cli import main as soft_peft_main
-from soft_peft.inference import default_dynamic_exits, dynamic_generate, self_speculative_generate
+from soft_peft.inference.dynamic import default_dynamic_exits
 
 CONTEXT = 64  # max_position_embeddings of the saved tiny models
 
@@ -157,7 +158,7 @@ def test_generate_default_dynamic_exits_are_the_decoders(tmp_path, capsys, monke
         calls.append((list(exits), thresholds))
         return dynamic_generate(model, input_ids, exits, thresholds, *args, **kwargs)
 
-    monkeypatch.setattr(soft_peft.inference, "dynamic_generate", recording)
+    monkeypatch.setattr(soft_peft.inference.dynamic, "dynamic_generate", recording)  # where the command imports it
     argv = ["generate", "--model_name_or_path", str(tmp_path), "--prompt", "hi", "--max_new_tokens", "3"]
     assert soft_peft_main([*argv, "--thresholds", "0.5"]) == 0
     assert soft_peft_main([*argv, "--thresholds", "0.5,0.6,0.7"]) == 0  # one threshold per default exit

@@ -9,13 +9,9 @@ from cuda_devices import DEVICES
 from inference_helpers import LAW_PROMPT, LAW_VOCAB, chi_square_p, law_model_and_law, prompts, reference_dynamic
 from tiny_models import GEN_ARCHS, NUM_LAYERS, tiny_model
 
-from soft_peft.inference import (
-    DecoderStack,
-    dynamic_generate,
-    exit_confidence,
-    extract_submodel,
-    self_speculative_generate,
-)
+from soft_peft import dynamic_generate, extract_submodel, self_speculative_generate
+from soft_peft.inference.stack import DecoderStack
+from soft_peft.inference.tokens import exit_confidence
 
 
 def on(device, *tensors):

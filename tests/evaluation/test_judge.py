@@ -6,8 +6,7 @@ import pytest
 import torch
 from tiny_models import tiny_model, tiny_tokenizer
 
-from soft_peft.evaluation import LMJudge, judge_pairwise
-from soft_peft.evaluation.judge import JUDGE_PROMPT
+from soft_peft.evaluation.judge import JUDGE_PROMPT, LMJudge, judge_pairwise
 
 
 def longer_is_better(instruction, response_1, response_2):

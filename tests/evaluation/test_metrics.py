@@ -9,7 +9,7 @@ import torch
 from datasets import Dataset
 from tiny_models import tiny_model, tiny_tokenizer
 
-from soft_peft.evaluation import evaluate_exits, tokenize_examples
+from soft_peft.evaluation.examples import tokenize_examples
 from soft_peft.evaluation.metrics import (
     cosine_similarity_matrix,
     exact_match,
@@ -19,6 +19,7 @@ from soft_peft.evaluation.metrics import (
     perplexity,
     token_f1,
 )
+from soft_peft.evaluation.per_exit import evaluate_exits
 
 
 def test_kl_of_identical_distributions_is_zero():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from tiny_models import VOCAB, tiny_model
 
-from soft_peft.inference import exit_confidence
 from soft_peft.inference.stack import DecoderStack
+from soft_peft.inference.tokens import exit_confidence
 
 
 def prompts(batch: int, length: int, seed: int = 0, pads: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,8 +5,10 @@ import torch
 from inference_helpers import prompts, reference_dynamic
 from tiny_models import GEN_ARCHS, NUM_LAYERS, tiny_model
 
-from soft_peft import recorded_exit_layers
-from soft_peft.inference import DecoderStack, default_dynamic_exits, dynamic_generate, exit_confidence
+from soft_peft import dynamic_generate, recorded_exit_layers
+from soft_peft.inference.dynamic import default_dynamic_exits
+from soft_peft.inference.stack import DecoderStack
+from soft_peft.inference.tokens import exit_confidence
 
 
 @pytest.fixture(scope="module", params=GEN_ARCHS)

@@ -3,15 +3,17 @@
 import subprocess
 import sys
 
-# Load soft_peft.inference without running soft_peft/__init__.py (which imports the whole library), so only what
-# inference itself imports ends up in sys.modules
+# Load every module of soft_peft.inference without running soft_peft/__init__.py (which imports the whole library),
+# so only what inference itself imports ends up in sys.modules
 _PROBE = """
 import importlib.util, sys, types
 spec = importlib.util.find_spec("soft_peft")
 package = types.ModuleType("soft_peft")
 package.__path__ = list(spec.submodule_search_locations)
 sys.modules["soft_peft"] = package
-import soft_peft.inference
+import importlib, pkgutil, soft_peft.inference
+for module in pkgutil.iter_modules(soft_peft.inference.__path__, "soft_peft.inference."):
+    importlib.import_module(module.name)
 print(" ".join(sorted(name for name in sys.modules if name.startswith("soft_peft"))))
 """
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from soft_peft.inference import dynamic_generate, self_speculative_generate
+from soft_peft import dynamic_generate, self_speculative_generate
 
 PROMPTS = [
     "Question: Natalia sold clips to 48 of her friends in April, and then half as many in May. How many in all?\n"

@@ -5,14 +5,10 @@ import torch
 from inference_helpers import LAW_PROMPT, LAW_VOCAB, chi_square_p, law_model_and_law, prompts
 from tiny_models import GEN_ARCHS, NUM_LAYERS, tiny_model
 
-from soft_peft.inference import (
-    DecoderStack,
-    choose_draft_length,
-    exit_confidence,
-    extract_submodel,
-    self_speculative_generate,
-)
-from soft_peft.inference.tokens import sampling_probs
+from soft_peft import extract_submodel, self_speculative_generate
+from soft_peft.inference.drafter import choose_draft_length
+from soft_peft.inference.stack import DecoderStack
+from soft_peft.inference.tokens import exit_confidence, sampling_probs
 
 
 @pytest.fixture(scope="module", params=GEN_ARCHS)

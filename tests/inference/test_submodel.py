@@ -9,8 +9,8 @@ from inference_helpers import prompts
 from tiny_models import GEN_ARCHS, NUM_LAYERS, tiny_model
 from transformers import AutoModelForCausalLM
 
-from soft_peft import SoFTSettings, add_sorted_exit_loss
-from soft_peft.inference import DecoderStack, extract_submodel
+from soft_peft import SoFTSettings, add_sorted_exit_loss, extract_submodel
+from soft_peft.inference.stack import DecoderStack
 from soft_peft.model_layout import get_decoder_layers
 
 

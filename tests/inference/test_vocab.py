@@ -5,13 +5,9 @@ import torch
 from inference_helpers import LAW_PROMPT, LAW_VOCAB, chi_square_p, law_model_and_law, prompts, reference_dynamic
 from tiny_models import GEN_ARCHS, NUM_LAYERS, VOCAB, tiny_model, tiny_tokenizer
 
-from soft_peft.inference import (
-    DecoderStack,
-    SubsetHead,
-    dynamic_generate,
-    frequent_token_ids,
-    self_speculative_generate,
-)
+from soft_peft import dynamic_generate, self_speculative_generate
+from soft_peft.inference.stack import DecoderStack
+from soft_peft.inference.vocab import SubsetHead, frequent_token_ids
 
 
 @pytest.fixture(scope="module", params=GEN_ARCHS)
