@@ -31,9 +31,9 @@ from .prompt_templates import (
     format_prompt,
 )
 
-# DatasetFormatError, raised here too, is imported from its module, `soft_peft.data_rows`
+# DatasetFormatError and DATASET_FORMATS, used here too, are imported from their modules (`soft_peft.data_rows`,
+# `soft_peft.prompt_templates`)
 __all__ = [
-    "DATASET_FORMATS",
     "alpaca_to_prompt_completion",
     "detect_format",
     "gsm8k_answer",

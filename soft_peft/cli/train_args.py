@@ -16,7 +16,7 @@ from transformers.utils import is_torch_bf16_gpu_available
 from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
 from ..config import SoFTConfig
-from ..data import DATASET_FORMATS
+from ..prompt_templates import DATASET_FORMATS
 from ..settings import SoFTSettings
 from .preflight import UsageError, error_reason
 from .recipes import resolve_config
