@@ -27,9 +27,9 @@ if TYPE_CHECKING:
 __all__ = [
     "ADAPTER_EXITS_FILE",
     "RUN_RECORD_FILE",
+    "SCHEDULE_SETTINGS",
     "load_causal_lm",
     "read_adapter_exit_layers",
-    "SCHEDULE_SETTINGS",
     "read_run_record",
     "run_schedule",
     "save_adapter_exit_layers",

@@ -16,6 +16,7 @@ from .config import SoFTConfig, read_soft_settings
 from .exits import recorded_exit_layers
 from .model_card import add_soft_section, card_metadata
 from .model_layout import num_decoder_layers, unwrap_model
+from .resume import resolve_resume_checkpoint
 from .run_guards import (
     NonFiniteTrainingError,
     TrainingHealth,
@@ -160,12 +161,8 @@ class SoFTTrainer(SFTTrainer):
             ValueError: for `resume_from_checkpoint=True` when `output_dir` holds no complete checkpoint.
         """
         if resume_from_checkpoint is True:
-            from .cli.preflight import UsageError, resolve_resume_checkpoint  # the command line's resolution
-
-            try:
-                resume_from_checkpoint = resolve_resume_checkpoint(True, self.args.output_dir)
-            except UsageError as error:  # no complete checkpoint: `Trainer` raises a ValueError there too
-                raise ValueError(str(error)) from None
+            # The command line's resolution; with no complete checkpoint a ValueError, as `Trainer` raises there too
+            resume_from_checkpoint = resolve_resume_checkpoint(True, self.args.output_dir)
         checkpoint = resume_from_checkpoint
         record = read_run_record(checkpoint) if isinstance(checkpoint, str | os.PathLike) else None
         if record is not None and "num_tokens" in record and hasattr(self, "_total_train_tokens"):

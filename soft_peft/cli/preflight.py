@@ -12,6 +12,7 @@ import os
 import sys
 from dataclasses import dataclass
 
+from ..resume import TRAINER_STATE_NAME
 from .folder_writes import nearest_existing, unwritable_reason
 from .model_files import check_tokenizer_files, check_weight_files
 
@@ -23,16 +24,12 @@ __all__ = [
     "check_output_dir",
     "error_reason",
     "finished_run_files",
-    "latest_complete_checkpoint",
     "not_a_causal_lm",
     "read_model_facts",
-    "resolve_resume_checkpoint",
     "untrained_exit_warning",
     "warn",
 ]
 
-# Written last by `Trainer._save_checkpoint`: a checkpoint folder without it was cut off while saving
-TRAINER_STATE_NAME = "trainer_state.json"
 # What `save_model` / `save_state` leave in `output_dir` at the end of a run (full model, sharded, or PEFT adapter)
 _FINISHED_RUN_FILES = (
     "config.json",
@@ -43,8 +40,6 @@ _FINISHED_RUN_FILES = (
     "adapter_model.safetensors",
     TRAINER_STATE_NAME,
 )
-_RESUME_LATEST = ("true", "yes", "1")
-_RESUME_NONE = ("", "false", "no", "0", "none")
 _CONFIG_KEY = "soft_exit_layers"  # soft_peft.exits.CONFIG_KEY, without importing torch
 
 
@@ -220,80 +215,6 @@ def check_output_dir(output_dir: str, overwrite: bool = False, resuming: bool = 
             f"--output_dir {output_dir} already holds a run ({shown}): pass --overwrite_output_dir to replace it, "
             "--resume_from_checkpoint to continue it, or choose another --output_dir."
         )
-
-
-def latest_complete_checkpoint(output_dir: str) -> tuple[str | None, list[str]]:
-    """The newest ``checkpoint-N`` folder of ``output_dir`` that has its ``trainer_state.json``.
-
-    Unlike ``transformers.trainer_utils.get_last_checkpoint``, a checkpoint cut off while saving (killed before its
-    ``trainer_state.json`` was written) is skipped.
-
-    Returns:
-        ``(path or None, incomplete)``: the checkpoint to resume from, and the newer incomplete ones it skipped.
-    """
-    from transformers.trainer_utils import sort_checkpoints
-
-    incomplete = []
-    for path in reversed(sort_checkpoints(output_dir) if os.path.isdir(output_dir) else []):
-        if os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
-            return path, incomplete
-        incomplete.append(path)
-    return None, incomplete
-
-
-def resolve_resume_checkpoint(value: str | bool | None, output_dir: str) -> str | None:
-    """Turn a ``--resume_from_checkpoint`` value into a complete checkpoint folder, or ``None`` to start afresh.
-
-    Args:
-        value: ``None``/``false`` (do not resume), ``True``/``true`` (the newest complete checkpoint in
-            ``output_dir``, as ``Trainer.train(resume_from_checkpoint=True)`` but skipping incomplete ones) or a path.
-        output_dir: The run's output folder.
-
-    Returns:
-        The checkpoint folder, or ``None``.
-
-    Raises:
-        UsageError: for a path that is not a folder, an incomplete checkpoint (no ``trainer_state.json``), or no
-            complete checkpoint in ``output_dir``; each names the checkpoint to use instead when there is one.
-    """
-    if value is None or value is False or (isinstance(value, str) and value.strip().lower() in _RESUME_NONE):
-        return None
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-    latest, incomplete = latest_complete_checkpoint(output_dir)
-    if value is True or value.strip().lower() in _RESUME_LATEST:
-        if latest is None:
-            state = (
-                f"{os.path.basename(incomplete[0])} is incomplete (no {TRAINER_STATE_NAME}: the run was stopped while "
-                "saving it)"
-                if incomplete
-                else f"it has no {PREFIX_CHECKPOINT_DIR}-N folder"
-            )
-            raise UsageError(
-                f"--resume_from_checkpoint: nothing to resume in {output_dir}: {state}. Start afresh without the flag."
-            )
-        for path in incomplete:
-            print(
-                f"[soft-peft] {os.path.basename(path)} is incomplete (no {TRAINER_STATE_NAME}); resuming from "
-                f"{os.path.basename(latest)}, the latest complete checkpoint.",
-                flush=True,
-            )
-        return latest
-    if not os.path.isdir(value):
-        raise UsageError(f"--resume_from_checkpoint {value}: no such checkpoint folder.")
-    if not os.path.isfile(os.path.join(value, TRAINER_STATE_NAME)):
-        here = os.path.dirname(os.path.abspath(value))
-        other, _ = latest_complete_checkpoint(here)
-        instead = (
-            f"resume from {other}, the latest complete checkpoint, or pass --resume_from_checkpoint alone to pick it"
-            if other is not None
-            else "start afresh without --resume_from_checkpoint"
-        )
-        raise UsageError(
-            f"--resume_from_checkpoint {value}: {os.path.basename(os.path.normpath(value))} is incomplete (no "
-            f"{TRAINER_STATE_NAME}: the run was stopped while saving it); {instead}."
-        )
-    return value
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .preflight import TRAINER_STATE_NAME, latest_complete_checkpoint
+from ..resume import TRAINER_STATE_NAME, latest_complete_checkpoint
 
 __all__ = ["StopOnSignal"]
 

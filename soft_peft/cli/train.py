@@ -32,6 +32,7 @@ from ..data_rows import DatasetFormatError
 from ..exit_weights import exit_loss_weights
 from ..exits import exit_layers_as_written
 from ..hub import ModelNotFoundError, resolve_model_path
+from ..resume import latest_complete_checkpoint, resolve_resume_checkpoint
 from ..run_guards import NonFiniteTrainingError, NonFiniteWeightsError
 from ..trainer import SoFTTrainer
 from ..wrapper import exit_loss_weights_of
@@ -45,8 +46,6 @@ from .preflight import (
     check_model_files,
     check_output_dir,
     error_reason,
-    latest_complete_checkpoint,
-    resolve_resume_checkpoint,
     warn,
 )
 from .resume_checks import check_resume_matches
@@ -216,7 +215,10 @@ def train(
         raise UsageError(reason)
     if int(os.environ.get("RANK", "0")) == 0:  # one line per launch, not one per process
         warn("soft-peft train", zero_learning_rate_warning(training_args))
-    resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    try:
+        resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     if not holds_output_dir_lock(training_args.save_on_each_node):  # the run's main process locks for every rank
         _check_before_loading(script_args, training_args, model_args, model_name_or_path, layers, resume)
         return _train(script_args, training_args, model_args, model_name_or_path, resume, callbacks)

@@ -10,8 +10,9 @@ import pytest
 from example_runs import TINY_TRAIN_ARGS, step_logs
 from train_cli_helpers import Loaded, refuse_loading, train_argv, train_error
 
-from soft_peft.cli.preflight import UsageError, check_output_dir, resolve_resume_checkpoint
+from soft_peft.cli.preflight import UsageError, check_output_dir
 from soft_peft.cli.train import main as train_main
+from soft_peft.resume import resolve_resume_checkpoint
 
 
 @pytest.mark.parametrize(
@@ -97,16 +98,16 @@ def test_resume_picks_the_latest_complete_checkpoint(tmp_path, capsys, value):
 def test_resume_from_an_incomplete_checkpoint_names_the_complete_one(tmp_path):
     make_checkpoint(tmp_path, 2, complete=True)
     broken = make_checkpoint(tmp_path, 4, complete=False)
-    with pytest.raises(UsageError, match=r"checkpoint-4 is incomplete .*resume from .*checkpoint-2, the latest"):
+    with pytest.raises(ValueError, match=r"checkpoint-4 is incomplete .*resume from .*checkpoint-2, the latest"):
         resolve_resume_checkpoint(str(broken), str(tmp_path))
 
 
 def test_resume_without_a_complete_checkpoint(tmp_path):
     make_checkpoint(tmp_path, 4, complete=False)
     assert resolve_resume_checkpoint(None, str(tmp_path)) is None  # not resuming: nothing is looked at
-    with pytest.raises(UsageError, match="nothing to resume in .*checkpoint-4 is incomplete"):
+    with pytest.raises(ValueError, match="nothing to resume in .*checkpoint-4 is incomplete"):
         resolve_resume_checkpoint("true", str(tmp_path))
-    with pytest.raises(UsageError, match="no such checkpoint folder"):
+    with pytest.raises(ValueError, match="no such checkpoint folder"):
         resolve_resume_checkpoint(str(tmp_path / "checkpoint-9"), str(tmp_path))
 
 
