@@ -49,7 +49,7 @@ def median_confidence(model, input_ids, attention_mask, exits) -> float:
     stack = DecoderStack(model)
     with torch.no_grad():
         states = model(input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
-    values = [exit_confidence(stack.head.logits_from_raw(states[k][:, -4:]).flatten(0, 1)) for k in exits]
+        values = [exit_confidence(stack.head.logits_from_raw(states[k][:, -4:]).flatten(0, 1)) for k in exits]
     return float(torch.stack(values).view(len(exits), input_ids.shape[0], -1).amin(1).median())
 
 
