@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny models live in tests/tiny_models.py; the real SmolLM2 folder is fetched once and cached."""
+"""Shared fixtures: tiny models live in tests/tiny_models.py; the real SmolLM2 and Gemma 3 folders are converted once
+and cached."""
 
 from __future__ import annotations
 
@@ -19,6 +20,19 @@ def smollm2_path() -> Path:
     from get_smollm2 import get_smollm2
 
     return get_smollm2()
+
+
+@pytest.fixture(scope="session")
+def gemma3_path() -> Path:
+    """Plain HF folder of Gemma 3 270M (converted once from its PyPI package, then cached); skips, saying how to
+    install it, when neither the package nor a converted folder is there (its Gemma Terms of Use keep it out of CI's
+    installs). A failing conversion fails the tests that use it."""
+    from get_gemma3 import DEFAULT_DIR, PIP_NAME, get_gemma3, is_installed
+    from gguf_folder import is_converted
+
+    if not is_installed() and not is_converted(DEFAULT_DIR):
+        pytest.skip(f"Gemma 3 270M is not installed: `pip install {PIP_NAME}` (Gemma Terms of Use) to run this test")
+    return get_gemma3()
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from transformers import (
     BloomConfig,
     CohereConfig,
     Gemma2Config,
+    Gemma3TextConfig,
     GPT2Config,
     GraniteConfig,
     Lfm2Config,
@@ -27,6 +28,7 @@ from transformers import (
 
 VOCAB = 101  # odd on purpose (ragged vocabulary chunks); matches tiny_tokenizer()
 NUM_LAYERS = 4
+SLIDING_WINDOW = 4  # of the sliding-window architectures: far shorter than the generation tests' texts
 
 _COMMON = dict(
     vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=NUM_LAYERS
@@ -45,6 +47,16 @@ def _config(arch: str):
     if arch == "gemma2":
         # Strong softcapping so that it changes the numbers measurably
         return Gemma2Config(**_COMMON, num_key_value_heads=2, head_dim=8, final_logit_softcapping=2.0)
+    if arch == "gemma3":  # Gemma 3's pattern (sliding, one full layer) with a window far shorter than the tests' texts
+        layer_types = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"]
+        return Gemma3TextConfig(
+            **_COMMON, num_key_value_heads=2, head_dim=8, sliding_window=SLIDING_WINDOW, layer_types=layer_types
+        )
+    if arch == "mistral_swa":  # every layer sliding (Mistral's `sliding_window`, no `layer_types`)
+        return MistralConfig(**_COMMON, num_key_value_heads=2, sliding_window=SLIDING_WINDOW)
+    if arch == "qwen2_swa":  # layers 1-2 full, 3-4 sliding (Qwen2's `max_window_layers`)
+        window = dict(use_sliding_window=True, sliding_window=SLIDING_WINDOW, max_window_layers=2)
+        return Qwen2Config(**_COMMON, num_key_value_heads=2, **window)
     if arch == "gpt2":
         return GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=NUM_LAYERS, n_head=4, n_positions=128)
     if arch == "phi":
@@ -79,6 +91,8 @@ ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gpt2", "phi", "opt", "
 MOE_ARCHS = ["qwen3_moe", "mixtral"]
 # Generation tests use a representative subset to keep the suite fast
 GEN_ARCHS = ["llama", "qwen2", "gpt2"]
+# Sliding-window attention, all layers or some
+SLIDING_ARCHS = ["gemma3", "mistral_swa", "qwen2_swa"]
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:

@@ -3,20 +3,30 @@
 Self-speculative and dynamic decoding need what ``model.forward`` cannot give: run layers ``1..k`` on some positions
 now and layers ``k+1..L`` on them later, so different layers of the cache hold different lengths.
 [`DecoderStack`] keeps the few architecture-specific bits (how a backbone embeds tokens, builds position embeddings
-and calls a layer) in one place. Supported: the Llama family (Llama, Mistral, Qwen2, Qwen3, and any backbone with
-``embed_tokens``, ``rotary_emb``, ``layers`` and ``norm``) and GPT-2 (``wte``, ``wpe``, ``h``, ``ln_f``). Masks come
-from transformers' own ``create_causal_mask``, sized against the cache layer about to run, as ``model.forward`` does.
+and calls a layer) in one place. Supported: the Llama family (Llama, Mistral, Qwen2, Qwen3, Gemma 2 and 3, and any
+backbone with ``embed_tokens``, ``rotary_emb``, ``layers`` and ``norm``) and GPT-2 (``wte``, ``wpe``, ``h``,
+``ln_f``), with full or sliding-window attention per layer (``config.layer_types``). Each layer gets the mask of its
+own attention type from transformers' own mask functions (``create_causal_mask``,
+``create_sliding_window_causal_mask``), sized against the cache layer about to run, and the rotary embeddings of its
+type where they differ (Gemma 3's local and global bases), as ``model.forward`` does.
+
+The cache keeps every position at every layer, sliding ones included: transformers' sliding cache layer drops keys
+that left the window, so after a rejected draft is cropped the keys that slid out would be missing. The window is
+applied by the mask instead, so attention sees exactly the keys ``generate`` sees; the cost is a sliding layer's cache
+growing with the text like a full one.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from transformers import DynamicCache
-from transformers.masking_utils import create_causal_mask
+from transformers.cache_utils import DynamicLayer, get_layer_types_and_kwargs
+from transformers.masking_utils import LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING
 
 from ..exit_head import find_exit_head
 from ..model_layout import find_backbone, get_decoder_layers, num_decoder_layers, unwrap_model
@@ -25,6 +35,7 @@ __all__ = ["DecoderStack", "LaggingPositions", "StepInputs", "check_generation_i
 
 _LLAMA_FAMILY = ("embed_tokens", "rotary_emb", "norm")
 _GPT2_FAMILY = ("wte", "wpe", "ln_f")
+_ATTENTION_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass
@@ -33,12 +44,13 @@ class StepInputs:
 
     Attributes:
         position_ids: ``(B, q)`` positions, counted from each row's first non-pad token (as ``generate`` does).
-        position_embeddings: Rotary ``(cos, sin)`` for the Llama family, ``None`` for GPT-2.
+        position_embeddings: Rotary ``(cos, sin)`` of each attention type for the Llama family (the same pair for
+            every type unless the rotary module takes a ``layer_type``, as Gemma 3's does), ``None`` for GPT-2.
         attention_mask: ``(B, past + q)`` padding mask of every position so far, ``None`` without padding.
     """
 
     position_ids: torch.Tensor
-    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
+    position_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] | None
     attention_mask: torch.Tensor | None
 
 
@@ -95,7 +107,8 @@ class DecoderStack:
         model: A transformers causal LM of a supported family, possibly PEFT-wrapped.
 
     Raises:
-        ValueError: for an unsupported backbone (naming it and the supported families) or sliding-window layers.
+        ValueError: for an unsupported backbone (naming it and the supported families), layers of another attention
+            type than full or sliding-window (chunked, linear, shared KV...), or bidirectional attention.
     """
 
     def __init__(self, model: nn.Module):
@@ -109,23 +122,43 @@ class DecoderStack:
         else:
             raise ValueError(
                 f"Layer-wise decoding does not support {type(self.model).__name__} (backbone "
-                f"{type(self.backbone).__name__}): it supports the Llama family (Llama, Mistral, Qwen2, Qwen3: "
+                f"{type(self.backbone).__name__}): it supports the Llama family (Llama, Mistral, Qwen2, Qwen3, Gemma: "
                 f"{', '.join(_LLAMA_FAMILY)} on the backbone) and GPT-2 ({', '.join(_GPT2_FAMILY)}). Use "
                 "`extract_submodel` plus `generate` for other architectures."
             )
-        sliding = [i + 1 for i, layer in enumerate(self.new_cache().layers) if getattr(layer, "is_sliding", False)]
-        if sliding:
-            raise ValueError(
-                f"{type(self.model).__name__} has sliding-window attention at layers {sliding}; layer-wise decoding "
-                "supports full attention only. Set `config.sliding_window = None` if the window exceeds your texts."
-            )
+        self.layer_types = self._attention_types()
+        self._typed_rotary = (
+            self.family == "llama" and "layer_type" in inspect.signature(self.backbone.rotary_emb.forward).parameters
+        )
         self.layers = get_decoder_layers(self.model)
         self.num_layers = num_decoder_layers(self.model)
         self.head = find_exit_head(self.model)
 
+    def _attention_types(self) -> list[str]:
+        """Each decoder layer's attention type, as transformers' own cache reads it from the config."""
+        name = type(self.model).__name__
+        if getattr(self.config, "use_bidirectional_attention", False) or not getattr(self.config, "is_causal", True):
+            raise ValueError(
+                f"{name} uses bidirectional attention; layer-wise decoding supports causal models only. Use "
+                "`extract_submodel` plus `generate` instead."
+            )
+        types = get_layer_types_and_kwargs(self.config)[0]
+        other = {
+            kind: [i + 1 for i, t in enumerate(types) if t == kind] for kind in types if kind not in _ATTENTION_TYPES
+        }
+        if other:
+            found = "; ".join(f"{kind} at layers {layers}" for kind, layers in other.items())
+            raise ValueError(
+                f"{name} has layers of an unsupported attention type ({found}); layer-wise decoding supports "
+                f"{' and '.join(_ATTENTION_TYPES)} layers only. Use `extract_submodel` plus `generate` instead."
+            )
+        return types
+
     def new_cache(self) -> DynamicCache:
-        """An empty cache with one layer per decoder layer."""
-        return DynamicCache(config=self.model.config)
+        """An empty cache with one full-length layer per decoder layer (see the module doc for sliding layers)."""
+        cache = DynamicCache()  # no config: a config would make sliding layers windowed, hence not croppable
+        cache.layers.extend(DynamicLayer() for _ in self.layer_types)
+        return cache
 
     def step_inputs(self, full_mask: torch.Tensor | None, start: int, length: int, batch: int) -> StepInputs:
         """Positions and rotary embeddings of sequence positions ``start..start+length-1``.
@@ -146,7 +179,12 @@ class DecoderStack:
         embeddings = None
         if self.family == "llama":
             probe = torch.empty(0, dtype=self.model.dtype, device=device)
-            embeddings = self.backbone.rotary_emb(probe, position_ids)
+            rotary = self.backbone.rotary_emb
+            if self._typed_rotary:  # one base per attention type (Gemma 3: local 10k, global 1M)
+                embeddings = {kind: rotary(probe, position_ids, kind) for kind in set(self.layer_types)}
+            else:
+                shared = rotary(probe, position_ids)
+                embeddings = dict.fromkeys(self.layer_types, shared)
         return StepInputs(position_ids=position_ids, position_embeddings=embeddings, attention_mask=mask)
 
     def embed(self, input_ids: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
@@ -168,31 +206,35 @@ class DecoderStack:
         """
         if first > last:
             return hidden
-        mask = self._causal_mask(hidden, first, inputs, cache)
-        for layer in self.layers[first - 1 : last]:
+        masks = self._masks(hidden, first, last, inputs, cache)
+        for layer, kind in zip(self.layers[first - 1 : last], self.layer_types[first - 1 : last], strict=True):
             if self.family == "llama":
                 hidden = layer(
                     hidden,
-                    attention_mask=mask,
-                    position_embeddings=inputs.position_embeddings,
+                    attention_mask=masks[kind],
+                    position_embeddings=inputs.position_embeddings[kind],
                     position_ids=inputs.position_ids,
                     cache=cache,
                     use_cache=True,
                 )
             else:
-                hidden = layer(hidden, cache, mask, use_cache=True)
+                hidden = layer(hidden, cache, masks[kind], use_cache=True)
         return hidden
 
-    def _causal_mask(self, hidden: torch.Tensor, first: int, inputs: StepInputs, cache: DynamicCache):
-        # Sized against the range's first layer: its cache holds the positions the new queries attend to
-        return create_causal_mask(
-            config=self.config,
-            inputs_embeds=hidden,
-            attention_mask=inputs.attention_mask,
-            cache=cache,
-            position_ids=inputs.position_ids,
-            layer_idx=first - 1,
-        )
+    def _masks(self, hidden: torch.Tensor, first: int, last: int, inputs: StepInputs, cache: DynamicCache) -> dict:
+        """The attention mask of each attention type among layers ``first..last``, by transformers' own functions."""
+        # Sized against the range's first layer: every layer of the range caches the same positions, all of them
+        return {
+            kind: LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING[kind](
+                config=self.config,
+                inputs_embeds=hidden,
+                attention_mask=inputs.attention_mask,
+                cache=cache,
+                position_ids=inputs.position_ids,
+                layer_idx=first - 1,
+            )
+            for kind in set(self.layer_types[first - 1 : last])
+        }
 
     def fill_kv(self, hidden: torch.Tensor, first: int, last: int, inputs: StepInputs, cache: DynamicCache) -> None:
         """CALM-style: cache keys/values of layers ``first..last`` computed from one state ``hidden`` ``(B, q, H)``.
@@ -202,19 +244,19 @@ class DecoderStack:
         """
         if first > last:
             return
-        mask = self._causal_mask(hidden, first, inputs, cache)
-        for layer in self.layers[first - 1 : last]:
+        masks = self._masks(hidden, first, last, inputs, cache)
+        for layer, kind in zip(self.layers[first - 1 : last], self.layer_types[first - 1 : last], strict=True):
             if self.family == "llama":
                 layer.self_attn(
                     hidden_states=layer.input_layernorm(hidden),
-                    attention_mask=mask,
-                    position_embeddings=inputs.position_embeddings,
+                    attention_mask=masks[kind],
+                    position_embeddings=inputs.position_embeddings[kind],
                     position_ids=inputs.position_ids,
                     cache=cache,
                     use_cache=True,
                 )
             else:
-                layer.attn(layer.ln_1(hidden), cache=cache, attention_mask=mask, use_cache=True)
+                layer.attn(layer.ln_1(hidden), cache=cache, attention_mask=masks[kind], use_cache=True)
 
     def cache_length(self, cache: DynamicCache, layer: int) -> int:
         """Number of positions cached at decoder layer ``layer`` (1-based)."""

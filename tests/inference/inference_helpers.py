@@ -65,6 +65,26 @@ def reference_dynamic(
     return sequences, depths
 
 
+def mixed_exit_threshold(model, input_ids, attention_mask, exits, max_new_tokens):
+    """A threshold at which the reference exits some tokens early and not others (tiny random models are unsure).
+
+    Returns:
+        ``(threshold, reference sequences, reference depths)``.
+    """
+    stack = DecoderStack(model)
+    with torch.no_grad():
+        hidden_states = model(input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
+        values = torch.cat(
+            [exit_confidence(stack.head.logits_from_raw(hidden_states[k][:, -4:]).flatten(0, 1)) for k in exits]
+        )
+    for quantile in (0.5, 0.25, 0.1, 0.05, 0.02):
+        threshold = float(values.quantile(quantile))
+        expected, depths = reference_dynamic(model, input_ids, attention_mask, exits, threshold, max_new_tokens)
+        if len(set(depths)) > 1:
+            return threshold, expected, depths
+    raise AssertionError("no threshold mixes early and full-depth exits for this model")
+
+
 # The sampling tests' setting: a tiny vocabulary, so the exact law of two tokens has only 25 cells to test
 LAW_VOCAB = 5
 LAW_PROMPT = torch.tensor([[3, 4, 1, 3]])

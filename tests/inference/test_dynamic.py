@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from inference_helpers import prompts, reference_dynamic
+from inference_helpers import mixed_exit_threshold, prompts, reference_dynamic
 from tiny_models import GEN_ARCHS, NUM_LAYERS, tiny_model
 
 from soft_peft import dynamic_generate, recorded_exit_layers
@@ -14,26 +14,6 @@ from soft_peft.inference.tokens import exit_confidence
 @pytest.fixture(scope="module", params=GEN_ARCHS)
 def model(request):
     return tiny_model(request.param)
-
-
-def mixed_exit_threshold(model, input_ids, attention_mask, exits, max_new_tokens):
-    """A threshold at which the reference exits some tokens early and not others (tiny random models are unsure).
-
-    Returns:
-        ``(threshold, reference sequences, reference depths)``.
-    """
-    stack = DecoderStack(model)
-    with torch.no_grad():
-        hidden_states = model(input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
-        values = torch.cat(
-            [exit_confidence(stack.head.logits_from_raw(hidden_states[k][:, -4:]).flatten(0, 1)) for k in exits]
-        )
-    for quantile in (0.5, 0.25, 0.1, 0.05, 0.02):
-        threshold = float(values.quantile(quantile))
-        expected, depths = reference_dynamic(model, input_ids, attention_mask, exits, threshold, max_new_tokens)
-        if len(set(depths)) > 1:
-            return threshold, expected, depths
-    raise AssertionError("no threshold mixes early and full-depth exits for this model")
 
 
 @pytest.mark.parametrize("kv_fill", ["recompute", "propagate"])
