@@ -6,7 +6,9 @@ import torch
 from inference_helpers import mixed_exit_threshold, prompts
 from tiny_models import NUM_LAYERS, SLIDING_ARCHS, SLIDING_WINDOW, tiny_model
 
-from soft_peft.inference import DecoderStack, dynamic_generate, exit_confidence, self_speculative_generate
+from soft_peft import dynamic_generate, self_speculative_generate
+from soft_peft.inference.stack import DecoderStack
+from soft_peft.inference.tokens import exit_confidence
 
 PROMPT, NEW = 9, 16  # 25 positions, six windows
 
