@@ -5,8 +5,9 @@ with transformers' greedy `generate` on the same prompt ids (reported, not asser
 
 vLLM pins a transformers older than soft-peft's floor, so it lives in a virtual environment of its own: the test finds
 its Python through ``SOFT_PEFT_VLLM_PYTHON`` and is skipped without it (CONTRIBUTING.md, "vLLM engine test (CPU)").
-Opt-in, not found by itself: the run takes tens of minutes on a CPU, more than the whole suite's budget. soft-peft's part (the checkpoint, `soft-peft extract`, the reference
-`generate`) runs in this Python; the vLLM Python runs only the benchmark script.
+It is opt-in, never found by itself: a run takes tens of minutes on a CPU, more than the whole suite's budget.
+soft-peft's part (the checkpoint, `soft-peft extract`, the reference `generate`) runs in this Python; the vLLM Python
+runs only the benchmark script.
 """
 
 from __future__ import annotations
