@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import sys
 import warnings
@@ -167,6 +168,22 @@ def _load_or_refuse(parser: argparse.ArgumentParser, model_path: str, adapter_ba
         parser.error(str(error))
 
 
+def _quiet_deepspeed_accelerator_probe() -> None:
+    """Drop DeepSpeed's "Setting accelerator to CPU" warning from this process.
+
+    `save_pretrained` unwraps the model through accelerate, which imports DeepSpeed whenever it is installed, and
+    DeepSpeed then warns that it found no GPU: noise for an export, which never runs DeepSpeed. A filter on its
+    logger (made before DeepSpeed configures it, and kept when it does) drops that one record and nothing else.
+    """
+    logger = logging.getLogger("DeepSpeed")
+    if _not_the_cpu_fallback_warning not in logger.filters:  # once per process, however many exports it runs
+        logger.addFilter(_not_the_cpu_fallback_warning)
+
+
+def _not_the_cpu_fallback_warning(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Setting accelerator to CPU")
+
+
 def main(argv: list[str]) -> int:
     """Run `soft-peft extract`; returns the exit status (2, with one line on stderr, for unusable flags, a folder in
     use by another export, or a save that failed for lack of space or permission)."""
@@ -247,6 +264,7 @@ def _export(parser, args, model_path: str, adapter_base: str | None, sources: li
     repo_ids = _repo_ids(args, layers)
     family = len(layers) > 1
     folders = {k: os.path.join(args.output_dir, f"{k}-layers") if family else args.output_dir for k in layers}
+    _quiet_deepspeed_accelerator_probe()
     with _refusing_write_failures(parser, args.output_dir), staged_folder(args.output_dir) as staging:
         for k in layers:
             folder = os.path.join(staging, f"{k}-layers") if family else staging

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from unittest import mock
 
@@ -252,3 +254,16 @@ def test_family_with_eval_card_and_push_to_hub(full_model, tmp_path, capsys):
     assert "| exit | loss | perplexity |" in card and "| **2** (this model) | 2.5 | 12.18 |" in card
     assert "| 4 | 2 | 7.39 |" in card and "note" not in card
     assert "'model': 'me/tiny-soft-2-layers'" in card  # the card's invocations name the pushed draft
+
+
+def test_an_export_prints_no_deepspeed_accelerator_line(full_model, tmp_path):
+    """`save_pretrained` imports DeepSpeed (when installed) through accelerate, which warned that it fell back to the
+    CPU: noise for an export. A fresh process, since DeepSpeed warns only once per process."""
+    pytest.importorskip("deepspeed")
+    command = [sys.executable, "-m", "soft_peft.cli", "extract", "--model_name_or_path", str(full_model)]
+    done = subprocess.run(
+        [*command, "--num_layers", "2", "--output_dir", str(tmp_path / "sub")], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Saved the 2-layer sub-model" in done.stdout
+    assert "Setting accelerator" not in done.stderr + done.stdout
