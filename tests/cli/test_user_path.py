@@ -81,12 +81,13 @@ def test_copy_into_a_folder_that_is_not_there_refuses_in_one_line(tmp_path, monk
 
 def test_eval_refuses_an_output_dir_that_is_a_file_before_evaluating(tmp_path, monkeypatch, capsys):
     """The outputs are written after the whole evaluation: a file in the way lost it all, with a traceback."""
-    import soft_peft.cli.eval as eval_cli
+    import soft_peft.evaluation.pipeline as pipeline
 
     def never(*args, **kwargs):
         raise AssertionError("the evaluation ran")
 
-    monkeypatch.setattr(eval_cli, "run_evaluation", never)
+    # `soft-peft eval` imports it when it runs (its --help imports nothing heavy), so patch it where it lives
+    monkeypatch.setattr(pipeline, "run_evaluation", never)
     (tmp_path / "taken").write_text("")
     code = soft_peft_main(
         ["eval", "--model_name_or_path", str(tmp_path / "model"), "--dataset_name", str(tmp_path / "data.jsonl")]
