@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 
 from trl import SFTConfig
 
+from .run_guards import NONFINITE_ACTIONS
 from .settings import SoFTSettings, soft_settings
 
 # One import path, the top level: `from soft_peft import SoFTConfig`
@@ -141,7 +142,24 @@ class SoFTConfig(SoFTSettings, SFTConfig):
         metadata={"help": "Deprecated name of --activation_checkpointing (which defaults to true, as in TRL)."},
     )
 
+    # `SFTTrainer` trains on through a NaN or infinite loss; "warn" keeps that (a drop-in), and says so loudly once
+    # per streak of bad steps. `soft-peft train` defaults to "stop": a command-line run must not end in success
+    on_nonfinite_loss: str = field(
+        default="warn",
+        metadata={
+            "help": "What a NaN or infinite loss or gradient norm does: 'stop' (raise NonFiniteTrainingError before "
+            "the update, no final save; the default of `soft-peft train`) or 'warn' (print and log a warning and "
+            "train on, as SFTTrainer does; the default in Python).",
+            "choices": list(NONFINITE_ACTIONS),
+        },
+    )
+
     def __post_init__(self):
+        if self.on_nonfinite_loss not in NONFINITE_ACTIONS:
+            raise ValueError(
+                f"on_nonfinite_loss must be one of {NONFINITE_ACTIONS} ('stop': end the run at the first NaN or "
+                f"infinite loss; 'warn': warn and train on), got {self.on_nonfinite_loss!r}."
+            )
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:
             self.activation_checkpointing = True  # TRL's default, under the name transformers reads
         SFTConfig.__post_init__(self)

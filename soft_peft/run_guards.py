@@ -16,6 +16,8 @@ from transformers.utils import logging
 
 __all__ = [
     "COLLAPSE_PATIENCE",
+    "NONFINITE_ACTIONS",
+    "NonFiniteGuard",
     "NonFiniteTrainingError",
     "NonFiniteWeightsError",
     "TrainingHealth",
@@ -31,6 +33,8 @@ logger = logging.get_logger(__name__)
 COLLAPSE_PATIENCE = 3
 # How close (in nats) the logged loss must stay to ln(vocabulary size) to count as the uniform distribution
 _UNIFORM_LOSS_TOLERANCE = 1e-2
+# `on_nonfinite_loss`: end the run at the first NaN or infinite value, or warn and train on (SFTTrainer's behaviour)
+NONFINITE_ACTIONS = ("stop", "warn")
 
 
 class NonFiniteWeightsError(ValueError):
@@ -128,27 +132,62 @@ def divergence_message(found: dict[str, float], step: int, learning_rate: float)
     )
 
 
+class NonFiniteGuard:
+    """What a run does with NaN or infinite training values, by the `on_nonfinite_loss` of its arguments (`"warn"`
+    when they have none, as a plain `SFTConfig`): `"stop"` raises [`NonFiniteTrainingError`]; `"warn"` prints and
+    logs one warning per streak of bad steps and lets the run go on, as `SFTTrainer` would.
+    """
+
+    def __init__(self):
+        self.warned = False
+
+    def check(self, found: dict[str, float], step: int, args, is_main_process: bool = True) -> None:
+        """Act on ``found`` (``{key: value}``, the non-finite values of ``step``; empty when all were finite)."""
+        if not found:
+            self.warned = False  # a new streak warns again
+            return
+        message = divergence_message(found, step, args.learning_rate)
+        if getattr(args, "on_nonfinite_loss", "warn") == "stop":
+            raise NonFiniteTrainingError(message)
+        if self.warned:
+            return
+        self.warned = True
+        warning = message.replace(
+            "The run stopped without saving a final model",
+            "Training goes on, as on_nonfinite_loss is 'warn' ('stop' ends the run), and the weights it saves may "
+            "hold NaN",
+            1,
+        )
+        logger.info(warning)  # for a log file; the line below is what a terminal shows
+        if is_main_process:
+            # On a line of its own, not after the progress bar's carriage return
+            print(f"\n[soft-peft] warning: {warning}", file=sys.stderr, flush=True)
+
+
 class TrainingHealth(TrainerCallback):
-    """Stops a run whose logged loss or gradient norm is NaN or infinite, and warns once when the loss sits at the
-    uniform distribution's value ln(vocabulary size), or the gradient norm is 0, for [`COLLAPSE_PATIENCE`] logged
-    training steps in a row (a collapsed run: the model predicts nothing, yet the run would end with success).
+    """Hands a logged loss or gradient norm that is NaN or infinite to the run's [`NonFiniteGuard`], and warns once
+    when the loss sits at the uniform distribution's value ln(vocabulary size), or the gradient norm is 0, for
+    [`COLLAPSE_PATIENCE`] logged training steps in a row (a collapsed run: the model predicts nothing, yet the run
+    would end with success).
 
     Args:
         vocab_size: The model's output vocabulary size (`None`: only the gradient norm is watched).
     """
 
-    def __init__(self, vocab_size: int | None):
+    def __init__(self, vocab_size: int | None, guard: NonFiniteGuard | None = None):
         self.uniform_loss = math.log(vocab_size) if vocab_size and vocab_size > 1 else None
         self.collapsed_logs = 0
+        self.guard = guard or NonFiniteGuard()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        """Check each training log; raises [`NonFiniteTrainingError`] on a non-finite value."""
+        """Check each training log; a non-finite value goes to the run's [`NonFiniteGuard`]."""
         logs = logs or {}
         if "loss" not in logs:  # evaluation and the end-of-training summary
             return
         found = nonfinite_values(logs, grad_norm_may_overflow=bool(args.fp16))
-        if found:
-            raise NonFiniteTrainingError(divergence_message(found, state.global_step, args.learning_rate))
+        self.guard.check(found, state.global_step, args, state.is_world_process_zero)
+        if found:  # no collapse test on NaN
+            return
         loss, grad_norm = logs["loss"], logs.get("grad_norm")
         at_uniform = self.uniform_loss is not None and abs(loss - self.uniform_loss) <= _UNIFORM_LOSS_TOLERANCE
         self.collapsed_logs = self.collapsed_logs + 1 if at_uniform or grad_norm == 0 else 0

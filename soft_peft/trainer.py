@@ -18,10 +18,9 @@ from .model_card import add_soft_section, card_metadata
 from .model_layout import num_decoder_layers, unwrap_model
 from .resume import resolve_resume_checkpoint
 from .run_guards import (
-    NonFiniteTrainingError,
+    NonFiniteGuard,
     TrainingHealth,
     check_finite_weights,
-    divergence_message,
     keep_tokens_unsaved,
     nonfinite_values,
 )
@@ -70,9 +69,11 @@ class SoFTTrainer(SFTTrainer):
             automatically.
 
     Guards ([`soft_peft.run_guards`]): `hub_token` stays usable but is saved as `None` in `training_args.bin`; a
-    model with a NaN or infinite weight is refused; `train()` stops with `NonFiniteTrainingError` at the first
-    step whose exit losses, or logged `loss` / `grad_norm`, are NaN or infinite (before any further save); a loss
-    stuck at ln(vocabulary size) or a gradient norm of 0 for 3 logged steps prints a warning.
+    model with a NaN or infinite weight is refused; at the first step whose exit losses, or logged `loss` /
+    `grad_norm`, are NaN or infinite, `train()` raises `NonFiniteTrainingError` (before any further save) with
+    `on_nonfinite_loss="stop"` (the default of `soft-peft train`), or prints and logs a warning and trains on, as
+    `SFTTrainer` does, with `"warn"` (the default of `SoFTConfig` and of a plain `SFTConfig`); a loss stuck at
+    ln(vocabulary size) or a gradient norm of 0 for 3 logged steps prints a warning.
 
     Raises:
         ValueError: for settings that would remove what SoFT needs: `compute_loss_func`, label smoothing, and
@@ -108,7 +109,10 @@ class SoFTTrainer(SFTTrainer):
         target = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         # NaN weights would train and save NaN; said here, before the norm probe fails on them without saying why
         check_finite_weights(target, str(getattr(target.config, "_name_or_path", "") or type(target).__name__))
-        self.add_callback(TrainingHealth(getattr(target.config.get_text_config(), "vocab_size", None)))
+        self._nonfinite = NonFiniteGuard()  # one per run: the per-step check and the logged values share its streak
+        self.add_callback(
+            TrainingHealth(getattr(target.config.get_text_config(), "vocab_size", None), guard=self._nonfinite)
+        )
         self.exit_layers = add_sorted_exit_loss(
             target, self.soft_settings, final_norm=final_norm, last_layer_metrics=True, seed=self.args.seed
         )
@@ -264,6 +268,6 @@ class SoFTTrainer(SFTTrainer):
         # loss as the running average (`logging_nan_inf_filter`), so the logs alone would not show it
         sums = zip(stats.computed_exits, stats.exit_nll_sums, strict=True)
         found = nonfinite_values({f"exit_{k}/loss": per_token(nll_sum) for k, nll_sum in sums})
-        if found:  # this step's update not yet made
-            step = self.state.global_step + 1
-            raise NonFiniteTrainingError(divergence_message(found, step, self.args.learning_rate))
+        # Before this step's update: "stop" raises here, "warn" warns once per streak (the logs check the rest)
+        if found:
+            self._nonfinite.check(found, self.state.global_step + 1, self.args, self.accelerator.is_main_process)

@@ -168,7 +168,8 @@ def make_parser(prog: str | None = None, **defaults) -> TrlParser:
                 "--output_dir."
             )
     # SFTConfig turns bf16 on by default, which stops a CPU-only machine before it starts
-    base_defaults = {"model_name_or_path": DEFAULT_MODEL}
+    # A command-line run that diverged must not end in success (a Python script keeps SFTTrainer's "warn")
+    base_defaults = {"model_name_or_path": DEFAULT_MODEL, "on_nonfinite_loss": "stop"}
     if not is_torch_bf16_gpu_available():
         base_defaults["bf16"] = False
     if _deepspeed_launch_without_gpu():  # DeepSpeed on CPUs forms no process group without gloo (zero3_cpu.yaml)

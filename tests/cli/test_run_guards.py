@@ -10,6 +10,7 @@ import math
 import pickle
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -35,7 +36,14 @@ from soft_peft.cli.extract import main as extract_main
 from soft_peft.cli.generate import main as generate_main
 from soft_peft.cli.preflight import not_a_causal_lm
 from soft_peft.cli.train import main as train_main
-from soft_peft.run_guards import COLLAPSE_PATIENCE, NonFiniteWeightsError, TrainingHealth, nonfinite_values
+from soft_peft.run_guards import (
+    COLLAPSE_PATIENCE,
+    NonFiniteGuard,
+    NonFiniteTrainingError,
+    NonFiniteWeightsError,
+    TrainingHealth,
+    nonfinite_values,
+)
 
 FLAG_TOKEN, ENV_TOKEN = "hf_flagSecret0123456789", "hf_envSecret0123456789"
 
@@ -294,3 +302,31 @@ def test_causal_lm_classification():
     assert not_a_causal_lm(BertConfig(is_decoder=True)) is None  # BERT as a decoder attends causally
     assert "encoder-only" in not_a_causal_lm(BertConfig())
     assert "encoder-decoder" in not_a_causal_lm(T5Config())
+
+
+def test_on_nonfinite_loss_warn_trains_on_and_says_so_once(capfd, tmp_path, tiny_model_dir, alpaca_file):
+    """`--on_nonfinite_loss warn` is SFTTrainer's behaviour (TRL's own tests train through NaN): the run ends, exit
+    0, with one warning for the streak of bad steps instead of the error."""
+    out_dir = tmp_path / "run"
+    flags = ["--learning_rate", "1e4", "--max_steps", "4", "--logging_steps", "1", "--on_nonfinite_loss", "warn"]
+    status, _, err = finished(capfd, train_main, train_argv(tiny_model_dir, alpaca_file, out_dir, *flags))
+    assert status == 0, err
+    warned = [line for line in err.splitlines() if "training diverged at step" in line]
+    assert len(warned) == 1 and warned[0].startswith("[soft-peft] warning: training diverged at step 2"), err
+    assert "Training goes on, as on_nonfinite_loss is 'warn'" in warned[0]
+    assert (out_dir / "model.safetensors").exists()
+
+
+def test_the_guard_stops_or_warns_by_the_arguments(capsys):
+    """`SoFTConfig` (and a plain `SFTConfig`, which has no such field) warns, as SFTTrainer trains on; "stop" raises;
+    a finite step ends a streak, so the next bad one warns again."""
+    guard, nan = NonFiniteGuard(), {"loss": float("nan")}
+    with pytest.raises(NonFiniteTrainingError, match="training diverged at step 3: loss nan"):
+        guard.check(nan, 3, SimpleNamespace(learning_rate=0.1, on_nonfinite_loss="stop"))
+    for step, found in [(4, nan), (5, nan), (6, {}), (7, nan)]:
+        guard.check(found, step, SimpleNamespace(learning_rate=0.1))  # no field: SFTTrainer's behaviour
+    warned = [line for line in capsys.readouterr().err.splitlines() if "training diverged" in line]
+    assert [line.split("step ")[1][0] for line in warned] == ["4", "7"]
+    assert SoFTConfig(output_dir="x", bf16=False).on_nonfinite_loss == "warn"
+    with pytest.raises(ValueError, match="on_nonfinite_loss must be one of"):
+        SoFTConfig(output_dir="x", bf16=False, on_nonfinite_loss="ignore")
