@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 
 __all__ = ["SUBCOMMANDS", "main"]
@@ -58,7 +59,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"soft-peft: unknown command {name!r}; expected one of: {', '.join(commands)}.", file=sys.stderr)
         return 2
     module = importlib.import_module(f"{__name__}.{name}")
-    return int(module.main(argv[1:]) or 0)
+    try:
+        return int(module.main(argv[1:]) or 0)
+    except BrokenPipeError:
+        # The reader went away (`soft-peft recipes list | head -1`): no traceback, and none at exit either, when
+        # Python flushes stdout into the closed pipe. 141 = 128 + SIGPIPE, what a shell reports for such a command
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

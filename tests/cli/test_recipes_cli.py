@@ -4,6 +4,8 @@ repository's `recipes/` (the wheel's copy is tested in tests/test_packaging.py).
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -90,3 +92,14 @@ def test_train_parses_a_shipped_recipe_by_name(tmp_path, monkeypatch):
     assert training_args.max_steps == 3 and training_args.learning_rate == 1e-4  # the override, and the recipe
     with pytest.raises(UsageError, match="no such file or name"):
         parse_args(["--config", "recipes/smollm2_135m_alpaca_cpu.yaml"])  # a clone path, outside the clone
+
+
+def test_a_closed_pipe_ends_the_listing_without_a_traceback():
+    """`soft-peft recipes list | head -1`: the reader leaves early; Python raised BrokenPipeError with a traceback."""
+    listing = subprocess.Popen(
+        [sys.executable, "-m", "soft_peft.cli", "recipes", "list"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    listing.stdout.close()  # the reader is gone before the first line
+    err = listing.stderr.read().decode()
+    assert listing.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
