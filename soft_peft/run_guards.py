@@ -122,13 +122,20 @@ def nonfinite_values(logs: dict[str, float], grad_norm_may_overflow: bool = Fals
     return found
 
 
-def divergence_message(found: dict[str, float], step: int, learning_rate: float) -> str:
-    """The one line that stops a run whose training values ``found`` (``{key: value}``) are not finite at ``step``."""
+def divergence_message(found: dict[str, float], step: int, learning_rate: float, stopped: bool = True) -> str:
+    """The one line for a run whose training values ``found`` (``{key: value}``) are not finite at ``step``: the
+    error that stops it, or (``stopped=False``) the warning of a run that trains on."""
     shown = ", ".join(f"{key} {value}" for key, value in found.items())
+    outcome = (
+        "The run stopped without saving a final model"
+        if stopped
+        else "Training goes on, as on_nonfinite_loss is 'warn' ('stop' ends the run), and the weights it saves may "
+        "hold NaN"
+    )
     return (
-        f"training diverged at step {step}: {shown}. The run stopped without saving a final model (a checkpoint "
-        f"saved since the last finite log may hold NaN weights). Lower --learning_rate (now {learning_rate:g}), "
-        "keep --max_grad_norm above 0, or check the data and the model's dtype."
+        f"training diverged at step {step}: {shown}. {outcome} (a checkpoint saved since the last finite log may "
+        f"hold NaN weights). Lower --learning_rate (now {learning_rate:g}), keep --max_grad_norm above 0, or check "
+        "the data and the model's dtype."
     )
 
 
@@ -146,18 +153,12 @@ class NonFiniteGuard:
         if not found:
             self.warned = False  # a new streak warns again
             return
-        message = divergence_message(found, step, args.learning_rate)
         if getattr(args, "on_nonfinite_loss", "warn") == "stop":
-            raise NonFiniteTrainingError(message)
+            raise NonFiniteTrainingError(divergence_message(found, step, args.learning_rate))
         if self.warned:
             return
         self.warned = True
-        warning = message.replace(
-            "The run stopped without saving a final model",
-            "Training goes on, as on_nonfinite_loss is 'warn' ('stop' ends the run), and the weights it saves may "
-            "hold NaN",
-            1,
-        )
+        warning = divergence_message(found, step, args.learning_rate, stopped=False)
         logger.info(warning)  # for a log file; the line below is what a terminal shows
         if is_main_process:
             # On a line of its own, not after the progress bar's carriage return

@@ -16,6 +16,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+from train_cli_helpers import refusing_writes_in
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from soft_peft.cli import main as soft_peft_main
@@ -214,14 +215,7 @@ def test_an_output_folder_that_refuses_writes_is_refused_before_loading(tiny_mod
     folder's writes are made to fail (as they would there) where extract's check creates its probe file."""
     closed = tmp_path / "closed"
     closed.mkdir()
-    real_open = os.open
-
-    def refusing_open(path, flags, *args, **kwargs):
-        if os.path.dirname(os.path.abspath(path)) == str(closed) and flags & os.O_CREAT:
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return real_open(path, flags, *args, **kwargs)
-
-    with mock.patch("os.open", refusing_open):
+    with refusing_writes_in(closed):
         line = _refused_before_loading(
             "--model_name_or_path", str(tiny_model_dir), "--num_layers", "2", "--output_dir", str(closed / "sub")
         )

@@ -14,7 +14,7 @@ from unittest import mock
 import pytest
 from example_runs import TINY_TRAIN_ARGS
 from safetensors import SafetensorError
-from train_cli_helpers import Loaded, alpaca_data, refuse_loading, train_argv, train_error
+from train_cli_helpers import Loaded, alpaca_data, refuse_loading, refusing_writes_in, train_argv, train_error
 
 from soft_peft.cli.preflight import check_output_dir, finished_run_files
 from soft_peft.cli.train import main as train_main
@@ -49,15 +49,8 @@ def test_an_output_folder_that_refuses_writes_is_refused_before_loading(capsys, 
     refuse_loading(monkeypatch)
     closed = tmp_path / "closed"
     closed.mkdir()
-    real_open = os.open
-
-    def refusing_open(path, flags, *args, **kwargs):
-        if os.path.dirname(os.path.abspath(path)) == str(closed) and flags & os.O_CREAT:
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return real_open(path, flags, *args, **kwargs)
-
-    monkeypatch.setattr(os, "open", refusing_open)
-    line = train_error(capsys, train_argv(tiny_model_dir, alpaca_data(tmp_path), closed))
+    with refusing_writes_in(closed):
+        line = train_error(capsys, train_argv(tiny_model_dir, alpaca_data(tmp_path), closed))
     assert line.endswith(
         f"--output_dir {closed}: it is not writable (permission denied), so nothing could be saved; choose another "
         "--output_dir or fix its permissions."

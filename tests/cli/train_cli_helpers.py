@@ -3,7 +3,12 @@ the weights or the data, the command line of a tiny run, and the one error line 
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from example_runs import alpaca_rows, write_jsonl
@@ -54,3 +59,18 @@ def train_error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
     errors = [line for line in stderr.splitlines() if line.startswith("soft-peft train: error: ")]
     assert len(errors) == 1 and "Traceback" not in stderr, stderr
     return errors[0]
+
+
+@contextlib.contextmanager
+def refusing_writes_in(folder: Path) -> Iterator[None]:
+    """New files in ``folder`` fail with EACCES while this lasts. Permission bits do not stop root (the tests' user),
+    and a network mount may refuse a write they allow: the folder's writes are made to fail as they would there."""
+    real_open = os.open
+
+    def refusing_open(path, flags, *args, **kwargs):
+        if os.path.dirname(os.path.abspath(path)) == str(folder) and flags & os.O_CREAT:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    with mock.patch("os.open", refusing_open):
+        yield
