@@ -9,20 +9,31 @@ import shutil
 import time
 from pathlib import Path
 
+TRAINING_STATE = ("optimizer", "scheduler", "rng_state", "training_args")
 
-def _snapshot(checkpoint: Path, run_dir: Path, step: int) -> None:
-    """Keep the model of `checkpoint` as `<run>/curve/step-<step>` for the learning curve: hard links (no copy), which
-    outlive the checkpoint's rotation. Written under a temporary name, so a kill never leaves half a snapshot."""
-    target = run_dir / "curve" / f"step-{step}"
+
+def link_folder(source: Path, target: Path, skip: tuple[str, ...] = ()) -> None:
+    """Make `target` hold `source`'s files (but those whose names start with `skip`) as hard links (no copy), which
+    outlive the source's rotation. Written under a temporary name, so a kill never leaves half a folder; an existing
+    `target` is kept as it is."""
     if target.exists():
         return
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    for path in checkpoint.iterdir():
-        if path.is_file() and not path.name.startswith(("optimizer", "scheduler", "rng_state", "training_args")):
+    for path in source.iterdir():
+        if path.is_file() and not path.name.startswith(skip):
             os.link(path, partial / path.name)
     partial.rename(target)
+
+
+def _snapshot(checkpoint: Path, run_dir: Path, step: int) -> None:
+    """Keep the model of `checkpoint` (not its training state) as `<run>/curve/step-<step>` for the learning curve."""
+    link_folder(checkpoint, run_dir / "curve" / f"step-{step}", skip=TRAINING_STATE)
+
+
+def _steps(variable: str) -> set[int]:
+    return {int(step) for step in os.environ.get(variable, "").split(",") if step}
 
 
 def train_child(run_dir: str, argv: list[str]) -> int:
@@ -47,8 +58,12 @@ def train_child(run_dir: str, argv: list[str]) -> int:
 
         def on_save(self, args, state, control, **kwargs):
             every = int(os.environ.get("SOFT_PEFT_STUDY_CURVE_EVERY", "0"))
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if every and state.global_step % every == 0:
-                _snapshot(Path(args.output_dir) / f"checkpoint-{state.global_step}", Path(run_dir), state.global_step)
+                _snapshot(checkpoint, Path(run_dir), state.global_step)
+            # Whole checkpoints kept past the rotation, for other runs to fork from (`run --fork_from RUN@STEP`)
+            if state.global_step in _steps("SOFT_PEFT_STUDY_KEEP_STEPS"):
+                link_folder(checkpoint, Path(run_dir) / "kept" / checkpoint.name)
             # Tests interrupt a run here, right after a complete checkpoint, as a kill would
             if state.global_step == int(os.environ.get("SOFT_PEFT_STUDY_STOP_AFTER_SAVE", "-1")):
                 os._exit(3)

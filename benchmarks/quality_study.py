@@ -8,6 +8,10 @@ and GSM8K, per exit, against SFT. Resumable across sessions; results are small J
     python -m benchmarks.quality_study report               # docs/quality_study.md + plots, summary in docs/results.md
     # One epoch of the 7,273 training rows at batch 4, the model kept and evaluated every 250 steps (learning curves)
     python -m benchmarks.quality_study run --max_steps 1819 --curve_every 250 --runs sft,last_75_rotate2 --core 0
+    # Runs that differ only in an anneal train identically until it starts: the later one forks from the other's
+    # checkpoint at that step (kept past the rotation with --keep_steps), which saves those steps; the result says so
+    python -m benchmarks.quality_study run --max_steps 400 --runs rec_anneal_half --keep_steps 200 --core 0
+    python -m benchmarks.quality_study run --max_steps 400 --runs rec_tail_tenth --fork_from rec_anneal_half@200
 
 Every run trains `recipes/smollm2_135m_gsm8k_soft.yaml` (batch 4, max_length 256, lr 1e-4 cosine, seed 0 and the same
 data order for all) through `soft_peft.cli.train` (the code path of `examples/gsm8k.py`) in a child process pinned
@@ -114,14 +118,15 @@ def _prepare_split(args) -> tuple[Path, Path]:
     return train, held_out
 
 
+def _complete_checkpoints(folder: Path) -> list[Path]:
+    """The checkpoints in `folder` with their weights, optimizer and trainer state all written."""
+    needed = ("trainer_state.json", "optimizer.pt", "model.safetensors")
+    return [c for c in folder.glob("checkpoint-*[0-9]") if all((c / name).exists() for name in needed)]
+
+
 def _latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint with its weights, optimizer and trainer state all written."""
-    complete = [
-        c
-        for c in run_dir.glob("checkpoint-*")
-        if all((c / name).exists() for name in ("trainer_state.json", "optimizer.pt", "model.safetensors"))
-    ]
-    return max(complete, key=lambda c: int(c.name.split("-")[1]), default=None)
+    """The newest complete checkpoint."""
+    return max(_complete_checkpoints(run_dir), key=lambda c: int(c.name.split("-")[1]), default=None)
 
 
 def _child(command: list[str], core: int | None, log: Path) -> tuple[int, float]:
@@ -188,12 +193,21 @@ def run_one(args, run: str, template: str) -> str:
         return "busy"
     log, segments = run_dir / "study.log", run_dir / "segments.jsonl"
     argv = _train_argv(args, flags, train_file, run_dir, depth)
+    if args.fork_from and not (run_dir / "trainer_state.json").exists():
+        if _latest_checkpoint(run_dir) is None:
+            _fork(args, run, flags, run_dir, depth)
+        elif not (run_dir / "fork.json").exists():
+            print(f"[study] {name}: has checkpoints of its own; resuming them, --fork_from not used")
+    fork = json.loads((run_dir / "fork.json").read_text()) if (run_dir / "fork.json").exists() else None
     if not (run_dir / "trainer_state.json").exists():  # written beside the final model only
         checkpoint = _latest_checkpoint(run_dir)
         resume = ["--resume_from_checkpoint", str(checkpoint)] if checkpoint else []
+        if fork and checkpoint and checkpoint.name == f"checkpoint-{fork['step']}":
+            resume.append("--allow_resume_changes")  # the source run's anneal settings, checked equal by `_fork`
         print(f"[study] {name}: training" + (f", resuming from {checkpoint.name}" if checkpoint else ""), flush=True)
         started = time.time()
         os.environ["SOFT_PEFT_STUDY_CURVE_EVERY"] = str(args.curve_every)  # read by the child's on_save
+        os.environ["SOFT_PEFT_STUDY_KEEP_STEPS"] = ",".join(map(str, args.keep_steps))
         code, rss = _child([*THIS, "_train", str(run_dir), *argv, *resume], args.core, log)
         with open(segments, "a") as out:
             segment = {"resumed_from": checkpoint.name if checkpoint else None, "exit_code": code}
@@ -232,10 +246,77 @@ def run_one(args, run: str, template: str) -> str:
     }
     if curve is not None:  # the final model closes the curve
         result["curve"] = {**curve, str(args.max_steps): result["exits"]}
+    if fork:
+        result["forked_from"] = fork
     result_path.parent.mkdir(parents=True, exist_ok=True)
     result_path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"[study] {name}: done, {result_path}")
     return "done"
+
+
+ANNEAL_FLAGS = ("--exit_anneal_fraction", "--exit_anneal_floor")
+
+
+def _without_anneal(flags: list[str]) -> tuple[list[str], dict[str, float]]:
+    """A run's flags without its anneal flags, and the anneal flags' values."""
+    rest, anneal, items = [], {}, iter(flags)
+    for flag in items:
+        name, equals, value = flag.partition("=")
+        if name in ANNEAL_FLAGS:
+            anneal[name] = float(value if equals else next(items))
+        else:
+            rest.append(flag)
+    return rest, anneal
+
+
+def fork_refusal(source_flags: list[str], flags: list[str], step: int, max_steps: int) -> str | None:
+    """Why a run with `flags` cannot start from the checkpoint at `step` of a run with `source_flags` (both of
+    `max_steps`), or None when it can: the two must train identically up to `step`, so their flags may differ only in
+    the anneal, and neither run's anneal may have started before `step` (`ExitSchedule.anneal_factor` is then exactly
+    1, and the loss is bit for bit the same)."""
+    from soft_peft.schedule import ExitSchedule
+
+    (source_rest, source_anneal), (rest, anneal) = _without_anneal(source_flags), _without_anneal(flags)
+    if source_rest != rest:
+        return f"its flags {rest} differ from the source's {source_rest} in more than the anneal"
+    for values in (source_anneal, anneal):
+        fraction = values.get("--exit_anneal_fraction", 0.0)
+        schedule = ExitSchedule(anneal_fraction=fraction, anneal_floor=values.get("--exit_anneal_floor", 0.0))
+        if schedule.anneal_factor(step - 1, max_steps) != 1.0:
+            start = int(max_steps * (1 - fraction))
+            return f"an anneal over the final {fraction} of {max_steps} steps starts at step {start}, before {step}"
+    return None
+
+
+def _fork(args, run: str, flags: list[str], run_dir: Path, depth: int) -> None:
+    """Start `run` from the source run's checkpoint at the fork step (`--fork_from SOURCE@STEP`): the two trained
+    identically up to there (`fork_refusal`), so the fork saves those steps. Its checkpoint, the source's curve
+    snapshots up to the step (with their evaluations) and its step times are hard-linked or copied; `fork.json`
+    records the source, and the result names it."""
+    source, step = args.fork_from
+    source_dir = Path(args.cache_dir) / f"{source}-{args.max_steps}"
+    source_flags = _run_flags(args.runs_table[source], depth, args.max_steps)
+    refusal = fork_refusal(source_flags, flags, step, args.max_steps)
+    if refusal:
+        raise SystemExit(f"cannot fork {run} from {source} at step {step}: {refusal}.")
+    candidates = [source_dir / "kept" / f"checkpoint-{step}", source_dir / f"checkpoint-{step}"]
+    checkpoint = next((c for c in candidates if c in _complete_checkpoints(c.parent)), None)
+    if checkpoint is None:
+        raise SystemExit(
+            f"cannot fork {run}: no complete checkpoint-{step} in {source_dir} or its kept/ folder; run the source "
+            f"with --keep_steps {step} (its checkpoints rotate away) and fork once it is past step {step}."
+        )
+    from benchmarks.quality_children import link_folder
+
+    link_folder(checkpoint, run_dir / checkpoint.name)
+    for snapshot in (source_dir / "curve").glob("step-*[0-9]"):
+        if int(snapshot.name.split("-")[1]) <= step:
+            link_folder(snapshot, run_dir / "curve" / snapshot.name)
+    times = (source_dir / "step_times.jsonl").read_text().splitlines()
+    (run_dir / "step_times.jsonl").write_text("".join(t + "\n" for t in times if json.loads(t)["step"] <= step))
+    (run_dir / "segments.jsonl").write_text((source_dir / "segments.jsonl").read_text())
+    (run_dir / "fork.json").write_text(json.dumps({"run": source, "step": step}))
+    print(f"[study] {run}-{args.max_steps}: forked from {source}-{args.max_steps} at step {step}")
 
 
 def _decode_flags(depth: int) -> list[str]:
@@ -336,6 +417,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="Keep the model every N steps (a multiple of --save_steps) and evaluate each: the report draws the "
         "ratios to SFT as curves over steps. 0 = only the final model.",
     )
+    parser.add_argument(
+        "--keep_steps",
+        type=_steps,
+        default=[],
+        help="Keep the whole checkpoints at these steps (comma-separated) past the rotation, in <run>/kept/, for "
+        "other runs to fork from.",
+    )
+    parser.add_argument(
+        "--fork_from",
+        type=_fork_point,
+        default=None,
+        metavar="RUN@STEP",
+        help="Start the one selected run from RUN's checkpoint at STEP (kept with --keep_steps) instead of step 0. "
+        "Refused unless the two runs train identically up to STEP: flags equal but for the anneal, which must not "
+        "have started. The result records the fork.",
+    )
     parser.add_argument("--cache_dir", default=str(CACHE), help="Checkpoints and the data split.")
     parser.add_argument("--results_dir", default=str(RESULTS), help="Per-run result JSON files (committed).")
     parser.add_argument("--output", default=str(REPO / "docs" / "quality_study.md"), help="Report (`report`).")
@@ -347,6 +444,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--dry-run", action="store_true", help="Print each run's training command; run nothing.")
     return parser
+
+
+def _steps(text: str) -> list[int]:
+    try:
+        steps = [int(step) for step in text.split(",") if step.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated steps, e.g. 200,360; got {text!r}") from None
+    if any(step <= 0 for step in steps):
+        raise argparse.ArgumentTypeError(f"steps must be positive, got {text!r}")
+    return steps
+
+
+def _fork_point(text: str) -> tuple[str, int]:
+    run, at, step = text.rpartition("@")
+    if not (run and at and step.isdigit() and int(step) > 0):
+        raise argparse.ArgumentTypeError(f"expected RUN@STEP, e.g. rec_anneal_half@200; got {text!r}")
+    return run, int(step)
 
 
 def _dry_run(args, runs: dict[str, str], selected: list[str]) -> None:
@@ -385,6 +499,15 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [r for r in selected if r not in runs]
     if unknown:
         raise SystemExit(f"unknown run(s) {unknown}; known: {sorted(runs)} (add one with --variant).")
+    if args.fork_from:
+        source, step = args.fork_from
+        if args.command != "run" or len(selected) != 1:
+            parser.error("--fork_from starts one run: use it with `run` and a single name in --runs.")
+        if source not in runs or source in selected:
+            parser.error(f"--fork_from {source}@{step}: the source must be another known run ({sorted(runs)}).")
+        if step >= args.max_steps:
+            parser.error(f"--fork_from {source}@{step}: the step must be below --max_steps {args.max_steps}.")
+    args.runs_table = runs
     if args.model is None:
         args.model = smollm2_path()
     if args.dry_run:

@@ -325,3 +325,49 @@ def test_decode_results_name_no_path_of_this_machine(tmp_path):
     assert decoded.with_suffix(".md").read_text() == (
         f"Model: `~/.cache/soft_peft/study/sft-1819`.\nCommand: `{expected}`\n| 1 | greedy | 17.5 |\n"
     )
+
+
+def test_a_fork_trains_exactly_as_the_run_from_scratch_and_records_it(tmp_path):
+    """`--fork_from SOURCE@STEP` starts a run whose anneal has not begun from another run's kept checkpoint: its
+    result equals the same run trained from step 0, and it records the fork."""
+    save_tiny_model(tmp_path / "model")
+    write_jsonl(tmp_path / "rows.jsonl", gsm8k_rows(20))
+    base = "--exit_layers 2,4 --exit_loss_weights last:0.75"
+    variants = [
+        *("--variant", f"trunk={base}", "--variant", f"tail={base} --exit_anneal_fraction 0.5"),
+        *("--variant", f"scratch={base} --exit_anneal_fraction 0.5", "--max_steps", "4", "--curve_every", "2"),
+    ]
+    study(tmp_path, "--runs", "trunk", "--keep_steps", "2", *variants, check=True)
+    kept = tmp_path / "cache" / "trunk-4" / "kept" / "checkpoint-2"
+    assert (kept / "optimizer.pt").exists() and not (tmp_path / "cache" / "trunk-4" / "checkpoint-2").exists()
+
+    late = study(tmp_path, "--runs", "tail", "--fork_from", "trunk@3", *variants)
+    assert late.returncode == 1 and "anneal over the final 0.5 of 4 steps starts at step 2, before 3" in late.stderr
+    two = study(tmp_path, "--runs", "tail,scratch", "--fork_from", "trunk@2", *variants)
+    assert two.returncode == 2 and "a single name in --runs" in two.stderr
+
+    forked = study(tmp_path, "--runs", "tail", "--fork_from", "trunk@2", *variants, check=True)
+    assert "forked from trunk-4 at step 2" in forked.stdout and "resuming from checkpoint-2" in forked.stdout
+    study(tmp_path, "--runs", "scratch", *variants, check=True)
+    tail, scratch, trunk = (
+        json.loads((tmp_path / "results" / f"{r}-4.json").read_text()) for r in ("tail", "scratch", "trunk")
+    )
+    assert tail["forked_from"] == {"run": "trunk", "step": 2} and "forked_from" not in scratch
+    assert tail["exits"] == scratch["exits"] and tail["curve"] == scratch["curve"]  # the same numbers, exactly
+    assert tail["curve"]["2"] == trunk["curve"]["2"] and tail["exits"] != trunk["exits"]  # the anneal changed 3, 4
+    assert tail["final_train_loss"] == scratch["final_train_loss"]
+
+
+def test_fork_refusal_allows_only_runs_that_train_identically_up_to_the_fork():
+    from benchmarks.quality_study import fork_refusal
+
+    base = ["--exit_loss_weights", "last:0.75", "--exit_rotation", "2"]
+    half, tenth = [*base, "--exit_anneal_fraction", "0.5"], [*base, "--exit_anneal_fraction=0.1"]
+    assert fork_refusal(base, half, 200, 400) is None  # the anneal's first step is step 200 (the 201st)
+    assert fork_refusal(half, tenth, 200, 400) is None and fork_refusal(base, tenth, 360, 400) is None
+    assert "starts at step 200, before 201" in fork_refusal(base, half, 201, 400)
+    assert "starts at step 360, before 361" in fork_refusal(tenth, base, 361, 400)  # either side's anneal counts
+    assert "differ from the source's" in fork_refusal(base, [*base, "--layer_dropout", "0.1"], 100, 400)
+    assert "differ from the source's" in fork_refusal(base, ["--exit_loss_weights", "last:0.85"], 100, 400)
+    floor = [*half, "--exit_anneal_floor", "0.2"]
+    assert fork_refusal(half, floor, 200, 400) is None  # a floor changes nothing before the anneal
