@@ -1,5 +1,6 @@
-"""The plots of the quality study's report: the frontier of the runs at one step count, and the learning curves
-(each run's held-out full-model CE over steps, and its CE against SFT's at the same step).
+"""The plots of the quality study's report: the frontier of the runs at one step count, the learning curves
+(each run's held-out full-model CE over steps, and its CE against SFT's at the same step), and each exit's distance
+to its run's last layer (KL and agreement, `kl_section`).
 
 `python -m benchmarks.quality_study run --curve_every N` keeps the model every N steps and evaluates each
 (`result["curve"]`: ``{step: {exit: metrics}}``); `curve_section` turns the runs that have one into a table and a
@@ -171,3 +172,52 @@ def _label_points(figure, axes, points: dict[str, tuple[float, float]]) -> None:
                 break
         label(run, xy, *best[1])
         placed.append(best[2])
+
+
+def kl_section(group: dict[str, dict], steps: int, output: Path, results_dir: Path) -> list[str]:
+    """Markdown lines (table and log-scale plot) of how far each exit's next-token distribution is from its own run's
+    last layer: KL(P_last || P_exit) in nats and top-1 agreement, per exit and run (the paper's claim that SoFT's
+    middle exits come close to the last layer). None when no result holds the KL (results older than the harness's
+    `kl_to_last`)."""
+    runs = {run: result for run, result in group.items() if all("kl_to_last" in v for v in result["exits"].values())}
+    if not runs:
+        return []
+    exits = sorted(int(k) for k in next(iter(runs.values()))["exits"])
+    early = exits[:-1]  # the last layer is 0 nats and agreement 1 by definition
+    lines = [
+        f"Distance to the last layer after {steps} steps: KL(P_last ‖ P_exit) in nats per answer token / top-1 "
+        "agreement with the last layer, on the held-out rows (`soft_peft.evaluation.per_exit.evaluate_exits`, the "
+        "function `soft-peft eval` reports with).",
+        "",
+        "| run | " + " | ".join(f"exit {k}" for k in early) + " |",
+        "|---" * (len(early) + 1) + "|",
+    ]
+    for run, result in runs.items():
+        cells = [result["exits"][str(k)] for k in early]
+        lines.append(
+            f"| {run} | " + " | ".join(f"{c['kl_to_last']:.2f} / {c['agreement_with_last']:.2f}" for c in cells) + " |"
+        )
+    plot = results_dir / f"kl_{steps}.png"
+    _plot_kl({run: [r["exits"][str(k)]["kl_to_last"] for k in early] for run, r in runs.items()}, early, plot)
+    return [*lines, "", f"![KL to the last layer per exit]({os.path.relpath(plot, output.parent)})", ""]
+
+
+def _plot_kl(kl: dict[str, list[float]], exits: list[int], path: Path) -> None:
+    """One line per run: KL(P_last || P_exit) per exit, log scale (SFT's exits sit 10x above SoFT's), 1 nat marked."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.4, 4.0))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for run, values in kl.items():
+        axes.plot(exits, values, marker="o", label=run)
+    axes.axhline(1.0, color="0.5", linestyle=":", linewidth=1)
+    axes.set_yscale("log")
+    axes.set_xticks(exits)
+    axes.set_xlabel("exit (layers kept)")
+    axes.set_ylabel("KL(last ‖ exit), nats per token")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)

@@ -10,7 +10,7 @@ import os
 import statistics
 from pathlib import Path
 
-from benchmarks.quality_plots import curve_section, plot_frontier
+from benchmarks.quality_plots import curve_section, kl_section, plot_frontier
 
 __all__ = ["RESULTS_BLOCK", "current_command", "extract_block", "splice_block", "summarize", "write_report"]
 
@@ -252,6 +252,8 @@ def _group_section(steps: int, group: dict[str, dict], output: Path, results_dir
         lines += ["", f"![frontier at {steps} steps]({os.path.relpath(plot, output.parent)})"]
     curves = curve_section(group, steps, output, results_dir)
     lines += ["", *curves] if curves else []
+    distances = kl_section(group, steps, output, results_dir)
+    lines += ["", *distances] if distances else []
     lines += ["", "Training commands (run by the study in a pinned child process):", "", "```bash"]
     lines += [f"{result['command']}" for result in group.values()]
     return [*lines, "```", "", *_decode_section(steps, group, results_dir, output)]
@@ -363,6 +365,7 @@ def _results_block(by_steps: dict[int, dict[str, dict]], results_md: Path, outpu
         lines += [f"![frontier at {steps} steps]({plot})", ""]
         if steps == compared[0]:  # the final runs: how they got there, and what their drafts are worth
             lines += curve_section(group, steps, results_md, results_dir)
+            lines += kl_section(group, steps, results_md, results_dir)
             lines += _drafting_table(decoded)
     return "\n".join([*lines, end])
 

@@ -371,3 +371,22 @@ def test_fork_refusal_allows_only_runs_that_train_identically_up_to_the_fork():
     assert "differ from the source's" in fork_refusal(base, ["--exit_loss_weights", "last:0.85"], 100, 400)
     floor = [*half, "--exit_anneal_floor", "0.2"]
     assert fork_refusal(half, floor, 200, 400) is None  # a floor changes nothing before the anneal
+
+
+def test_kl_section_shows_each_early_exits_kl_and_agreement_per_run_and_draws_them(tmp_path):
+    from benchmarks.quality_plots import kl_section
+
+    def result(kl: list[float], with_kl: bool = True) -> dict:
+        exits = {}
+        for k, value in zip((2, 4, 6), [*kl, 0.0], strict=True):
+            metrics = {"loss": 1.0, "token_accuracy": 0.5, "agreement_with_last": 1.0 / (1.0 + value)}
+            exits[str(k)] = {**metrics, "kl_to_last": value} if with_kl else metrics
+        return {"exits": exits}
+
+    group = {"sft": result([12.5, 3.25]), "soft": result([1.5, 0.125]), "old": result([1.0, 1.0], with_kl=False)}
+    lines = kl_section(group, 7, tmp_path / "report.md", tmp_path)
+    assert "| run | exit 2 | exit 4 |" in lines  # the last layer (0 nats, agreement 1) is left out
+    assert "| sft | 12.50 / 0.07 | 3.25 / 0.24 |" in lines and "| soft | 1.50 / 0.40 | 0.12 / 0.89 |" in lines
+    assert not any(line.startswith("| old |") for line in lines)  # a result without the KL is not shown as 0
+    assert "![KL to the last layer per exit](kl_7.png)" in lines and (tmp_path / "kl_7.png").stat().st_size
+    assert kl_section({"old": result([1.0, 1.0], with_kl=False)}, 7, tmp_path / "report.md", tmp_path) == []
