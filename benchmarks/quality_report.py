@@ -102,11 +102,14 @@ def _headline_table(summaries: dict[str, dict]) -> list[str]:
 DYNAMIC_DETAILS = (("depth", "avg_depth", 1), ("= greedy", "tokens_equal_greedy", 2), ("acc", "gsm8k_accuracy", 2))
 
 
-def _reproduce_commands(by_steps: dict[int, dict[str, dict]], results_dir: Path) -> list[str]:
+def _reproduce_commands(by_steps: dict[int, dict[str, dict]], results_dir: Path, tag: str = "") -> list[str]:
     """The study commands that recreate exactly the reported runs and decodings, one line per step count."""
     lines = []
     for steps, group in sorted(by_steps.items()):
-        lines.append(f"python -m benchmarks.quality_study run --max_steps {steps} --runs {','.join(group)} --core 0")
+        model = next(iter(group.values())).get("model")
+        other = f" --tag {tag} --model {model}" if tag and model else ""
+        runs = ",".join(group)
+        lines.append(f"python -m benchmarks.quality_study run --max_steps {steps} --runs {runs} --core 0{other}")
         decoded = [run for run in group if (results_dir / f"{run}-{steps}.decode.json").exists()]
         if decoded:
             runs = ",".join(decoded)
@@ -259,20 +262,35 @@ def _group_section(steps: int, group: dict[str, dict], output: Path, results_dir
     return [*lines, "```", "", *_decode_section(steps, group, results_dir, output)]
 
 
-def extract_block(text: str) -> str | None:
+def block_markers(tag: str = "") -> tuple[str, str]:
+    """The markers of a study's block in docs/results.md: `RESULTS_BLOCK` for SmolLM2's, one pair per other model's
+    `--tag`, so each study's `report` replaces its own block only."""
+    return RESULTS_BLOCK if not tag else (f"<!-- quality-study-{tag}:begin -->", f"<!-- quality-study-{tag}:end -->")
+
+
+def extract_block(text: str, tag: str = "") -> str | None:
     """The study's block of a docs/results.md text (markers included), or ``None``."""
-    begin, end = RESULTS_BLOCK
+    begin, end = block_markers(tag)
     start, stop = text.find(begin), text.find(end)
     return None if start < 0 or stop < start else text[start : stop + len(end)]
 
 
-def splice_block(text: str, block: str) -> str:
-    """``text`` with its study block replaced by ``block``; without one, ``block`` goes after the title line."""
-    old = extract_block(text)
+def splice_block(text: str, block: str, tag: str = "") -> str:
+    """``text`` with its study block replaced by ``block``; without one, SmolLM2's block goes after the title line
+    and another model's (`tag`) at the end."""
+    old = extract_block(text, tag)
     if old is not None:
         return text.replace(old, block)
+    if tag:
+        return f"{text.rstrip()}\n\n{block}\n"
     title, _, rest = text.partition("\n")
     return f"{title}\n\n{block}\n{rest}"
+
+
+def model_label(result: dict) -> str:
+    """The model a result was trained from, for the report's text: its folder's name (results from before the
+    harness recorded it are SmolLM2's)."""
+    return Path(result["model"]).name if "model" in result else "SmolLM2-135M-Instruct"
 
 
 def _target_verdicts(summaries: dict[str, dict]) -> list[str]:
@@ -333,12 +351,16 @@ def _draft_verdicts(group: dict[str, dict], decoded: dict[str, dict]) -> list[st
     return [*lines, ""]
 
 
-def _results_block(by_steps: dict[int, dict[str, dict]], results_md: Path, output: Path, results_dir: Path) -> str:
+def _results_block(
+    by_steps: dict[int, dict[str, dict]], results_md: Path, output: Path, results_dir: Path, tag: str = ""
+) -> str:
     """The summary for docs/results.md: for every step count where SFT and a SoFT run have both run, largest first
     (the final runs, then the screen), the headline table and its frontier plot; for the final runs also their
     curves over steps and their drafting table, when they have them."""
-    begin, end = RESULTS_BLOCK
-    lines = [begin, "", "## Quality study: the SoFT controls against SFT at equal budget", ""]
+    begin, end = block_markers(tag)
+    label = model_label(next(iter(next(iter(by_steps.values())).values())))
+    title = "## Quality study: the SoFT controls against SFT at equal budget" + (f" ({label})" if tag else "")
+    lines = [begin, "", title, ""]
     with_sft = [steps for steps, group in by_steps.items() if "sft" in group]
     if not with_sft:
         return "\n".join([*lines, "No SFT result yet.", "", end])
@@ -346,7 +368,7 @@ def _results_block(by_steps: dict[int, dict[str, dict]], results_md: Path, outpu
     compared = sorted((s for s in with_sft if len(by_steps[s]) > 1), reverse=True) or [max(with_sft)]
     report = os.path.relpath(output, results_md.parent)
     lines += [
-        f"SmolLM2-135M-Instruct on GSM8K, held-out answer CE against SFT's at equal steps. Per-exit tables, decoding "
+        f"{label} on GSM8K, held-out answer CE against SFT's at equal steps. Per-exit tables, decoding "
         f"speed, every step count and the exact commands: [{output.name}]({report}) (written with this block by "
         "`python -m benchmarks.quality_study report`).",
         "",
@@ -370,14 +392,15 @@ def _results_block(by_steps: dict[int, dict[str, dict]], results_md: Path, outpu
     return "\n".join([*lines, end])
 
 
-def write_report(results_dir: Path, output: Path, repo: Path, results_md: Path | None = None) -> None:
+def write_report(results_dir: Path, output: Path, repo: Path, results_md: Path | None = None, tag: str = "") -> None:
     """Write the study's markdown report (and one frontier plot per step count) from `results_dir/*.json`.
 
     Args:
         results_dir: Folder of the per-run JSON files.
         output: The markdown file to write.
         repo: Repository root (for the commands shown).
-        results_md: Also put the headline table in this file (docs/results.md), between `RESULTS_BLOCK`'s markers.
+        results_md: Also put the headline table in this file (docs/results.md), between `block_markers(tag)`.
+        tag: The study's `--tag` (a model other than SmolLM2): its own block and reproduce commands.
 
     Raises:
         SystemExit: when there is no result to report.
@@ -391,26 +414,31 @@ def write_report(results_dir: Path, output: Path, repo: Path, results_md: Path |
     for result in sorted(results, key=lambda r: (r["run"] != "sft", r["run"] != "uniform", r["run"])):
         by_steps.setdefault(result["max_steps"], {})[result["run"]] = result
     first = results[0]
+    label, headline = model_label(first), summarize(first, None)
+    depth, mid, shallow = headline["last"], headline["mid"], headline["shallow"]
+    folder = os.path.relpath(results_dir, repo) if Path(results_dir).is_relative_to(repo) else results_dir
+    tagged = f" --tag {tag}" if tag else ""
     lines = [
-        "# Quality study: SoFT controls against SFT at equal budget",
+        "# Quality study: SoFT controls against SFT at equal budget" + (f" ({label})" if tag else ""),
         "",
-        "Generated by `python -m benchmarks.quality_study report` from `docs/study/*.json`. SmolLM2-135M-Instruct on "
+        f"Generated by `python -m benchmarks.quality_study report{tagged}` from `{folder}/*.json`. {label} on "
         "GSM8K train, `recipes/smollm2_135m_gsm8k_soft.yaml` for every run (batch 4, max_length 256, lr 1e-4 "
-        "cosine, seed 0, the same data order); SFT = the same recipe with `--exit_layers 30`. Held-out metrics: the "
+        f"cosine, seed 0, the same data order); SFT = the same recipe with `--exit_layers {depth}`. Held-out metrics: "
+        "the "
         f"first {first['eval_rows']} rows of the fixed split `held_out_split(rows, test_size=200, seed=0)` "
         f"({first['eval_tokens']} answer tokens), teacher-forced, every exit through the model's own norm and head.",
         "",
-        "Targets (issue 13, best variant vs SFT): last-layer CE <= 1.03x; exit-15 CE <= 0.30x SFT's exit 15; exit-9 "
-        "agreement with the last layer >= 0.75; time <= 1.5x; memory <= 1.05x. Time is the median training step "
-        "of one pinned single-thread process (start-up excluded); memory the training process's peak RSS. The CPU is "
-        "shared: compare times within one table.",
+        f"Targets (issue 13, best variant vs SFT): last-layer CE <= 1.03x; exit-{mid} CE <= 0.30x SFT's exit {mid}; "
+        f"exit-{shallow} agreement with the last layer >= 0.75; time <= 1.5x; memory <= 1.05x. Time is the median "
+        "training step of one pinned single-thread process (start-up excluded); memory the training process's peak "
+        "RSS. The CPU is shared: compare times within one table.",
         "",
         "Reproduce every run below (one process per core: split a `--runs` list over `--core 0` and `--core 1`; "
         "finished runs are skipped, interrupted ones resume):",
         "",
         "```bash",
-        *_reproduce_commands(by_steps, Path(results_dir)),
-        "python -m benchmarks.quality_study report",
+        *_reproduce_commands(by_steps, Path(results_dir), tag),
+        f"python -m benchmarks.quality_study report{tagged}",
         "```",
         "",
     ]
@@ -419,7 +447,7 @@ def write_report(results_dir: Path, output: Path, repo: Path, results_md: Path |
     Path(output).write_text("\n".join(lines))
     print(f"[study] report written to {output}")
     if results_md is not None:
-        block = _results_block(by_steps, Path(results_md), Path(output), Path(results_dir))
+        block = _results_block(by_steps, Path(results_md), Path(output), Path(results_dir), tag)
         existing = Path(results_md).read_text() if Path(results_md).exists() else "# Results\n"
-        Path(results_md).write_text(splice_block(existing, block))
+        Path(results_md).write_text(splice_block(existing, block, tag))
         print(f"[study] summary written to {results_md}")

@@ -12,6 +12,9 @@ and GSM8K, per exit, against SFT. Resumable across sessions; results are small J
     # checkpoint at that step (kept past the rotation with --keep_steps), which saves those steps; the result says so
     python -m benchmarks.quality_study run --max_steps 400 --runs rec_anneal_half --keep_steps 200 --core 0
     python -m benchmarks.quality_study run --max_steps 400 --runs rec_tail_tenth --fork_from rec_anneal_half@200
+    # Another model: its own runs, results (docs/study/gemma3/), report and block of docs/results.md
+    python -m benchmarks.quality_study run --tag gemma3 --model "$(python tools/get_gemma3.py)" --runs sft --core 0
+    python -m benchmarks.quality_study report --tag gemma3
 
 Every run trains `recipes/smollm2_135m_gsm8k_soft.yaml` (batch 4, max_length 256, lr 1e-4 cosine, seed 0 and the same
 data order for all) through `soft_peft.cli.train` (the code path of `examples/gsm8k.py`) in a child process pinned
@@ -33,6 +36,7 @@ import argparse
 import fcntl
 import json
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -173,11 +177,16 @@ def _lock_run(run_dir: Path):
     return lock
 
 
+def run_name(args, run: str) -> str:
+    """`<run>-<steps>`, or `<tag>-<run>-<steps>` in a study of another model (`--tag`): the folder in the cache."""
+    return f"{args.tag}-{run}-{args.max_steps}" if args.tag else f"{run}-{args.max_steps}"
+
+
 def run_one(args, run: str, template: str) -> str:
     """Train (or resume) and evaluate one run; returns "done", "skipped", "busy" or "failed"."""
     depth = _model_depth(args.model)
     flags = _run_flags(template, depth, args.max_steps)
-    name = f"{run}-{args.max_steps}"
+    name = run_name(args, run)
     result_path, run_dir = Path(args.results_dir) / f"{name}.json", Path(args.cache_dir) / name
     if result_path.exists():
         recorded = json.loads(result_path.read_text())["flags"]
@@ -236,6 +245,8 @@ def run_one(args, run: str, template: str) -> str:
     train_losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
     result = {
         "run": run,
+        "model": portable(str(args.model)),
+        **({"tag": args.tag} if args.tag else {}),
         "flags": flags,
         "max_steps": args.max_steps,
         "command": shlex.join(["python", "examples/gsm8k.py", *map(portable, argv)]),  # no path of this machine
@@ -294,7 +305,7 @@ def _fork(args, run: str, flags: list[str], run_dir: Path, depth: int) -> None:
     snapshots up to the step (with their evaluations) and its step times are hard-linked or copied; `fork.json`
     records the source, and the result names it."""
     source, step = args.fork_from
-    source_dir = Path(args.cache_dir) / f"{source}-{args.max_steps}"
+    source_dir = Path(args.cache_dir) / run_name(args, source)
     source_flags = _run_flags(args.runs_table[source], depth, args.max_steps)
     refusal = fork_refusal(source_flags, flags, step, args.max_steps)
     if refusal:
@@ -316,7 +327,7 @@ def _fork(args, run: str, flags: list[str], run_dir: Path, depth: int) -> None:
     (run_dir / "step_times.jsonl").write_text("".join(t + "\n" for t in times if json.loads(t)["step"] <= step))
     (run_dir / "segments.jsonl").write_text((source_dir / "segments.jsonl").read_text())
     (run_dir / "fork.json").write_text(json.dumps({"run": source, "step": step}))
-    print(f"[study] {run}-{args.max_steps}: forked from {source}-{args.max_steps} at step {step}")
+    print(f"[study] {run_name(args, run)}: forked from {source_dir.name} at step {step}")
 
 
 def _decode_flags(depth: int) -> list[str]:
@@ -336,7 +347,7 @@ def _decode_flags(depth: int) -> list[str]:
 def decode_one(args, run: str) -> str:
     """`python -m benchmarks.decode_cost speed` on one finished run's checkpoint; returns "done", "skipped", "missing",
     "busy" or "failed". Writes `<results>/<run>-<steps>.decode.json` (rows) and `.decode.md` (the table)."""
-    name = f"{run}-{args.max_steps}"
+    name = run_name(args, run)
     results, run_dir = Path(args.results_dir), Path(args.cache_dir) / name
     decoded = results / f"{name}.decode.json"
     if decoded.exists():
@@ -433,9 +444,18 @@ def build_parser() -> argparse.ArgumentParser:
         "Refused unless the two runs train identically up to STEP: flags equal but for the anneal, which must not "
         "have started. The result records the fork.",
     )
+    parser.add_argument(
+        "--tag",
+        type=_tag,
+        default="",
+        help="A study of another model (`--model`), e.g. gemma3: its runs are `<tag>-<run>-<steps>`, its results go "
+        "to docs/study/<tag>/, its report to docs/quality_study_<tag>.md and its own block of docs/results.md.",
+    )
     parser.add_argument("--cache_dir", default=str(CACHE), help="Checkpoints and the data split.")
-    parser.add_argument("--results_dir", default=str(RESULTS), help="Per-run result JSON files (committed).")
-    parser.add_argument("--output", default=str(REPO / "docs" / "quality_study.md"), help="Report (`report`).")
+    parser.add_argument(
+        "--results_dir", default=None, help="Per-run result JSON files (committed; default docs/study[/<tag>])."
+    )
+    parser.add_argument("--output", default=None, help="Report (`report`; default docs/quality_study[_<tag>].md).")
     parser.add_argument(
         "--results_md", default=str(REPO / "docs" / "results.md"), help="Summary block goes here (`report`)."
     )
@@ -456,6 +476,12 @@ def _steps(text: str) -> list[int]:
     return steps
 
 
+def _tag(text: str) -> str:
+    if text and not re.fullmatch(r"[a-z0-9][a-z0-9_]*", text):  # "" (the default): SmolLM2's study
+        raise argparse.ArgumentTypeError(f"a tag is lower-case letters, digits and _, e.g. gemma3; got {text!r}")
+    return text
+
+
 def _fork_point(text: str) -> tuple[str, int]:
     run, at, step = text.rpartition("@")
     if not (run and at and step.isdigit() and int(step) > 0):
@@ -467,7 +493,7 @@ def _dry_run(args, runs: dict[str, str], selected: list[str]) -> None:
     """Print each selected run's training command, as `run` would start it."""
     depth = _model_depth(args.model)
     for run in selected:
-        run_dir = Path(args.cache_dir) / f"{run}-{args.max_steps}"
+        run_dir = Path(args.cache_dir) / run_name(args, run)
         flags = _run_flags(runs[run], depth, args.max_steps)
         train_file = Path(args.cache_dir) / "data" / "train.jsonl"
         command = _train_argv(args, flags, train_file, run_dir, depth)
@@ -485,6 +511,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.curve_every < 0 or (args.curve_every and args.curve_every % args.save_steps):
         parser.error(f"--curve_every {args.curve_every} must be 0 or a multiple of --save_steps {args.save_steps}.")
+    if args.results_dir is None:
+        args.results_dir = str(RESULTS / args.tag if args.tag else RESULTS)
+    if args.output is None:
+        args.output = str(REPO / "docs" / (f"quality_study_{args.tag}.md" if args.tag else "quality_study.md"))
     runs = {**RUNS, **dict(args.variant)}
     if args.command == "list":
         for name, flags in runs.items():
@@ -493,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         from benchmarks.quality_report import write_report
 
-        write_report(Path(args.results_dir), Path(args.output), REPO, results_md=Path(args.results_md))
+        write_report(Path(args.results_dir), Path(args.output), REPO, results_md=Path(args.results_md), tag=args.tag)
         return 0
     selected = list(runs) if args.runs == "all" else [r.strip() for r in args.runs.split(",") if r.strip()]
     unknown = [r for r in selected if r not in runs]

@@ -390,3 +390,44 @@ def test_kl_section_shows_each_early_exits_kl_and_agreement_per_run_and_draws_th
     assert not any(line.startswith("| old |") for line in lines)  # a result without the KL is not shown as 0
     assert "![KL to the last layer per exit](kl_7.png)" in lines and (tmp_path / "kl_7.png").stat().st_size
     assert kl_section({"old": result([1.0, 1.0], with_kl=False)}, 7, tmp_path / "report.md", tmp_path) == []
+
+
+def test_a_tagged_study_of_another_model_keeps_its_own_folders_report_and_results_block(tmp_path):
+    """`--tag gemma3`: runs `gemma3-<run>-<steps>` in the cache, results in `<results>/gemma3/`, its own report and
+    its own block of docs/results.md, after SmolLM2's, which it leaves as it is."""
+    save_tiny_model(tmp_path / "model")
+    write_jsonl(tmp_path / "rows.jsonl", gsm8k_rows(8))
+    tagged = ["--tag", "gemma3", "--results_dir", str(tmp_path / "results" / "gemma3")]
+    printed = study(tmp_path, "--dry-run", "--runs", "sft", *tagged, check=True).stdout
+    assert str(tmp_path / "cache" / "gemma3-sft-2") in printed
+    refused = study(tmp_path, "--dry-run", "--tag", "Gemma 3")
+    assert refused.returncode == 2 and "a tag is lower-case letters, digits and _" in refused.stderr
+
+    from benchmarks.quality_report import RESULTS_BLOCK, block_markers
+
+    def result(run: str, last: float, model: str) -> dict:
+        exits = {str(k): {"loss": last * (5 - k), "token_accuracy": 0.5, "agreement_with_last": 0.5,
+                 "kl_to_last": 0.1 * (4 - k)} for k in (2, 3, 4)}  # fmt: skip
+        return {"run": run, "model": model, "tag": "gemma3", "flags": [], "max_steps": 2, "exits": exits,
+                "command": "python examples/gsm8k.py", "seconds_per_step": 1.0, "peak_rss_gb": 1.0,
+                "eval_rows": 4, "eval_tokens": 40}  # fmt: skip
+
+    folder = tmp_path / "results" / "gemma3"
+    folder.mkdir(parents=True)
+    for name, last in (("sft", 1.0), ("last_75_rotate2", 1.1)):
+        (folder / f"gemma3-{name}-2.json").write_text(json.dumps(result(name, last, "~/.cache/soft_peft/gemma3-270m")))
+    results_md = tmp_path / "results.md"
+    begin, end = RESULTS_BLOCK
+    results_md.write_text(f"# Results\n\n{begin}\nSmolLM2's study\n{end}\nThe replication.\n")
+    report = tmp_path / "quality_study_gemma3.md"
+    write_report(folder, report, ROOT, results_md=results_md, tag="gemma3")
+    text, summary = report.read_text(), results_md.read_text()
+    assert text.startswith("# Quality study: SoFT controls against SFT at equal budget (gemma3-270m)")
+    assert "gemma3-270m on GSM8K train" in text and "`--exit_layers 4`" in text and "exit-2 CE <= 0.30x" in text
+    assert "--runs sft,last_75_rotate2 --core 0 --tag gemma3 --model ~/.cache/soft_peft/gemma3-270m" in text
+    assert "quality_study report --tag gemma3" in text
+    gemma_begin, gemma_end = block_markers("gemma3")
+    assert summary.startswith(f"# Results\n\n{begin}\nSmolLM2's study\n{end}\nThe replication.\n\n{gemma_begin}")
+    assert summary.rstrip().endswith(gemma_end) and "| last_75_rotate2 | 1.100 | 1.100 |" in summary
+    write_report(folder, report, ROOT, results_md=results_md, tag="gemma3")  # again: replaced, not stacked
+    assert results_md.read_text() == summary
