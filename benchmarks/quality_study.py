@@ -392,6 +392,8 @@ def _curve(args, run_dir: Path, held_out: Path, exits: str, log: Path) -> dict[s
     snapshots = sorted((run_dir / "curve").glob("step-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
     curve = {}
     for snapshot in snapshots:
+        if int(snapshot.name.split("-")[1]) == args.max_steps:
+            continue  # the final model itself, evaluated already: it closes the curve
         evaluation = snapshot / "eval.json"
         if not evaluation.exists():
             argv = [str(snapshot), str(held_out), str(args.eval_rows), str(args.max_length), exits, str(evaluation)]
