@@ -227,7 +227,8 @@ def run_one(args, run: str, template: str) -> str:
     exits = ",".join(map(str, _default_exits(depth)))
     evaluation = run_dir / "eval.json"
     eval_argv = [str(run_dir), str(held_out), str(args.eval_rows), str(args.max_length), exits, str(evaluation)]
-    code, _ = _child([*THIS, "_eval", *eval_argv], args.core, log)
+    # An interrupted evaluation leaves no eval.json (written whole at its end); a finished one is not run again
+    code = 0 if evaluation.exists() else _child([*THIS, "_eval", *eval_argv], args.core, log)[0]
     if code != 0:
         print(f"[study] {name}: evaluation failed (exit {code}); see {log}", file=sys.stderr)
         return "failed"
