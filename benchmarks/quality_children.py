@@ -92,7 +92,7 @@ def eval_child(model_dir, held_out, rows, max_length, exits, output) -> int:
     result = evaluate_exits([model], [layers], examples, pad, batch_size=4, progress=False)
     keep = ("loss", "token_accuracy", "agreement_with_last", "kl_to_last")
     per_exit = {str(k): {m: v[m] for m in keep} for k, v in result.metrics[0].items()}
-    Path(output).write_text(
-        json.dumps({"eval_rows": len(examples), "eval_tokens": result.num_tokens, "exits": per_exit})
-    )
+    partial = Path(output).with_name(Path(output).name + ".partial")
+    partial.write_text(json.dumps({"eval_rows": len(examples), "eval_tokens": result.num_tokens, "exits": per_exit}))
+    partial.rename(output)  # whole or absent: `run` and the curve skip an evaluation whose file exists
     return 0
